@@ -111,4 +111,4 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd[ours + f"ls{n}.gamma"] = named(hf + f"layer_scale{n}.lambda1")
         sd[ours + "mlp.fc1.bias"] = named(hf + "mlp.fc1.bias")
         sd[ours + "mlp.fc2.bias"] = named(hf + "mlp.fc2.bias")
-    return {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in sd.items()}
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32, order="C")) for k, v in sd.items()}

@@ -1,0 +1,187 @@
+"""Tangent layers: each maps (primal x, tangent ẋ) to (primal y, tangent ẏ) in one forward pass.
+
+A layer holds the frozen base weights w0 as buffers (`<name>_0`) and its trainable deltas Δw as parameters named
+like the plain layer's weights (`weight`, `bias`, `gamma`), so `named_parameters()` is exactly Δw.
+
+Gradients. The tangent ẏ is computed without an autograd graph. The primal is computed with the weights
+`w0 + (Δw - sg(Δw))` (sg = stop-gradient): numerically w0, but its derivative with respect to Δw is the Jacobian
+J(x; w0). So for a loss L(f(x; w0) + J Δw), backprop through the primal yields Jᵀ ∂L/∂f: the exact gradient
+with respect to Δw, by ordinary backprop through the tail at w0 (two GEMMs per linear layer), while the tangent
+forward adds two more (W ẋ and ΔW x). The output of a tail is differentiable with respect to Δw only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from taft.backbones.vit import key_padding_bias
+from taft.tangent.functional import attention_jvp, attention_probs, gelu_derivative, layer_norm_jvp, layer_norm_parts
+
+Tangent = torch.Tensor | None
+
+
+def at_base(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """w0 in value; derivative 1 with respect to Δw when autograd is recording."""
+    if torch.is_grad_enabled() and delta.requires_grad:
+        return base + (delta - delta.detach())
+    return base
+
+
+def add_tangents(a: Tangent, b: Tangent) -> Tangent:
+    """Tangent of a sum (residual connection); None is zero."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+class TangentModule(nn.Module):
+    """Base for layers with frozen base weights and zero-initialised deltas of the same shapes."""
+
+    def add_weight(self, name: str, base: torch.Tensor) -> None:
+        self.register_buffer(f"{name}_0", base.detach().clone())
+        self.register_parameter(name, nn.Parameter(torch.zeros_like(base)))
+
+    def base(self, name: str) -> torch.Tensor:
+        return getattr(self, f"{name}_0")
+
+    def primal_weight(self, name: str) -> torch.Tensor:
+        return at_base(self.base(name), getattr(self, name))
+
+
+class TangentLinear(TangentModule):
+    """y = W0 x + b0;  ẏ = W0 ẋ + ΔW x + Δb (W0 ẋ skipped when ẋ is zero)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.add_weight("weight", linear.weight)
+        self.add_weight("bias", linear.bias)
+
+    def forward(self, x: torch.Tensor, x_dot: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.linear(x, self.primal_weight("weight"), self.primal_weight("bias"))
+        with torch.no_grad():
+            y_dot = F.linear(x.detach(), self.weight, self.bias)
+            if x_dot is not None:
+                y_dot.add_(x_dot @ self.weight_0.t())
+        return y, y_dot
+
+
+class TangentLayerNorm(TangentModule):
+    """y = γ0 n + β0;  ẏ = γ0 ṅ + Δγ n + Δβ with ṅ from `layer_norm_jvp`."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.eps = norm.eps
+        self.add_weight("weight", norm.weight)
+        self.add_weight("bias", norm.bias)
+
+    def forward(self, x: torch.Tensor, x_dot: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.layer_norm(x, x.shape[-1:], self.primal_weight("weight"), self.primal_weight("bias"), self.eps)
+        with torch.no_grad():
+            n, inv_std = layer_norm_parts(x.detach(), self.eps)
+            y_dot = torch.addcmul(self.bias, n, self.weight)
+            if x_dot is not None:
+                y_dot.add_(layer_norm_jvp(n, inv_std, x_dot).mul_(self.weight_0))
+        return y, y_dot
+
+
+class TangentLayerScale(TangentModule):
+    """y = λ0 ⊙ x;  ẏ = λ0 ⊙ ẋ + Δλ ⊙ x."""
+
+    def __init__(self, scale: nn.Module):
+        super().__init__()
+        self.add_weight("gamma", scale.gamma)
+
+    def forward(self, x: torch.Tensor, x_dot: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
+        y = x * self.primal_weight("gamma")
+        with torch.no_grad():
+            y_dot = x.detach() * self.gamma
+            if x_dot is not None:
+                y_dot.addcmul_(x_dot, self.gamma_0)
+        return y, y_dot
+
+
+class TangentMlp(nn.Module):
+    """fc2(gelu(fc1(x))); the GELU tangent is gelu'(u) ⊙ u̇."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.gelu_kind = mlp.gelu_kind
+        self.fc1 = TangentLinear(mlp.fc1)
+        self.fc2 = TangentLinear(mlp.fc2)
+
+    def forward(self, x: torch.Tensor, x_dot: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
+        u, u_dot = self.fc1(x, x_dot)
+        g = F.gelu(u, approximate="tanh" if self.gelu_kind == "tanh" else "none")
+        with torch.no_grad():
+            g_dot = u_dot.mul_(gelu_derivative(u.detach(), self.gelu_kind))
+        return self.fc2(g, g_dot)
+
+
+class TangentAttention(nn.Module):
+    """Multi-head softmax attention. The primal uses fused SDPA (`impl="sdpa"`) or a written-out softmax
+    (`impl="manual"`); the tangent uses `attention_jvp` with P recomputed without a graph."""
+
+    def __init__(self, attn: nn.Module, impl: str = "sdpa"):
+        super().__init__()
+        self.heads = attn.heads
+        self.impl = impl
+        self.qkv = TangentLinear(attn.qkv)
+        self.proj = TangentLinear(attn.proj)
+
+    def forward(self, x: torch.Tensor, x_dot: Tangent,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, D = x.shape
+        qkv, qkv_dot = self.qkv(x, x_dot)
+        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        bias = key_padding_bias(mask, x.dtype)
+        with torch.no_grad():
+            q_dot, k_dot, v_dot = qkv_dot.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            qd, kd, vd = q.detach(), k.detach(), v.detach()
+            probs = attention_probs(qd, kd, bias)
+            o_dot = attention_jvp(qd, kd, vd, probs, q_dot, k_dot, v_dot)
+            o_dot = o_dot.transpose(1, 2).reshape(B, N, D)
+        if self.impl == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        elif torch.is_grad_enabled():
+            o = attention_probs(q, k, bias) @ v
+        else:
+            o = probs @ vd
+        return self.proj(o.transpose(1, 2).reshape(B, N, D), o_dot)
+
+
+class TangentBlock(nn.Module):
+    """Pre-norm transformer block; residual tangents add."""
+
+    def __init__(self, block: nn.Module, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.norm1 = TangentLayerNorm(block.norm1)
+        self.attn = TangentAttention(block.attn, attn_impl)
+        self.ls1 = TangentLayerScale(block.ls1) if hasattr(block.ls1, "gamma") else None
+        self.norm2 = TangentLayerNorm(block.norm2)
+        self.mlp = TangentMlp(block.mlp)
+        self.ls2 = TangentLayerScale(block.ls2) if hasattr(block.ls2, "gamma") else None
+
+    def forward(self, x: torch.Tensor, x_dot: Tangent,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        a, a_dot = self.attn(*self.norm1(x, x_dot), mask)
+        if self.ls1 is not None:
+            a, a_dot = self.ls1(a, a_dot)
+        x, x_dot = x + a, add_tangents(x_dot, a_dot)
+        m, m_dot = self.mlp(*self.norm2(x, x_dot))
+        if self.ls2 is not None:
+            m, m_dot = self.ls2(m, m_dot)
+        return x + m, add_tangents(x_dot, m_dot)
+
+
+def pool(tokens: torch.Tensor, how: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """CLS pooling (token 0) or mean over real tokens (mask True = real); linear, so it applies to tangents too."""
+    if how == "cls":
+        return tokens[:, 0]
+    if mask is None:
+        return tokens.mean(1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1)

@@ -1,0 +1,33 @@
+"""The tangent tail: the last k blocks, the final norm, pooling and the classification head, linearized at w0."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from taft.tangent.layers import TangentBlock, TangentLayerNorm, TangentLinear, pool
+
+
+class TangentTail(nn.Module):
+    """f_lin(h; Δw) = f(h; w0) + J(h; w0) Δw for trunk features h (B, N, D).
+
+    `blocks` is keyed by the block's index in the full backbone, so Δw names match the plain model's
+    (`blocks.11.attn.qkv.weight`, `norm.weight`, `head.weight`, ...).
+    """
+
+    def __init__(self, blocks: dict[int, nn.Module], norm: nn.LayerNorm, head: nn.Linear, pooling: str = "cls",
+                 attn_impl: str = "sdpa"):
+        super().__init__()
+        self.blocks = nn.ModuleDict({str(i): TangentBlock(b, attn_impl) for i, b in blocks.items()})
+        self.norm = TangentLayerNorm(norm)
+        self.head = TangentLinear(head)
+        self.pooling = pooling
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the linearized tail. Differentiable with respect to Δw (not with respect to `features`)."""
+        x, x_dot = features, None  # the trunk does not depend on Δw
+        for block in self.blocks.values():
+            x, x_dot = block(x, x_dot, mask)
+        x, x_dot = self.norm(x, x_dot)
+        logits, logits_dot = self.head(pool(x, self.pooling, mask), pool(x_dot, self.pooling, mask))
+        return logits + logits_dot
