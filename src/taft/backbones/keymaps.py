@@ -9,13 +9,14 @@
   query`, ...) and transformers 5 in-memory names (`attention.q_proj`, ViT's `layers.{i}` / `mlp.fc1`) are read.
   Classifier, pooler and mask-token weights are ignored. Mean/std come from a `preprocessor_config.json` beside
   the weights, else ImageNet's.
-* a timm `.safetensors` file, or a folder from timm's `save_for_hf` (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.attn.qkv`, ...). The
-  architecture is read from tensor shapes; `head.*`, `fc_norm.*` and `attn_pool.*` are ignored. The head count
-  cannot be read from shapes: it comes from a timm `config.json` beside the file (`num_heads`,
-  `model_args.num_heads`, or a standard `architecture` name such as `vit_small_patch14_dinov2` at its standard
-  width), else from the safetensors metadata key "num_heads", else defaults to width // 64 (right for timm's
-  tiny/small/base/large ViTs, wrong for e.g. huge/giant: pass the count in metadata or config.json then).
-  LayerNorm eps 1e-6 and exact GELU (timm's defaults). Mean/std from the config's `pretrained_cfg`, else ImageNet.
+* a timm `.safetensors` file, or a folder from timm's `save_for_hf` (`patch_embed.proj`, `cls_token`,
+  `pos_embed`, `blocks.{i}.attn.qkv`, ...). The architecture is read from tensor shapes; `head.*`, `fc_norm.*`
+  and `attn_pool.*` are ignored. The head count cannot be read from shapes: it comes from a timm `config.json`
+  beside the file (`num_heads`, `model_args.num_heads`, or a standard `architecture` name such as
+  `vit_small_patch14_dinov2` at its standard width), else from the safetensors metadata key "num_heads", else
+  defaults to width // 64 (right for timm's tiny/small/base/large ViTs, wrong for e.g. huge/giant: give the count
+  in metadata or config.json then). LayerNorm eps 1e-6 and exact GELU (timm's defaults; `model_args.act_layer`
+  "gelu_tanh" selects tanh). Mean/std from the config's `pretrained_cfg`, else ImageNet's.
 
 Unsupported (a `TaftError` says so): register tokens, position embeddings without a CLS slot, SwiGLU MLPs, GELU
 variants other than exact/tanh, and any weight we do not map (e.g. timm `norm_pre`, `q_norm`). Every problem
@@ -137,6 +138,8 @@ def _grid(pos: torch.Tensor, src: str, key: str) -> int:
 
 def _fuse_qkv(sd: Tensors, qkv: dict[int, dict[str, torch.Tensor]], depth: int, has_bias: bool, src: str) -> None:
     """Stack per-layer q, k, v weights (and biases, zeros when the model has none) into `blocks.{i}.attn.qkv`."""
+    if extra := sorted(set(qkv) - set(range(depth))):
+        raise TaftError(f"{src}: attention weights for layers {extra[:5]} beyond the configured depth {depth}")
     for i in range(depth):
         parts = qkv.get(i, {})
         for param in ("weight", "bias") if has_bias else ("weight",):
@@ -212,7 +215,7 @@ def _from_hf(tensors: Tensors, config: dict, src: str) -> tuple[ViTConfig, Tenso
         dim, depth, heads = (int(config[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
         patch = config["patch_size"]
         patch = int(patch[0] if isinstance(patch, (list, tuple)) and len(set(patch)) == 1 else patch)
-        mlp_hidden = int(dim * config.get("mlp_ratio", 4)) if model_type == "dinov2" else int(config["intermediate_size"])
+        mlp_hidden = int(dim * config.get("mlp_ratio", 4) if model_type == "dinov2" else config["intermediate_size"])
         in_chans = int(config.get("num_channels", 3))
         eps = float(config.get("layer_norm_eps", 1e-6 if model_type == "dinov2" else 1e-12))
     except KeyError as e:

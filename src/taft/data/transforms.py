@@ -9,7 +9,8 @@ Optional training-time augmentation (`augment=True`): a random resized crop (are
 ratio (3/4, 4/3), as in torchvision's RandomResizedCrop) followed by a horizontal flip with probability 1/2.
 Randomness is reproducible: by default it is drawn from a generator seeded from (`seed`, epoch, example id),
 so an example gets the same crop in a given epoch whatever the data order, batch size or worker count; call
-`set_epoch(e)` to change crops between epochs. Augmented images are random, so trunk features of an augmented
+`set_epoch(e)` to change crops between epochs (before creating the DataLoader iterator: workers copy the
+transform when the iterator starts, so it does not reach `persistent_workers`). Augmented images are random, so trunk features of an augmented
 dataset must not be cached: `FeatureCache` refuses such a dataset and the caller runs the trunk per batch.
 """
 
@@ -105,8 +106,6 @@ class ImageTransform:
         if image.width <= 0 or image.height <= 0:
             raise TaftError(f"cannot preprocess a zero-size image ({image.width}x{image.height})")
         if image.mode != self.mode:
-            if image.mode == "P" or image.mode in ("I", "I;16", "I;16B", "I;16L", "F") and self.mode == "RGB":
-                image = image.convert("RGBA" if image.mode == "P" else "L")
             image = image.convert(self.mode)
         h, w = self.size_hw
         box = None

@@ -27,13 +27,6 @@ def gelu_derivative(u: torch.Tensor, kind: str = "exact") -> torch.Tensor:
     return cdf + u * pdf
 
 
-def layer_norm_parts(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """n = (x - mean(x)) / σ and 1/σ with σ = sqrt(var(x) + eps), over the last axis (biased variance)."""
-    centred = x - x.mean(-1, keepdim=True)
-    inv_std = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
-    return centred * inv_std, inv_std
-
-
 def layer_norm_jvp(normalized: torch.Tensor, inv_std: torch.Tensor, x_dot: torch.Tensor) -> torch.Tensor:
     """ṅ = (ẋ - mean(ẋ) - n · mean(n ẋ)) / σ, means over the feature axis."""
     centred = x_dot - x_dot.mean(-1, keepdim=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taft.backbones.vit import key_padding_bias
-from taft.tangent.functional import attention_jvp, attention_probs, gelu_derivative, layer_norm_jvp, layer_norm_parts
+from taft.tangent.functional import attention_jvp, attention_probs, layer_norm_jvp
 
 Tangent = torch.Tensor | None
 
@@ -64,8 +64,8 @@ class TangentLinear(TangentModule):
         y = F.linear(x, self.primal_weight("weight"), self.primal_weight("bias"))
         with torch.no_grad():
             y_dot = F.linear(x.detach(), self.weight, self.bias)
-            if x_dot is not None:
-                y_dot.add_(x_dot @ self.weight_0.t())
+            if x_dot is not None:  # accumulate W0 ẋ in place (one GEMM with beta = 1, no extra pass)
+                y_dot.view(-1, y_dot.shape[-1]).addmm_(x_dot.reshape(-1, x_dot.shape[-1]), self.weight_0.t())
         return y, y_dot
 
 
@@ -79,9 +79,11 @@ class TangentLayerNorm(TangentModule):
         self.add_weight("bias", norm.bias)
 
     def forward(self, x: torch.Tensor, x_dot: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
-        y = F.layer_norm(x, x.shape[-1:], self.primal_weight("weight"), self.primal_weight("bias"), self.eps)
+        y, mean, inv_std = torch.native_layer_norm(x, x.shape[-1:], self.primal_weight("weight"),
+                                                   self.primal_weight("bias"), self.eps)
         with torch.no_grad():
-            n, inv_std = layer_norm_parts(x.detach(), self.eps)
+            inv_std = inv_std.detach()
+            n = (x.detach() - mean.detach()).mul_(inv_std)
             y_dot = torch.addcmul(self.bias, n, self.weight)
             if x_dot is not None:
                 y_dot.add_(layer_norm_jvp(n, inv_std, x_dot).mul_(self.weight_0))
@@ -115,9 +117,10 @@ class TangentMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, x_dot: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
         u, u_dot = self.fc1(x, x_dot)
-        g = F.gelu(u, approximate="tanh" if self.gelu_kind == "tanh" else "none")
-        with torch.no_grad():
-            g_dot = u_dot.mul_(gelu_derivative(u.detach(), self.gelu_kind))
+        approximate = "tanh" if self.gelu_kind == "tanh" else "none"
+        g = F.gelu(u, approximate=approximate)
+        with torch.no_grad():  # ġ = gelu'(u) u̇, one fused pass (the kernel autograd uses for GELU)
+            g_dot = torch.ops.aten.gelu_backward(u_dot, u.detach(), approximate=approximate)
         return self.fc2(g, g_dot)
 
 
@@ -138,9 +141,9 @@ class TangentAttention(nn.Module):
         qkv, qkv_dot = self.qkv(x, x_dot)
         q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         bias = key_padding_bias(mask, x.dtype)
-        with torch.no_grad():
-            q_dot, k_dot, v_dot = qkv_dot.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-            qd, kd, vd = q.detach(), k.detach(), v.detach()
+        with torch.no_grad():  # head-major contiguous copies, so every product below is a plain batched GEMM
+            qd, kd, vd = qkv.detach().view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).contiguous()
+            q_dot, k_dot, v_dot = qkv_dot.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).contiguous()
             probs = attention_probs(qd, kd, bias)
             o_dot = attention_jvp(qd, kd, vd, probs, q_dot, k_dot, v_dot)
             o_dot = o_dot.transpose(1, 2).reshape(B, N, D)

@@ -28,6 +28,11 @@ class TangentTail(nn.Module):
         x, x_dot = features, None  # the trunk does not depend on Δw
         for block in self.blocks.values():
             x, x_dot = block(x, x_dot, mask)
-        x, x_dot = self.norm(x, x_dot)
-        logits, logits_dot = self.head(pool(x, self.pooling, mask), pool(x_dot, self.pooling, mask))
+        if self.pooling == "cls":  # LayerNorm acts per token, so norm(x)[:, 0] = norm(x[:, 0]): skip the rest
+            x, x_dot = x[:, 0], x_dot[:, 0]
+            x, x_dot = self.norm(x, x_dot)
+        else:
+            x, x_dot = self.norm(x, x_dot)
+            x, x_dot = pool(x, self.pooling, mask), pool(x_dot, self.pooling, mask)
+        logits, logits_dot = self.head(x, x_dot)
         return logits + logits_dot
