@@ -1,7 +1,8 @@
 """Closed-form Jacobian-vector products of the transformer's non-linear pieces (pure math, no parameters).
 
 Every function takes primal values (detached, no gradient needed) and tangents, and returns the tangent of the
-output. `None` stands for a tangent known to be zero.
+output. `None` stands for a tangent known to be zero. The GELU tangent gelu'(u) u̇ uses PyTorch's fused derivative
+kernel (`aten.gelu_backward`, exact or tanh form) directly in `TangentMlp`.
 """
 
 from __future__ import annotations
@@ -9,22 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_TANH_C = math.sqrt(2.0 / math.pi)
-_TANH_A = 0.044715
-
-
-def gelu_derivative(u: torch.Tensor, kind: str = "exact") -> torch.Tensor:
-    """d gelu(u) / du. Exact: Φ(u) + u φ(u) (Φ from erf, never gelu(u)/u). Tanh approximation
-    g = u/2 (1 + tanh(z)), z = c (u + a u³): g' = (1 + t)/2 + u (1 - t²) c (1 + 3 a u²) / 2 with t = tanh(z)."""
-    if kind == "tanh":
-        t = torch.tanh(_TANH_C * (u + _TANH_A * u**3))
-        return 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * _TANH_C * (1 + 3 * _TANH_A * u * u)
-    cdf = 0.5 * (1 + torch.erf(u * _INV_SQRT_2))
-    pdf = torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
-    return cdf + u * pdf
 
 
 def layer_norm_jvp(normalized: torch.Tensor, inv_std: torch.Tensor, x_dot: torch.Tensor) -> torch.Tensor:

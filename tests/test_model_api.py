@@ -1,0 +1,122 @@
+"""TangentModel API contracts and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference import random_backbone, randomize_delta
+from taft import FingerprintMismatchError, TaftError, TangentModel, load_backbone
+from taft.backbones.vit import ViTConfig
+
+CFG = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3)
+
+
+def small_model(seed: int = 0, k: int = 2, backbone_seed: int = 0) -> TangentModel:
+    return TangentModel(random_backbone(CFG, 12, seed=backbone_seed, dtype=torch.float32), 4, tangent_blocks=k,
+                        seed=seed)
+
+
+def test_parameters_are_exactly_delta_and_start_at_zero():
+    model = small_model()
+    names = {n.removeprefix("tail.") for n, _ in model.named_parameters()}
+    assert names == set(model.delta_state_dict())
+    assert "head.weight" in names and "blocks.2.attn.qkv.weight" in names and "blocks.0.norm1.weight" not in names
+    assert all(torch.count_nonzero(p) == 0 for p in model.parameters())
+
+
+def test_trunk_features_carry_no_gradient():
+    model = small_model()
+    feats = model.trunk_features(torch.randn(2, 3, 12, 12))
+    assert feats.shape == (2, 10, 32) and not feats.requires_grad
+
+
+def test_fingerprint_is_stable_and_names_w0_and_k():
+    assert small_model().fingerprint == small_model().fingerprint
+    assert small_model(seed=1).fingerprint != small_model().fingerprint          # another random head
+    assert small_model(k=1).fingerprint != small_model(k=2).fingerprint          # another k
+    assert small_model(backbone_seed=1).fingerprint != small_model().fingerprint  # other pretrained weights
+
+
+def test_delta_round_trip_and_fingerprint_mismatch():
+    model = small_model()
+    randomize_delta(model, 0.1)
+    delta = model.delta_state_dict()
+    other = small_model()
+    other.load_delta_state_dict(delta, fingerprint=model.fingerprint)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+    foreign = small_model(seed=1)
+    before = foreign.delta_state_dict()
+    with pytest.raises(FingerprintMismatchError, match="other base weights"):
+        foreign.load_delta_state_dict(delta, fingerprint=model.fingerprint)
+    assert all(torch.equal(before[n], p) for n, p in foreign.delta_state_dict().items())  # nothing changed
+
+
+def test_bad_delta_is_rejected_before_anything_changes():
+    model = small_model()
+    delta = model.delta_state_dict()
+    wrong_shape = dict(delta, **{"head.weight": torch.zeros(5, 32)})
+    with pytest.raises(TaftError, match="shapes"):
+        model.load_delta_state_dict(wrong_shape, fingerprint=model.fingerprint)
+    missing = {k: v for k, v in delta.items() if k != "head.bias"}
+    with pytest.raises(TaftError, match="missing"):
+        model.load_delta_state_dict(missing, fingerprint=model.fingerprint)
+    nan = dict(delta, **{"norm.weight": torch.full((32,), float("nan"))})
+    with pytest.raises(TaftError, match="NaN"):
+        model.load_delta_state_dict(nan, fingerprint=model.fingerprint)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_classes": 1}, "num_classes"),
+    ({"tangent_blocks": 0}, r"1\.\.3"),
+    ({"tangent_blocks": 4}, r"1\.\.3"),
+    ({"pooling": "max"}, "pooling"),
+    ({"head_weight": torch.zeros(4, 32)}, "all zeros"),
+    ({"head_weight": torch.ones(3, 32)}, "shape"),
+])
+def test_bad_construction_arguments(kwargs, message):
+    args = {"num_classes": 4, "tangent_blocks": 2, **kwargs}
+    with pytest.raises(TaftError, match=message):
+        TangentModel(random_backbone(CFG, 12, dtype=torch.float32), **args)
+
+
+def test_given_head_is_used():
+    weight = torch.randn(4, 32)
+    model = TangentModel(random_backbone(CFG, 12, dtype=torch.float32), 4, head_weight=weight)
+    assert torch.equal(model.tail.head.weight_0, weight) and torch.count_nonzero(model.tail.head.bias_0) == 0
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((2, 1, 12, 12), "channels"),
+    ((2, 3, 13, 12), "multiple of the patch size"),
+    ((3, 12, 12), "expected images"),
+])
+def test_bad_images(shape, message):
+    with pytest.raises(TaftError, match=message):
+        small_model()(torch.randn(*shape))
+
+
+def test_bad_backbone_requests():
+    with pytest.raises(TaftError, match="unknown backbone"):
+        load_backbone("no-such-model")
+    with pytest.raises(TaftError, match="multiples of the patch size"):
+        load_backbone("dinov2-vits14", image_size=100)
+
+
+def test_readme_quickstart_runs(dinov2_56):
+    """The README's Python quickstart, at 56 px to stay fast."""
+    model = TangentModel(dinov2_56, num_classes=10, tangent_blocks=2, seed=0)
+    images = torch.randn(4, 3, 56, 56)
+    logits = model.tail(model.trunk_features(images))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    target = 15.0 * torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3]), 10).float()
+    loss = ((logits - target) ** 2).mean()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        assert ((model.tail(model.trunk_features(images)) - target) ** 2).mean() < loss
+    model.load_delta_state_dict(model.delta_state_dict(), fingerprint=model.fingerprint)
+    with torch.no_grad():
+        assert model.materialize()(images).shape == (4, 10)
