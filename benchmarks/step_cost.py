@@ -5,8 +5,8 @@ squared loss on scaled one-hot targets. Methods, measured side by side on the sa
   (a) nlft : the same k blocks + norm + head trained non-linearly, fused attention (SDPA);
   (b) taft : our tangent tail (one forward pass carrying primal and tangent; gradient by backprop at w0);
   (c) jvp  : generic linearization, torch.func.jvp of the plain tail (written-out softmax attention) + autograd.
-Times are medians of interleaved repeats (a, b, c, a, b, c, ...). Peak memory: CUDA max_memory_allocated on a GPU;
-on the CPU, the growth of the peak resident set during one step, measured in a fresh process per method.
+Times are medians of interleaved repeats (a, b, c, a, b, c, ...). Memory: on a GPU, the peak allocated during a
+step (CUDA allocator statistics); on the CPU, which keeps no such statistics, the bytes autograd saves for backward.
 
     python benchmarks/step_cost.py                 # ViT-S width, 65 tokens (112 px), batch 32, k = 1, 2, 4
     python benchmarks/step_cost.py --device cuda
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import statistics
 import time
 
@@ -111,41 +109,34 @@ def time_all(k: int, args) -> dict[str, float]:
     return {m: statistics.median(v) for m, v in times.items()}
 
 
+def saved_bytes(step) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass during one step (activations, plus
+    any weights the backward needs): the dominant part of a training step's peak memory."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values())
+
+
 def peak_memory(method: str, k: int, args) -> float:
-    """Peak bytes the step needs beyond its inputs and parameters."""
-    if args.device.startswith("cuda"):
-        step = make_step(method, k, args.batch, args.tokens, args.classes, args.device)
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_cpu_peak_worker, args=(method, k, vars(args), queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _cpu_peak_worker(method: str, k: int, args_dict: dict, queue) -> None:
-    args = argparse.Namespace(**args_dict)
-    torch.set_num_threads(args.threads)
-    step = make_step(method, k, args.batch, args.tokens, args.classes, "cpu")
+    """CUDA: peak bytes allocated during one step beyond what was allocated before it. CPU (no allocator
+    statistics): bytes saved for backward, see `saved_bytes`."""
+    step = make_step(method, k, args.batch, args.tokens, args.classes, args.device)
+    step()  # gradients allocated once, so only the step's own memory is counted
+    if not args.device.startswith("cuda"):
+        return saved_bytes(step)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     step()
-    rss = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step()
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queue.put(max(peak_after, peak_before) - rss)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def main() -> None:
@@ -163,8 +154,9 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({args.threads} threads)"
     print(f"# step cost: ViT-S width, {args.tokens} tokens, batch {args.batch}, device {device_name}, "
           f"torch {torch.__version__}, median of {args.repeats} interleaved repeats")
-    print(f"{'k':>2} {'nlft ms':>9} {'taft ms':>9} {'jvp ms':>9} {'b/a':>6} {'c/b':>6} "
-          f"{'nlft MiB':>9} {'taft MiB':>9} {'jvp MiB':>9}")
+    mem_kind = "peak MiB" if args.device.startswith("cuda") else "saved MiB"
+    print(f"{'k':>2} {'nlft ms':>9} {'taft ms':>9} {'jvp ms':>9} {'b/a':>6} {'c/b':>6}   {mem_kind}: "
+          f"{'nlft':>7} {'taft':>7} {'jvp':>7}")
     rows = []
     for k in args.ks:
         t = time_all(k, args)
@@ -174,7 +166,7 @@ def main() -> None:
         rows.append(row)
         print(f"{k:>2} {row['nlft_ms']:9.1f} {row['taft_ms']:9.1f} {row['jvp_ms']:9.1f} "
               f"{row['taft_over_nlft']:6.2f} {row['jvp_over_taft']:6.2f} "
-              f"{mem['nlft']:9.1f} {mem['taft']:9.1f} {mem['jvp']:9.1f}", flush=True)
+              f"{'':>{len(mem_kind) + 5}}{mem['nlft']:7.1f} {mem['taft']:7.1f} {mem['jvp']:7.1f}", flush=True)
     print("targets: b/a <= 1.75 (GEMM floor 5/3), c/b >= 1.2")
     if args.json:
         with open(args.json, "w") as f:
