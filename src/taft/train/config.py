@@ -1,0 +1,124 @@
+"""Training configuration shared by the three methods (TAFT, non-linear fine-tuning, linear probe)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from taft.errors import TaftError
+
+METHODS = ("taft", "nlft", "probe")
+LOSSES = ("mse", "ce")
+SCHEDULES = ("cosine", "step", "constant")
+HEAD_INITS = ("random", "probe")
+POOLINGS = ("cls", "mean")
+
+# Default Adam(W) learning rates, used when `lr` is None. Measured on DINOv2 ViT-S/14, CIFAR-10 mini
+# (see `taft.train` docs and docs/results.md): TAFT with κ = 15 diverges at 1e-3 and trains at 1e-4.
+DEFAULT_LR = {"taft": 1e-4, "nlft": 1e-4, "probe": 1e-3}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. JSON round trip: `TrainConfig.from_json(cfg.to_json()) == cfg`.
+
+    method: "taft" (train Δw of the linearized tail), "nlft" (train the same tail non-linearly) or "probe"
+        (train the head only, on the frozen network's pooled features).
+    tangent_blocks: k, the number of last blocks in the tail (the final norm and head always are).
+    loss: "mse" (rescaled squared loss, mean over batch and classes of (logits − κ·onehot)²) or "ce".
+    kappa: κ of the rescaled squared loss (ignored by "ce").
+    reg: λ of the proximity term λ‖θ − θ0‖² (θ0: Δw = 0 for taft, w0 for nlft, the initial head for probe).
+    lr: AdamW learning rate (weight_decay = 0); None means `DEFAULT_LR[method]` (see `resolved()`).
+    schedule: per-step "cosine" (to 0 at the last step), "step" (×0.1 at 50 % and 75 % of the steps) or
+        "constant".
+    batch_size, epochs: as usual; the last batch of an epoch may be short.
+    seed: data order (a seeded permutation per epoch).
+    head_seed: the seeded random base head w0_head. Kept apart from `seed` so that shards trained with
+        different data orders share w0 (required to compose them).
+    head_init: "random" (seeded, never zero) or "probe" (first fit a linear probe with the probe's defaults
+        for `epochs` epochs and use its head as w0_head; taft and nlft only).
+    pooling: "cls" or "mean".
+    """
+
+    method: str = "taft"
+    tangent_blocks: int = 1
+    loss: str = "mse"
+    kappa: float = 15.0
+    reg: float = 0.0
+    lr: float | None = None
+    schedule: str = "cosine"
+    batch_size: int = 32
+    epochs: int = 10
+    seed: int = 0
+    head_seed: int = 0
+    head_init: str = "random"
+    pooling: str = "cls"
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("loss", self.loss, LOSSES)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("head_init", self.head_init, HEAD_INITS)
+        _choice("pooling", self.pooling, POOLINGS)
+        for name in ("tangent_blocks", "batch_size", "epochs"):
+            _integer(name, getattr(self, name), minimum=1)
+        for name in ("seed", "head_seed"):
+            _integer(name, getattr(self, name), minimum=0)
+        _number("kappa", self.kappa, positive=True)
+        _number("reg", self.reg, positive=False)
+        if self.lr is not None:
+            _number("lr", self.lr, positive=True)
+        if self.head_init == "probe" and self.method == "probe":
+            raise TaftError("head_init='probe' applies to methods taft and nlft (a probe starts from the random "
+                            "head)")
+
+    @property
+    def learning_rate(self) -> float:
+        """`lr`, or the method's default when `lr` is None."""
+        return DEFAULT_LR[self.method] if self.lr is None else float(self.lr)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with `lr` filled in (what a run records)."""
+        return replace(self, lr=self.learning_rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise TaftError(f"a training config must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TaftError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise TaftError(f"training config is not valid JSON: {e}") from e
+        return cls.from_dict(d)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise TaftError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TaftError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+
+
+def _number(name: str, value: Any, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise TaftError(f"{name} must be a finite number {'> 0' if positive else '≥ 0'}, got {value!r}")

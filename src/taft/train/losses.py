@@ -1,0 +1,30 @@
+"""Training losses: the rescaled squared loss (default) and cross-entropy; both convex in the logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "mse", kappa: float = 15.0,
+                        reduction: str = "mean") -> torch.Tensor:
+    """Per-example loss reduced by `reduction` ("mean", "sum" or "none").
+
+    "mse": mean over classes of (logits − κ·onehot(y))², so "mean" is the mean over batch and classes.
+    "ce":  cross-entropy of softmax(logits).
+    """
+    if kind == "mse":
+        target = F.one_hot(labels, logits.shape[-1]).to(logits.dtype).mul_(kappa)
+        per_example = (logits - target).pow(2).mean(-1)
+    elif kind == "ce":
+        per_example = F.cross_entropy(logits, labels, reduction="none")
+    else:
+        raise ValueError(f"unknown loss {kind!r}")
+    if reduction == "none":
+        return per_example
+    return per_example.sum() if reduction == "sum" else per_example.mean()
+
+
+def proximity(params: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """‖θ − θ0‖² summed over all tensors (θ0 = `start`; for TAFT θ0 = 0, i.e. ‖Δw‖²)."""
+    return sum((p - start[n]).pow(2).sum() for n, p in params.items())
