@@ -1,0 +1,135 @@
+"""Experiment: probe vs NLFT-k vs TAFT-k on CIFAR-10 mini with the bundled DINOv2 ViT-S/14.
+
+For each k and seed: train on cached trunk features, evaluate top-1 on the test split, record training time per
+epoch. Also measures what the feature cache buys: one TAFT epoch from cached features versus one epoch that
+recomputes the trunk for every batch. Writes a JSON with every run, a Markdown table and a PNG plot.
+
+    python experiments/cifar_methods.py --data ../shared/data/cifar10-mini --train-per-class 100 \
+        --test-per-class 50 --ks 1 4 --seeds 0 1 2 --epochs 5 --out docs/experiments/cifar_methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from taft import load_backbone
+from taft.data import image_folder
+from taft.model import Trunk
+from taft.train import TrainConfig, cache_features, evaluate, fit
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
+    root = Path(args.data)
+    train_ds = image_folder(root / "train", backbone.preprocess).per_class(args.train_per_class)
+    test_ds = image_folder(root / "test", backbone.preprocess).per_class(args.test_per_class)
+    runs = []
+    for k in args.ks:
+        t0 = time.perf_counter()
+        train_f = cache_features(train_ds, backbone, k)
+        test_f = cache_features(test_ds, backbone, k)
+        print(f"k={k}: features ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        methods = ["taft", "nlft"] + (["probe"] if k == args.ks[0] else [])
+        for seed in args.seeds:
+            for method in methods:
+                cfg = TrainConfig(method=method, tangent_blocks=k, epochs=args.epochs, seed=seed, head_seed=seed)
+                result = fit(cfg, backbone, train_f, progress=False)
+                test = evaluate(result.classifier, test_f)
+                row = {"method": method, "k": k, "seed": seed, "top1": test.top1,
+                       "epoch_s": result.metrics["train_time_s"] / args.epochs, "lr": cfg.learning_rate}
+                runs.append(row)
+                print(json.dumps(row), flush=True)
+    return {"runs": runs, "cache": cache_speedup(backbone, train_ds, args), "args": vars(args)}
+
+
+def cache_speedup(backbone, dataset, args: argparse.Namespace) -> dict:
+    """Seconds for one TAFT epoch over `args.cache_probe` images: from cached features vs recomputing the trunk."""
+    k = args.ks[0]
+    subset = dataset.per_class(max(1, args.cache_probe // len(dataset.class_names)))
+    cached = cache_features(subset, backbone, k, progress=False)
+    cfg = TrainConfig(method="taft", tangent_blocks=k, epochs=1)
+    t0 = time.perf_counter()
+    fit(cfg, backbone, cached, progress=False)
+    from_cache = time.perf_counter() - t0
+    trunk = Trunk(backbone.model, backbone.model.cfg.depth - k).eval()
+    t0 = time.perf_counter()
+    images = torch.stack([subset[i][0] for i in range(len(subset))])
+    recomputed = torch.cat([trunk(images[i:i + 64]) for i in range(0, len(images), 64)])
+    labels = torch.tensor(subset.labels)
+    fit(cfg, backbone, (recomputed, labels), class_names=subset.class_names, progress=False)
+    with_trunk = time.perf_counter() - t0
+    return {"images": len(subset), "epoch_from_cache_s": from_cache, "epoch_recomputing_trunk_s": with_trunk,
+            "speedup": with_trunk / from_cache}
+
+
+def summarise(result: dict, out: Path) -> str:
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in result["runs"]:
+        key = (r["method"], r["k"]) if r["method"] != "probe" else ("probe", 0)
+        groups.setdefault(key, []).append(r)
+    lines = ["| method | k | top-1 (mean ± std) | seeds | train s/epoch |", "|---|---|---|---|---|"]
+    for (method, k), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        accs = [100 * r["top1"] for r in rows]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        epoch = statistics.mean(r["epoch_s"] for r in rows)
+        lines.append(f"| {method} | {k or '-'} | {statistics.mean(accs):.1f} ± {std:.1f} | {len(rows)} | {epoch:.1f} |")
+    c = result["cache"]
+    lines.append("")
+    lines.append(f"Feature cache: one TAFT epoch over {c['images']} images takes {c['epoch_from_cache_s']:.1f} s from "
+                 f"cached features and {c['epoch_recomputing_trunk_s']:.1f} s when the trunk is recomputed "
+                 f"({c['speedup']:.1f}× speedup).")
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    plot(groups, out / "accuracy.png")
+    return table
+
+
+def plot(groups: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, means, stds = [], [], []
+    for (method, k), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        accs = [100 * r["top1"] for r in rows]
+        labels.append(method if method == "probe" else f"{method}-{k}")
+        means.append(statistics.mean(accs))
+        stds.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(labels, means, yerr=stds, capsize=4, color=["#888" if l == "probe" else "#4a7" if "taft" in l else "#47a"
+                                                       for l in labels])
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("CIFAR-10 mini, DINOv2 ViT-S/14")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/cifar10-mini")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--train-per-class", type=int, default=100)
+    parser.add_argument("--test-per-class", type=int, default=50)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--cache-probe", type=int, default=200, help="images for the cache speedup measurement")
+    parser.add_argument("--out", default="docs/experiments/cifar_methods")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(summarise(result, out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""One classifier for the three methods: images → frozen trunk → the method's tail → logits.
+
+- taft:  the tangent tail of a `TangentModel` (trainable: Δw, zero at the start).
+- nlft:  the same last k blocks, final norm and head as an ordinary module (trainable: all tail weights w,
+         starting at w0 with the same seeded head as taft, so the two are comparable).
+- probe: the frozen tail at w0 (blocks and norm as buffers) and a trainable head on its pooled features.
+
+Every method consumes the same cached trunk features (the trunk is the first depth − k blocks), so one feature
+cache entry (`cache_features`) serves all three for a given backbone and k.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from taft.backbones.base import Backbone, ImagePreprocess
+from taft.backbones.vit import ViT
+from taft.data.feature_cache import CachedFeatures, FeatureCache, LabelledDataset
+from taft.errors import TaftError
+from taft.fingerprint import hash_tensors
+from taft.model import TangentModel, Trunk, params_to_buffers
+from taft.tangent import pool
+from taft.train.config import TrainConfig
+
+
+class PlainTail(nn.Module):
+    """The last k blocks of a ViT (copies, keyed by their backbone index), the final norm, pooling and a head.
+
+    With `train_body=False` the blocks and norm become frozen buffers (the probe's frozen network); only the
+    head is a parameter. Parameter names match the plain model's (`blocks.11.attn.qkv.weight`, `head.bias`).
+    """
+
+    def __init__(self, vit: ViT, tangent_blocks: int, head: nn.Linear, pooling: str = "cls",
+                 train_body: bool = True):
+        super().__init__()
+        depth = vit.cfg.depth
+        self.blocks = nn.ModuleDict({str(i): copy.deepcopy(vit.blocks[i])
+                                     for i in range(depth - tangent_blocks, depth)})
+        self.norm = copy.deepcopy(vit.norm)
+        if train_body:
+            self.blocks.requires_grad_(True)
+            self.norm.requires_grad_(True)
+        else:
+            params_to_buffers(self.blocks)
+            params_to_buffers(self.norm)
+        self.head = head
+        self.pooling = pooling
+
+    def pooled(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled, final-normed features (B, D) of trunk features (B, N, D)."""
+        x = features
+        for block in self.blocks.values():
+            x = block(x, mask)
+        if self.pooling == "cls":  # LayerNorm is per token: norm(x)[:, 0] = norm(x[:, 0])
+            return self.norm(x[:, 0])
+        return pool(self.norm(x), self.pooling, mask)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.pooled(features, mask))
+
+
+def feature_key(backbone: Backbone, tangent_blocks: int) -> dict:
+    """Feature-cache key of the trunk for (backbone, k): the trunk is the first depth − k blocks."""
+    depth = backbone.model.cfg.depth
+    _check_k(tangent_blocks, depth)
+    return {"backbone": backbone.fingerprint, "trunk_blocks": depth - tangent_blocks}
+
+
+def cache_features(dataset: LabelledDataset, backbone: Backbone, tangent_blocks: int, *,
+                   root: str | Path | None = None, dtype: torch.dtype = torch.float32, batch_size: int = 64,
+                   num_workers: int = 0, device: torch.device | str | None = None,
+                   progress: bool = True) -> CachedFeatures:
+    """Trunk features of `dataset` for (backbone, k), from the feature cache or computed once and stored."""
+    key = feature_key(backbone, tangent_blocks)
+    trunk = Trunk(backbone.model, key["trunk_blocks"]).eval()
+    if device is not None:
+        trunk = trunk.to(device)
+    return FeatureCache(root).build_or_load(dataset, trunk, key, dtype=dtype, batch_size=batch_size,
+                                            num_workers=num_workers, device=device, progress=progress)
+
+
+class Classifier(nn.Module):
+    """A trained (or trainable) classifier of any method. Its parameters are exactly what the method trains.
+
+    `forward(images)` / `predict(images)` run the whole network on preprocessed images; `logits(features)` runs
+    only the tail on cached trunk features. `trained_state_dict()` is what a checkpoint stores.
+    """
+
+    def __init__(self, method: str, trunk: Trunk, tail: nn.Module, *, backbone: Backbone,
+                 class_names: Sequence[str], config: TrainConfig, fingerprint: str, head_weight0: torch.Tensor,
+                 head_bias0: torch.Tensor):
+        super().__init__()
+        self.method = method
+        self.trunk, self.tail = trunk, tail
+        self.backbone_name = backbone.name
+        self.backbone_fingerprint = backbone.fingerprint
+        self.preprocess: ImagePreprocess = backbone.preprocess
+        self.class_names = [str(c) for c in class_names]
+        self.num_classes = len(self.class_names)
+        self.tangent_blocks = config.tangent_blocks
+        self.pooling = config.pooling
+        self.train_config = config
+        self.fingerprint = fingerprint
+        self.feature_key = feature_key(backbone, config.tangent_blocks)
+        self.register_buffer("head_weight0", head_weight0.detach().clone())
+        self.register_buffer("head_bias0", head_bias0.detach().clone())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head_weight0.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.head_weight0.device
+
+    def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen trunk output (B, N, D) for preprocessed images; no gradient, cacheable."""
+        return self.trunk(images.to(self.device, self.dtype))
+
+    def logits(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from trunk features (B, N, D) (e.g. cached ones)."""
+        return self.tail(features.to(self.device, self.dtype), mask)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.trunk_features(images))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Predicted class indices (B,) for preprocessed images (B, C, H, W)."""
+        return self(images).argmax(-1)
+
+    # What the trainer uses: inputs that do not change during training are computed once.
+    def train_inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """What `train_logits` consumes: the pooled frozen features for a probe (no gradient), else the trunk
+        features themselves."""
+        features = features.to(self.device, self.dtype)
+        if self.method == "probe":
+            with torch.no_grad():
+                return self.tail.pooled(features)
+        return features
+
+    def train_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.tail.head(inputs) if self.method == "probe" else self.tail(inputs)
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors only (taft: Δw; nlft: the tail weights; probe: the head), plain-model names."""
+        return {name: p.detach().clone() for name, p in self.tail.named_parameters()}
+
+    def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load `trained_state_dict()` tensors; checks names, shapes and finiteness before changing anything."""
+        params = dict(self.tail.named_parameters())
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or extra:
+            raise TaftError(f"trained tensors do not match this {self.method} model: missing {missing[:5]}, "
+                            f"unexpected {extra[:5]}")
+        wrong = [f"{n}: {tuple(state[n].shape)} != {tuple(p.shape)}" for n, p in params.items()
+                 if tuple(state[n].shape) != tuple(p.shape)]
+        if wrong:
+            raise TaftError(f"trained tensors have wrong shapes for this {self.method} model: {wrong[:5]}")
+        bad = [n for n in params if not torch.isfinite(state[n]).all()]
+        if bad:
+            raise TaftError(f"trained tensors hold NaN or infinite values in {bad[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name])
+
+
+def _check_k(k: int, depth: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= depth:
+        raise TaftError(f"tangent_blocks (k) must be in 1..{depth} for this backbone, got {k!r}")
+
+
+def build_classifier(config: TrainConfig, backbone: Backbone, class_names: Sequence[str], *,
+                     head_weight: torch.Tensor | None = None,
+                     head_bias: torch.Tensor | None = None) -> Classifier:
+    """A fresh classifier for `config.method` around `backbone`'s pretrained weights w0.
+
+    The base head w0_head is `random_head(dim, C, config.head_seed)` unless `head_weight` (and optionally
+    `head_bias`) is given, identically for all methods. Same device and dtype as the backbone.
+    """
+    vit: ViT = backbone.model
+    cfg = vit.cfg
+    if len(class_names) < 2:
+        raise TaftError(f"need at least 2 classes, got {len(class_names)}")
+    if len(set(class_names)) != len(class_names):
+        raise TaftError(f"class names are not unique: {list(class_names)}")
+    k = config.tangent_blocks
+    _check_k(k, cfg.depth)
+    n_cls = len(class_names)
+    if config.method == "taft":
+        model = TangentModel(backbone, n_cls, tangent_blocks=k, seed=config.head_seed, head_weight=head_weight,
+                             head_bias=head_bias, pooling=config.pooling)
+        trunk, tail, fingerprint = model.trunk, model.tail, model.fingerprint
+        w0, b0 = tail.head.weight_0, tail.head.bias_0
+    else:
+        head = TangentModel._base_head(cfg.dim, n_cls, config.head_seed, head_weight, head_bias)
+        w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
+        trunk = Trunk(vit, cfg.depth - k)
+        tail = PlainTail(vit, k, head, config.pooling, train_body=config.method == "nlft")
+        fingerprint = hash_tensors({"head.weight": w0, "head.bias": b0},
+                                   extra=[f"backbone={backbone.fingerprint}", f"k={k}", f"pooling={config.pooling}"])
+    clf = Classifier(config.method, trunk, tail, backbone=backbone, class_names=class_names, config=config,
+                     fingerprint=fingerprint, head_weight0=w0, head_bias0=b0)
+    return clf.to(device=vit.cls_token.device, dtype=vit.cls_token.dtype).eval()

@@ -1,0 +1,347 @@
+"""Training and evaluation on cached trunk features, the same loop for all three methods.
+
+`fit` trains with AdamW (weight_decay = 0) on batches in a seeded order (one `torch.Generator` permutation per
+epoch), stops with a `TaftError` as soon as a batch loss is not finite, and writes to `run_dir`:
+
+    config.json     the resolved `TrainConfig` (written first)
+    metrics.jsonl   one line per epoch: epoch, train_loss, lr, train_time_s, wall_time_s, examples_per_s,
+                    val_top1, val_loss (null without validation data)
+    metrics.json    at the end: top-1, per-class accuracy and loss on the validation data (or on the training
+                    data without it), timings, epochs
+    checkpoint.safetensors   what was trained plus metadata (`taft.checkpoint`)
+
+For a probe, the frozen network's pooled features are computed once from the trunk features (no gradient) and
+the head is trained on them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from taft.backbones.base import Backbone
+from taft.data.feature_cache import CachedFeatures
+from taft.errors import TaftError
+from taft.fileio import atomic_write
+from taft.train.classifier import Classifier, build_classifier, feature_key
+from taft.train.config import TrainConfig
+from taft.train.losses import classification_loss, proximity
+
+FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, Sequence[str]]]
+EVAL_BATCH = 256
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+class Examples:
+    """Features (in memory, or the feature cache's memmap), labels, and when known ids and class names."""
+
+    def __init__(self, data: FeatureData, what: str = "data"):
+        self.what = what
+        self.key: dict | None = None
+        if isinstance(data, CachedFeatures):
+            self.x: torch.Tensor | np.ndarray = data.features  # read rows on demand; no full copy of a memmap
+            self.labels = torch.tensor(data.labels, dtype=torch.int64)
+            self.ids: list[str] | None = list(data.ids)
+            self.class_names: list[str] | None = list(data.class_names)
+            key = data.meta.get("key", {})
+            self.key = key.get("key") if isinstance(key, dict) else None
+        elif isinstance(data, (tuple, list)) and len(data) in (2, 3):
+            self.x = torch.as_tensor(data[0])
+            self.labels = torch.as_tensor(data[1]).to(torch.int64).reshape(-1)
+            self.ids = [str(i) for i in data[2]] if len(data) == 3 and data[2] is not None else None
+            self.class_names = None
+        else:
+            raise TaftError(f"{what} must be CachedFeatures or a tuple (features, labels[, ids]), "
+                            f"got {type(data).__name__}")
+        n = self.x.shape[0]
+        if n == 0:
+            raise TaftError(f"{what} is empty")
+        if len(self.labels) != n:
+            raise TaftError(f"{what}: {n} feature rows but {len(self.labels)} labels")
+        if self.ids is not None and len(self.ids) != n:
+            raise TaftError(f"{what}: {n} feature rows but {len(self.ids)} ids")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.x, np.ndarray):
+            return torch.from_numpy(np.asarray(self.x[idx.numpy()], dtype=np.float32))
+        return self.x[idx]
+
+    def check_labels(self, class_names: Sequence[str]) -> None:
+        lo, hi = int(self.labels.min()), int(self.labels.max())
+        if lo < 0 or hi >= len(class_names):
+            raise TaftError(f"{self.what}: labels must be in [0, {len(class_names)}), found {lo}..{hi}")
+        if self.class_names is not None and list(self.class_names) != list(class_names):
+            raise TaftError(f"{self.what}: class names {self.class_names[:10]} differ from "
+                            f"{list(class_names)[:10]}")
+
+    def check(self, backbone: Backbone, tangent_blocks: int, class_names: Sequence[str]) -> None:
+        """Names any mismatch with the run: feature width, labels, class names, trunk (from the cache key)."""
+        if len(self.feature_shape) != 2:
+            raise TaftError(f"{self.what}: expected trunk features (n, tokens, dim), got shape "
+                            f"{tuple(self.x.shape)}")
+        dim = backbone.model.cfg.dim
+        if self.feature_shape[-1] != dim:
+            raise TaftError(f"{self.what}: features have width {self.feature_shape[-1]}, backbone "
+                            f"{backbone.name} has width {dim}")
+        self.check_labels(class_names)
+        if self.key is not None and {"backbone", "trunk_blocks"} <= set(self.key):
+            want = feature_key(backbone, tangent_blocks)
+            if self.key["backbone"] != want["backbone"]:
+                raise TaftError(f"{self.what}: the cached features were computed with another backbone "
+                                f"(fingerprint {str(self.key['backbone'])[:12]}…) than {backbone.name} "
+                                f"({want['backbone'][:12]}…); cache them with this backbone")
+            if self.key["trunk_blocks"] != want["trunk_blocks"]:
+                have_k = backbone.model.cfg.depth - int(self.key["trunk_blocks"])
+                raise TaftError(f"{self.what}: the cached features are for k={have_k} tangent blocks (trunk of "
+                                f"{self.key['trunk_blocks']} blocks), this run uses k={tangent_blocks}; "
+                                f"cache them with tangent_blocks={tangent_blocks}")
+
+
+class Prepared(Examples):
+    """What the trainer feeds `Classifier.train_logits`: for a probe, the frozen pooled features (computed once);
+    for taft and nlft the trunk features themselves."""
+
+    def __init__(self, classifier: Classifier, examples: Examples, batch_size: int = EVAL_BATCH):
+        self.__dict__.update(examples.__dict__)
+        if classifier.method == "probe":
+            self.x = torch.cat([classifier.train_inputs(examples.rows(idx))
+                                for idx in torch.arange(len(examples)).split(batch_size)])
+
+
+@dataclass
+class Evaluation:
+    """top1: fraction correct; per_class[c]: accuracy on class c (None when it has no examples); loss: mean
+    training loss (without the regularizer)."""
+
+    top1: float
+    loss: float
+    per_class: list[float | None]
+    counts: list[int]
+    class_names: list[str]
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top1": self.top1, "loss": self.loss, "n": self.n,
+                "per_class_accuracy": dict(zip(self.class_names, self.per_class)),
+                "per_class_count": dict(zip(self.class_names, self.counts))}
+
+
+@dataclass
+class FitResult:
+    """The trained classifier, the resolved config, per-epoch records, final metrics (as in metrics.json), the
+    training ids (None when not given) and, with a run_dir, where the run and its checkpoint were written."""
+
+    classifier: Classifier
+    config: TrainConfig
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    train_ids: list[str] | None
+    run_dir: Path | None = None
+    checkpoint: Path | None = None
+
+
+@torch.no_grad()
+def _evaluate(classifier: Classifier, data: Prepared, loss: str, kappa: float,
+              batch_size: int = EVAL_BATCH) -> Evaluation:
+    n_cls = classifier.num_classes
+    correct = torch.zeros(n_cls, dtype=torch.int64)
+    counts = torch.zeros(n_cls, dtype=torch.int64)
+    total_loss = 0.0
+    for idx in torch.arange(len(data)).split(batch_size):
+        logits = classifier.train_logits(data.rows(idx).to(classifier.device, classifier.dtype))
+        y = data.labels[idx]
+        total_loss += float(classification_loss(logits, y.to(logits.device), loss, kappa, reduction="sum"))
+        hit = logits.argmax(-1).cpu() == y
+        counts += torch.bincount(y, minlength=n_cls)
+        correct += torch.bincount(y[hit], minlength=n_cls)
+    per_class = [float(c) / float(m) if m else None for c, m in zip(correct.tolist(), counts.tolist())]
+    n = int(counts.sum())
+    return Evaluation(top1=float(correct.sum()) / n, loss=total_loss / n, per_class=per_class,
+                      counts=counts.tolist(), class_names=list(classifier.class_names))
+
+
+def evaluate(classifier: Classifier, data: FeatureData, *, batch_size: int = EVAL_BATCH, loss: str | None = None,
+             kappa: float | None = None) -> Evaluation:
+    """Top-1, per-class accuracy and loss of `classifier` on cached trunk features `data` (CachedFeatures or
+    (features, labels[, ids])). The loss defaults to the classifier's training loss and κ."""
+    cfg = classifier.train_config
+    examples = Examples(data, "evaluation data")
+    examples.check_labels(classifier.class_names)
+    classifier.eval()
+    return _evaluate(classifier, Prepared(classifier, examples, batch_size), loss or cfg.loss,
+                     cfg.kappa if kappa is None else kappa, batch_size)
+
+
+def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at step s (0-based) of `total_steps`."""
+    if schedule == "cosine":
+        return lambda s: 0.5 * (1.0 + math.cos(math.pi * s / total_steps))
+    if schedule == "step":
+        return lambda s: 0.1 ** ((s >= 0.5 * total_steps) + (s >= 0.75 * total_steps))
+    return lambda s: 1.0
+
+
+def _diverged(config: TrainConfig, value: float, where: str) -> TaftError:
+    lr = config.learning_rate
+    return TaftError(f"training diverged: {where} is {value} (method {config.method}, lr {lr:g}); "
+                     f"use a lower learning rate, e.g. lr={lr / 10:g}")
+
+
+def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val: Prepared | None = None, *,
+               progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+               desc: str | None = None) -> list[dict[str, Any]]:
+    """Train `classifier`'s parameters in place; returns the per-epoch records (also passed to `on_epoch`)."""
+    params = dict(classifier.tail.named_parameters())
+    start = {n: p.detach().clone() for n, p in params.items()} if config.reg > 0 else {}
+    opt = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
+    n = len(train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config.schedule, total))
+    gen = torch.Generator().manual_seed(config.seed)
+    device, dtype = classifier.device, classifier.dtype
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=total, disable=not progress, unit="step",
+               desc=desc or f"{config.method} k={config.tangent_blocks}")
+    try:
+        for epoch in range(1, config.epochs + 1):
+            classifier.train()
+            t0 = time.perf_counter()
+            loss_sum = 0.0
+            for step, idx in enumerate(torch.randperm(n, generator=gen).split(config.batch_size)):
+                x = train.rows(idx).to(device, dtype, non_blocking=True)
+                y = train.labels[idx].to(device, non_blocking=True)
+                loss = classification_loss(classifier.train_logits(x), y, config.loss, config.kappa)
+                if config.reg > 0:
+                    loss = loss + config.reg * proximity(params, start)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise _diverged(config, value, f"the batch loss at epoch {epoch}, step {step + 1}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += value * len(idx)
+                bar.update(1)
+            train_time = time.perf_counter() - t0
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / n,
+                                      "lr": opt.param_groups[0]["lr"], "train_time_s": train_time,
+                                      "examples_per_s": n / train_time if train_time > 0 else None,
+                                      "val_top1": None, "val_loss": None}
+            if val is not None:
+                classifier.eval()
+                ev = _evaluate(classifier, val, config.loss, config.kappa)
+                record.update(val_top1=ev.top1, val_loss=ev.loss)
+            record["wall_time_s"] = time.perf_counter() - t0
+            bar.set_postfix(epoch=epoch, loss=f"{record['train_loss']:.4g}",
+                            **({"val_top1": f"{record['val_top1']:.3f}"} if val is not None else {}))
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:
+        bar.close()
+        classifier.eval()
+    bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+    if bad:
+        raise _diverged(config, math.nan, f"a trained weight ({bad[0]})")
+    return history
+
+
+def _class_names(given: Sequence[str] | None, train: Examples) -> list[str]:
+    if given is not None:
+        return [str(c) for c in given]
+    if train.class_names is None:
+        raise TaftError("class_names are required when the training data is a tensor tuple")
+    return list(train.class_names)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, allow_nan=False)))
+
+
+def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: FeatureData | None = None,
+        class_names: Sequence[str] | None = None, run_dir: str | Path | None = None,
+        device: torch.device | str | None = None, progress: bool = True) -> FitResult:
+    """Train `config.method` on cached trunk features of (backbone, config.tangent_blocks) (see
+    `cache_features`). `train`/`val`: CachedFeatures or (features (n, N, D), labels (n,)[, ids]); class names
+    come from the CachedFeatures unless given. With `run_dir`, writes config.json, metrics.jsonl, metrics.json
+    and checkpoint.safetensors there (see the module doc). Deterministic for a given config and data."""
+    t_start = time.perf_counter()
+    config = config.resolved()
+    tr = Examples(train, "training data")
+    va = Examples(val, "validation data") if val is not None else None
+    names = _class_names(class_names, tr)
+    for ex in (tr, va):
+        if ex is not None:
+            ex.check(backbone, config.tangent_blocks, names)
+    out = Path(run_dir) if run_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", config.to_dict())
+        atomic_write(out / "metrics.jsonl", lambda p: p.write_text(""))
+
+    head_weight = head_bias = None
+    extra: dict[str, Any] = {}
+    if config.head_init == "probe":
+        probe_cfg = replace(config, method="probe", head_init="random", lr=None).resolved()
+        probe = build_classifier(probe_cfg, backbone, names)
+        if device is not None:
+            probe = probe.to(device)
+        hist = train_loop(probe, probe_cfg, Prepared(probe, tr), None, progress=progress, desc="head probe")
+        head_weight, head_bias = probe.tail.head.weight.detach(), probe.tail.head.bias.detach()
+        extra["head_probe"] = {"lr": probe_cfg.learning_rate, "epochs": probe_cfg.epochs,
+                               "final_train_loss": hist[-1]["train_loss"]}
+
+    classifier = build_classifier(config, backbone, names, head_weight=head_weight, head_bias=head_bias)
+    if device is not None:
+        classifier = classifier.to(device)
+    tr_in = Prepared(classifier, tr)
+    va_in = Prepared(classifier, va) if va is not None else None
+
+    def log_epoch(record: dict[str, Any]) -> None:
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    history = train_loop(classifier, config, tr_in, va_in, progress=progress, on_epoch=log_epoch)
+    final = _evaluate(classifier, va_in if va_in is not None else tr_in, config.loss, config.kappa)
+    train_time = sum(r["train_time_s"] for r in history)
+    metrics: dict[str, Any] = {
+        "method": config.method, "tangent_blocks": config.tangent_blocks, "epochs": config.epochs,
+        "steps": config.epochs * math.ceil(len(tr) / config.batch_size), "lr": config.learning_rate,
+        "n_train": len(tr), "n_val": len(va) if va is not None else 0,
+        "eval_split": "val" if va is not None else "train", **final.to_dict(),
+        "final_train_loss": history[-1]["train_loss"], "train_time_s": train_time,
+        "examples_per_s": len(tr) * config.epochs / train_time if train_time > 0 else None,
+        **extra,
+    }
+    checkpoint = None
+    if out is not None:
+        from taft.checkpoint import save_checkpoint  # checkpoint imports this package
+
+        checkpoint = out / CHECKPOINT_NAME
+        save_checkpoint(checkpoint, classifier, train_ids=tr.ids, n_train=len(tr), metrics=metrics)
+    metrics["wall_time_s"] = time.perf_counter() - t_start
+    if out is not None:
+        _write_json(out / "metrics.json", metrics)
+    return FitResult(classifier=classifier, config=config, history=history, metrics=metrics, train_ids=tr.ids,
+                     run_dir=out, checkpoint=checkpoint)

@@ -1,0 +1,148 @@
+"""Checkpoints: round trips for all three methods, small files, and every kind of bad file named clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from reference import random_backbone
+from taft import FingerprintMismatchError, TaftError
+from taft.checkpoint import FORMAT_VERSION, META_KEY, load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from taft.train import TrainConfig, build_classifier, fit
+
+from test_train import CFG, CLASSES, config, separable
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAFT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return random_backbone(CFG, 12, seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def trained(backbone, tmp_path_factory):
+    """A short TAFT run (k = 1) with its checkpoint."""
+    run = tmp_path_factory.mktemp("run")
+    feats, labels, ids = separable(4)
+    return fit(config("taft", epochs=2), backbone, (feats, labels, ids), class_names=CLASSES, run_dir=run,
+               progress=False)
+
+
+def rewrite(src, dst, edit_tensors=None, edit_meta=None):
+    """Copy a checkpoint, changing its tensors and/or metadata."""
+    with safe_open(str(src), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = json.loads(f.metadata()[META_KEY])
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    save_file(tensors, str(dst), metadata={META_KEY: json.dumps(meta)})
+    return dst
+
+
+@pytest.mark.parametrize("method, head_init", [("taft", "random"), ("nlft", "random"), ("probe", "random"),
+                                               ("taft", "probe")])
+def test_round_trip_gives_identical_predictions(backbone, tmp_path, method, head_init):
+    feats, labels, ids = separable(4)
+    result = fit(config(method, epochs=2, head_init=head_init), backbone, (feats, labels, ids), class_names=CLASSES,
+                 run_dir=tmp_path, progress=False)
+    clf, meta = load_checkpoint(result.checkpoint, backbone)
+    images = torch.randn(5, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(clf(images), result.classifier(images))
+        assert torch.equal(clf.logits(feats), result.classifier.logits(feats))
+    assert clf.method == method and clf.class_names == CLASSES and clf.fingerprint == result.classifier.fingerprint
+    assert meta["method"] == method and meta["format_version"] == FORMAT_VERSION
+    assert meta["data"]["ids"] == ids and meta["data"]["count"] == len(ids) and len(meta["data"]["ids_sha256"]) == 64
+    assert meta["preprocess"]["image_size"] == [12, 12] and meta["backbone"] == backbone.name
+    assert TrainConfig.from_dict(meta["train_config"]) == result.config
+    assert {"taft", "torch"} <= set(meta["versions"]) and meta["created"]
+    assert meta["metrics"]["top1"] == result.metrics["top1"]
+    assert read_checkpoint_metadata(result.checkpoint)["fingerprint"] == clf.fingerprint
+
+
+def test_checkpoint_holds_only_what_was_trained(trained, backbone):
+    with safe_open(str(trained.checkpoint), framework="pt") as f:
+        names = set(f.keys())
+    assert names == set(trained.classifier.trained_state_dict()) | {"w0.head.weight", "w0.head.bias"}
+    assert not any(n.startswith(("blocks.0.", "blocks.1.", "patch_embed", "pos_embed")) for n in names)
+    backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
+    assert trained.checkpoint.stat().st_size < 0.5 * backbone_bytes  # k = 1 of 3 blocks
+
+
+def test_corrupt_and_truncated_files(trained, tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x13 not a safetensors file" * 10)
+    with pytest.raises(TaftError, match="not a valid safetensors file, corrupt or truncated"):
+        load_checkpoint(garbage)
+    data = trained.checkpoint.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TaftError, match="corrupt or truncated"):
+        load_checkpoint(truncated)
+    with pytest.raises(TaftError, match="no checkpoint file"):
+        load_checkpoint(tmp_path / "absent.safetensors")
+
+
+def test_not_a_taft_checkpoint_and_unknown_version(trained, backbone, tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(plain))
+    with pytest.raises(TaftError, match="is not a taft checkpoint"):
+        load_checkpoint(plain, backbone)
+    future = rewrite(trained.checkpoint, tmp_path / "v99.safetensors",
+                     edit_meta=lambda m: m.update(format_version=99))
+    with pytest.raises(TaftError, match="format version 99; this taft .* reads version 1"):
+        load_checkpoint(future, backbone)
+
+
+def test_other_backbone_is_refused_naming_the_wanted_one(trained, tmp_path):
+    other = random_backbone(CFG, 12, seed=1, dtype=torch.float32)
+    with pytest.raises(FingerprintMismatchError, match="trained on backbone 'random-0' .* not on 'random-1'"):
+        load_checkpoint(trained.checkpoint, other)
+    with pytest.raises(TaftError, match="needs backbone 'random-0', which cannot be loaded"):
+        load_checkpoint(trained.checkpoint)  # the name is not a registry name or a file
+
+
+def test_changed_base_head_is_a_fingerprint_mismatch(trained, backbone, tmp_path):
+    bad = rewrite(trained.checkpoint, tmp_path / "w0.safetensors",
+                  edit_tensors=lambda t: t["w0.head.weight"].mul_(2))
+    with pytest.raises(FingerprintMismatchError, match="other base weights"):
+        load_checkpoint(bad, backbone)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.pop("blocks.2.attn.qkv.weight"), r"missing \['blocks.2.attn.qkv.weight'\]"),
+    (lambda t: t.update(extra=torch.zeros(3)), r"unexpected \['extra'\]"),
+    (lambda t: t.update({"norm.bias": torch.zeros(7)}), r"wrong shapes .*norm.bias: \(7,\) != \(32,\)"),
+    (lambda t: t["head.weight"].view(-1).__setitem__(3, float("nan")), r"NaN or infinite values in \['head.weight'\]"),
+    (lambda t: t.pop("w0.head.bias"), r"missing tensors \['w0.head.bias'\]"),
+])
+def test_bad_tensors_are_named(trained, backbone, tmp_path, edit, match):
+    bad = rewrite(trained.checkpoint, tmp_path / "bad.safetensors", edit_tensors=edit)
+    with pytest.raises(TaftError, match=match):
+        load_checkpoint(bad, backbone)
+
+
+def test_errors_are_one_line(trained, backbone, tmp_path):
+    bad = rewrite(trained.checkpoint, tmp_path / "bad.safetensors", edit_tensors=lambda t: t.pop("head.bias"))
+    with pytest.raises(TaftError) as info:
+        load_checkpoint(bad, backbone)
+    assert "\n" not in str(info.value)
+
+
+def test_save_without_ids_and_preprocess_from_checkpoint(backbone, tmp_path):
+    clf = build_classifier(TrainConfig(method="probe"), backbone, CLASSES)
+    path = save_checkpoint(tmp_path / "c.safetensors", clf, train_ids=None, n_train=17)
+    meta = read_checkpoint_metadata(path)
+    assert meta["data"] == {"count": 17, "ids_sha256": None, "ids": None}
+    loaded, _ = load_checkpoint(path, backbone)
+    assert loaded.preprocess == backbone.preprocess

@@ -1,0 +1,238 @@
+"""Training: all three methods on cached trunk features, the convexity of TAFT's loss, determinism, run files,
+evaluation, bad input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from reference import random_backbone
+from taft import TaftError
+from taft.backbones.vit import ViTConfig
+from taft.data import ImageDataset, ImageRecord
+from taft.data.images import ArrayImage
+from taft.train import (Examples, TrainConfig, build_classifier, cache_features, classification_loss, evaluate, fit,
+                        lr_factor)
+
+CFG = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3)
+CLASSES = ["a", "b", "c", "d"]
+LR = {"taft": 1e-2, "nlft": 1e-2, "probe": 3e-2}  # the tiny random backbone takes larger steps than ViT-S
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAFT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return random_backbone(CFG, 12, seed=0, dtype=torch.float32)
+
+
+def separable(n_per_class: int = 12, seed: int = 0, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Trunk-feature-like tokens: a class-specific mean pattern plus small noise."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(len(CLASSES), tokens, CFG.dim, generator=torch.Generator().manual_seed(123))
+    labels = torch.arange(len(CLASSES)).repeat_interleave(n_per_class)
+    feats = centres[labels] + 0.3 * torch.randn(len(labels), tokens, CFG.dim, generator=gen)
+    return feats, labels, [f"ex{i:03d}" for i in range(len(labels))]
+
+
+def config(method: str, **kw) -> TrainConfig:
+    return TrainConfig(method=method, lr=kw.pop("lr", LR[method]), epochs=kw.pop("epochs", 6), batch_size=8, **kw)
+
+
+def test_config_json_round_trip_and_defaults():
+    cfg = TrainConfig(method="nlft", tangent_blocks=2, loss="ce", reg=0.1, schedule="step", seed=3)
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.lr is None and cfg.learning_rate == 1e-4 and cfg.resolved().lr == 1e-4
+    assert TrainConfig(method="probe").learning_rate == 1e-2
+    assert TrainConfig.from_json(cfg.resolved().to_json()) == cfg.resolved()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"method": "lora"}, "method must be one of"), ({"loss": "hinge"}, "loss must be one of"),
+    ({"lr": float("nan")}, "lr must be a finite number"), ({"lr": float("inf")}, "lr must be a finite"),
+    ({"lr": -1.0}, "lr must be"), ({"kappa": 0}, "kappa"), ({"reg": -0.1}, "reg"), ({"batch_size": 0}, "batch_size"),
+    ({"epochs": 1.5}, "epochs"), ({"tangent_blocks": 0}, "tangent_blocks"), ({"schedule": "linear"}, "schedule"),
+    ({"method": "probe", "head_init": "probe"}, "head_init='probe' applies"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(TaftError, match=match):
+        TrainConfig(**bad)
+
+
+def test_config_rejects_unknown_keys_and_bad_json():
+    with pytest.raises(TaftError, match="unknown training config keys \\['learning_rat'\\]"):
+        TrainConfig.from_dict({"learning_rat": 1e-3})
+    with pytest.raises(TaftError, match="not valid JSON"):
+        TrainConfig.from_json("{method:")
+
+
+@pytest.mark.parametrize("method", ["taft", "nlft", "probe"])
+def test_each_method_decreases_the_loss(backbone, method):
+    feats, labels, ids = separable()
+    result = fit(config(method, epochs=8), backbone, (feats, labels, ids), class_names=CLASSES, progress=False)
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert result.metrics["eval_split"] == "train" and result.metrics["top1"] >= 0.9
+    assert result.train_ids == ids
+
+
+def test_methods_share_w0_and_start_from_the_same_function(backbone):
+    feats, _, _ = separable(2)
+    cfg = TrainConfig(head_seed=5)
+    clfs = {m: build_classifier(replace(cfg, method=m), backbone, CLASSES) for m in ("taft", "nlft", "probe")}
+    w0 = clfs["taft"].head_weight0
+    assert torch.count_nonzero(w0) == w0.numel()  # a random head, never zero
+    with torch.no_grad():
+        ref = clfs["taft"].logits(feats)
+        for m in ("nlft", "probe"):
+            assert torch.equal(clfs[m].head_weight0, w0)
+            torch.testing.assert_close(clfs[m].logits(feats), ref, rtol=1e-5, atol=1e-5)
+    # parameters are exactly what each method trains
+    names = {m: set(c.trained_state_dict()) for m, c in clfs.items()}
+    assert names["probe"] == {"head.weight", "head.bias"}
+    assert names["taft"] == names["nlft"] and "blocks.2.attn.qkv.weight" in names["taft"]
+    assert not any(n.startswith("blocks.1.") for n in names["taft"])
+    assert all(torch.count_nonzero(t) == 0 for t in clfs["taft"].trained_state_dict().values())  # Δw = 0
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_taft_loss_is_convex_along_random_lines(loss):
+    bb = random_backbone(CFG, 12, seed=1, dtype=torch.float64)
+    clf = build_classifier(TrainConfig(method="taft", tangent_blocks=2, loss=loss), bb, CLASSES)
+    feats, labels, _ = separable(3, seed=1)
+    feats = feats.double()
+    gen = torch.Generator().manual_seed(7)
+    shapes = {n: t.shape for n, t in clf.trained_state_dict().items()}
+
+    def objective(delta: dict[str, torch.Tensor]) -> float:
+        clf.load_trained_state_dict(delta)
+        with torch.no_grad():
+            return float(classification_loss(clf.logits(feats), labels, loss, 15.0))
+
+    for _ in range(3):
+        d1 = {n: 0.5 * torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+        d2 = {n: 0.5 * torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+        l1, l2 = objective(d1), objective(d2)
+        for t in (0.1, 0.25, 0.5, 0.75, 0.9):
+            mid = objective({n: (1 - t) * d1[n] + t * d2[n] for n in shapes})
+            assert mid <= (1 - t) * l1 + t * l2 + 1e-9 * max(1.0, l1, l2), (t, mid, l1, l2)
+
+
+def test_same_seed_is_bitwise_identical_and_another_seed_differs(backbone):
+    data = separable()[:2]
+    cfg = config("taft", epochs=2)
+    a = fit(cfg, backbone, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
+    b = fit(cfg, backbone, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
+    c = fit(replace(cfg, seed=1), backbone, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_regularizer_pulls_towards_the_start(backbone):
+    data = separable()[:2]
+    norms = {}
+    for reg in (0.0, 10.0):
+        sd = fit(config("taft", epochs=3, reg=reg), backbone, data, class_names=CLASSES,
+                 progress=False).classifier.trained_state_dict()
+        norms[reg] = sum(float(t.pow(2).sum()) for t in sd.values())
+    assert norms[10.0] < norms[0.0]
+
+
+def test_divergence_stops_with_a_clear_error(backbone):
+    data = separable()[:2]
+    with pytest.raises(TaftError, match=r"training diverged: .* lower learning rate"):
+        fit(config("taft", lr=1e30, epochs=3), backbone, data, class_names=CLASSES, progress=False)
+
+
+def test_schedules():
+    cos, step, const = (lr_factor(s, 100) for s in ("cosine", "step", "constant"))
+    assert cos(0) == 1.0 and 0 < cos(99) < 1e-3 and abs(cos(50) - 0.5) < 1e-12
+    assert (step(49), step(50), step(75)) == (1.0, 0.1, pytest.approx(0.01)) and const(99) == 1.0
+
+
+def test_evaluation_per_class_accuracy_on_a_hand_made_example(backbone):
+    clf = build_classifier(TrainConfig(method="taft"), backbone, CLASSES)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    preds = torch.tensor([0, 0, 1, 1, 0, 2])
+    feats = torch.zeros(6, 10, CFG.dim)
+    feats[:, 0, 0] = preds.float()  # the fake tail below reads its prediction from here
+    clf.train_logits = lambda x: 10.0 * torch.nn.functional.one_hot(x[:, 0, 0].long(), 4).float()
+    ev = evaluate(clf, (feats, labels), batch_size=4)
+    assert ev.top1 == pytest.approx(4 / 6)
+    assert ev.per_class == [pytest.approx(2 / 3), 0.5, 1.0, None] and ev.counts == [3, 2, 1, 0]
+    # mse, κ = 15, mean over 4 classes: right (10 − 15)²/4 = 6.25, wrong (10² + 15²)/4 = 81.25
+    assert ev.loss == pytest.approx((4 * 6.25 + 2 * 81.25) / 6)
+    d = ev.to_dict()
+    assert d["per_class_accuracy"]["d"] is None and d["n"] == 6
+
+
+def synthetic_images(n_per_class: int = 6) -> ImageDataset:
+    """12 px RGB images whose colour depends on the class (separable), ids 'img/<i>'."""
+    rng = np.random.default_rng(0)
+    colours = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]])
+    labels = np.repeat(np.arange(4), n_per_class)
+    arr = np.clip(colours[labels][:, None, None, :] + rng.integers(-20, 20, (len(labels), 12, 12, 3)), 0, 255)
+    arr = arr.astype(np.uint8)
+    records = [ImageRecord(f"img/{i:03d}", int(y), ArrayImage(arr, i)) for i, y in enumerate(labels)]
+    return ImageDataset(records, CLASSES, random_backbone(CFG, 12).preprocess, source_digest="synthetic-v1")
+
+
+def test_fit_on_cached_features_writes_the_run_files(backbone, tmp_path):
+    ds = synthetic_images()
+    cf = cache_features(ds, backbone, 1, progress=False)
+    cfg = config("taft", epochs=3)
+    result = fit(cfg, backbone, cf, val=cf, run_dir=tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert TrainConfig.from_json((run / "config.json").read_text()) == cfg.resolved()
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert {"train_loss", "val_top1", "val_loss", "wall_time_s", "examples_per_s", "lr"} <= set(lines[0])
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["eval_split"] == "val" and final["epochs"] == 3 and set(final["per_class_accuracy"]) == set(CLASSES)
+    assert final["top1"] == result.metrics["top1"] and final["wall_time_s"] > 0 and final["examples_per_s"] > 0
+    assert result.checkpoint == run / "checkpoint.safetensors" and result.checkpoint.is_file()
+    assert result.train_ids == ds.ids
+    # features from the images equal the cached ones, so predictions from images match
+    images = torch.stack([ds[i][0] for i in range(4)])
+    with torch.no_grad():
+        torch.testing.assert_close(result.classifier(images), result.classifier.logits(cf.as_tensors()[0][:4]))
+
+
+def test_features_cached_for_another_trunk_are_refused(backbone):
+    cf = cache_features(synthetic_images(2), backbone, 2, progress=False)
+    with pytest.raises(TaftError, match="cached features are for k=2 .* this run uses k=1"):
+        fit(config("taft"), backbone, cf, progress=False)
+    other = random_backbone(CFG, 12, seed=3, dtype=torch.float32)
+    with pytest.raises(TaftError, match="another backbone"):
+        fit(config("taft", tangent_blocks=2), other, cf, progress=False)
+
+
+def test_bad_training_data_is_named(backbone):
+    feats, labels, _ = separable(2)
+    with pytest.raises(TaftError, match="labels must be in \\[0, 4\\)"):
+        fit(config("taft"), backbone, (feats, labels + 1), class_names=CLASSES, progress=False)
+    with pytest.raises(TaftError, match="width 16"):
+        fit(config("taft"), backbone, (feats[..., :16], labels), class_names=CLASSES, progress=False)
+    with pytest.raises(TaftError, match="8 feature rows but 7 labels"):
+        Examples((feats, labels[:7]))
+    with pytest.raises(TaftError, match="class_names are required"):
+        fit(config("taft"), backbone, (feats, labels), progress=False)
+    clf = build_classifier(TrainConfig(), backbone, CLASSES)
+    with pytest.raises(TaftError, match="evaluation data: labels must be in"):
+        evaluate(clf, (feats, labels + 4))
+
+
+def test_head_init_probe(backbone):
+    feats, labels, ids = separable()
+    result = fit(config("taft", head_init="probe", epochs=3), backbone, (feats, labels, ids), class_names=CLASSES,
+                 progress=False)
+    random_w0 = build_classifier(TrainConfig(), backbone, CLASSES).head_weight0
+    assert not torch.equal(result.classifier.head_weight0, random_w0)
+    assert result.metrics["head_probe"]["lr"] == 1e-2
