@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="probe / NLFT / TAFT side by side on a Fashion-MNIST subset (~5 min on 2 cores)")
-    p.add_argument("--train-per-class", type=int, default=200, help="training images per class (default 200)")
-    p.add_argument("--test-per-class", type=int, default=100, help="test images per class (default 100)")
+    p.add_argument("--train-per-class", type=int, default=500, help="training images per class (default 500)")
+    p.add_argument("--test-per-class", type=int, default=200, help="test images per class (default 200)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per method (default 10)")
     p.add_argument("--image-size", type=int, default=56, help="input side in pixels (default 56)")
     p.add_argument("-k", "--k", type=int, default=1, help="blocks fine-tuned by NLFT and TAFT (default 1)")

@@ -18,7 +18,7 @@ from taft.train import TrainConfig, cache_features, evaluate, fit
 DEMO_METHODS = ("probe", "nlft", "taft")
 
 
-def run_demo(train_per_class: int = 200, test_per_class: int = 100, epochs: int = 10, image_size: int = 56,
+def run_demo(train_per_class: int = 500, test_per_class: int = 200, epochs: int = 10, image_size: int = 56,
              tangent_blocks: int = 1, out: Path = Path("runs/demo"), data_dir: Path | None = None) -> dict:
     """Train the three methods on the same cached features and print their test accuracy; returns the summary."""
     t0 = time.perf_counter()
