@@ -10,7 +10,9 @@ Metadata: one JSON object under the safetensors metadata key "taft":
     (the model's: `TangentModel.fingerprint` for taft, a hash of backbone + k + pooling + w0_head for nlft and
     probe), tangent_blocks, pooling, class_names, preprocess (`ImagePreprocess.to_dict()`), train_config,
     data {count, ids_sha256, ids} (the training example ids, in training-data order), metrics (optional),
-    versions {taft, torch, safetensors}, created (ISO time).
+    versions {taft, torch, safetensors}, created (ISO time), and for a DP-SGD run privacy (the privacy ledger,
+    `taft.privacy.PrivacyLedger.to_dict()`: mechanism, ε, δ, σ, q, steps, C, accountant, n, library versions,
+    notes on what the guarantee does not cover).
 
 `load_checkpoint` checks everything and names any problem in a one-line `TaftError`
 (`FingerprintMismatchError` when the backbone or base weights differ).
@@ -58,11 +60,12 @@ def ids_digest(ids: Sequence[str]) -> str:
 
 
 def save_checkpoint(path: str | Path, classifier: Classifier, *, train_ids: Sequence[str] | None,
-                    n_train: int | None = None, metrics: dict[str, Any] | None = None) -> Path:
+                    n_train: int | None = None, metrics: dict[str, Any] | None = None,
+                    privacy: dict[str, Any] | None = None) -> Path:
     """Write `classifier`'s trained tensors and metadata to `path` atomically; returns the path.
 
     `train_ids`: the ids of the training examples (kept for forgetting); None when unknown, then `n_train`
-    gives the count."""
+    gives the count. `privacy`: the privacy ledger of a private run (stored under the metadata key "privacy")."""
     path = Path(path)
     ids = None if train_ids is None else [str(i) for i in train_ids]
     data: dict[str, Any] = {"count": len(ids) if ids is not None else n_train,
@@ -79,6 +82,8 @@ def save_checkpoint(path: str | Path, classifier: Classifier, *, train_ids: Sequ
         "versions": {"taft": taft.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if privacy is not None:
+        meta["privacy"] = privacy
     tensors = {name: t.detach().cpu().contiguous() for name, t in classifier.trained_state_dict().items()}
     tensors[f"{BASE_PREFIX}head.weight"] = classifier.head_weight0.detach().cpu().clone()
     tensors[f"{BASE_PREFIX}head.bias"] = classifier.head_bias0.detach().cpu().clone()

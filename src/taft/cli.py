@@ -46,12 +46,36 @@ def open_dataset(args: argparse.Namespace, preprocess, split: str | None = None)
     return ds
 
 
+# ----------------------------------------------------------------------------------------- privacy arguments
+def add_dp_args(p: argparse.ArgumentParser) -> None:
+    """DP-SGD options (read back with `taft.privacy.dp_config_from_args`), shared by the training commands."""
+    g = p.add_argument_group("differential privacy (DP-SGD: Poisson sampling, per-example clipping, Gaussian noise)")
+    g.add_argument("--dp", action="store_true", help="train with DP-SGD; the privacy ledger goes into the checkpoint")
+    g.add_argument("--epsilon", type=float, help="target ε: the noise multiplier is calibrated to spend at most this")
+    g.add_argument("--delta", type=float, help="δ of the (ε, δ) guarantee, below 1/n (e.g. 1e-5); required with --dp")
+    g.add_argument("--clip", type=float, default=1.0, help="per-example gradient L2 clipping norm C (default 1.0)")
+    g.add_argument("--noise-multiplier", type=float, metavar="SIGMA",
+                   help="noise std in units of C, instead of --epsilon (the ε spent is then reported)")
+    g.add_argument("--accountant", choices=["prv", "rdp"], default="prv",
+                   help="privacy accountant (Opacus): prv, tight (default), or rdp, a looser bound")
+    g.add_argument("--expected-batch-size", type=int, metavar="B",
+                   help="expected Poisson batch size, sample rate q = B/n (default --batch-size)")
+    g.add_argument("--dp-chunk-size", type=int, default=32, metavar="N",
+                   help="examples per per-example-gradient pass; bounds memory (default 32)")
+    g.add_argument("--dp-seed", type=int, help="seed the sampling and the noise (reproducible runs; anyone who "
+                                               "knows it can undo the noise; default: a fresh secret seed)")
+
+
 # ------------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> None:
     from taft.backbones import load_backbone
     from taft.data import split_dataset
+    from taft.privacy import dp_config_from_args
     from taft.train import TrainConfig, cache_features, fit
 
+    dp = dp_config_from_args(args)
+    if dp is not None and args.head_init == "probe":
+        raise TaftError("--head-init probe fits a probe on the private data without noise: not allowed with --dp")
     config = TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
                          lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
                          seed=args.seed, head_seed=args.head_seed, head_init=args.head_init, pooling=args.pooling)
@@ -71,12 +95,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     progress = not args.quiet
     train_f = cache_features(train_ds, backbone, args.k, dtype=dtype, progress=progress)
     val_f = cache_features(val_ds, backbone, args.k, dtype=dtype, progress=progress) if val_ds is not None else None
-    result = fit(config, backbone, train_f, val=val_f, run_dir=out, progress=progress)
+    result = fit(config, backbone, train_f, val=val_f, run_dir=out, progress=progress, dp=dp)
     m = result.metrics
     where = "validation" if val_f is not None else "training"
     print(f"{args.method} k={args.k}: {where} top-1 {100 * m['top1']:.2f}% on {m['n']} examples, "
           f"{m['train_time_s']:.1f} s training ({m['examples_per_s']:.0f} examples/s)")
     print(f"run directory: {out}  (config.json, metrics.jsonl, metrics.json, checkpoint.safetensors)")
+    if result.privacy is not None:
+        from taft.privacy import describe
+
+        print(f"privacy: {describe(result.privacy)}")
 
 
 def _cache_dtype(name: str):
@@ -169,7 +197,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         m = meta["metrics"]
         print(f"metrics      top-1 {100 * m.get('top1', float('nan')):.2f}% ({m.get('eval_split')}), "
               f"train {m.get('train_time_s', float('nan')):.1f} s")
-    for key in ("privacy", "versions", "created"):
+    if "privacy" in meta:
+        from taft.privacy import describe
+
+        print(f"privacy      {describe(meta['privacy'])}")
+    for key in ("versions", "created"):
         if key in meta:
             print(f"{key:<12} {meta[key]}")
 
@@ -198,6 +230,256 @@ def cmd_backbones(args: argparse.Namespace) -> None:
         except TaftError as e:
             state = f"missing ({e})"
         print(f"{name}: {what} [{state}]")
+
+
+# ------------------------------------------------------------------------------------------- shards and store
+def cmd_shards_train(args: argparse.Namespace) -> None:
+    """Train a model store: K shards in parallel on one trunk-feature cache entry, composed."""
+    from taft.backbones import load_backbone
+    from taft.store import ModelStore, create_store
+    from taft.train import TrainConfig, cache_features
+
+    config = TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
+                         lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
+                         seed=args.seed, head_seed=args.head_seed, pooling=args.pooling)
+    backbone = load_backbone(args.backbone, image_size=args.image_size)
+    dataset = open_dataset(args, backbone.preprocess)
+    features = cache_features(dataset, backbone, args.k, dtype=_cache_dtype(args.cache_dtype),
+                              progress=not args.quiet)
+    plan = _shards_plan_from(args.plan_from, features.ids) if args.plan_from is not None else None
+    threads = args.threads
+    if threads is None and args.plan_from is not None and (args.plan_from / "manifest.json").is_file():
+        threads = json.loads((args.plan_from / "manifest.json").read_text())["threads"]  # same float summation
+    source = {"data": str(args.data.resolve()) if args.data is not None else None, "dataset": args.dataset,
+              "data_dir": str(args.data_dir.resolve()) if args.data_dir is not None else None, "split": args.split,
+              "per_class": args.per_class, "skip_corrupt": args.skip_corrupt, "image_size": args.image_size,
+              "cache_dtype": args.cache_dtype}
+    create_store(args.store, features, backbone, config, shards=None if plan is not None else args.shards,
+                 plan=plan, plan_kind=args.plan, executor=args.executor, workers=args.workers, threads=threads,
+                 ray_address=args.ray_address, retries=args.retries, weighting=args.weighting, source=source,
+                 progress=not args.quiet)
+    info = ModelStore(args.store).info()
+    trained = [s["index"] for s in info["shards"] if s["status"] == "trained"]
+    print(f"store {args.store}: {len(trained)} of {info['plan']['k']} shards trained on {info['plan']['n']} "
+          f"examples ({args.method} k={args.k}); composed model: {args.store / 'composed.safetensors'}")
+
+
+def _shards_plan_from(path: Path, data_ids):
+    """A shard plan from a plan JSON file or a store directory, restricted to the ids present in the data."""
+    from taft.store import ShardPlan, load_manifest
+    from taft.store.layout import StoreLayout, read_json
+
+    if path.is_dir():
+        plan = ShardPlan.from_dict(load_manifest(StoreLayout(path))["plan"])
+    else:
+        d = read_json(path, "shard plan file")
+        plan = ShardPlan.from_dict(d.get("plan", d) if isinstance(d, dict) else d)
+    return plan.without(set(plan.ids) - set(data_ids))
+
+
+def _shards_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise TaftError(f"--shards takes shard indices separated by commas, e.g. 0,2,5; got {text!r}") from e
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    from taft.store import ModelStore, compose_store
+
+    path = compose_store(args.store, weighting=args.weighting, shards=_shards_list(args.shards), out=args.out)
+    if args.out is None:
+        c = ModelStore(args.store).manifest["composed"]
+        print(f"composed shards {c['shards']} ({ModelStore(args.store).manifest['composition']['weighting']}) "
+              f"into {path} (sha256 {c['sha256'][:16]}…)")
+    else:
+        print(f"wrote {path}")
+
+
+def _store_features(store: Path, quiet: bool):
+    """The store's training features: its cache entry, else recomputed from the data source it recorded."""
+    from taft.backbones import load_backbone
+    from taft.store import ModelStore
+    from taft.store.forget import training_features
+    from taft.train import cache_features
+
+    m = ModelStore(store).manifest
+    try:
+        return training_features(m, None)
+    except TaftError:
+        src = (m["data"] or {}).get("source")
+        if not src:
+            raise
+    backbone = load_backbone(m["backbone"], image_size=tuple(m["preprocess"]["image_size"]))
+    if backbone.fingerprint != m["backbone_fingerprint"]:
+        raise TaftError(f"backbone {m['backbone']!r} now has other weights than the store was trained with")
+    ns = argparse.Namespace(data=Path(src["data"]) if src["data"] else None, dataset=src["dataset"],
+                            data_dir=Path(src["data_dir"]) if src["data_dir"] else None, split=src["split"],
+                            per_class=src["per_class"], skip_corrupt=src["skip_corrupt"])
+    dataset = open_dataset(ns, backbone.preprocess)
+    return cache_features(dataset, backbone, m["tangent_blocks"], dtype=_cache_dtype(src["cache_dtype"]),
+                          progress=not quiet)
+
+
+def cmd_forget(args: argparse.Namespace) -> None:
+    from taft.store import forget, read_ids
+
+    ids = read_ids(args.ids)
+    features = _store_features(args.store, args.quiet) if args.mode == "retrain" else None
+    r = forget(args.store, ids, args.mode, features=features, executor=args.executor, workers=args.workers,
+               ray_address=args.ray_address, retries=args.retries, progress=not args.quiet)
+    if r.noop:
+        print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
+        return
+    what = "dropped" if r.mode == "drop" else "retrained"
+    print(f"forgot {len(r.forgotten)} ids ({len(r.already)} already forgotten); {what} shards {r.shards}; "
+          f"composed sha256 {r.composed_sha256[:16] + '…' if r.composed_sha256 else 'none (no shard left)'}"
+          + ("; completed an interrupted forget" if r.resumed else ""))
+
+
+def cmd_store_verify(args: argparse.Namespace) -> None:
+    from taft.store import verify
+
+    report = verify(args.store, repair=args.repair)
+    for line in report.lines():
+        print(line)
+    if not report.ok:
+        raise TaftError(f"store {args.store} has {len(report.problems)} problem(s)"
+                        + ("" if args.repair else "; see above, or run with --repair"))
+
+
+def cmd_store_info(args: argparse.Namespace) -> None:
+    from taft.store import ModelStore
+
+    info = ModelStore(args.store).info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    cfg = info["train_config"]
+    print(f"store        {info['store']} (generation {info['generation']}, updated {info['updated']})")
+    print(f"model        {info['method']} k={info['tangent_blocks']} on {info['backbone']} "
+          f"(fingerprint {info['fingerprint'][:16]}…)")
+    print(f"classes      {len(info['class_names'])}: {', '.join(info['class_names'][:12])}")
+    print(f"training     {', '.join(f'{k}={v}' for k, v in sorted(cfg.items()))}; threads {info['threads']}")
+    p = info["plan"]
+    print(f"plan         {p['kind']}, {p['k']} shards, seed {p['seed']}, {p['n']} examples")
+    for s in info["shards"]:
+        print(f"  shard {s['index']:>3}  {s['status']:<8} n={s['n']:<6} seed={s['seed']:<11} "
+              f"{s['file'] or '-'}")
+    c = info["composition"]
+    print(f"composition  {c['weighting']}, shards {c['members']}" + (" (subset)" if c.get("subset") else ""))
+    comp = info["composed"]
+    print(f"composed     {comp['file']} sha256 {comp['sha256'][:16]}… ({comp['n']} examples)" if comp
+          else "composed     none")
+    print(f"forgotten    {info['forgotten']} ids; audit log {info['audit_entries']} entries")
+    if info["pending"]:
+        print(f"pending      interrupted {info['pending']} (taft store resume {args.store})")
+
+
+def cmd_store_resume(args: argparse.Namespace) -> None:
+    from taft.store import resume
+
+    features = None
+    if (args.store / "manifest.json").exists() and (args.store / "pending.json").exists():
+        pending = json.loads((args.store / "pending.json").read_text())
+        if pending.get("op") == "forget" and pending["request"].get("mode") == "retrain":
+            features = _store_features(args.store, args.quiet)
+    print(resume(args.store, features=features, executor=args.executor, workers=args.workers,
+                 progress=not args.quiet))
+
+
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    from taft.parallel import EXECUTORS
+
+    p.add_argument("--executor", choices=EXECUTORS,
+                   help="process: local process pool (default when several shards train); inline: in this process; "
+                        "ray: Ray tasks (pip install 'taft-torch[ray]')")
+    p.add_argument("--workers", type=int, help="process pool size (default min(shards, CPU cores))")
+    p.add_argument("--ray-address", help="address of a running Ray cluster (default: start Ray locally)")
+    p.add_argument("--retries", type=int, default=1, help="extra attempts for a failed shard (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_store_parsers(sub) -> None:
+    from taft.store import PLAN_KINDS, WEIGHTINGS
+    from taft.train.config import DEFAULT_LR
+
+    p = sub.add_parser("shards", help="train a model store of K shards in parallel")
+    shards_sub = p.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
+    p = shards_sub.add_parser(
+        "train", help="train K shards in parallel into a model store and compose them",
+        description="Split the data into K shards (seeded, stratified), train one Δw per shard on the shared "
+                    "trunk-feature cache, compose them, and write a model store (manifest.json, shards/, "
+                    "composed.safetensors, forgotten.json, audit.jsonl).")
+    add_data_args(p, "train")
+    p.add_argument("--store", type=Path, required=True, help="new (or empty) store directory")
+    p.add_argument("--shards", type=int, default=4, help="number of shards K (default 4)")
+    p.add_argument("--plan", choices=PLAN_KINDS, default="random",
+                   help="random: class-stratified balanced shards (default); class: whole classes per shard")
+    p.add_argument("--plan-from", type=Path, metavar="FILE_OR_STORE",
+                   help="reuse the shard plan of a store (or a plan JSON), restricted to the data's ids; a store's "
+                        "--threads too (rebuild a store without forgotten ids)")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="composition weights (default uniform)")
+    p.add_argument("--threads", type=int, help="torch threads per shard (default max(1, cores // workers)); part of "
+                                               "the recipe: retraining reuses it")
+    _add_executor_args(p)
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                   help=f"registry name or local weights path (default {DEFAULT_BACKBONE})")
+    p.add_argument("--image-size", type=int, default=112, help="input side in pixels (default 112)")
+    p.add_argument("--method", choices=["taft", "probe"], default="taft",
+                   help="taft (default) or probe: composition is exact only for models linear in their weights")
+    p.add_argument("-k", "--k", type=int, default=1, help="number of last blocks fine-tuned (default 1)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over each shard's data (default 10)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: "
+                   + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items() if m != "nlft") + ")")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    p.add_argument("--loss", choices=["mse", "ce"], default="mse", help="mse (default) or ce")
+    p.add_argument("--kappa", type=float, default=15.0, help="target scale of the mse loss (default 15)")
+    p.add_argument("--reg", type=float, default=0.0, help="weight of the proximity penalty")
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
+                   help="learning-rate schedule (default cosine)")
+    p.add_argument("--seed", type=int, default=0, help="store seed: shard plan and each shard's data order "
+                                                      "(default 0)")
+    p.add_argument("--head-seed", type=int, default=0, help="seed of the shared random base head w0 (default 0)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="token pooling (default cls)")
+    p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
+                   help="precision of the trunk-feature cache (default float32)")
+    p.set_defaults(func=cmd_shards_train)
+
+    p = sub.add_parser("compose", help="compose a store's shards (uniform, by size, or a subset)")
+    p.add_argument("store", type=Path)
+    p.add_argument("--weighting", choices=WEIGHTINGS, help="uniform or size (default: the store's current)")
+    p.add_argument("--shards", help="compose only these shards, e.g. 0,2,5 (default: all trained shards)")
+    p.add_argument("--out", type=Path, help="write the composed checkpoint here and leave the store unchanged")
+    p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("forget", help="remove example ids from a store (drop or retrain their shards)")
+    p.add_argument("store", type=Path)
+    p.add_argument("--ids", type=Path, required=True, help="file of ids: one per line, or a JSON list")
+    p.add_argument("--mode", choices=["drop", "retrain"], required=True,
+                   help="drop: remove the shards holding the ids from the composition (no training); retrain: "
+                        "retrain only those shards without the ids")
+    _add_executor_args(p)
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("store", help="inspect, verify or repair a model store")
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
+    p = store_sub.add_parser("verify", help="check a store against its manifest (and repair it)")
+    p.add_argument("store", type=Path)
+    p.add_argument("--repair", action="store_true", help="fix what needs no training: finish a committed "
+                   "operation, recompute the composed model, rewrite forgotten.json, cut a torn audit line, remove "
+                   "unreferenced files")
+    p.set_defaults(func=cmd_store_verify)
+    p = store_sub.add_parser("info", help="what a store holds")
+    p.add_argument("store", type=Path)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_store_info)
+    p = store_sub.add_parser("resume", help="complete an interrupted store operation")
+    p.add_argument("store", type=Path)
+    _add_executor_args(p)
+    p.set_defaults(func=cmd_store_resume)
 
 
 # ------------------------------------------------------------------------------------------------------ parser
@@ -244,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (default runs/<method>-k<k>-seed<seed>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory's results")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dp_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy of a checkpoint on labelled data")
@@ -276,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backbones", help="list the bundled pretrained backbones")
     p.set_defaults(func=cmd_backbones)
+
+    _add_store_parsers(sub)
     return parser
 
 

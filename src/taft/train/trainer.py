@@ -12,6 +12,11 @@ epoch), stops with a `TaftError` as soon as a batch loss is not finite, and writ
 
 For a probe, the frozen network's pooled features are computed once from the trunk features (no gradient) and
 the head is trained on them.
+
+With `dp=DPConfig(...)`, `fit` trains with DP-SGD instead (`taft.privacy.dpsgd`: Poisson-sampled batches,
+clipped per-example gradients, Gaussian noise), stores the privacy ledger in the checkpoint's metadata (`privacy`)
+and in metrics.json, and keeps training-data statistics out of the checkpoint's metrics. Validation data must be
+disjoint from the private training data.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -35,6 +40,9 @@ from taft.fileio import atomic_write
 from taft.train.classifier import Classifier, build_classifier, feature_key
 from taft.train.config import TrainConfig
 from taft.train.losses import classification_loss, proximity
+
+if TYPE_CHECKING:
+    from taft.privacy.config import DPConfig
 
 FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, Sequence[str]]]
 EVAL_BATCH = 256
@@ -148,7 +156,8 @@ class Evaluation:
 @dataclass
 class FitResult:
     """The trained classifier, the resolved config, per-epoch records, final metrics (as in metrics.json), the
-    training ids (None when not given) and, with a run_dir, where the run and its checkpoint were written."""
+    training ids (None when not given), with a run_dir where the run and its checkpoint were written, and for a
+    private run its privacy ledger (`PrivacyLedger.to_dict()`)."""
 
     classifier: Classifier
     config: TrainConfig
@@ -157,6 +166,7 @@ class FitResult:
     train_ids: list[str] | None
     run_dir: Path | None = None
     checkpoint: Path | None = None
+    privacy: dict[str, Any] | None = None
 
 
 @torch.no_grad()
@@ -280,11 +290,14 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: FeatureData | None = None,
         class_names: Sequence[str] | None = None, run_dir: str | Path | None = None,
-        device: torch.device | str | None = None, progress: bool = True) -> FitResult:
+        device: torch.device | str | None = None, progress: bool = True, dp: DPConfig | None = None) -> FitResult:
     """Train `config.method` on cached trunk features of (backbone, config.tangent_blocks) (see
     `cache_features`). `train`/`val`: CachedFeatures or (features (n, N, D), labels (n,)[, ids]); class names
     come from the CachedFeatures unless given. With `run_dir`, writes config.json, metrics.jsonl, metrics.json
-    and checkpoint.safetensors there (see the module doc). Deterministic for a given config and data."""
+    and checkpoint.safetensors there (see the module doc). Deterministic for a given config and data.
+
+    `dp`: train with DP-SGD (see `taft.privacy`); σ is calibrated (or ε computed) before anything is written, and
+    `head_init="probe"` is refused (the probe would be fitted on the private data without noise)."""
     t_start = time.perf_counter()
     config = config.resolved()
     tr = Examples(train, "training data")
@@ -293,6 +306,14 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
     for ex in (tr, va):
         if ex is not None:
             ex.check(backbone, config.tangent_blocks, names)
+    plan = None
+    if dp is not None:
+        from taft.privacy.config import plan_dp
+
+        if config.head_init == "probe":
+            raise TaftError("head_init='probe' fits a linear probe on the training data without noise, which "
+                            "breaks the privacy guarantee: use head_init='random' with DP")
+        plan = plan_dp(dp, len(tr), config.epochs, config.batch_size)
     out = Path(run_dir) if run_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -322,7 +343,15 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    history = train_loop(classifier, config, tr_in, va_in, progress=progress, on_epoch=log_epoch)
+    privacy = None
+    if plan is None:
+        history = train_loop(classifier, config, tr_in, va_in, progress=progress, on_epoch=log_epoch)
+    else:
+        from taft.privacy.dpsgd import dp_train_loop
+
+        history, ledger = dp_train_loop(classifier, config, plan, tr_in, va_in, progress=progress,
+                                        on_epoch=log_epoch)
+        privacy = ledger.to_dict()
     final = _evaluate(classifier, va_in if va_in is not None else tr_in, config.loss, config.kappa)
     train_time = sum(r["train_time_s"] for r in history)
     metrics: dict[str, Any] = {
@@ -334,14 +363,22 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
         "examples_per_s": len(tr) * config.epochs / train_time if train_time > 0 else None,
         **extra,
     }
+    saved_metrics: dict[str, Any] | None = metrics
+    if plan is not None:
+        metrics["steps"] = plan.steps
+        # The checkpoint is what gets released: keep statistics of the private training data out of it.
+        saved_metrics = ({k: v for k, v in metrics.items() if k != "final_train_loss"}
+                         if va is not None else None)
+        metrics["privacy"] = privacy
     checkpoint = None
     if out is not None:
         from taft.checkpoint import save_checkpoint  # checkpoint imports this package
 
         checkpoint = out / CHECKPOINT_NAME
-        save_checkpoint(checkpoint, classifier, train_ids=tr.ids, n_train=len(tr), metrics=metrics)
+        save_checkpoint(checkpoint, classifier, train_ids=tr.ids, n_train=len(tr), metrics=saved_metrics,
+                        privacy=privacy)
     metrics["wall_time_s"] = time.perf_counter() - t_start
     if out is not None:
         _write_json(out / "metrics.json", metrics)
     return FitResult(classifier=classifier, config=config, history=history, metrics=metrics, train_ids=tr.ids,
-                     run_dir=out, checkpoint=checkpoint)
+                     run_dir=out, checkpoint=checkpoint, privacy=privacy)

@@ -1,0 +1,183 @@
+"""Experiment: accuracy vs number of shards K for TAFT composition, NLFT ensembles and NLFT weight soups, the
+cost of inference (composed model vs K-model ensemble) and the cost of forgetting one example.
+
+CIFAR-10 mini, bundled DINOv2 ViT-S/14 at 112 px, k = 1, trunk features cached once and shared by every run.
+For each K, the same seeded class-balanced shard plan is used by both methods (taft.store.make_plan).
+
+    python experiments/shards_composition.py --data ../shared/data/cifar10-mini --train-per-class 100 \
+        --test-per-class 50 --shards 1 2 5 10 20 --epochs 5 --out docs/experiments/shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from taft import load_backbone
+from taft.data import image_folder
+from taft.store import ModelStore, create_store, forget, make_plan
+from taft.train import TrainConfig, cache_features, evaluate, fit
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def tail_logits(classifier, features: torch.Tensor) -> torch.Tensor:
+    return torch.cat([classifier.logits(features[i:i + 256]) for i in range(0, len(features), 256)])
+
+
+def nlft_shards(train_f, plan, cfg: TrainConfig, backbone):
+    """One NLFT model per shard of `plan` (same per-shard data as the TAFT store)."""
+    return [fit(cfg, backbone, train_f.select(ids), progress=False).classifier for ids in plan.shards if ids]
+
+
+def soup(models):
+    """Uniform weight average of NLFT tails (all start from the same w0 and head), loaded into models[0]."""
+    souped = models[0]
+    avg = {n: torch.stack([m.trained_state_dict()[n] for m in models]).mean(0) for n in models[0].trained_state_dict()}
+    souped.load_trained_state_dict(avg)
+    return souped
+
+
+def run(args: argparse.Namespace) -> dict:
+    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
+    root = Path(args.data)
+    train_ds = image_folder(root / "train", backbone.preprocess).per_class(args.train_per_class)
+    test_ds = image_folder(root / "test", backbone.preprocess).per_class(args.test_per_class)
+    train_f, test_f = cache_features(train_ds, backbone, 1), cache_features(test_ds, backbone, 1)
+    x_test, y_test = test_f.as_tensors()
+    work = Path(tempfile.mkdtemp(prefix="taft-shards-"))
+    taft_cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=args.epochs)
+    nlft_cfg = TrainConfig(method="nlft", tangent_blocks=1, epochs=args.epochs)
+    rows = []
+    for k in args.shards:
+        t0 = time.perf_counter()
+        store_dir = work / f"taft-K{k}"
+        create_store(store_dir, train_f, backbone, taft_cfg, shards=k, executor="inline", threads=args.threads,
+                     progress=False)
+        taft_train_s = time.perf_counter() - t0
+        store = ModelStore(store_dir)
+        composed = store.load_composed().classifier
+        plan = make_plan(list(train_f.ids), list(train_f.labels), k, seed=taft_cfg.seed)
+        t0 = time.perf_counter()
+        models = nlft_shards(train_f, plan, nlft_cfg, backbone)
+        nlft_train_s = time.perf_counter() - t0
+        ens_logits = torch.stack([tail_logits(m, x_test) for m in models]).mean(0)
+        taft_shard_models = [store.load_shard(s["index"]).classifier for s in store.manifest["shards"]
+                             if s["status"] == "trained"]
+        timing = inference_times(composed, taft_shard_models, x_test, args.repeats)
+        row = {"K": k, "taft_composed": evaluate(composed, test_f).top1, "nlft_ensemble": top1(ens_logits, y_test),
+               "nlft_soup": evaluate(soup(models), test_f).top1, "taft_train_s": taft_train_s,
+               "nlft_train_s": nlft_train_s, **timing}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    forgetting = forget_costs(work / f"taft-K{args.forget_k}", train_f, test_f, backbone, taft_cfg)
+    print(json.dumps(forgetting), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"rows": rows, "forgetting": forgetting, "args": vars(args)}
+
+
+def inference_times(composed, shard_models, x_test, repeats: int) -> dict:
+    """Seconds to score the test features: the composed model once vs every shard model (the ensemble)."""
+    def median_time(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    one = median_time(lambda: tail_logits(composed, x_test))
+    ens = median_time(lambda: [tail_logits(m, x_test) for m in shard_models])
+    return {"infer_composed_s": one, "infer_ensemble_s": ens, "ensemble_over_composed": ens / one}
+
+
+def forget_costs(store_dir: Path, train_f, test_f, backbone, cfg: TrainConfig) -> dict:
+    """Forget one training example: drop its shard, retrain its shard, or retrain everything without it."""
+    victim = sorted(train_f.ids)[0]
+    out = {"store": store_dir.name, "id": victim}
+    for mode in ("drop", "retrain"):
+        copy = store_dir.with_name(f"{store_dir.name}-{mode}")
+        shutil.copytree(store_dir, copy)
+        t0 = time.perf_counter()
+        forget(copy, [victim], mode, features=train_f, backbone=backbone, executor="inline", progress=False)
+        out[f"{mode}_s"] = time.perf_counter() - t0
+        out[f"{mode}_top1"] = evaluate(ModelStore(copy).load_composed().classifier, test_f).top1
+    keep = [i for i in train_f.ids if i != victim]
+    t0 = time.perf_counter()
+    full = fit(cfg, backbone, train_f.select(keep), progress=False).classifier
+    out["full_retrain_s"] = time.perf_counter() - t0
+    out["full_retrain_top1"] = evaluate(full, test_f).top1
+    return out
+
+
+def summarise(result: dict, out: Path) -> str:
+    lines = ["| K | TAFT composed | NLFT ensemble | NLFT soup | TAFT train s | NLFT train s | "
+             "inference: ensemble / composed |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['K']} | {100 * r['taft_composed']:.1f} | {100 * r['nlft_ensemble']:.1f} | "
+                     f"{100 * r['nlft_soup']:.1f} | {r['taft_train_s']:.0f} | {r['nlft_train_s']:.0f} | "
+                     f"{r['ensemble_over_composed']:.1f}× ({r['infer_ensemble_s']:.2f} s vs "
+                     f"{r['infer_composed_s']:.2f} s) |")
+    f = result["forgetting"]
+    lines += ["", f"Forgetting one example (`{f['id']}`) from the {f['store']} store:", "",
+              "| how | seconds | test top-1 after |", "|---|---|---|",
+              f"| drop its shard | {f['drop_s']:.1f} | {100 * f['drop_top1']:.1f} |",
+              f"| retrain its shard | {f['retrain_s']:.1f} | {100 * f['retrain_top1']:.1f} |",
+              f"| full retrain (one model) | {f['full_retrain_s']:.1f} | {100 * f['full_retrain_top1']:.1f} |"]
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    plot(result["rows"], out / "accuracy_vs_shards.png")
+    return table
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [r["K"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for key, label in (("taft_composed", "TAFT composed (1 model)"), ("nlft_ensemble", "NLFT ensemble (K models)"),
+                       ("nlft_soup", "NLFT soup (weight average)")):
+        ax.plot(ks, [100 * r[key] for r in rows], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("shards K (K = 1: paragon, one model on all data)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/cifar10-mini")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--train-per-class", type=int, default=100)
+    parser.add_argument("--test-per-class", type=int, default=50)
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 5, 10, 20])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each inference timing (median)")
+    parser.add_argument("--forget-k", type=int, default=10, help="which store the forgetting costs are measured on")
+    parser.add_argument("--out", default="docs/experiments/shards")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(summarise(result, out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Train shards in parallel: one `ShardTask` per shard, run by any `concurrent.futures.Executor`.
+
+A task carries everything its worker needs and pickles cheaply: the training config (with the shard's own data
+order seed), the shard's rows of the shared trunk-feature cache (`CachedFeatures` pickles as a path plus row
+numbers; workers never recompute features), the class names, and the backbone as a `BackboneSpec` (name, image
+size, dtype, fingerprint; reloaded from taft's weight cache once per worker process) or the `Backbone` itself when
+it cannot be reloaded by name. A task runs with `torch.set_num_threads(task.threads)` and restores the previous
+count, so the same task gives the same Δw in any executor (the thread count changes float summation order).
+
+`run_shards` submits every task, retries a failed one `retries` times, reports each finished shard (a progress
+line, and `on_result` so the caller can persist it at once), and raises `ShardTrainingError` naming every shard
+that still failed; a shard is never silently missing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from taft.backbones import BUNDLED, load_backbone
+from taft.backbones.base import Backbone
+from taft.data.feature_cache import CachedFeatures
+from taft.errors import TaftError
+from taft.train import TrainConfig, fit
+
+FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor, Sequence[str]]]
+# Metrics that depend only on the data and config (no timings): what a shard checkpoint records.
+DETERMINISTIC_METRICS = ("method", "tangent_blocks", "epochs", "steps", "lr", "n_train", "eval_split", "top1", "loss",
+                         "final_train_loss")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A backbone by name (registry name or local weights path), to be loaded in the worker."""
+
+    name: str
+    image_size: tuple[int, int]
+    dtype: str
+    fingerprint: str
+
+    def load(self) -> Backbone:
+        key = (self.name, self.image_size, self.dtype)
+        if key not in _LOADED:
+            bb = load_backbone(self.name, image_size=self.image_size)
+            bb.model.to(getattr(torch, self.dtype))
+            bb._fingerprint = None
+            _LOADED[key] = bb
+        bb = _LOADED[key]
+        if bb.fingerprint != self.fingerprint:
+            raise TaftError(f"backbone {self.name!r} loaded in worker {socket.gethostname()}:{os.getpid()} has "
+                            f"fingerprint {bb.fingerprint[:12]}…, expected {self.fingerprint[:12]}… (other weights "
+                            "there?)")
+        return bb
+
+
+_LOADED: dict[tuple[str, tuple[int, int], str], Backbone] = {}
+
+
+def backbone_ref(backbone: Backbone, by_name: bool = True) -> Backbone | BackboneSpec:
+    """What a task carries: a `BackboneSpec` when the backbone can be reloaded by its name (and `by_name`), else
+    the backbone itself (pickled to each worker)."""
+    if by_name and (backbone.name in BUNDLED or Path(backbone.name).exists()):
+        dtype = str(backbone.model.cls_token.dtype).removeprefix("torch.")
+        return BackboneSpec(backbone.name, tuple(backbone.preprocess.image_size), dtype, backbone.fingerprint)
+    return backbone
+
+
+def shard_data(train: FeatureData, ids: Sequence[str]) -> FeatureData:
+    """The rows of `train` with the given ids, in sorted id order (the canonical order a shard trains in).
+    `CachedFeatures` stay a (path, rows) view of the same cache entry. `TaftError` naming ids not in `train`."""
+    want = sorted(str(i) for i in ids)
+    if isinstance(train, CachedFeatures):
+        full = CachedFeatures(train.path)
+        index = {i: r for r, i in enumerate(full.ids)}
+        have = set(train.ids)
+        missing = [i for i in want if i not in have]
+        if missing:
+            raise TaftError(f"{len(missing)} ids of the shard are not in the training features, e.g. {missing[:10]}")
+        return CachedFeatures(train.path, [index[i] for i in want])
+    if not (isinstance(train, (tuple, list)) and len(train) == 3):
+        raise TaftError("shard training data must be CachedFeatures or a tuple (features, labels, ids)")
+    x, y, all_ids = train
+    index = {str(i): r for r, i in enumerate(all_ids)}
+    missing = [i for i in want if i not in index]
+    if missing:
+        raise TaftError(f"{len(missing)} ids of the shard are not in the training features, e.g. {missing[:10]}")
+    rows = torch.tensor([index[i] for i in want], dtype=torch.int64)
+    return torch.as_tensor(x)[rows], torch.as_tensor(y)[rows], want
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Train shard `index` with `config` on `data` (already restricted to the shard, in training order)."""
+
+    index: int
+    config: TrainConfig
+    data: FeatureData
+    class_names: tuple[str, ...]
+    backbone: Backbone | BackboneSpec
+    fingerprint: str
+    threads: int = 1
+
+
+@dataclass
+class ShardResult:
+    """The trained tensors (Δw for taft), base head, ids in training order, deterministic metrics, where and how
+    long it ran."""
+
+    index: int
+    tensors: dict[str, torch.Tensor]
+    head_weight0: torch.Tensor
+    head_bias0: torch.Tensor
+    ids: list[str]
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    seconds: float
+    worker: str
+    attempts: int = 1
+
+
+class ShardTrainingError(TaftError):
+    """Some shards failed after all retries. `failures`: {index: (attempts, message)}; `results`: the shards that
+    did finish (already passed to `on_result`)."""
+
+    def __init__(self, failures: dict[int, tuple[int, str]], results: dict[int, ShardResult]):
+        self.failures, self.results = failures, results
+        listed = "; ".join(f"shard {i} ({a} attempt{'s' if a > 1 else ''}): {m}"
+                           for i, (a, m) in sorted(failures.items()))
+        super().__init__(f"{len(failures)} of {len(failures) + len(results)} shards failed: {listed}")
+
+
+def train_shard(task: ShardTask) -> ShardResult:
+    """Run one task (in a worker); see the module doc."""
+    t0 = time.perf_counter()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(task.threads)
+    try:
+        backbone = task.backbone.load() if isinstance(task.backbone, BackboneSpec) else task.backbone
+        result = fit(task.config, backbone, task.data, class_names=list(task.class_names), progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    clf = result.classifier
+    if clf.fingerprint != task.fingerprint:
+        raise TaftError(f"shard {task.index} trained around other base weights (fingerprint "
+                        f"{clf.fingerprint[:12]}…) than the store's ({task.fingerprint[:12]}…)")
+    metrics = {k: result.metrics[k] for k in DETERMINISTIC_METRICS if k in result.metrics}
+    return ShardResult(index=task.index, tensors=clf.trained_state_dict(),
+                       head_weight0=clf.head_weight0.detach().cpu().clone(),
+                       head_bias0=clf.head_bias0.detach().cpu().clone(), ids=list(result.train_ids or []),
+                       config=result.config.to_dict(), metrics=metrics, seconds=time.perf_counter() - t0,
+                       worker=f"{socket.gethostname()}:{os.getpid()}")
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, BrokenProcessPool):
+        return "a worker process died abruptly (killed, or out of memory)"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int = 1,
+               on_result: Callable[[ShardResult], None] | None = None, progress: bool = True,
+               fn: Callable[[ShardTask], ShardResult] = train_shard) -> dict[int, ShardResult]:
+    """Run `fn(task)` for every task on `executor`; returns {shard index: result}. See the module doc."""
+    if retries < 0:
+        raise TaftError(f"retries must be ≥ 0, got {retries}")
+    total = len(tasks)
+    attempts = {t.index: 0 for t in tasks}
+    running: dict[Future, ShardTask] = {}
+    results: dict[int, ShardResult] = {}
+    failures: dict[int, tuple[int, str]] = {}
+    bar = tqdm(total=total, disable=not progress, desc="shards", unit="shard", file=sys.stderr)
+
+    def say(line: str) -> None:
+        if progress:
+            bar.write(line, file=sys.stderr)
+
+    def submit(task: ShardTask) -> None:
+        attempts[task.index] += 1
+        try:
+            running[executor.submit(fn, task)] = task
+        except (BrokenProcessPool, RuntimeError) as e:  # executor unusable (broken pool, shut down)
+            failures[task.index] = (attempts[task.index], _message(e))
+
+    def handle(future: Future) -> None:
+        task = running.pop(future)
+        error = future.exception()
+        if error is None:
+            result = future.result()
+            result.attempts = attempts[task.index]
+            results[task.index] = result
+            if on_result is not None:
+                on_result(result)
+            bar.update(1)
+            loss = result.metrics.get("final_train_loss")
+            say(f"shard {task.index} done ({len(results)}/{total}): {len(result.ids)} examples, "
+                f"final loss {loss:.4g}, {result.seconds:.1f} s on {result.worker}"
+                + (f", attempt {result.attempts}" if result.attempts > 1 else ""))
+        elif attempts[task.index] <= retries:
+            say(f"shard {task.index} failed (attempt {attempts[task.index]}), retrying: {_message(error)}")
+            submit(task)
+        else:
+            failures[task.index] = (attempts[task.index], _message(error))
+            bar.update(1)
+            say(f"shard {task.index} FAILED after {attempts[task.index]} attempts: {_message(error)}")
+
+    try:
+        for task in tasks:
+            submit(task)
+            for future in [f for f in running if f.done()]:  # an inline executor finishes at submit
+                handle(future)
+        while running:
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                handle(future)
+    finally:
+        bar.close()
+    if failures:
+        raise ShardTrainingError(failures, results)
+    return results
+
+
+__all__ = ["BackboneSpec", "FeatureData", "ShardResult", "ShardTask", "ShardTrainingError", "backbone_ref",
+           "run_shards", "shard_data", "train_shard"]

@@ -1,0 +1,27 @@
+"""Differential privacy: DP-SGD on the tangent model (and on nlft / probe), accounting, and the privacy ledger.
+
+    from taft.privacy import DPConfig
+    from taft.train import TrainConfig, fit
+    dp = DPConfig(epsilon=3.0, delta=1e-5, clip=1.0)           # σ calibrated with the PRV accountant
+    result = fit(TrainConfig(method="taft"), backbone, train_f, val=val_f, dp=dp, run_dir="runs/dp")
+    result.privacy                                             # the ledger (also in the checkpoint's metadata)
+
+- `accounting`: ε of (σ, q, steps) at δ by Opacus' PRV (default) or RDP accountant; σ calibration for a target ε;
+  an independent cross-check with Google's dp_accounting.
+- `config`: `DPConfig`, `plan_dp` (q = B/n, steps = epochs·⌈n/B⌉, σ or ε), the CLI options' translation.
+- `dpsgd`: per-example gradients (vmap over grad), clipping, Poisson sampling, the DP-SGD training loop.
+- `ledger`: `PrivacyLedger` and `parallel_composition` for disjoint shards.
+
+What the guarantee does not cover is listed in each ledger's `notes`; in particular validation data must be
+disjoint from the private training data, and `head_init="probe"` (a probe fitted on the private data without
+noise) is refused under DP.
+"""
+
+from taft.privacy.accounting import (ACCOUNTANTS, MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, calibrate_noise,
+                                     compute_epsilon, epsilon_dp_accounting)
+from taft.privacy.config import DPConfig, DPPlan, dp_config_from_args, plan_dp
+from taft.privacy.ledger import MECHANISM, PrivacyLedger, describe, parallel_composition
+
+__all__ = ["ACCOUNTANTS", "MAX_NOISE_MULTIPLIER", "MECHANISM", "MIN_NOISE_MULTIPLIER", "DPConfig", "DPPlan",
+           "PrivacyLedger", "calibrate_noise", "compute_epsilon", "describe", "dp_config_from_args",
+           "epsilon_dp_accounting", "parallel_composition", "plan_dp"]

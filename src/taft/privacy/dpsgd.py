@@ -1,0 +1,252 @@
+"""DP-SGD for the three methods (taft, nlft, probe) on cached trunk features.
+
+One step: a Poisson-sampled batch (each training example joins independently with probability q, so the batch
+size varies and may be 0); per-example gradients g_i of the trainable tensors (taft: Δw; nlft: the tail weights;
+probe: the head); each clipped to global L2 norm C, g_i · min(1, C/‖g_i‖); summed; Gaussian noise N(0, σ²C²) added
+to every coordinate; divided by the expected batch size B = q·n; then the gradient of the (data-independent)
+proximity term λ‖θ − θ0‖² is added and AdamW (weight_decay = 0) steps with the configured schedule over the
+planned steps.
+
+Per-example gradients: `torch.func.vmap` over `torch.func.grad` of a `torch.func.functional_call` of the method's
+trainable module, in chunks of `chunk_size` examples (memory ∝ chunk_size × parameters). For taft this works
+through the tangent layers: their tangent path runs under `torch.no_grad()` (respected by torch.func.grad), and
+the primal's weights w0 + (Δw − sg(Δw)) carry the gradient J(x; w0)ᵀ r (`at_base`: the wrapped Δw tensors report
+`requires_grad` under torch.func.grad, checked by the tests against a per-example loop). Attention runs in its
+written-out form ("manual") on this path: identical math to fused SDPA, which has no vmap batching rule and would
+fall back to a per-example loop.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from tqdm.auto import tqdm
+
+from taft.errors import TaftError
+from taft.privacy.config import DPPlan
+from taft.privacy.ledger import PrivacyLedger
+from taft.train.classifier import Classifier
+from taft.train.config import TrainConfig
+from taft.train.trainer import Prepared, _diverged, _evaluate, lr_factor
+
+
+def trainable_module(classifier: Classifier) -> tuple[nn.Module, str]:
+    """(module whose forward maps `Classifier.train_inputs` to logits, prefix of its parameters' names in
+    `classifier.tail`)."""
+    if classifier.method == "probe":
+        return classifier.tail.head, "head."
+    return classifier.tail, ""
+
+
+@contextmanager
+def manual_attention(module: nn.Module) -> Iterator[None]:
+    """Temporarily switch every attention in `module` from fused SDPA to the written-out softmax (same math)."""
+    changed = [m for m in module.modules() if getattr(m, "impl", None) == "sdpa"]
+    for m in changed:
+        m.impl = "manual"
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.impl = "sdpa"
+
+
+def _targets(labels: torch.Tensor, num_classes: int, loss: str, kappa: float, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot rows (× κ for mse), made outside vmap (one_hot is data-dependent and cannot be vmapped)."""
+    onehot = F.one_hot(labels, num_classes).to(dtype)
+    return onehot.mul_(kappa) if loss == "mse" else onehot
+
+
+def _example_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """`classification_loss` of one example from its target row: mse mean((z − κ e_y)²), ce −log softmax(z)_y."""
+    if loss == "mse":
+        return (logits - target).pow(2).mean()
+    if loss == "ce":
+        return -(logits.log_softmax(-1) * target).sum()
+    raise TaftError(f"unknown loss {loss!r}")
+
+
+def _grad_fn(classifier: Classifier, loss: str) -> tuple[Callable, dict[str, torch.Tensor], str]:
+    module, prefix = trainable_module(classifier)
+
+    def example_loss(params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(module, params, (x.unsqueeze(0),))
+        return _example_loss(logits[0], target, loss)
+
+    params = {name[len(prefix):]: p.detach() for name, p in classifier.tail.named_parameters()}
+    return vmap(grad_and_value(example_loss), in_dims=(None, 0, 0)), params, prefix
+
+
+@contextmanager
+def _per_example_context(classifier: Classifier) -> Iterator[None]:
+    with manual_attention(classifier.tail), warnings.catch_warnings():
+        # in-place tangent updates (addmm_, addcmul_) have no vmap batching rule yet: PyTorch loops over them
+        warnings.filterwarnings("ignore", message=".*There is a performance drop because we have not yet "
+                                                  "implemented the batching rule.*")
+        yield
+
+
+def _chunks(inputs: torch.Tensor, targets: torch.Tensor, size: int):
+    """Pairs of chunks of at most `size` examples; none for an empty batch (Poisson batches may be empty)."""
+    return zip(inputs.split(size), targets.split(size)) if len(inputs) else iter(())
+
+
+def per_example_gradients(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, *,
+                          loss: str = "mse", kappa: float = 15.0,
+                          chunk_size: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({name: (b, *shape)} per-example gradients of the per-example training loss (no regularizer) with respect
+    to every trainable tensor of `classifier.tail` (names as in `tail.named_parameters()`), per-example losses
+    (b,)). `inputs` are `Classifier.train_inputs` (trunk features; pooled features for a probe)."""
+    fn, params, prefix = _grad_fn(classifier, loss)
+    targets = _targets(labels.to(inputs.device), classifier.num_classes, loss, kappa, inputs.dtype)
+    chunk = chunk_size or len(inputs) or 1
+    grads: list[dict[str, torch.Tensor]] = []
+    losses = []
+    with _per_example_context(classifier):
+        for x, t in _chunks(inputs, targets, chunk):
+            g, value = fn(params, x, t)
+            grads.append(g)
+            losses.append(value)
+    if not grads:
+        shapes = {name: p.shape for name, p in params.items()}
+        return ({prefix + n: inputs.new_zeros((0, *s)) for n, s in shapes.items()}, inputs.new_zeros(0))
+    return {prefix + n: torch.cat([g[n] for g in grads]) for n in params}, torch.cat(losses)
+
+
+def clip_factors(grads: dict[str, torch.Tensor], clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min(1, C/‖g_i‖), ‖g_i‖) per example, with ‖·‖ the L2 norm over all tensors of the example together."""
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+    return (clip / norms).clamp(max=1.0), norms  # ‖g‖ = 0 gives C/0 = inf → 1
+
+
+def clipped_sum(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, clip: float, *,
+                loss: str = "mse", kappa: float = 15.0,
+                chunk_size: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(Σ_i clip_C(g_i) per trainable tensor, per-example losses, per-example gradient norms before clipping),
+    computed `chunk_size` examples at a time (the per-example gradients of one chunk live at once)."""
+    fn, params, prefix = _grad_fn(classifier, loss)
+    targets = _targets(labels.to(inputs.device), classifier.num_classes, loss, kappa, inputs.dtype)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    losses, norms = [], []
+    with _per_example_context(classifier):
+        for x, t in _chunks(inputs, targets, chunk_size):
+            g, value = fn(params, x, t)
+            factor, norm = clip_factors(g, clip)
+            for n in total:
+                total[n].add_(torch.tensordot(factor.to(g[n].dtype), g[n], dims=1))
+            losses.append(value)
+            norms.append(norm)
+    empty = inputs.new_zeros(0)
+    return ({prefix + n: v for n, v in total.items()}, torch.cat(losses) if losses else empty,
+            torch.cat(norms) if norms else empty)
+
+
+def noisy_gradient(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, *, clip: float,
+                   noise_multiplier: float, expected_batch_size: int, generator: torch.Generator | None,
+                   loss: str = "mse", kappa: float = 15.0,
+                   chunk_size: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The DP-SGD gradient of one batch, (Σ_i clip_C(g_i) + N(0, σ²C² I)) / B, per trainable tensor (names as in
+    `classifier.tail.named_parameters()`), and the per-example losses. σ = 0 adds no noise."""
+    total, losses, _ = clipped_sum(classifier, inputs, labels, clip, loss=loss, kappa=kappa, chunk_size=chunk_size)
+    for g in total.values():
+        if noise_multiplier > 0:
+            g.add_(torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype),
+                   alpha=noise_multiplier * clip)
+        g.div_(expected_batch_size)
+    return total, losses
+
+
+def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """`steps` batches of indices into range(n): each index joins each batch independently with probability q."""
+    for _ in range(steps):
+        yield torch.nonzero(torch.rand(n, generator=generator) < sample_rate).squeeze(1)
+
+
+def dp_train_loop(classifier: Classifier, config: TrainConfig, plan: DPPlan, train: Prepared,
+                  val: Prepared | None = None, *, progress: bool = True,
+                  on_epoch: Callable[[dict[str, Any]], None] | None = None, desc: str | None = None,
+                  batches: Sequence[torch.Tensor] | None = None) -> tuple[list[dict[str, Any]], PrivacyLedger]:
+    """Train `classifier` in place with DP-SGD as `plan` says; returns (per-epoch records, privacy ledger).
+
+    Records hold the same keys as `train_loop`'s plus `mean_batch_size`; `train_loss` is the mean per-example loss
+    of the examples sampled in the epoch, before their step (a diagnostic on private data, outside the guarantee).
+    `batches` replaces Poisson sampling by a fixed schedule of index batches (one per planned step) for checks;
+    the guarantee (and the ledger) assume Poisson sampling. Raises TaftError when the noisy gradient or a trained
+    weight is not finite (both functions of the released values, so the check spends no privacy)."""
+    dp = plan.config
+    if len(train) != plan.n:
+        raise TaftError(f"the DP plan is for {plan.n} training examples, the data has {len(train)}")
+    if batches is not None and len(batches) != plan.steps:
+        raise TaftError(f"a fixed batch schedule needs {plan.steps} batches, got {len(batches)}")
+    params = dict(classifier.tail.named_parameters())
+    start = {n: p.detach().clone() for n, p in params.items()} if config.reg > 0 else {}
+    opt = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config.schedule, plan.steps))
+    device, dtype = classifier.device, classifier.dtype
+    seed = dp.seed if dp.seed is not None else secrets.randbits(62)
+    sample_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    schedule = iter(batches) if batches is not None else poisson_batches(plan.n, plan.sample_rate, plan.steps,
+                                                                         sample_gen)
+    sigma, clip, B = plan.noise_multiplier, float(dp.clip), plan.expected_batch_size
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=plan.steps, disable=not progress, unit="step",
+               desc=desc or f"{config.method} k={config.tangent_blocks} DP-SGD")
+    try:
+        for epoch in range(1, config.epochs + 1):
+            classifier.train()
+            t0 = time.perf_counter()
+            loss_sum, seen = 0.0, 0
+            for step in range(plan.steps_per_epoch):
+                idx = next(schedule)
+                x = train.rows(idx).to(device, dtype, non_blocking=True)
+                y = train.labels[idx].to(device, non_blocking=True)
+                grads, losses = noisy_gradient(classifier, x, y, clip=clip, noise_multiplier=sigma,
+                                               expected_batch_size=B, generator=noise_gen, loss=config.loss,
+                                               kappa=config.kappa, chunk_size=dp.chunk_size)
+                if not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
+                    bad = next(n for n, g in grads.items() if not torch.isfinite(g).all())
+                    raise _diverged(config, math.nan, f"the noisy gradient of {bad} at epoch {epoch}, step {step + 1}")
+                for name, p in params.items():
+                    if config.reg > 0:  # the proximity term does not depend on the data: no clipping, no noise
+                        grads[name].add_(p.detach() - start[name], alpha=2 * config.reg)
+                    p.grad = grads[name]
+                opt.step()
+                sched.step()
+                loss_sum += float(losses.sum())
+                seen += len(idx)
+                bar.update(1)
+            train_time = time.perf_counter() - t0
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen if seen else None,
+                                      "lr": opt.param_groups[0]["lr"], "train_time_s": train_time,
+                                      "examples_per_s": seen / train_time if train_time > 0 else None,
+                                      "mean_batch_size": seen / plan.steps_per_epoch,
+                                      "val_top1": None, "val_loss": None}
+            if val is not None:
+                classifier.eval()
+                ev = _evaluate(classifier, val, config.loss, config.kappa)
+                record.update(val_top1=ev.top1, val_loss=ev.loss)
+            record["wall_time_s"] = time.perf_counter() - t0
+            bar.set_postfix(epoch=epoch, **({"val_top1": f"{record['val_top1']:.3f}"} if val is not None else {}))
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:
+        bar.close()
+        classifier.eval()
+        for p in params.values():
+            p.grad = None
+    bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+    if bad:
+        raise _diverged(config, math.nan, f"a trained weight ({bad[0]})")
+    return history, plan.ledger()

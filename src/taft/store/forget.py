@@ -1,0 +1,165 @@
+"""Forgetting: remove example ids from a store by dropping or retraining the shards that hold them.
+
+- mode "drop": the shards holding the ids leave the composition and their files are deleted (no training).
+  Their other ids stay listed with status "dropped"; no model holds them any more.
+- mode "retrain": only those shards are retrained without the ids: same per-shard seed, same threads, data in
+  sorted-id order over the remaining ids; the result is bit-identical (same machine, CPU) to a store built from
+  scratch on the plan without those ids (`ShardPlan.without`). A shard left with no ids becomes "empty".
+Then the store is recomposed and committed (`taft.store.commit`). Forgotten ids are never trained on again.
+
+Unknown ids raise `TaftError` listing them (up to 10) and change nothing. Ids all already forgotten: a no-op,
+logged in the audit log. An interrupted forget is completed by rerunning it (or `resume`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from taft.backbones.base import Backbone
+from taft.data.feature_cache import CachedFeatures
+from taft.errors import FingerprintMismatchError, TaftError
+from taft.parallel.shards import BackboneSpec, FeatureData, backbone_ref
+from taft.store.commit import begin, commit
+from taft.store.journal import audit_noop, new_pending, write_pending
+from taft.store.layout import StoreLayout, crashpoint
+from taft.store.manifest import Manifest, config_of, info_of, load_manifest, plan_of
+from taft.store.train import ExecutorArg, train_into
+
+MODES = ("drop", "retrain")
+_MAX_LISTED = 10
+
+
+@dataclass
+class ForgetResult:
+    """forgotten: ids newly forgotten; already: ids that were forgotten before; shards: the trained shards
+    dropped or retrained; noop: nothing to do; resumed: an interrupted forget was completed."""
+
+    forgotten: list[str]
+    already: list[str]
+    shards: list[int]
+    mode: str
+    composed_sha256: str | None
+    noop: bool = False
+    resumed: bool = False
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """Ids from a file: a JSON list, or one id per line (blank lines ignored)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise TaftError(f"cannot read ids file {path}: {e}") from e
+    if text.lstrip().startswith("["):
+        try:
+            ids = json.loads(text)
+        except ValueError as e:
+            raise TaftError(f"ids file {path} looks like JSON but does not parse: {e}") from e
+        if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
+            raise TaftError(f"ids file {path}: a JSON ids file must be a list of strings")
+        return [str(i) for i in ids]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def training_features(m: Manifest, features: FeatureData | None) -> FeatureData:
+    """`features` if given, else the store's trunk-feature cache entry if it is still there."""
+    if features is not None:
+        return features
+    f = m["data"].get("features") or {}
+    path = f.get("path")
+    if path and (Path(path) / "meta.json").is_file():
+        cf = CachedFeatures(path)
+        if cf.meta.get("entry") == f.get("entry"):
+            return cf
+    raise TaftError(f"the store's training features are not available (feature-cache entry {path} is gone); pass "
+                    "the training features, or keep the data at the recorded source so they can be recomputed")
+
+
+def backbone_for(m: Manifest, backbone: Backbone | None, executor: ExecutorArg) -> Backbone | BackboneSpec:
+    """What retraining tasks carry: the given backbone (checked against the store) or the store's by name."""
+    info = info_of(m)
+    if backbone is None:
+        return BackboneSpec(info.backbone, tuple(info.preprocess["image_size"]), info.dtype,
+                            info.backbone_fingerprint)
+    if backbone.fingerprint != info.backbone_fingerprint:
+        raise FingerprintMismatchError(
+            f"the store was trained on backbone {info.backbone!r} (fingerprint {info.backbone_fingerprint[:12]}…), "
+            f"not {backbone.name!r} ({backbone.fingerprint[:12]}…)")
+    dtype = str(backbone.model.cls_token.dtype).removeprefix("torch.")
+    if dtype != info.dtype:
+        raise TaftError(f"the store was trained in {info.dtype}, the given backbone is {dtype}")
+    return backbone_ref(backbone, by_name=executor != "inline")
+
+
+def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features: FeatureData | None = None,
+           backbone: Backbone | None = None, executor: ExecutorArg = None, workers: int | None = None,
+           ray_address: str | None = None, retries: int = 1, progress: bool = True) -> ForgetResult:
+    """Forget `ids` from the store at `root` (see the module doc). `features`/`backbone`: the training features and
+    backbone for retraining (default: the store's cache entry and its backbone loaded by name)."""
+    if mode not in MODES:
+        raise TaftError(f"forget mode must be one of {', '.join(MODES)}, got {mode!r}")
+    wanted = sorted({str(i) for i in ids})
+    if not wanted:
+        raise TaftError("no ids to forget were given")
+    layout = StoreLayout(root)
+    with layout.locked():
+        m = load_manifest(layout)
+        known = set(plan_of(m).ids)
+        unknown = [i for i in wanted if i not in known]
+        if unknown:
+            raise TaftError(f"{len(unknown)} ids are not in the store, e.g. {unknown[:_MAX_LISTED]}; nothing was "
+                            "changed")
+        request = {"ids": wanted, "mode": mode}
+        status, pending = begin(layout, m, "forget", request)
+        if status == "done":
+            m = load_manifest(layout)
+            a = pending["audit"]
+            return ForgetResult(a["ids"], a["already"], a["shards"], mode,
+                                m["composed"]["sha256"] if m["composed"] else None, resumed=True)
+        if pending is None:
+            done = set(m["forgotten"])
+            new = [i for i in wanted if i not in done]
+            already = [i for i in wanted if i in done]
+            if not new:
+                audit_noop(layout, "forget", ids=wanted, mode=mode, already=already)
+                return ForgetResult([], already, [], mode, m["composed"]["sha256"] if m["composed"] else None,
+                                    noop=True)
+            hit = set(new)
+            shards = [s["index"] for s in m["shards"] if s["status"] == "trained" and hit & set(s["ids"])]
+            pending = new_pending("forget", request, m["generation"],
+                                  {"ids": new, "already": already, "mode": mode, "shards": shards})
+            write_pending(layout, pending)
+            crashpoint("after-pending")
+        audit = pending["audit"]
+        new_ids, shards = set(audit["ids"]), audit["shards"]
+        m2 = copy.deepcopy(m)
+        m2["forgotten"] = sorted(set(m["forgotten"]) | new_ids)
+        todo: dict[int, list[str]] = {}
+        for s in m2["shards"]:
+            if not new_ids & set(s["ids"]):
+                continue
+            s["ids"] = [i for i in s["ids"] if i not in new_ids]
+            s["n"] = len(s["ids"])
+            if s["status"] != "trained":
+                continue
+            if mode == "drop" or not s["ids"]:
+                s.update(status="dropped" if mode == "drop" else "empty", file=None, sha256=None)
+            else:
+                todo[s["index"]] = s["ids"]
+        if todo:
+            forbidden = set(m2["forgotten"])
+            if any(forbidden & set(ids) for ids in todo.values()):  # never train on a forgotten id
+                raise TaftError("internal error: a retraining shard still lists forgotten ids")
+            files = train_into(layout, pending, todo, train=training_features(m, features),
+                               backbone=backbone_for(m, backbone, executor), info=info_of(m), base=config_of(m),
+                               threads=int(m["threads"]), plan_kind=m["plan"]["kind"], executor=executor,
+                               workers=workers, ray_address=ray_address, retries=retries, progress=progress)
+            for index, entry in files.items():
+                m2["shards"][index].update(file=entry["file"], sha256=entry["sha256"])
+        m2 = commit(layout, m2, pending)
+        return ForgetResult(sorted(new_ids), audit["already"], shards, mode,
+                            m2["composed"]["sha256"] if m2["composed"] else None, resumed=status == "resume")

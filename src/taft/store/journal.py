@@ -1,0 +1,109 @@
+"""The operation journal (`pending.json`) and the append-only audit log (`audit.jsonl`).
+
+pending.json is written (atomically) before an operation changes anything, and removed after it has committed
+and cleaned up. It holds: op_id (unique), op ("create" | "forget" | "compose" | "repair"), request (what was asked;
+a rerun with an equal request resumes the operation), time (the operation's timestamp, also the `created` of
+the files it writes, so a rerun writes identical bytes), base_generation, audit (the log entry to append at the
+end) and completed ({shard index: {file, sha256}} for shards already trained, reused by a rerun).
+An operation has committed iff the manifest's `last_op` is its op_id.
+
+audit.jsonl: one JSON object per line, appended after commit: time, op, op_id, the ids or shards touched,
+generation and the resulting composed sha256. Appending is idempotent per op_id, so finishing an operation twice
+logs it once. A torn last line (a crash mid-append) is dropped by `verify --repair`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+from taft.errors import TaftError
+from taft.store.layout import StoreLayout, fsync_dir, read_json, write_json
+
+Pending = dict[str, Any]
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def new_pending(op: str, request: dict[str, Any], base_generation: int, audit: dict[str, Any]) -> Pending:
+    return {"op_id": uuid.uuid4().hex, "op": op, "request": request, "time": now(),
+            "base_generation": base_generation, "audit": audit, "completed": {}}
+
+
+def read_pending(layout: StoreLayout) -> Pending | None:
+    if not layout.pending.exists():
+        return None
+    p = read_json(layout.pending, "operation journal")
+    if not isinstance(p, dict) or not {"op_id", "op", "request", "time", "completed"} <= set(p):
+        raise TaftError(f"operation journal {layout.pending} is malformed")
+    return p
+
+
+def write_pending(layout: StoreLayout, pending: Pending) -> None:
+    write_json(layout.pending, pending)
+
+
+def clear_pending(layout: StoreLayout) -> None:
+    layout.pending.unlink(missing_ok=True)
+    fsync_dir(layout.root)
+
+
+def describe(pending: Pending) -> str:
+    req = pending["request"]
+    if pending["op"] == "forget":
+        return f"forget of {len(req['ids'])} ids (mode {req['mode']}) started {pending['time']}"
+    return f"{pending['op']} started {pending['time']}"
+
+
+def read_audit(layout: StoreLayout) -> tuple[list[dict[str, Any]], int | None]:
+    """(entries, byte offset where a torn or corrupt tail starts, or None if the log is whole)."""
+    if not layout.audit.exists():
+        return [], None
+    raw = layout.audit.read_bytes()
+    entries, offset = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            return entries, offset
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return entries, offset
+        if not isinstance(entry, dict):
+            return entries, offset
+        entries.append(entry)
+        offset += len(line)
+    return entries, None
+
+
+def truncate_audit(layout: StoreLayout, offset: int) -> None:
+    with open(layout.audit, "rb+") as f:
+        f.truncate(offset)
+        os.fsync(f.fileno())
+
+
+def append_audit(layout: StoreLayout, entry: dict[str, Any]) -> None:
+    """Append `entry` (one line, fsync'd) unless an entry with its op_id is already there. A torn tail is cut
+    first, so a new line never joins a half-written one."""
+    entries, torn = read_audit(layout)
+    if torn is not None:
+        truncate_audit(layout, torn)
+    if entry.get("op_id") and any(e.get("op_id") == entry["op_id"] for e in entries):
+        return
+    line = json.dumps(entry, ensure_ascii=False, sort_keys=True, allow_nan=False) + "\n"
+    with open(layout.audit, "ab") as f:
+        f.write(line.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def audit_noop(layout: StoreLayout, op: str, **fields: Any) -> None:
+    append_audit(layout, {"time": now(), "op": op, "op_id": uuid.uuid4().hex, "noop": True, **fields})
+
+
+__all__ = ["Pending", "append_audit", "audit_noop", "clear_pending", "describe", "new_pending", "now",
+           "read_audit", "read_pending", "truncate_audit", "write_pending"]

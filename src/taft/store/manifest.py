@@ -1,0 +1,133 @@
+"""The store manifest (`manifest.json`): the single source of truth of a store, replaced atomically.
+
+Keys: format ("taft-store"), format_version, generation (+1 per committed change), last_op (op id of the last
+committed change), created, updated; the model: method, backbone, backbone_fingerprint, fingerprint,
+tangent_blocks, pooling, class_names, preprocess, dtype; train_config (resolved; its seed is the store seed),
+threads (torch threads per shard task: part of the recipe, since it changes float summation order);
+plan (`ShardPlan.to_dict()`, as made at creation); data {"features": {"path", "entry"} of the trunk-feature cache
+entry or null, "source": how the CLI read the data, or null}; shards: one entry per plan shard
+{index, status ("trained" | "dropped" | "empty"), file (relative path or null), sha256, ids (sorted, forgotten ones
+removed), n, seed}; composition {weighting, subset (shard indices or null = all trained)}; composed
+{file, sha256, created, shards, alphas, n} or null; forgotten (sorted ids).
+
+Invariants (`check_manifest`): every plan id is in exactly one of its plan shard's `ids` or in `forgotten`;
+trained shards have a file, the others none; the composed model lists the trained shards of the composition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from taft.errors import TaftError
+from taft.store.checkpoints import ModelInfo
+from taft.store.compose import composition_weights
+from taft.store.layout import StoreLayout, canonical_json, read_json, write_json
+from taft.store.plan import ShardPlan
+from taft.train import TrainConfig
+
+FORMAT = "taft-store"
+FORMAT_VERSION = 1
+STATUSES = ("trained", "dropped", "empty")
+REQUIRED = ("format", "format_version", "generation", "method", "backbone", "backbone_fingerprint", "fingerprint",
+            "tangent_blocks", "pooling", "class_names", "preprocess", "dtype", "train_config", "threads", "plan",
+            "data", "shards", "composition", "composed", "forgotten")
+Manifest = dict[str, Any]
+
+
+def load_manifest(layout: StoreLayout) -> Manifest:
+    """The checked manifest of the store; `TaftError` if there is none or it is malformed."""
+    if not layout.manifest.is_file():
+        raise TaftError(f"{layout.root} is not a model store (no manifest.json)")
+    m = read_json(layout.manifest, "store manifest")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise TaftError(f"{layout.manifest} is not a taft store manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise TaftError(f"{layout.manifest} has store format version {m.get('format_version')!r}; this taft reads "
+                        f"version {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED if k not in m]
+    if missing:
+        raise TaftError(f"{layout.manifest} lacks {missing}")
+    problems = check_manifest(m)
+    if problems:
+        raise TaftError(f"{layout.manifest} is inconsistent: {problems[0]}"
+                        + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    return m
+
+
+def save_manifest(layout: StoreLayout, m: Manifest) -> None:
+    """Atomically replace the manifest: THE commit point of every store change."""
+    problems = check_manifest(m)
+    if problems:  # a bug, never user input: refuse to commit an inconsistent state
+        raise TaftError(f"refusing to commit an inconsistent manifest: {problems[:3]}")
+    write_json(layout.manifest, m)
+
+
+def manifest_text(m: Manifest) -> str:
+    return canonical_json(m)
+
+
+def plan_of(m: Mapping[str, Any]) -> ShardPlan:
+    return ShardPlan.from_dict(m["plan"])
+
+
+def info_of(m: Mapping[str, Any]) -> ModelInfo:
+    return ModelInfo.from_dict(m)
+
+
+def config_of(m: Mapping[str, Any]) -> TrainConfig:
+    return TrainConfig.from_dict(m["train_config"])
+
+
+def trained(m: Mapping[str, Any]) -> list[int]:
+    return [s["index"] for s in m["shards"] if s["status"] == "trained"]
+
+
+def members(m: Mapping[str, Any]) -> list[int]:
+    """The shards the composition uses: the trained ones of its subset (all trained shards if no subset)."""
+    subset = m["composition"].get("subset")
+    ok = trained(m)
+    return ok if subset is None else [i for i in subset if i in ok]
+
+
+def alphas_of(m: Mapping[str, Any], shards: list[int]) -> list[float]:
+    return composition_weights([m["shards"][i]["n"] for i in shards], m["composition"]["weighting"])
+
+
+def check_manifest(m: Mapping[str, Any]) -> list[str]:
+    """Every violated invariant, as a sentence (empty when consistent)."""
+    out: list[str] = []
+    try:
+        plan = plan_of(m)
+        shards = m["shards"]
+        forgotten = set(m["forgotten"])
+        if len(shards) != plan.k:
+            return [f"{len(shards)} shard entries for a plan of {plan.k} shards"]
+        for i, (s, planned) in enumerate(zip(shards, plan.shards)):
+            if s.get("index") != i:
+                out.append(f"shard entry {i} has index {s.get('index')}")
+            if s.get("status") not in STATUSES:
+                out.append(f"shard {i} has unknown status {s.get('status')!r}")
+            ids = set(s["ids"])
+            if s["n"] != len(s["ids"]):
+                out.append(f"shard {i}: n={s['n']} but {len(s['ids'])} ids")
+            if ids | (set(planned) & forgotten) != set(planned) or ids & forgotten:
+                out.append(f"shard {i}: its ids are not its planned ids less the forgotten ones")
+            if (s["status"] == "trained") != (s.get("file") is not None):
+                out.append(f"shard {i}: status {s['status']} but file {s.get('file')!r}")
+            if s["status"] == "trained" and not s["ids"]:
+                out.append(f"shard {i} is marked trained but has no ids")
+        unknown = forgotten - set(plan.ids)
+        if unknown:
+            out.append(f"forgotten ids not in the plan: {sorted(unknown)[:10]}")
+        composed = m["composed"]
+        used = members(m)
+        if composed is None and used:
+            out.append(f"no composed model although shards {used} are composed")
+        if composed is not None and composed.get("shards") != used:
+            out.append(f"the composed model lists shards {composed.get('shards')}, the composition has {used}")
+        if m["composition"].get("weighting") not in ("uniform", "size"):
+            out.append(f"unknown weighting {m['composition'].get('weighting')!r}")
+    except (KeyError, TypeError, ValueError, AttributeError, TaftError) as e:
+        out.append(f"malformed manifest ({type(e).__name__}: {e})")
+    return out

@@ -1,0 +1,82 @@
+"""Change a store's composition (weighting, subset of shards), or export a composition to another file.
+
+Composition is pure tensor arithmetic on the shard files (no backbone, no training): Δw = Σ α_i Δw_i.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+
+from taft.errors import TaftError
+from taft.store.commit import begin, commit, shard_files
+from taft.store.compose import WEIGHTINGS, composition_weights, write_composed
+from taft.store.journal import append_audit, new_pending, now, write_pending
+from taft.store.layout import StoreLayout, crashpoint, sha256_file
+from taft.store.manifest import Manifest, load_manifest, members
+
+
+def _subset(m: Manifest, shards: Iterable[int] | None) -> list[int] | None:
+    if shards is None:
+        return None
+    chosen = sorted({int(i) for i in shards})
+    if not chosen:
+        raise TaftError("no shards selected to compose")
+    k = len(m["shards"])
+    out_of_range = [i for i in chosen if not 0 <= i < k]
+    if out_of_range:
+        raise TaftError(f"shards {out_of_range} do not exist; the store has shards 0..{k - 1}")
+    unusable = [f"{i} ({m['shards'][i]['status']})" for i in chosen if m["shards"][i]["status"] != "trained"]
+    if unusable:
+        raise TaftError(f"shards {', '.join(unusable)} hold no trained model and cannot be composed")
+    return chosen
+
+
+def compose_store(root: str | Path, *, weighting: str | None = None, shards: Iterable[int] | None = None,
+                  out: str | Path | None = None) -> Path:
+    """Compose the store's trained shards (or the chosen `shards`) with `weighting` ("uniform" | "size"; default:
+    the store's current one).
+
+    Without `out` this becomes the store's composition (committed; later forgets keep the subset, minus dropped
+    shards) and composed.safetensors is rewritten; returns its path. With `out`, the composition is written to
+    that file only (an ordinary checkpoint; logged as an export in the audit log) and the store is unchanged."""
+    layout = StoreLayout(root)
+    with layout.locked():
+        m = load_manifest(layout)
+        weighting = weighting or m["composition"]["weighting"]
+        if weighting not in WEIGHTINGS:
+            raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        subset = _subset(m, shards)
+        if out is not None:
+            used = subset if subset is not None else members(m)
+            if not used:
+                raise TaftError("the store has no trained shards to compose")
+            alphas = composition_weights([m["shards"][i]["n"] for i in used], weighting)
+            out = Path(out)
+            if out.resolve().is_relative_to(layout.root.resolve()):
+                raise TaftError(f"--out {out} is inside the store; export to a file outside it, or leave out --out "
+                                "to change the store's own composition")
+            write_composed(out, shard_files(layout, m, used), alphas, train_config=m["train_config"], created=now(),
+                           composition={"weighting": weighting, "shards": used, "alphas": alphas,
+                                        "shard_sha256": [m["shards"][i]["sha256"] for i in used],
+                                        "store": str(layout.root.resolve()), "generation": m["generation"]})
+            append_audit(layout, {"time": now(), "op": "export", "op_id": None, "out": str(out.resolve()),
+                                  "shards": used, "weighting": weighting, "sha256": sha256_file(out)})
+            return out
+        request = {"weighting": weighting, "subset": subset}
+        status, pending = begin(layout, m, "compose", request)
+        if status == "done":
+            return layout.composed
+        if pending is None:
+            if m["composition"] == request:
+                return layout.composed
+            if not members({**m, "composition": request}):
+                raise TaftError("the store has no trained shards to compose")
+            pending = new_pending("compose", request, m["generation"], {"weighting": weighting, "shards": subset})
+            write_pending(layout, pending)
+            crashpoint("after-pending")
+        m2 = copy.deepcopy(m)
+        m2["composition"] = request
+        commit(layout, m2, pending)
+        return layout.composed

@@ -1,0 +1,87 @@
+"""`taft report`: a Markdown page with PNG plots describing a store: shard sizes, per-shard and composed
+accuracy on labelled data (when given), and the audit log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from taft.data.feature_cache import CachedFeatures
+from taft.errors import TaftError
+from taft.fileio import atomic_write
+from taft.store.store import ModelStore
+from taft.train import evaluate
+
+
+def _bar_png(path: Path, labels: list[str], values: list[float], ylabel: str, title: str,
+             line: tuple[str, float] | None = None) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise TaftError("plots need matplotlib: pip install 'taft-torch[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(labels) + 2), 3.2))
+    ax.bar(labels, values, color="#4a7")
+    if line is not None:
+        ax.axhline(line[1], color="#a33", linestyle="--", label=line[0])
+        ax.legend(loc="lower right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def accuracies(store: ModelStore, data: CachedFeatures) -> dict[str, Any]:
+    """Top-1 of every trained shard and of the composed model on `data` (trunk features of the store's k)."""
+    shards = {}
+    for s in store.manifest["shards"]:
+        if s["status"] == "trained":
+            shards[s["index"]] = evaluate(store.load_shard(s["index"]).classifier, data).top1
+    composed = evaluate(store.load_composed().classifier, data).top1 if store.composed_path else None
+    return {"shards": shards, "composed": composed, "n": len(data)}
+
+
+def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatures | None = None) -> Path:
+    """Write `out_dir/report.md` (+ shard_sizes.png, accuracy.png with `data`); returns the Markdown path."""
+    store = ModelStore(store_root)
+    info = store.info()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = store.manifest["shards"]
+    lines = [f"# taft store report: `{info['store']}`", "",
+             f"- model: {info['method']} on `{info['backbone']}`, k = {info['tangent_blocks']}, "
+             f"{len(info['class_names'])} classes, fingerprint `{info['fingerprint'][:16]}…`",
+             f"- plan: {info['plan']['kind']}, {info['plan']['k']} shards over {info['plan']['n']} examples "
+             f"(seed {info['plan']['seed']}); {info['forgotten']} ids forgotten",
+             f"- composed: " + (f"`{info['composed']['sha256'][:16]}…` from shards {info['composed']['shards']} "
+                                f"({info['composition']['weighting']} weights)" if info["composed"] else "none"),
+             f"- generation {info['generation']}, updated {info['updated']}", "",
+             "## Shards", "", "| shard | status | examples | seed | file |", "|---|---|---|---|---|"]
+    lines += [f"| {s['index']} | {s['status']} | {s['n']} | {s['seed']} | {s['file'] or '-'} |" for s in shards]
+    _bar_png(out / "shard_sizes.png", [str(s["index"]) for s in shards], [s["n"] for s in shards], "examples",
+             "shard sizes")
+    lines += ["", "![shard sizes](shard_sizes.png)", ""]
+    if data is not None:
+        acc = accuracies(store, data)
+        lines += ["## Accuracy", "", f"Top-1 on {acc['n']} labelled examples.", "", "| model | top-1 |", "|---|---|"]
+        lines += [f"| shard {i} | {100 * a:.2f}% |" for i, a in acc["shards"].items()]
+        if acc["composed"] is not None:
+            lines.append(f"| **composed** | **{100 * acc['composed']:.2f}%** |")
+        _bar_png(out / "accuracy.png", [str(i) for i in acc["shards"]], [100 * a for a in acc["shards"].values()],
+                 "top-1 (%)", "shard models vs composed",
+                 line=("composed", 100 * acc["composed"]) if acc["composed"] is not None else None)
+        lines += ["", "![accuracy](accuracy.png)", ""]
+        atomic_write(out / "accuracy.json", lambda p: p.write_text(json.dumps(acc, indent=1)))
+    lines += ["## Audit log", "", "| time | operation | details | composed sha256 |", "|---|---|---|---|"]
+    for e in store.audit():
+        details = {k: v for k, v in e.items() if k not in ("time", "op", "op_id", "composed_sha256")}
+        text = json.dumps(details, ensure_ascii=False)
+        lines.append(f"| {e.get('time', '')} | {e.get('op', '')} | {text[:160]}{'…' if len(text) > 160 else ''} "
+                     f"| `{str(e.get('composed_sha256') or '')[:12]}` |")
+    report = out / "report.md"
+    atomic_write(report, lambda p: p.write_text("\n".join(lines) + "\n"))
+    return report

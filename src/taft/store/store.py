@@ -1,0 +1,126 @@
+"""`ModelStore`: a read-side view of a store directory, plus `resume` for an interrupted operation.
+
+    store = ModelStore("stores/cifar")
+    store.info()                     # a JSON-able summary
+    clf, meta = store.load_composed()   # the composed model (an ordinary checkpoint)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from taft.backbones.base import Backbone
+from taft.checkpoint import LoadedCheckpoint, load_checkpoint
+from taft.errors import TaftError
+from taft.parallel.shards import BackboneSpec, FeatureData
+from taft.store.commit import finish
+from taft.store.forget import ForgetResult, forget
+from taft.store.journal import describe, read_audit, read_pending
+from taft.store.layout import StoreLayout
+from taft.store.manifest import Manifest, load_manifest, members
+from taft.store.plan import ShardPlan
+from taft.store.recompose import compose_store
+from taft.store.train import ExecutorArg, create_store
+from taft.train import TrainConfig
+
+
+class ModelStore:
+    """A store directory. Every property re-reads the files, so a view never goes stale."""
+
+    def __init__(self, root: str | Path):
+        self.layout = StoreLayout(root)
+        self.root = self.layout.root
+
+    @property
+    def manifest(self) -> Manifest:
+        return load_manifest(self.layout)
+
+    @property
+    def composed_path(self) -> Path | None:
+        m = self.manifest
+        return self.layout.path(m["composed"]["file"]) if m["composed"] else None
+
+    def shard_path(self, index: int) -> Path | None:
+        s = self.manifest["shards"][index]
+        return self.layout.path(s["file"]) if s.get("file") else None
+
+    @property
+    def forgotten(self) -> list[str]:
+        return list(self.manifest["forgotten"])
+
+    def audit(self) -> list[dict[str, Any]]:
+        return read_audit(self.layout)[0]
+
+    def load_composed(self, backbone: Backbone | None = None) -> LoadedCheckpoint:
+        path = self.composed_path
+        if path is None:
+            raise TaftError(f"store {self.root} has no composed model (no trained shard is composed)")
+        return load_checkpoint(path, backbone)
+
+    def load_shard(self, index: int, backbone: Backbone | None = None) -> LoadedCheckpoint:
+        path = self.shard_path(index)
+        if path is None:
+            raise TaftError(f"shard {index} of store {self.root} holds no trained model")
+        return load_checkpoint(path, backbone)
+
+    def info(self) -> dict[str, Any]:
+        """Summary: model, plan, shards (without their id lists), composition, forgotten count, pending op."""
+        m = self.manifest
+        pending = read_pending(self.layout)
+        return {
+            "store": str(self.root), "generation": m["generation"], "created": m["created"], "updated": m["updated"],
+            "method": m["method"], "backbone": m["backbone"], "backbone_fingerprint": m["backbone_fingerprint"],
+            "fingerprint": m["fingerprint"], "tangent_blocks": m["tangent_blocks"], "class_names": m["class_names"],
+            "preprocess": m["preprocess"], "train_config": m["train_config"], "threads": m["threads"],
+            "plan": {"kind": m["plan"]["kind"], "seed": m["plan"]["seed"], "k": m["plan"]["k"],
+                     "n": sum(len(s) for s in m["plan"]["shards"])},
+            "shards": [{k: s[k] for k in ("index", "status", "n", "seed", "file", "sha256")} for s in m["shards"]],
+            "composition": {**m["composition"], "members": members(m)},
+            "composed": m["composed"], "forgotten": len(m["forgotten"]),
+            "audit_entries": len(self.audit()),
+            "pending": describe(pending) if pending else None,
+        }
+
+
+def resume(root: str | Path, *, features: FeatureData | None = None, backbone: Backbone | None = None,
+           executor: ExecutorArg = None, workers: int | None = None, ray_address: str | None = None,
+           retries: int = 1, progress: bool = True) -> str:
+    """Complete the store's interrupted operation (from pending.json); returns what was done, in words."""
+    layout = StoreLayout(root)
+    with layout.locked():
+        pending = read_pending(layout)
+        if pending is None:
+            return "nothing to resume: no operation is pending"
+        if layout.manifest.exists():
+            m = load_manifest(layout)
+            if m.get("last_op") == pending["op_id"]:
+                finish(layout, m, pending)
+                return f"finished the cleanup of the committed {describe(pending)}"
+    req = pending["request"]
+    kw = dict(executor=executor, workers=workers, ray_address=ray_address, retries=retries, progress=progress)
+    if pending["op"] == "forget":
+        r: ForgetResult = forget(root, req["ids"], req["mode"], features=features, backbone=backbone, **kw)
+        return f"completed the forget of {len(r.forgotten)} ids (mode {r.mode}; shards {r.shards})"
+    if pending["op"] == "compose":
+        compose_store(root, weighting=req["weighting"], shards=req["subset"])
+        return "completed the composition"
+    if pending["op"] == "create":
+        data = req["data"]
+        if features is None:
+            from taft.data.feature_cache import CachedFeatures
+
+            if not data.get("path") or not (Path(data["path"]) / "meta.json").is_file():
+                raise TaftError("cannot resume the store's creation: its training features are not in the cache; "
+                                "rerun the original `taft shards train` command")
+            features = CachedFeatures(data["path"])
+        if backbone is None:
+            spec = req.get("backbone")
+            if not spec:
+                raise TaftError("cannot resume the store's creation without its backbone")
+            backbone = BackboneSpec(spec["name"], tuple(spec["image_size"]), spec["dtype"], spec["fingerprint"]).load()
+        create_store(root, features, backbone, TrainConfig.from_dict(req["config"]),
+                     plan=ShardPlan.from_dict(req["plan"]), threads=req["threads"], weighting=req["weighting"],
+                     **kw)
+        return "completed the store's creation"
+    raise TaftError(f"cannot resume an operation of kind {pending['op']!r}")

@@ -1,0 +1,187 @@
+"""Create a model store: plan the shards, train them in parallel, compose, commit.
+
+    store = create_store("stores/cifar", features, backbone, TrainConfig(epochs=10, seed=0), shards=8)
+
+`features` is the training data's trunk features (`cache_features(...)`: workers share that cache entry) or a
+tuple (features, labels, ids) with `class_names`. The store seed is `config.seed`: it seeds the plan and, through
+`shard_seed(seed, i)`, each shard's data order; every shard uses `config.head_seed`, so all share w0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from taft.backbones.base import Backbone
+from taft.data.feature_cache import CachedFeatures
+from taft.errors import TaftError
+from taft.parallel.executors import default_threads, default_workers, make_executor
+from taft.parallel.shards import (BackboneSpec, FeatureData, ShardResult, ShardTask, backbone_ref, run_shards,
+                                  shard_data)
+from taft.store.checkpoints import ModelInfo
+from taft.store.commit import commit, finish, record_shard, reusable, write_shard
+from taft.store.compose import LINEAR_METHODS, WEIGHTINGS
+from taft.store.journal import Pending, new_pending, read_pending, write_pending
+from taft.store.layout import StoreLayout, crashpoint
+from taft.store.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
+from taft.store.plan import ShardPlan, make_plan, shard_seed
+from taft.train import TrainConfig, build_classifier
+
+ExecutorArg = Executor | str | None
+
+
+def check_config(config: TrainConfig) -> TrainConfig:
+    """The resolved config, if shards trained with it can be composed exactly."""
+    if config.method not in LINEAR_METHODS:
+        raise TaftError(f"method {config.method!r} cannot be sharded: composition is exact only for models linear "
+                        f"in their trained weights ({', '.join(LINEAR_METHODS)})")
+    if config.head_init != "random":
+        raise TaftError("head_init='probe' cannot be sharded: a probe head fitted on all the data would put every "
+                        "example into the shared w0 (nothing could be forgotten); use head_init='random'")
+    return config.resolved()
+
+
+def data_identity(train: FeatureData) -> dict[str, Any]:
+    """Names the training data (for the manifest and to recognise a rerun)."""
+    if isinstance(train, CachedFeatures):
+        return {"path": str(Path(train.path).resolve()), "entry": train.meta.get("entry")}
+    ids = [str(i) for i in train[2]]
+    return {"path": None, "entry": None, "ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}
+
+
+def ids_and_labels(train: FeatureData) -> tuple[list[str], list[int]]:
+    if isinstance(train, CachedFeatures):
+        return list(train.ids), list(train.labels)
+    if isinstance(train, (tuple, list)) and len(train) == 3:
+        return [str(i) for i in train[2]], [int(y) for y in train[1]]
+    raise TaftError("store training data must be CachedFeatures or a tuple (features, labels, ids)")
+
+
+def shard_config(base: TrainConfig, index: int) -> TrainConfig:
+    return replace(base, seed=shard_seed(base.seed, index))
+
+
+def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[str]], *, train: FeatureData,
+               backbone: Backbone | BackboneSpec, info: ModelInfo, base: TrainConfig, threads: int, plan_kind: str,
+               executor: ExecutorArg, workers: int | None, ray_address: str | None, retries: int,
+               progress: bool) -> dict[int, dict[str, str]]:
+    """Train shards {index: ids} (reusing the journal's finished ones) and write their files; {index: file entry}."""
+    done: dict[int, dict[str, str]] = {}
+    tasks = []
+    for index, ids in sorted(todo.items()):
+        entry = reusable(layout, pending, index, sorted(ids))
+        if entry is not None:
+            done[index] = entry
+            continue
+        tasks.append(ShardTask(index=index, config=shard_config(base, index), data=shard_data(train, ids),
+                               class_names=tuple(info.class_names), backbone=backbone, fingerprint=info.fingerprint,
+                               threads=threads))
+    if not tasks:
+        return done
+
+    def on_result(result: ShardResult) -> None:
+        entry = write_shard(layout, info, result, created=pending["time"], store_seed=base.seed, plan_kind=plan_kind)
+        done[result.index] = entry
+        record_shard(layout, pending, result.index, entry)
+
+    if isinstance(executor, Executor):
+        run_shards(tasks, executor, retries=retries, on_result=on_result, progress=progress)
+    else:
+        kind = executor or ("process" if len(tasks) > 1 else "inline")
+        if kind == "inline" and isinstance(backbone, BackboneSpec):
+            backbone = backbone.load()
+            tasks = [replace(t, backbone=backbone) for t in tasks]
+        with make_executor(kind, workers=workers, tasks=len(tasks), ray_address=ray_address,
+                           threads=threads) as ex:
+            run_shards(tasks, ex, retries=retries, on_result=on_result, progress=progress)
+    return done
+
+
+def create_store(root: str | Path, train: FeatureData, backbone: Backbone, config: TrainConfig, *,
+                 shards: int | None = None, plan: ShardPlan | None = None, plan_kind: str = "random",
+                 class_names: Sequence[str] | None = None, executor: ExecutorArg = None, workers: int | None = None,
+                 threads: int | None = None, ray_address: str | None = None, retries: int = 1,
+                 weighting: str = "uniform", source: Mapping[str, Any] | None = None,
+                 progress: bool = True) -> Path:
+    """Train a store of `shards` shards (or on the given `plan`, whose ids must be exactly the data's) in `root`
+    (new or empty), compose them with `weighting`, and commit. Returns `root`.
+
+    executor: an Executor, or "process" (default when several shards), "inline" or "ray". workers: process pool
+    size (default min(shards, cores)). threads: torch threads per shard task (default max(1, cores // workers));
+    recorded in the store and reused by retraining, since it changes float summation order. retries: extra
+    attempts per failed shard. A rerun with the same arguments after an interruption resumes the creation."""
+    layout = StoreLayout(root)
+    base = check_config(config)
+    if weighting not in WEIGHTINGS:
+        raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    ids, labels = ids_and_labels(train)
+    if class_names is None:
+        if not isinstance(train, CachedFeatures):
+            raise TaftError("class_names are required when the training data is a tensor tuple")
+        class_names = train.class_names
+    if plan is None:
+        if shards is None:
+            raise TaftError("give the number of shards or a shard plan")
+        plan = make_plan(ids, labels, shards, base.seed, plan_kind)
+    else:
+        if shards is not None and shards != plan.k:
+            raise TaftError(f"{shards} shards asked for, but the given plan has {plan.k}")
+        have, want = set(ids), set(plan.ids)
+        if have != want:
+            raise TaftError(f"the shard plan's ids differ from the data's: {len(want - have)} planned ids are not in "
+                            f"the data (e.g. {sorted(want - have)[:10]}), {len(have - want)} data ids are not "
+                            f"planned (e.g. {sorted(have - want)[:10]})")
+    info = ModelInfo.of(build_classifier(base, backbone, class_names))
+    todo = {i: list(s) for i, s in enumerate(plan.shards) if s}
+    if threads is None:
+        threads = default_threads(workers or default_workers(len(todo)))
+    request = {"plan": plan.to_dict(), "config": base.to_dict(), "fingerprint": info.fingerprint,
+               "threads": threads, "weighting": weighting, "data": data_identity(train),
+               "backbone": {"name": backbone.name, "image_size": list(backbone.preprocess.image_size),
+                            "dtype": info.dtype, "fingerprint": backbone.fingerprint}}
+    with layout.locked(create=True):
+        pending = read_pending(layout)
+        if layout.manifest.exists():
+            m = load_manifest(layout)
+            if pending is not None and m.get("last_op") == pending["op_id"]:  # committed, not yet finished
+                finish(layout, m, pending)
+                if pending["request"] == request:
+                    return layout.root
+            raise TaftError(f"{layout.root} already holds a model store; forget or compose there, or choose another "
+                            "directory")
+        if pending is not None and (pending["op"] != "create" or pending["request"] != request):
+            raise TaftError(f"{layout.root} holds an interrupted store creation with other settings; rerun that "
+                            "command, or remove the directory")
+        if pending is None:
+            others = [p.name for p in layout.root.iterdir() if p.name != layout.lock_file.name]
+            if others:
+                raise TaftError(f"{layout.root} is not empty ({', '.join(sorted(others)[:5])}); a store needs a new "
+                                "or empty directory")
+            pending = new_pending("create", request, 0, {"shards": sorted(todo), "n": len(ids)})
+            write_pending(layout, pending)
+            crashpoint("after-pending")
+        ref = backbone_ref(backbone, by_name=executor != "inline")
+        files = train_into(layout, pending, todo, train=train, backbone=ref, info=info, base=base, threads=threads,
+                           plan_kind=plan.kind, executor=executor, workers=workers, ray_address=ray_address,
+                           retries=retries, progress=progress)
+        m: Manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "generation": 0, "last_op": None,
+            "created": pending["time"], "updated": pending["time"], **info.to_dict(),
+            "train_config": base.to_dict(), "threads": threads, "plan": plan.to_dict(),
+            "data": {"features": data_identity(train), "source": dict(source) if source else None},
+            "shards": [{"index": i, "status": "trained" if s else "empty",
+                        "file": files[i]["file"] if s else None, "sha256": files[i]["sha256"] if s else None,
+                        "ids": list(s), "n": len(s), "seed": shard_seed(base.seed, i)}
+                       for i, s in enumerate(plan.shards)],
+            "composition": {"weighting": weighting, "subset": None}, "composed": None, "forgotten": [],
+        }
+        commit(layout, m, pending)
+    return layout.root
+
+
+__all__ = ["check_config", "create_store", "data_identity", "shard_config", "train_into"]

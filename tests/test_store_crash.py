@@ -1,0 +1,139 @@
+"""Crash safety: a forget killed at any point leaves a store that `verify` accepts (after repair where needed),
+and rerunning the forget completes it with the same result as an uninterrupted forget.
+
+The forget runs in a subprocess killed either at a named step (`TAFT_TEST_CRASH_AT=<step>` makes
+`taft.store.layout.crashpoint` call `os._exit`) or by a real SIGKILL at a random moment (steps slowed by
+`TAFT_TEST_STEP_DELAY` so the kill lands inside the operation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from taft.store import CRASH_EXIT, ModelStore, StoreLayout, create_store, forget, load_manifest, verify
+from taft.store.layout import CRASH_ENV, DELAY_ENV
+from test_store import CONFIG, K, composed_delta, same_tensors, tiny_backbone, tiny_features
+
+TESTS = Path(__file__).resolve().parent
+SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_store import tiny_backbone
+from taft.store import forget
+print("ready", flush=True)
+forget({root!r}, json.loads({ids!r}), {mode!r}, backbone=tiny_backbone(), executor="inline", progress=False)
+print("done", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    bb, cf = tiny_features()
+    root = create_store(tmp_path_factory.mktemp("crash") / "base", cf, bb, CONFIG, shards=K, executor="inline",
+                        progress=False)
+    m = load_manifest(StoreLayout(root))
+    ids = [m["shards"][0]["ids"][1], m["shards"][2]["ids"][0], m["shards"][2]["ids"][4]]  # two shards retrain
+    return root, ids
+
+
+@pytest.fixture(scope="module")
+def reference(base, tmp_path_factory):
+    """The uninterrupted forget, per mode: (composed Δw, manifest)."""
+    root, ids = base
+    out = {}
+    for mode in ("retrain", "drop"):
+        copy = Path(shutil.copytree(root, tmp_path_factory.mktemp("ref") / mode))
+        forget(copy, ids, mode, backbone=tiny_backbone(), executor="inline", progress=False)
+        out[mode] = (composed_delta(copy), load_manifest(StoreLayout(copy)))
+    return out
+
+
+def start(root: Path, ids: list[str], mode: str, env: dict[str, str]) -> subprocess.Popen:
+    code = SCRIPT.format(tests=str(TESTS), root=str(root), ids=json.dumps(ids), mode=mode)
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def check_recovery(root: Path, ids: list[str], mode: str, reference) -> None:
+    report = verify(root, repair=True)
+    assert report.ok, report.lines()
+    assert verify(root).ok
+    forget(root, ids, mode, backbone=tiny_backbone(), executor="inline", progress=False)
+    want_delta, want = reference[mode]
+    got = load_manifest(StoreLayout(root))
+    assert same_tensors(composed_delta(root), want_delta)
+    for key in ("forgotten", "composition"):
+        assert got[key] == want[key]
+    assert [(s["status"], s["ids"]) for s in got["shards"]] == [(s["status"], s["ids"]) for s in want["shards"]]
+    assert got["composed"]["shards"] == want["composed"]["shards"]
+    after = verify(root)
+    assert after.ok and not after.notes and not after.repaired, after.lines()
+    layout = StoreLayout(root)
+    assert not layout.pending.exists() and not layout.temp_files()
+    assert len(layout.shard_files()) == sum(1 for s in got["shards"] if s["file"])
+    forgets = [e for e in ModelStore(root).audit() if e["op"] == "forget" and not e.get("noop")]
+    assert len(forgets) == 1 and forgets[0]["ids"] == sorted(ids)
+
+
+NOT_COMMITTED = "note: an interrupted forget of 3 ids"
+COMPOSED_STALE = "problem: composed.safetensors does not match its hash"
+UNFINISHED = "committed but did not finish its cleanup"
+
+
+@pytest.mark.parametrize("mode, step, expect", [
+    ("retrain", "after-pending", NOT_COMMITTED), ("retrain", "after-shard-file", NOT_COMMITTED),
+    ("retrain", "after-composed", COMPOSED_STALE), ("retrain", "after-manifest", UNFINISHED),
+    ("retrain", "after-audit", UNFINISHED), ("drop", "after-composed", COMPOSED_STALE),
+    ("drop", "after-forgotten", UNFINISHED),
+])
+def test_forget_killed_at_a_step_recovers(base, reference, tmp_path, mode, step, expect):
+    root, ids = base
+    store = Path(shutil.copytree(root, tmp_path / "s"))
+    proc = start(store, ids, mode, {CRASH_ENV: step})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == CRASH_EXIT, (out, err)
+    assert "done" not in out
+    lines = "\n".join(verify(store).lines())
+    assert expect in lines, lines
+    check_recovery(store, ids, mode, reference)
+
+
+DELAY = "0.1"  # seconds per named step while a kill test runs (a forget here has ~8 steps)
+
+
+@pytest.fixture(scope="module")
+def duration(base, tmp_path_factory) -> float:
+    """How long the slowed forget takes from "ready" to "done" on this machine (one uninterrupted run)."""
+    root, ids = base
+    proc = start(Path(shutil.copytree(root, tmp_path_factory.mktemp("timing") / "s")), ids, "retrain",
+                 {DELAY_ENV: DELAY})
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    assert proc.stdout.readline().strip() == "done"
+    proc.communicate(timeout=60)
+    return time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_forget_sigkilled_at_a_random_moment_recovers(base, reference, duration, tmp_path, seed):
+    root, ids = base
+    store = Path(shutil.copytree(root, tmp_path / "s"))
+    proc = start(store, ids, "retrain", {DELAY_ENV: DELAY})
+    assert proc.stdout.readline().strip() == "ready"
+    at = random.Random(seed).uniform(0, duration)
+    time.sleep(at)
+    os.killpg(proc.pid, signal.SIGKILL)  # the subprocess's own session: it and nothing else
+    proc.communicate(timeout=60)
+    assert proc.returncode in (-signal.SIGKILL, 0)
+    print(f"killed at {at:.2f} s of {duration:.2f} s:", *verify(store).lines()[1:])
+    check_recovery(store, ids, "retrain", reference)
