@@ -402,6 +402,22 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from taft.store import ModelStore
+    from taft.store.report import write_report
+    from taft.train import cache_features
+
+    features = None
+    if args.data is not None or args.dataset is not None:
+        classifier, meta = ModelStore(args.store).load_composed()
+        dataset = open_dataset(args, classifier.preprocess)
+        _check_classes(dataset.class_names, classifier.class_names)
+        features = cache_features(dataset, _backbone_of(classifier, meta), classifier.tangent_blocks,
+                                  progress=not args.quiet)
+    out = args.out or args.store.with_name(args.store.name + "-report")
+    print(f"report: {write_report(args.store, out, features)}")
+
+
 def _add_store_parsers(sub) -> None:
     from taft.store import PLAN_KINDS, WEIGHTINGS
     from taft.train.config import DEFAULT_LR
@@ -480,6 +496,15 @@ def _add_store_parsers(sub) -> None:
     p.add_argument("store", type=Path)
     _add_executor_args(p)
     p.set_defaults(func=cmd_store_resume)
+
+    p = sub.add_parser("report", help="write a Markdown report (with PNG plots) of a store",
+                       description="Shard sizes, per-shard and composed accuracy on labelled data (when --data or "
+                                   "--dataset is given), and the audit log, as report.md plus PNG plots.")
+    p.add_argument("store", type=Path)
+    add_data_args(p, "test")
+    p.add_argument("--out", type=Path, help="report directory (default: <store>-report beside the store)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_report)
 
 
 # ------------------------------------------------------------------------------------------------------ parser
