@@ -58,7 +58,7 @@ def test_bad_delta_is_rejected_before_anything_changes():
     model = small_model()
     delta = model.delta_state_dict()
     wrong_shape = dict(delta, **{"head.weight": torch.zeros(5, 32)})
-    with pytest.raises(TaftError, match="shapes"):
+    with pytest.raises(TaftError, match="wrong shapes"):
         model.load_delta_state_dict(wrong_shape, fingerprint=model.fingerprint)
     missing = {k: v for k, v in delta.items() if k != "head.bias"}
     with pytest.raises(TaftError, match="missing"):

@@ -12,6 +12,7 @@ from taft.backbones.base import Backbone
 from taft.backbones.vit import ViT
 from taft.errors import FingerprintMismatchError, TaftError
 from taft.fingerprint import hash_tensors
+from taft.tensors import load_checked
 from taft.tangent import TangentTail, pool
 
 POOLINGS = ("cls", "mean")
@@ -143,20 +144,7 @@ class TangentModel(nn.Module):
                 f"this Δw was trained around other base weights (fingerprint {fingerprint[:12]}…) than this model "
                 f"({self.fingerprint[:12]}…: backbone {self.backbone_name}, k={self.tangent_blocks}); "
                 "load it into the model it was trained with")
-        params = dict(self.tail.named_parameters())
-        missing, unexpected = sorted(set(params) - set(delta)), sorted(set(delta) - set(params))
-        if missing or unexpected:
-            raise TaftError(f"Δw keys do not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        wrong = [f"{n}: {tuple(delta[n].shape)} != {tuple(p.shape)}" for n, p in params.items()
-                 if delta[n].shape != p.shape]
-        if wrong:
-            raise TaftError(f"Δw shapes do not match this model: {wrong[:5]}")
-        bad = [n for n in params if not torch.isfinite(delta[n]).all()]
-        if bad:
-            raise TaftError(f"Δw holds NaN or infinite values in {bad[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(delta[name])
+        load_checked(dict(self.tail.named_parameters()), delta, "Δw tensors")
 
     def materialize(self) -> ViTClassifier:
         """A plain non-linear model with weights w0 + Δw (same dtype and device as this model)."""

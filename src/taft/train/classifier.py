@@ -25,6 +25,7 @@ from taft.errors import TaftError
 from taft.fingerprint import hash_tensors
 from taft.model import TangentModel, Trunk, params_to_buffers
 from taft.tangent import pool
+from taft.tensors import load_checked
 from taft.train.config import TrainConfig
 
 
@@ -153,21 +154,7 @@ class Classifier(nn.Module):
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load `trained_state_dict()` tensors; checks names, shapes and finiteness before changing anything."""
-        params = dict(self.tail.named_parameters())
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or extra:
-            raise TaftError(f"trained tensors do not match this {self.method} model: missing {missing[:5]}, "
-                            f"unexpected {extra[:5]}")
-        wrong = [f"{n}: {tuple(state[n].shape)} != {tuple(p.shape)}" for n, p in params.items()
-                 if tuple(state[n].shape) != tuple(p.shape)]
-        if wrong:
-            raise TaftError(f"trained tensors have wrong shapes for this {self.method} model: {wrong[:5]}")
-        bad = [n for n in params if not torch.isfinite(state[n]).all()]
-        if bad:
-            raise TaftError(f"trained tensors hold NaN or infinite values in {bad[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name])
+        load_checked(dict(self.tail.named_parameters()), state, f"trained tensors of this {self.method} model")
 
 
 def _check_k(k: int, depth: int) -> None:
