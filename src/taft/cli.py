@@ -236,9 +236,13 @@ def cmd_backbones(args: argparse.Namespace) -> None:
 def cmd_shards_train(args: argparse.Namespace) -> None:
     """Train a model store: K shards in parallel on one trunk-feature cache entry, composed."""
     from taft.backbones import load_backbone
+    from taft.privacy import dp_config_from_args
     from taft.store import ModelStore, create_store
+    from taft.store.train import check_dp
     from taft.train import TrainConfig, cache_features
 
+    dp = dp_config_from_args(args)
+    check_dp(dp, args.weighting)  # before the features are computed
     config = TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
                          lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
                          seed=args.seed, head_seed=args.head_seed, pooling=args.pooling)
@@ -257,11 +261,15 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     create_store(args.store, features, backbone, config, shards=None if plan is not None else args.shards,
                  plan=plan, plan_kind=args.plan, executor=args.executor, workers=args.workers, threads=threads,
                  ray_address=args.ray_address, retries=args.retries, weighting=args.weighting, source=source,
-                 progress=not args.quiet)
+                 dp=dp, progress=not args.quiet)
     info = ModelStore(args.store).info()
     trained = [s["index"] for s in info["shards"] if s["status"] == "trained"]
     print(f"store {args.store}: {len(trained)} of {info['plan']['k']} shards trained on {info['plan']['n']} "
           f"examples ({args.method} k={args.k}); composed model: {args.store / 'composed.safetensors'}")
+    if info.get("privacy"):
+        from taft.privacy import describe
+
+        print(f"privacy: {describe(info['privacy'])}")
 
 
 def _shards_plan_from(path: Path, data_ids):
@@ -324,7 +332,7 @@ def _store_features(store: Path, quiet: bool):
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
-    from taft.store import forget, read_ids
+    from taft.store import ModelStore, forget, read_ids
 
     ids = read_ids(args.ids)
     features = _store_features(args.store, args.quiet) if args.mode == "retrain" else None
@@ -337,6 +345,11 @@ def cmd_forget(args: argparse.Namespace) -> None:
     print(f"forgot {len(r.forgotten)} ids ({len(r.already)} already forgotten); {what} shards {r.shards}; "
           f"composed sha256 {r.composed_sha256[:16] + '…' if r.composed_sha256 else 'none (no shard left)'}"
           + ("; completed an interrupted forget" if r.resumed else ""))
+    privacy = ModelStore(args.store).manifest.get("privacy")
+    if privacy:
+        from taft.privacy import describe
+
+        print(f"privacy: {describe(privacy)}")
 
 
 def cmd_store_verify(args: argparse.Namespace) -> None:
@@ -366,13 +379,21 @@ def cmd_store_info(args: argparse.Namespace) -> None:
     p = info["plan"]
     print(f"plan         {p['kind']}, {p['k']} shards, seed {p['seed']}, {p['n']} examples")
     for s in info["shards"]:
-        print(f"  shard {s['index']:>3}  {s['status']:<8} n={s['n']:<6} seed={s['seed']:<11} "
+        eps = ""
+        if "dp" in info:  # the shard's ε (all its releases); "-" for none, or no finite guarantee
+            e = (s.get("privacy") or {}).get("epsilon")
+            eps = f"ε={'-' if e is None else format(e, '.4g'):<8} "
+        print(f"  shard {s['index']:>3}  {s['status']:<8} n={s['n']:<6} seed={s['seed']:<11} {eps}"
               f"{s['file'] or '-'}")
     c = info["composition"]
     print(f"composition  {c['weighting']}, shards {c['members']}" + (" (subset)" if c.get("subset") else ""))
     comp = info["composed"]
     print(f"composed     {comp['file']} sha256 {comp['sha256'][:16]}… ({comp['n']} examples)" if comp
           else "composed     none")
+    if "dp" in info:
+        from taft.privacy import describe
+
+        print(f"privacy      {describe(info['privacy']) if info['privacy'] else 'none (no shard composed)'}")
     print(f"forgotten    {info['forgotten']} ids; audit log {info['audit_entries']} entries")
     if info["pending"]:
         print(f"pending      interrupted {info['pending']} (taft store resume {args.store})")
@@ -462,6 +483,11 @@ def _add_store_parsers(sub) -> None:
     p.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="token pooling (default cls)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
                    help="precision of the trunk-feature cache (default float32)")
+    add_dp_args(p)
+    p.epilog = ("With --dp every shard is trained with DP-SGD on its own disjoint data (the budget is per shard; "
+                "--delta must be below 1/n of each shard) and the store records the guarantee of the composed model "
+                "(the max over shards). --weighting size is refused with --dp. A DP store is not bit-reproducible "
+                "unless --dp-seed is given (each shard's DP-SGD seed is then derived from it).")
     p.set_defaults(func=cmd_shards_train)
 
     p = sub.add_parser("compose", help="compose a store's shards (uniform, by size, or a subset)")

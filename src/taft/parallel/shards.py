@@ -6,6 +6,8 @@ numbers; workers never recompute features), the class names, and the backbone as
 size, dtype, fingerprint; reloaded from taft's weight cache once per worker process) or the `Backbone` itself when
 it cannot be reloaded by name. A task runs with `torch.set_num_threads(task.threads)` and restores the previous
 count, so the same task gives the same Δw in any executor (the thread count changes float summation order).
+A task with a `DPConfig` trains its shard with DP-SGD (`fit(..., dp=...)`); its result carries the run's privacy
+ledger, and only metrics that do not depend on the private data (`PUBLIC_METRICS`).
 
 `run_shards` submits every task, retries a failed one `retries` times, reports each finished shard (a progress
 line, and `on_result` so the caller can persist it at once), and raises `ShardTrainingError` naming every shard
@@ -32,12 +34,15 @@ from taft.backbones import BUNDLED, load_backbone
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import TaftError
+from taft.privacy import DPConfig
 from taft.train import TrainConfig, fit
 
 FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor, Sequence[str]]]
 # Metrics that depend only on the data and config (no timings): what a shard checkpoint records.
 DETERMINISTIC_METRICS = ("method", "tangent_blocks", "epochs", "steps", "lr", "n_train", "eval_split", "top1", "loss",
                          "final_train_loss")
+# Under DP: the metrics that are no statistic of the private training data (n is treated as public).
+PUBLIC_METRICS = ("method", "tangent_blocks", "epochs", "steps", "lr", "n_train")
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,8 @@ def shard_data(train: FeatureData, ids: Sequence[str]) -> FeatureData:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """Train shard `index` with `config` on `data` (already restricted to the shard, in training order)."""
+    """Train shard `index` with `config` on `data` (already restricted to the shard, in training order); with
+    `dp`, by DP-SGD (its seed, if any, is this shard's own)."""
 
     index: int
     config: TrainConfig
@@ -110,12 +116,13 @@ class ShardTask:
     backbone: Backbone | BackboneSpec
     fingerprint: str
     threads: int = 1
+    dp: DPConfig | None = None
 
 
 @dataclass
 class ShardResult:
     """The trained tensors (Δw for taft), base head, ids in training order, deterministic metrics, where and how
-    long it ran."""
+    long it ran; `privacy`: the DP-SGD run's ledger (`PrivacyLedger.to_dict()`), None without DP."""
 
     index: int
     tensors: dict[str, torch.Tensor]
@@ -127,6 +134,7 @@ class ShardResult:
     seconds: float
     worker: str
     attempts: int = 1
+    privacy: dict[str, Any] | None = None
 
 
 class ShardTrainingError(TaftError):
@@ -147,19 +155,21 @@ def train_shard(task: ShardTask) -> ShardResult:
     torch.set_num_threads(task.threads)
     try:
         backbone = task.backbone.load() if isinstance(task.backbone, BackboneSpec) else task.backbone
-        result = fit(task.config, backbone, task.data, class_names=list(task.class_names), progress=False)
+        result = fit(task.config, backbone, task.data, class_names=list(task.class_names), progress=False,
+                     dp=task.dp)
     finally:
         torch.set_num_threads(previous)
     clf = result.classifier
     if clf.fingerprint != task.fingerprint:
         raise TaftError(f"shard {task.index} trained around other base weights (fingerprint "
                         f"{clf.fingerprint[:12]}…) than the store's ({task.fingerprint[:12]}…)")
-    metrics = {k: result.metrics[k] for k in DETERMINISTIC_METRICS if k in result.metrics}
+    keep = DETERMINISTIC_METRICS if task.dp is None else PUBLIC_METRICS
+    metrics = {k: result.metrics[k] for k in keep if k in result.metrics}
     return ShardResult(index=task.index, tensors=clf.trained_state_dict(),
                        head_weight0=clf.head_weight0.detach().cpu().clone(),
                        head_bias0=clf.head_bias0.detach().cpu().clone(), ids=list(result.train_ids or []),
                        config=result.config.to_dict(), metrics=metrics, seconds=time.perf_counter() - t0,
-                       worker=f"{socket.gethostname()}:{os.getpid()}")
+                       worker=f"{socket.gethostname()}:{os.getpid()}", privacy=result.privacy)
 
 
 def _message(e: BaseException) -> str:
@@ -205,7 +215,8 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
             bar.update(1)
             loss = result.metrics.get("final_train_loss")
             say(f"shard {task.index} done ({len(results)}/{total}): {len(result.ids)} examples, "
-                f"final loss {loss:.4g}, {result.seconds:.1f} s on {result.worker}"
+                + (f"final loss {loss:.4g}, " if loss is not None else "")
+                + f"{result.seconds:.1f} s on {result.worker}"
                 + (f", attempt {result.attempts}" if result.attempts > 1 else ""))
         elif attempts[task.index] <= retries:
             say(f"shard {task.index} failed (attempt {attempts[task.index]}), retrying: {_message(error)}")
@@ -231,5 +242,5 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
     return results
 
 
-__all__ = ["BackboneSpec", "FeatureData", "ShardResult", "ShardTask", "ShardTrainingError", "backbone_ref",
-           "run_shards", "shard_data", "train_shard"]
+__all__ = ["PUBLIC_METRICS", "BackboneSpec", "FeatureData", "ShardResult", "ShardTask", "ShardTrainingError",
+           "backbone_ref", "run_shards", "shard_data", "train_shard"]

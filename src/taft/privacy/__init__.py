@@ -10,7 +10,8 @@
   an independent cross-check with Google's dp_accounting.
 - `config`: `DPConfig`, `plan_dp` (q = B/n, steps = epochs·⌈n/B⌉, σ or ε), the CLI options' translation.
 - `dpsgd`: per-example gradients (vmap over grad), clipping, Poisson sampling, the DP-SGD training loop.
-- `ledger`: `PrivacyLedger` and `parallel_composition` for disjoint shards.
+- `ledger`: `PrivacyLedger`, `parallel_composition` for disjoint shards, `sequential_composition` for repeated
+  releases on the same data (a retrained store shard).
 
 What the guarantee does not cover is listed in each ledger's `notes`; in particular validation data must be
 disjoint from the private training data, and `head_init="probe"` (a probe fitted on the private data without
@@ -20,8 +21,8 @@ noise) is refused under DP.
 from taft.privacy.accounting import (ACCOUNTANTS, MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, calibrate_noise,
                                      compute_epsilon, epsilon_dp_accounting)
 from taft.privacy.config import DPConfig, DPPlan, dp_config_from_args, plan_dp
-from taft.privacy.ledger import MECHANISM, PrivacyLedger, describe, parallel_composition
+from taft.privacy.ledger import MECHANISM, PrivacyLedger, describe, parallel_composition, sequential_composition
 
 __all__ = ["ACCOUNTANTS", "MAX_NOISE_MULTIPLIER", "MECHANISM", "MIN_NOISE_MULTIPLIER", "DPConfig", "DPPlan",
            "PrivacyLedger", "calibrate_noise", "compute_epsilon", "describe", "dp_config_from_args",
-           "epsilon_dp_accounting", "parallel_composition", "plan_dp"]
+           "epsilon_dp_accounting", "parallel_composition", "plan_dp", "sequential_composition"]

@@ -10,6 +10,10 @@ sampling and noise were seeded, and notes on what the guarantee does not cover.
 example influences one shard only, so with each shard (ε_i, δ_i)-DP the collection of shard models, and any
 model computed from them (e.g. the composition Σ α_i Δw_i with data-independent weights α), is
 (max ε_i, max δ_i)-DP with respect to adding or removing one example.
+
+`sequential_composition(ledgers)` gives the guarantee of several releases trained on the same (or overlapping)
+data, e.g. a store shard's model before and after it was retrained to forget examples: (Σ ε_i, Σ δ_i)-DP by the
+basic composition theorem.
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ from taft.errors import TaftError
 
 MECHANISM = "DP-SGD (Poisson, Gaussian)"
 PARALLEL = "parallel composition of disjoint shards"
+SEQUENTIAL = "sequential composition (basic: sums of ε and δ)"
 ADJACENCY = "add/remove one training example"
 
 
 @dataclass(frozen=True)
 class PrivacyLedger:
-    """(ε, δ) spent and how. See the module doc. For a parallel composition the per-run fields (σ, q, steps, C,
-    accountant, expected_batch_size) are None and `components` holds the shards' ledgers."""
+    """(ε, δ) spent and how. See the module doc. For a parallel (sequential) composition the per-run fields (σ, q,
+    steps, C, accountant, expected_batch_size) are None and `components` holds the shards' (releases') ledgers."""
 
     epsilon: float | None
     delta: float
@@ -80,7 +85,8 @@ class PrivacyLedger:
         head = (f"(ε={self.epsilon:.4g}, δ={self.delta:g})-DP" if self.private
                 else f"not private (no finite ε; δ={self.delta:g})")
         if self.components is not None:
-            return f"{head}: {self.mechanism} ({len(self.components)} shards), n={self.n}"
+            parts = "releases" if self.mechanism == SEQUENTIAL else "shards"
+            return f"{head}: {self.mechanism} ({len(self.components)} {parts}), n={self.n}"
         libs = ", ".join(f"{k} {v}" for k, v in sorted(self.libraries.items()) if k != "taft")
         target = f" (target ε={self.target_epsilon:g})" if self.target_epsilon is not None else ""
         return (f"{head}{target}: {self.mechanism}, σ={self.noise_multiplier:.4g}, q={self.sample_rate:.4g}, "
@@ -127,3 +133,30 @@ def parallel_composition(ledgers: Iterable[Mapping[str, Any] | PrivacyLedger], *
                          mechanism=PARALLEL, seeded=any(x.seeded for x in items),
                          libraries=dict(sorted({k: v for x in items for k, v in x.libraries.items()}.items())),
                          notes=notes, components=[x.to_dict() for x in items])
+
+
+def sequential_composition(ledgers: Iterable[Mapping[str, Any] | PrivacyLedger]) -> PrivacyLedger:
+    """The guarantee of several releases computed from the same data (or overlapping data), e.g. a shard's model
+    and its retrained successor after forgetting, when the earlier one may already be public: (Σ ε_i, Σ δ_i)-DP
+    (add/remove one example) by the basic composition theorem. That bound holds whatever accountant each run used;
+    it is looser than accounting all runs' (σ, q, steps) together, which `taft.privacy.accounting` does not offer
+    for runs of different parameters. The runs must use independent noise (different seeds).
+
+    A ledger that is itself a sequential composition contributes its runs (the result is flat: `components` lists
+    every release in order). n is the last release's (the data the newest model was trained on). A release
+    without a finite ε makes the whole non-private (ε None)."""
+    items: list[PrivacyLedger] = []
+    for x in ledgers:
+        led = x if isinstance(x, PrivacyLedger) else PrivacyLedger.from_dict(x)
+        if led.mechanism == SEQUENTIAL and led.components is not None:
+            items += [PrivacyLedger.from_dict(c) for c in led.components]
+        else:
+            items.append(led)
+    if not items:
+        raise TaftError("sequential composition needs at least one ledger")
+    eps = None if any(not x.private for x in items) else sum(float(x.epsilon) for x in items)
+    return PrivacyLedger(epsilon=eps, delta=sum(float(x.delta) for x in items), n=int(items[-1].n),
+                         mechanism=SEQUENTIAL, seeded=any(x.seeded for x in items),
+                         libraries=dict(sorted({k: v for x in items for k, v in x.libraries.items()}.items())),
+                         notes=sorted({note for x in items for note in x.notes}),
+                         components=[x.to_dict() for x in items])

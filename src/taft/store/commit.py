@@ -31,12 +31,13 @@ from taft.store.checkpoints import DeltaFile, ModelInfo, read_checkpoint, write_
 from taft.store.compose import write_composed
 from taft.store.journal import Pending, append_audit, clear_pending, describe, read_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint, fsync_dir, sha256_file, shard_file_name, write_json
-from taft.store.manifest import Manifest, alphas_of, members, save_manifest
+from taft.store.manifest import Manifest, alphas_of, members, privacy_of, save_manifest
 
 
 def write_shard(layout: StoreLayout, info: ModelInfo, result: ShardResult, *, created: str, store_seed: int,
-                plan_kind: str) -> dict[str, str]:
-    """Write a trained shard as an ordinary checkpoint under its content-addressed name; {file, sha256}."""
+                plan_kind: str, privacy: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write a trained shard as an ordinary checkpoint under its content-addressed name; {file, sha256} (and
+    privacy: the shard's ledger, also in the checkpoint's metadata, when trained with DP)."""
     layout.shards_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".shard-{result.index:03d}-", suffix=".tmp", dir=layout.shards_dir)
     os.close(fd)
@@ -44,7 +45,8 @@ def write_shard(layout: StoreLayout, info: ModelInfo, result: ShardResult, *, cr
     try:
         write_checkpoint(tmp, info, result.tensors, result.head_weight0, result.head_bias0,
                          train_config=result.config, ids=result.ids, created=created, metrics=result.metrics,
-                         extra={"shard": {"index": result.index, "store_seed": store_seed, "plan": plan_kind}})
+                         extra={"shard": {"index": result.index, "store_seed": store_seed, "plan": plan_kind},
+                                **({"privacy": dict(privacy)} if privacy else {})})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         sha = sha256_file(tmp)
@@ -53,17 +55,20 @@ def write_shard(layout: StoreLayout, info: ModelInfo, result: ShardResult, *, cr
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(layout.shards_dir)
-    return {"file": layout.relative(final), "sha256": sha}
+    entry: dict[str, Any] = {"file": layout.relative(final), "sha256": sha}
+    if privacy:
+        entry["privacy"] = dict(privacy)
+    return entry
 
 
-def record_shard(layout: StoreLayout, pending: Pending, index: int, entry: Mapping[str, str]) -> None:
+def record_shard(layout: StoreLayout, pending: Pending, index: int, entry: Mapping[str, Any]) -> None:
     """Note a finished shard file in the journal, so that a rerun reuses it."""
     pending["completed"][str(index)] = dict(entry)
     write_pending(layout, pending)
     crashpoint("after-shard-file")
 
 
-def reusable(layout: StoreLayout, pending: Pending, index: int, ids: list[str]) -> dict[str, str] | None:
+def reusable(layout: StoreLayout, pending: Pending, index: int, ids: list[str]) -> dict[str, Any] | None:
     """The journal's finished file for shard `index` if it is intact and trained on exactly `ids`."""
     entry = pending["completed"].get(str(index))
     if not entry:
@@ -102,7 +107,7 @@ def compose_into(layout: StoreLayout, m: Manifest, created: str) -> dict[str, An
     composition = {"weighting": m["composition"]["weighting"], "shards": used, "alphas": alphas,
                    "shard_sha256": [m["shards"][i]["sha256"] for i in used]}
     write_composed(layout.composed, files, alphas, train_config=m["train_config"], created=created,
-                   composition=composition)
+                   composition=composition, privacy=privacy_of(m))
     fsync_dir(layout.root)
     return {"file": layout.relative(layout.composed), "sha256": sha256_file(layout.composed), "created": created,
             "shards": used, "alphas": alphas, "n": sum(m["shards"][i]["n"] for i in used)}
@@ -116,6 +121,8 @@ def commit(layout: StoreLayout, m: Manifest, pending: Pending) -> Manifest:
     m["updated"] = pending["time"]
     m["composed"] = None
     m["composed"] = compose_into(layout, m, pending["time"])
+    if "dp" in m:
+        m["privacy"] = privacy_of(m)
     crashpoint("after-composed")
     save_manifest(layout, m)
     crashpoint("after-manifest")

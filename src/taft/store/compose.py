@@ -82,9 +82,10 @@ def check_same_base(files: Sequence[DeltaFile]) -> None:
 
 
 def write_composed(path: Path, files: Sequence[DeltaFile], alphas: Sequence[float], *, train_config: Mapping,
-                   created: str, composition: Mapping) -> None:
+                   created: str, composition: Mapping, privacy: Mapping | None = None) -> None:
     """Compose `files` with `alphas` into an ordinary checkpoint at `path` (atomically: temp name + rename).
-    Its data ids are the union of the files' ids, in file order."""
+    Its data ids are the union of the files' ids, in file order. `privacy`: the composed model's privacy ledger
+    (metadata key `privacy`, as `taft info` shows it), for shards trained with DP."""
     check_same_base(files)
     tensors = compose_tensors([f.tensors for f in files], alphas)
     ids: list[str] = []
@@ -99,7 +100,8 @@ def write_composed(path: Path, files: Sequence[DeltaFile], alphas: Sequence[floa
     info = ModelInfo.from_dict({**first.meta, "dtype": dtype})
     atomic_write(path, lambda tmp: write_checkpoint(tmp, info, tensors, first.head_weight0, first.head_bias0,
                                                     train_config=train_config, ids=ids, created=created,
-                                                    extra={"composition": dict(composition)}))
+                                                    extra={"composition": dict(composition),
+                                                           **({"privacy": dict(privacy)} if privacy else {})}))
 
 
 def compose_checkpoints(paths: Sequence[str | Path], out: str | Path, *, weighting: str = "uniform",

@@ -7,6 +7,13 @@
   scratch on the plan without those ids (`ShardPlan.without`). A shard left with no ids becomes "empty".
 Then the store is recomposed and committed (`taft.store.commit`). Forgotten ids are never trained on again.
 
+In a DP store (`taft.store.train`) the guarantee follows: after "drop" it is recomputed over the remaining
+composed shards (never larger); "retrain" trains with the store's DPConfig (a new seed per release), and since the
+old model of the shard, trained on a superset of its remaining data, may already be public, the shard's ledger
+becomes the sequential composition of all its releases (Σ ε, Σ δ: `sequential_composition`); the store's
+guarantee is the max over the composed shards. Retrained DP shards are therefore not bit-identical to a store
+built from scratch without the ids (other noise).
+
 Unknown ids raise `TaftError` listing them (up to 10) and change nothing. Ids all already forgotten: a no-op,
 logged in the audit log. An interrupted forget is completed by rerunning it (or `resume`).
 """
@@ -23,6 +30,7 @@ from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import FingerprintMismatchError, TaftError
 from taft.parallel.shards import BackboneSpec, FeatureData, backbone_ref
+from taft.privacy import DPConfig
 from taft.store.commit import begin, commit
 from taft.store.journal import audit_noop, new_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint
@@ -157,9 +165,13 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
             files = train_into(layout, pending, todo, train=training_features(m, features),
                                backbone=backbone_for(m, backbone, executor), info=info_of(m), base=config_of(m),
                                threads=int(m["threads"]), plan_kind=m["plan"]["kind"], executor=executor,
-                               workers=workers, ray_address=ray_address, retries=retries, progress=progress)
+                               workers=workers, ray_address=ray_address, retries=retries, progress=progress,
+                               dp=DPConfig(**m["dp"]) if "dp" in m else None,
+                               prior={i: m["shards"][i].get("privacy") for i in todo})
             for index, entry in files.items():
                 m2["shards"][index].update(file=entry["file"], sha256=entry["sha256"])
+                if "dp" in m:
+                    m2["shards"][index]["privacy"] = entry["privacy"]
         m2 = commit(layout, m2, pending)
         return ForgetResult(sorted(new_ids), audit["already"], shards, mode,
                             m2["composed"]["sha256"] if m2["composed"] else None, resumed=status == "resume")

@@ -10,8 +10,15 @@ entry or null, "source": how the CLI read the data, or null}; shards: one entry 
 removed), n, seed}; composition {weighting, subset (shard indices or null = all trained)}; composed
 {file, sha256, created, shards, alphas, n} or null; forgotten (sorted ids).
 
+A store trained with differential privacy (DP-SGD per shard) also has: dp (the `DPConfig.to_dict()` every shard
+is trained with, also on retraining); on each shard entry, privacy (its ledger, `PrivacyLedger.to_dict()`: the one
+run, or the sequential composition of every release of that shard once retrained; null for a shard never
+trained); and privacy, the store's guarantee: the parallel composition of the composed shards' ledgers (null when
+no shard is composed), recomputed at every commit. A store without DP has none of these keys.
+
 Invariants (`check_manifest`): every plan id is in exactly one of its plan shard's `ids` or in `forgotten`;
-trained shards have a file, the others none; the composed model lists the trained shards of the composition.
+trained shards have a file, the others none; the composed model lists the trained shards of the composition;
+in a DP store, trained shards have a ledger and `privacy` is the composition of the composed shards' ledgers.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from taft.errors import TaftError
+from taft.privacy import parallel_composition
 from taft.store.checkpoints import ModelInfo
 from taft.store.compose import composition_weights
 from taft.store.layout import StoreLayout, canonical_json, read_json, write_json
@@ -94,6 +102,16 @@ def alphas_of(m: Mapping[str, Any], shards: list[int]) -> list[float]:
     return composition_weights([m["shards"][i]["n"] for i in shards], m["composition"]["weighting"])
 
 
+def privacy_of(m: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The store's guarantee: the parallel composition of the composed shards' ledgers (their ids checked to be
+    disjoint); None for a store without DP or with no composed shard."""
+    used = members(m)
+    if "dp" not in m or not used:
+        return None
+    shards = [m["shards"][i] for i in used]
+    return parallel_composition([s["privacy"] for s in shards], shard_ids=[s["ids"] for s in shards]).to_dict()
+
+
 def check_manifest(m: Mapping[str, Any]) -> list[str]:
     """Every violated invariant, as a sentence (empty when consistent)."""
     out: list[str] = []
@@ -128,6 +146,12 @@ def check_manifest(m: Mapping[str, Any]) -> list[str]:
             out.append(f"the composed model lists shards {composed.get('shards')}, the composition has {used}")
         if m["composition"].get("weighting") not in ("uniform", "size"):
             out.append(f"unknown weighting {m['composition'].get('weighting')!r}")
+        if "dp" in m:
+            unaccounted = [s["index"] for s in shards if s["status"] == "trained" and not s.get("privacy")]
+            if unaccounted:
+                out.append(f"DP store: trained shards {unaccounted} have no privacy ledger")
+            elif m.get("privacy") != privacy_of(m):
+                out.append("the store's privacy guarantee is not the composition of its composed shards' ledgers")
     except (KeyError, TypeError, ValueError, AttributeError, TaftError) as e:
         out.append(f"malformed manifest ({type(e).__name__}: {e})")
     return out

@@ -1,6 +1,8 @@
 """Change a store's composition (weighting, subset of shards), or export a composition to another file.
 
-Composition is pure tensor arithmetic on the shard files (no backbone, no training): Δw = Σ α_i Δw_i.
+Composition is pure tensor arithmetic on the shard files (no backbone, no training): Δw = Σ α_i Δw_i. In a DP
+store only uniform weights are allowed, and the composed file carries the parallel composition of its shards'
+ledgers.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from taft.errors import TaftError
+from taft.privacy import DPConfig
 from taft.store.commit import begin, commit, shard_files
 from taft.store.compose import WEIGHTINGS, composition_weights, write_composed
 from taft.store.journal import append_audit, new_pending, now, write_pending
 from taft.store.layout import StoreLayout, crashpoint, sha256_file
-from taft.store.manifest import Manifest, load_manifest, members
+from taft.store.manifest import Manifest, load_manifest, members, privacy_of
+from taft.store.train import check_dp
 
 
 def _subset(m: Manifest, shards: Iterable[int] | None) -> list[int] | None:
@@ -47,6 +51,8 @@ def compose_store(root: str | Path, *, weighting: str | None = None, shards: Ite
         weighting = weighting or m["composition"]["weighting"]
         if weighting not in WEIGHTINGS:
             raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if "dp" in m:
+            check_dp(DPConfig(**m["dp"]), weighting)
         subset = _subset(m, shards)
         if out is not None:
             used = subset if subset is not None else members(m)
@@ -60,7 +66,8 @@ def compose_store(root: str | Path, *, weighting: str | None = None, shards: Ite
             write_composed(out, shard_files(layout, m, used), alphas, train_config=m["train_config"], created=now(),
                            composition={"weighting": weighting, "shards": used, "alphas": alphas,
                                         "shard_sha256": [m["shards"][i]["sha256"] for i in used],
-                                        "store": str(layout.root.resolve()), "generation": m["generation"]})
+                                        "store": str(layout.root.resolve()), "generation": m["generation"]},
+                           privacy=privacy_of({**m, "composition": {**m["composition"], "subset": used}}))
             append_audit(layout, {"time": now(), "op": "export", "op_id": None, "out": str(out.resolve()),
                                   "shards": used, "weighting": weighting, "sha256": sha256_file(out)})
             return out

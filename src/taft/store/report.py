@@ -1,5 +1,5 @@
-"""`taft report`: a Markdown page with PNG plots describing a store: shard sizes, per-shard and composed
-accuracy on labelled data (when given), and the audit log."""
+"""`taft report`: a Markdown page with PNG plots describing a store: shard sizes, the privacy guarantee (DP
+stores), per-shard and composed accuracy on labelled data (when given), and the audit log."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import TaftError
 from taft.fileio import atomic_write
+from taft.privacy import PrivacyLedger, describe
 from taft.store.store import ModelStore
 from taft.train import evaluate
 
@@ -45,6 +46,35 @@ def accuracies(store: ModelStore, data: CachedFeatures) -> dict[str, Any]:
     return {"shards": shards, "composed": composed, "n": len(data)}
 
 
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def privacy_lines(info: dict[str, Any]) -> list[str]:
+    """The "Privacy" section of a DP store's report: the guarantee, the DP-SGD settings, each shard's ledger."""
+    dp = info["dp"]
+    budget = (f"target ε = {dp['epsilon']:g}" if dp.get("epsilon") is not None
+              else f"noise multiplier σ = {dp['noise_multiplier']:g}")
+    guarantee = describe(info["privacy"]) if info["privacy"] else "none (no shard composed)"
+    lines = ["## Privacy", "", f"- guarantee of the composed model: {guarantee}",
+             f"- every shard trained with DP-SGD on its own disjoint data: {budget} per shard, δ = {dp['delta']:g}, "
+             f"clip C = {dp['clip']:g}, {dp['accountant']} accountant; the store's guarantee is the max over the "
+             "composed shards (parallel composition); a retrained shard accounts for all its releases (sums of ε "
+             "and δ)", "",
+             "| shard | status | ε | δ | releases | σ | q | steps |", "|---|---|---|---|---|---|---|---|"]
+    for s in info["shards"]:
+        if not s.get("privacy"):
+            lines.append(f"| {s['index']} | {s['status']} | - | - | 0 | - | - | - |")
+            continue
+        led = PrivacyLedger.from_dict(s["privacy"])
+        runs = [PrivacyLedger.from_dict(c) for c in led.components] if led.components is not None else [led]
+        lines.append(f"| {s['index']} | {s['status']} | {_fmt(led.epsilon)} | {led.delta:g} | {len(runs)} | "
+                     f"{', '.join(_fmt(r.noise_multiplier) for r in runs)} | "
+                     f"{', '.join(_fmt(r.sample_rate) for r in runs)} | "
+                     f"{', '.join(_fmt(r.steps, 'd') for r in runs)} |")
+    return lines + [""]
+
+
 def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatures | None = None) -> Path:
     """Write `out_dir/report.md` (+ shard_sizes.png, accuracy.png with `data`); returns the Markdown path."""
     store = ModelStore(store_root)
@@ -65,6 +95,8 @@ def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatur
     _bar_png(out / "shard_sizes.png", [str(s["index"]) for s in shards], [s["n"] for s in shards], "examples",
              "shard sizes")
     lines += ["", "![shard sizes](shard_sizes.png)", ""]
+    if "dp" in info:
+        lines += privacy_lines(info)
     if data is not None:
         acc = accuracies(store, data)
         lines += ["## Accuracy", "", f"Top-1 on {acc['n']} labelled examples.", "", "| model | top-1 |", "|---|---|"]

@@ -14,6 +14,7 @@ from taft.backbones.base import Backbone
 from taft.checkpoint import LoadedCheckpoint, load_checkpoint
 from taft.errors import TaftError
 from taft.parallel.shards import BackboneSpec, FeatureData
+from taft.privacy import DPConfig
 from taft.store.commit import finish
 from taft.store.forget import ForgetResult, forget
 from taft.store.journal import describe, read_audit, read_pending
@@ -65,22 +66,28 @@ class ModelStore:
         return load_checkpoint(path, backbone)
 
     def info(self) -> dict[str, Any]:
-        """Summary: model, plan, shards (without their id lists), composition, forgotten count, pending op."""
+        """Summary: model, plan, shards (without their id lists), composition, forgotten count, pending op; for a DP
+        store also dp (its DPConfig), privacy (the store's guarantee: the composed shards' parallel composition)
+        and each shard's ledger under its `privacy`."""
         m = self.manifest
         pending = read_pending(self.layout)
-        return {
+        keys = ("index", "status", "n", "seed", "file", "sha256") + (("privacy",) if "dp" in m else ())
+        out = {
             "store": str(self.root), "generation": m["generation"], "created": m["created"], "updated": m["updated"],
             "method": m["method"], "backbone": m["backbone"], "backbone_fingerprint": m["backbone_fingerprint"],
             "fingerprint": m["fingerprint"], "tangent_blocks": m["tangent_blocks"], "class_names": m["class_names"],
             "preprocess": m["preprocess"], "train_config": m["train_config"], "threads": m["threads"],
             "plan": {"kind": m["plan"]["kind"], "seed": m["plan"]["seed"], "k": m["plan"]["k"],
                      "n": sum(len(s) for s in m["plan"]["shards"])},
-            "shards": [{k: s[k] for k in ("index", "status", "n", "seed", "file", "sha256")} for s in m["shards"]],
+            "shards": [{k: s[k] for k in keys} for s in m["shards"]],
             "composition": {**m["composition"], "members": members(m)},
             "composed": m["composed"], "forgotten": len(m["forgotten"]),
             "audit_entries": len(self.audit()),
             "pending": describe(pending) if pending else None,
         }
+        if "dp" in m:
+            out.update(dp=m["dp"], privacy=m["privacy"])
+        return out
 
 
 def resume(root: str | Path, *, features: FeatureData | None = None, backbone: Backbone | None = None,
@@ -121,6 +128,6 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
             backbone = BackboneSpec(spec["name"], tuple(spec["image_size"]), spec["dtype"], spec["fingerprint"]).load()
         create_store(root, features, backbone, TrainConfig.from_dict(req["config"]),
                      plan=ShardPlan.from_dict(req["plan"]), threads=req["threads"], weighting=req["weighting"],
-                     **kw)
+                     dp=DPConfig(**req["dp"]) if "dp" in req else None, **kw)
         return "completed the store's creation"
     raise TaftError(f"cannot resume an operation of kind {pending['op']!r}")

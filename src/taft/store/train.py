@@ -5,6 +5,15 @@
 `features` is the training data's trunk features (`cache_features(...)`: workers share that cache entry) or a
 tuple (features, labels, ids) with `class_names`. The store seed is `config.seed`: it seeds the plan and, through
 `shard_seed(seed, i)`, each shard's data order; every shard uses `config.head_seed`, so all share w0.
+
+With `dp=DPConfig(...)` every shard is trained with DP-SGD on its own, disjoint data: the budget (ε target or σ,
+δ, C) applies per shard, and δ must be below 1/n of each shard (its own training set). Each shard checkpoint
+carries its ledger, and the store's guarantee is their parallel composition (max ε, max δ; manifest key
+`privacy`, also in the composed checkpoint's metadata). Size weighting is refused under DP: its weights would
+depend on the private shard sizes. DP stores are not bit-reproducible
+by default (every DP-SGD run draws a fresh secret seed); with `dp.seed` given, shard i's k-th training (k = 0 at
+creation, +1 per retraining) is seeded by `dp_shard_seed(dp.seed, i, k)`: reproducible, and every release has its
+own noise, but anyone who knows the seed can undo the noise.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from taft.errors import TaftError
 from taft.parallel.executors import default_threads, default_workers, make_executor
 from taft.parallel.shards import (BackboneSpec, FeatureData, ShardResult, ShardTask, backbone_ref, run_shards,
                                   shard_data)
+from taft.privacy import DPConfig, PrivacyLedger, sequential_composition
 from taft.store.checkpoints import ModelInfo
 from taft.store.commit import commit, finish, record_shard, reusable, write_shard
 from taft.store.compose import LINEAR_METHODS, WEIGHTINGS
@@ -66,12 +76,62 @@ def shard_config(base: TrainConfig, index: int) -> TrainConfig:
     return replace(base, seed=shard_seed(base.seed, index))
 
 
+def dp_shard_seed(dp_seed: int, index: int, release: int) -> int:
+    """The DP-SGD seed (sampling and noise) of the `release`-th training (0 = at creation) of shard `index` in a
+    store created with DP seed `dp_seed` (62-bit, deterministic; distinct per shard and release)."""
+    digest = hashlib.sha256(f"taft-dp-shard-seed\0{dp_seed}\0{index}\0{release}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
+def releases(ledger: Mapping[str, Any] | None) -> int:
+    """How many trainings a shard's ledger accounts for (0 for none)."""
+    if not ledger:
+        return 0
+    led = PrivacyLedger.from_dict(ledger)
+    return len(led.components) if led.components is not None else 1
+
+
+def shard_dp(dp: DPConfig | None, index: int, release: int) -> DPConfig | None:
+    """The DPConfig shard `index`'s `release`-th training runs with: its own seed when the store's is given."""
+    if dp is None or dp.seed is None:
+        return dp
+    return replace(dp, seed=dp_shard_seed(dp.seed, index, release))
+
+
+def check_dp(dp: DPConfig | None, weighting: str, sizes: Sequence[int] = (), batch_size: int = 1) -> None:
+    """Refuse what a DP store cannot do, before any training: size weighting; a non-empty shard of n examples
+    with n < 2, δ ≥ 1/n or an expected batch size above n."""
+    if dp is None:
+        return
+    if weighting == "size":
+        raise TaftError("size weighting is not allowed with DP: its weights depend on the private shard sizes; use "
+                        "uniform weighting")
+    B = dp.expected_batch_size or batch_size
+    filled = [(n, i) for i, n in enumerate(sizes) if n]
+    if not filled:
+        return
+    (n_min, i_min), (n_max, i_max) = min(filled), max(filled)
+    if n_min < 2 or B > n_min:
+        raise TaftError(f"shard {i_min} has {n_min} examples, too few for DP-SGD with expected batch size {B}: use "
+                        "fewer shards or a smaller --expected-batch-size")
+    if dp.delta >= 1 / n_max:
+        raise TaftError(f"delta={dp.delta:g} is not below 1/n = {1 / n_max:.3g} for shard {i_max} of n={n_max} "
+                        "examples: under DP each shard is its own training set; use a smaller delta (e.g. ≤ 1/(10 n) "
+                        "for the largest shard)")
+
+
 def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[str]], *, train: FeatureData,
                backbone: Backbone | BackboneSpec, info: ModelInfo, base: TrainConfig, threads: int, plan_kind: str,
                executor: ExecutorArg, workers: int | None, ray_address: str | None, retries: int,
-               progress: bool) -> dict[int, dict[str, str]]:
-    """Train shards {index: ids} (reusing the journal's finished ones) and write their files; {index: file entry}."""
-    done: dict[int, dict[str, str]] = {}
+               progress: bool, dp: DPConfig | None = None,
+               prior: Mapping[int, Mapping[str, Any] | None] | None = None) -> dict[int, dict[str, Any]]:
+    """Train shards {index: ids} (reusing the journal's finished ones) and write their files; {index: file entry}.
+
+    With `dp`, by DP-SGD; `prior` ({index: ledger}) holds the ledgers of the shards' earlier releases (retraining):
+    a retrained shard's ledger is then the sequential composition of those and the new run (see
+    `sequential_composition`: the old model, trained on a superset of the shard's data, may already be public)."""
+    prior = prior or {}
+    done: dict[int, dict[str, Any]] = {}
     tasks = []
     for index, ids in sorted(todo.items()):
         entry = reusable(layout, pending, index, sorted(ids))
@@ -80,12 +140,16 @@ def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[st
             continue
         tasks.append(ShardTask(index=index, config=shard_config(base, index), data=shard_data(train, ids),
                                class_names=tuple(info.class_names), backbone=backbone, fingerprint=info.fingerprint,
-                               threads=threads))
+                               threads=threads, dp=shard_dp(dp, index, releases(prior.get(index)))))
     if not tasks:
         return done
 
     def on_result(result: ShardResult) -> None:
-        entry = write_shard(layout, info, result, created=pending["time"], store_seed=base.seed, plan_kind=plan_kind)
+        privacy = result.privacy
+        if privacy is not None and prior.get(result.index):
+            privacy = sequential_composition([prior[result.index], privacy]).to_dict()
+        entry = write_shard(layout, info, result, created=pending["time"], store_seed=base.seed, plan_kind=plan_kind,
+                            privacy=privacy)
         done[result.index] = entry
         record_shard(layout, pending, result.index, entry)
 
@@ -106,7 +170,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
                  shards: int | None = None, plan: ShardPlan | None = None, plan_kind: str = "random",
                  class_names: Sequence[str] | None = None, executor: ExecutorArg = None, workers: int | None = None,
                  threads: int | None = None, ray_address: str | None = None, retries: int = 1,
-                 weighting: str = "uniform", source: Mapping[str, Any] | None = None,
+                 weighting: str = "uniform", source: Mapping[str, Any] | None = None, dp: DPConfig | None = None,
                  progress: bool = True) -> Path:
     """Train a store of `shards` shards (or on the given `plan`, whose ids must be exactly the data's) in `root`
     (new or empty), compose them with `weighting`, and commit. Returns `root`.
@@ -114,11 +178,13 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
     executor: an Executor, or "process" (default when several shards), "inline" or "ray". workers: process pool
     size (default min(shards, cores)). threads: torch threads per shard task (default max(1, cores // workers));
     recorded in the store and reused by retraining, since it changes float summation order. retries: extra
-    attempts per failed shard. A rerun with the same arguments after an interruption resumes the creation."""
+    attempts per failed shard. A rerun with the same arguments after an interruption resumes the creation.
+    dp: train every shard with DP-SGD (see the module doc; "size" weighting is then refused)."""
     layout = StoreLayout(root)
     base = check_config(config)
     if weighting not in WEIGHTINGS:
         raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    check_dp(dp, weighting)
     ids, labels = ids_and_labels(train)
     if class_names is None:
         if not isinstance(train, CachedFeatures):
@@ -136,6 +202,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
             raise TaftError(f"the shard plan's ids differ from the data's: {len(want - have)} planned ids are not in "
                             f"the data (e.g. {sorted(want - have)[:10]}), {len(have - want)} data ids are not "
                             f"planned (e.g. {sorted(have - want)[:10]})")
+    check_dp(dp, weighting, [len(s) for s in plan.shards], base.batch_size)
     info = ModelInfo.of(build_classifier(base, backbone, class_names))
     todo = {i: list(s) for i, s in enumerate(plan.shards) if s}
     if threads is None:
@@ -144,6 +211,8 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
                "threads": threads, "weighting": weighting, "data": data_identity(train),
                "backbone": {"name": backbone.name, "image_size": list(backbone.preprocess.image_size),
                             "dtype": info.dtype, "fingerprint": backbone.fingerprint}}
+    if dp is not None:
+        request["dp"] = dp.to_dict()
     with layout.locked(create=True):
         pending = read_pending(layout)
         if layout.manifest.exists():
@@ -168,7 +237,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
         ref = backbone_ref(backbone, by_name=executor != "inline")
         files = train_into(layout, pending, todo, train=train, backbone=ref, info=info, base=base, threads=threads,
                            plan_kind=plan.kind, executor=executor, workers=workers, ray_address=ray_address,
-                           retries=retries, progress=progress)
+                           retries=retries, progress=progress, dp=dp)
         m: Manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": 0, "last_op": None,
             "created": pending["time"], "updated": pending["time"], **info.to_dict(),
@@ -176,12 +245,16 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
             "data": {"features": data_identity(train), "source": dict(source) if source else None},
             "shards": [{"index": i, "status": "trained" if s else "empty",
                         "file": files[i]["file"] if s else None, "sha256": files[i]["sha256"] if s else None,
-                        "ids": list(s), "n": len(s), "seed": shard_seed(base.seed, i)}
+                        "ids": list(s), "n": len(s), "seed": shard_seed(base.seed, i),
+                        **({"privacy": files[i]["privacy"] if s else None} if dp is not None else {})}
                        for i, s in enumerate(plan.shards)],
             "composition": {"weighting": weighting, "subset": None}, "composed": None, "forgotten": [],
         }
+        if dp is not None:
+            m["dp"] = dp.to_dict()
         commit(layout, m, pending)
     return layout.root
 
 
-__all__ = ["check_config", "create_store", "data_identity", "shard_config", "train_into"]
+__all__ = ["check_config", "check_dp", "create_store", "data_identity", "dp_shard_seed", "releases", "shard_config",
+           "shard_dp", "train_into"]
