@@ -18,18 +18,13 @@ from pathlib import Path
 
 import torch
 
-from taft import load_backbone
-from taft.data import image_folder
+from common import cifar_parser, load_cifar, pyplot, run_and_save
 from taft.model import Trunk
 from taft.train import TrainConfig, cache_features, evaluate, fit
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
-    root = Path(args.data)
-    train_ds = image_folder(root / "train", backbone.preprocess).per_class(args.train_per_class)
-    test_ds = image_folder(root / "test", backbone.preprocess).per_class(args.test_per_class)
+    backbone, train_ds, test_ds = load_cifar(args)
     runs = []
     for k in args.ks:
         t0 = time.perf_counter()
@@ -92,11 +87,7 @@ def summarise(result: dict, out: Path) -> str:
 
 
 def plot(groups: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels, means, stds = [], [], []
     for (method, k), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         accs = [100 * r["top1"] for r in rows]
@@ -113,22 +104,12 @@ def plot(groups: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/cifar10-mini")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--train-per-class", type=int, default=100)
-    parser.add_argument("--test-per-class", type=int, default=50)
+    parser = cifar_parser(__doc__, "docs/experiments/cifar_methods")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--cache-probe", type=int, default=200, help="images for the cache speedup measurement")
-    parser.add_argument("--out", default="docs/experiments/cifar_methods")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    print(summarise(result, out))
+    run_and_save(parser.parse_args(), run, summarise)
 
 
 if __name__ == "__main__":

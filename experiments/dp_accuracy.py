@@ -16,8 +16,7 @@ import math
 import statistics
 from pathlib import Path
 
-from taft import load_backbone
-from taft.data import image_folder
+from common import cifar_parser, load_cifar, pyplot, run_and_save
 from taft.privacy import DPConfig
 from taft.train import TrainConfig, cache_features, evaluate, fit
 
@@ -25,10 +24,7 @@ METHODS = ("taft", "nlft", "probe")
 
 
 def run(args: argparse.Namespace) -> dict:
-    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
-    root = Path(args.data)
-    train_ds = image_folder(root / "train", backbone.preprocess).per_class(args.train_per_class)
-    test_ds = image_folder(root / "test", backbone.preprocess).per_class(args.test_per_class)
+    backbone, train_ds, test_ds = load_cifar(args)
     train_f, test_f = cache_features(train_ds, backbone, 1), cache_features(test_ds, backbone, 1)
     runs = []
     for eps in args.epsilons:
@@ -73,11 +69,7 @@ def summarise(result: dict, out: Path) -> str:
 
 
 def plot(cell: dict, eps_list: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     xs = list(range(len(eps_list)))
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for m in METHODS:
@@ -93,23 +85,13 @@ def plot(cell: dict, eps_list: list[float], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/cifar10-mini")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--train-per-class", type=int, default=100)
-    parser.add_argument("--test-per-class", type=int, default=50)
+    parser = cifar_parser(__doc__, "docs/experiments/dp")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1, 3, 8, math.inf])
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--out", default="docs/experiments/dp")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    print(summarise(result, out))
+    run_and_save(parser.parse_args(), run, summarise)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from taft import load_backbone
-from taft.data import image_folder
+from common import cifar_parser, load_cifar, pyplot, run_and_save
 from taft.store import ModelStore, create_store, forget, make_plan
 from taft.train import TrainConfig, cache_features, evaluate, fit
 
@@ -48,10 +47,7 @@ def soup(models):
 
 
 def run(args: argparse.Namespace) -> dict:
-    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
-    root = Path(args.data)
-    train_ds = image_folder(root / "train", backbone.preprocess).per_class(args.train_per_class)
-    test_ds = image_folder(root / "test", backbone.preprocess).per_class(args.test_per_class)
+    backbone, train_ds, test_ds = load_cifar(args)
     train_f, test_f = cache_features(train_ds, backbone, 1), cache_features(test_ds, backbone, 1)
     x_test, y_test = test_f.as_tensors()
     work = Path(tempfile.mkdtemp(prefix="taft-shards-"))
@@ -140,11 +136,7 @@ def summarise(result: dict, out: Path) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ks = [r["K"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for key, label in (("taft_composed", "TAFT composed (1 model)"), ("nlft_ensemble", "NLFT ensemble (K models)"),
@@ -160,23 +152,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/cifar10-mini")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--train-per-class", type=int, default=100)
-    parser.add_argument("--test-per-class", type=int, default=50)
+    parser = cifar_parser(__doc__, "docs/experiments/shards")
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 5, 10, 20])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each inference timing (median)")
     parser.add_argument("--forget-k", type=int, default=10, help="which store the forgetting costs are measured on")
-    parser.add_argument("--out", default="docs/experiments/shards")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    print(summarise(result, out))
+    run_and_save(parser.parse_args(), run, summarise)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""What the experiment scripts share: the CIFAR-10 mini arguments and data, running and saving, plotting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from taft import load_backbone
+from taft.backbones.base import Backbone
+from taft.data import ImageDataset, image_folder
+
+
+def cifar_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """A parser with --data, --image-size, --train-per-class, --test-per-class and --out (default `out`)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/cifar10-mini")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--train-per-class", type=int, default=100, help="the first N training images per class")
+    parser.add_argument("--test-per-class", type=int, default=50, help="the first N test images per class")
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def load_cifar(args: argparse.Namespace) -> tuple[Backbone, ImageDataset, ImageDataset]:
+    """The bundled DINOv2 ViT-S/14 at --image-size and the CIFAR-10 mini train / test subsets."""
+    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
+    root = Path(args.data)
+    train = image_folder(root / "train", backbone.preprocess).per_class(args.train_per_class)
+    test = image_folder(root / "test", backbone.preprocess).per_class(args.test_per_class)
+    return backbone, train, test
+
+
+def run_and_save(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict],
+                 summarise: Callable[[dict, Path], str]) -> None:
+    """Run the experiment, write `results.json` to --out, then print the summary (which writes its tables/plots)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(summarise(result, out))
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
