@@ -3,6 +3,9 @@ import tempfile
 
 import pytest
 
+# tests/helpers.py holds assertions shared by several test modules: rewrite them as in the test modules.
+pytest.register_assert_rewrite("helpers")
+
 # Converted weights are cached per test session, never in the user's cache.
 os.environ.setdefault("TAFT_CACHE", tempfile.mkdtemp(prefix="taft-test-cache-"))
 

@@ -9,22 +9,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from helpers import _cache_env  # noqa: F401  (fixture)
 from reference import random_backbone
 from taft import FingerprintMismatchError, TaftError
 from taft.checkpoint import FORMAT_VERSION, META_KEY, load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from taft.train import TrainConfig, build_classifier, fit
 
-from test_train import CFG, CLASSES, config, separable
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("TAFT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return random_backbone(CFG, 12, seed=0, dtype=torch.float32)
+from test_train import CFG, CLASSES, backbone, config, separable  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

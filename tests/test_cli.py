@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import bad
 from taft.cli import main
 from test_data import make_idx, write_image
 
@@ -79,12 +80,6 @@ def test_demo_runs_on_a_tiny_fashion_mnist(tmp_path, capsys):
     assert all(m in out for m in ("probe", "nlft", "taft")) and "test top-1" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["probe", "nlft", "taft"]
-
-
-def bad(capsys, argv: list[str], message: str) -> None:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("taft: error:") and message in err and err.count("\n") == 1, err
 
 
 def test_bad_inputs_give_one_clear_line(tmp_path, trained, capsys):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import _cache_env  # noqa: F401  (fixture)
 from taft.backbones.base import ImagePreprocess
 from taft.data import (
     CachedFeatures,
@@ -25,11 +26,6 @@ from taft.errors import TaftError
 PP = ImagePreprocess(image_size=(14, 14), patch_size=7)
 KEY = {"backbone": "fake-fingerprint", "tangent_blocks": 1}
 N_IMAGES = 13  # 3 classes; batch_size 4 -> 4 chunks, the last one short
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("TAFT_CACHE", str(tmp_path / "cache"))
 
 
 def write_image(path: Path, seed: int, grey: bool = False) -> None:

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import _cache_env, _one_thread  # noqa: F401  (fixtures)
 from reference import random_backbone
 from taft import TaftError
 from taft.backbones.vit import ViTConfig
@@ -27,20 +28,6 @@ from taft.train.trainer import Examples
 CFG = ViTConfig(dim=16, depth=3, heads=2, mlp_hidden=32, patch_size=4, pos_grid=3)
 CLASSES = ["a", "b", "c"]
 TOKENS = 5
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("TAFT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add latency (a lot of it on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

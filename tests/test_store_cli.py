@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import bad
 from taft.cli import main
 from taft.store import StoreLayout, load_manifest
 from test_cli import make_classes
@@ -85,12 +86,6 @@ def test_forget_retrain_recomputes_features_from_the_recorded_source(store, caps
     (tmp_path / "ids.txt").write_text(m["shards"][1]["ids"][0])
     assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
     assert "retrained shards [1]" in capsys.readouterr().out
-
-
-def bad(capsys, argv: list[str], message: str) -> None:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("taft: error:") and message in err and err.count("\n") == 1, err
 
 
 def test_store_errors_are_one_line(store, capsys, tmp_path):

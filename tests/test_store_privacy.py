@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
+from helpers import _one_thread  # noqa: F401  (fixture)
 from taft import TaftError
 from taft.checkpoint import read_checkpoint_metadata
 from taft.cli import main
@@ -30,14 +30,6 @@ from test_store import CONFIG, tiny_features
 
 DP = DPConfig(noise_multiplier=1.0, delta=1e-3, clip=1.0, accountant="rdp", seed=11)
 FAST = ["--image-size", "28", "--epochs", "1", "--quiet", "--lr", "1e-3"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

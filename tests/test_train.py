@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import _cache_env  # noqa: F401  (fixture)
 from reference import random_backbone
 from taft import TaftError
 from taft.backbones.vit import ViTConfig
@@ -21,11 +22,6 @@ from taft.train import (Examples, TrainConfig, build_classifier, cache_features,
 CFG = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3)
 CLASSES = ["a", "b", "c", "d"]
 LR = {"taft": 1e-2, "nlft": 1e-2, "probe": 3e-2}  # the tiny random backbone takes larger steps than ViT-S
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("TAFT_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")

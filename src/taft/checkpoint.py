@@ -97,16 +97,23 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_safetensors(path: Path, *, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(header metadata, tensors) of the checkpoint file at `path`, unchecked; the tensors are {} when `tensors`
+    is False. `TaftError` if the file is missing, not a safetensors file, corrupt or truncated."""
     if not path.is_file():
         raise TaftError(f"no checkpoint file at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            found = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (no iterator)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise TaftError(f"cannot read checkpoint {path}: not a valid safetensors file, corrupt or truncated "
                         f"({_first_line(e)})") from e
+    return header, found
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    header, tensors = read_safetensors(path)
     return _metadata(path, header), tensors
 
 
@@ -133,14 +140,7 @@ def _metadata(path: Path, header: dict[str, str]) -> dict[str, Any]:
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of a checkpoint (checked for format and version), without building a model."""
     path = Path(path)
-    if not path.is_file():
-        raise TaftError(f"no checkpoint file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise TaftError(f"cannot read checkpoint {path}: not a valid safetensors file, corrupt or truncated "
-                        f"({_first_line(e)})") from e
+    header, _ = read_safetensors(path, tensors=False)
     return _metadata(path, header)
 
 

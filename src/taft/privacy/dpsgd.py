@@ -37,7 +37,7 @@ from taft.privacy.config import DPPlan
 from taft.privacy.ledger import PrivacyLedger
 from taft.train.classifier import Classifier
 from taft.train.config import TrainConfig
-from taft.train.trainer import Prepared, _diverged, _evaluate, lr_factor
+from taft.train.trainer import Prepared, _diverged, _finish_epoch, lr_factor
 
 
 def trainable_module(classifier: Classifier) -> tuple[nn.Module, str]:
@@ -232,15 +232,7 @@ def dp_train_loop(classifier: Classifier, config: TrainConfig, plan: DPPlan, tra
                                       "examples_per_s": seen / train_time if train_time > 0 else None,
                                       "mean_batch_size": seen / plan.steps_per_epoch,
                                       "val_top1": None, "val_loss": None}
-            if val is not None:
-                classifier.eval()
-                ev = _evaluate(classifier, val, config.loss, config.kappa)
-                record.update(val_top1=ev.top1, val_loss=ev.loss)
-            record["wall_time_s"] = time.perf_counter() - t0
-            bar.set_postfix(epoch=epoch, **({"val_top1": f"{record['val_top1']:.3f}"} if val is not None else {}))
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
+            _finish_epoch(classifier, config, val, record, t0, bar, history, on_epoch)
     finally:
         bar.close()
         classifier.eval()

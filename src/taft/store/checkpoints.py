@@ -16,11 +16,11 @@ from typing import Any
 
 import safetensors
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import taft
-from taft.checkpoint import BASE_PREFIX, FORMAT, FORMAT_VERSION, MAX_IDS_JSON, META_KEY, ids_digest
+from taft.checkpoint import (BASE_PREFIX, FORMAT, FORMAT_VERSION, MAX_IDS_JSON, META_KEY, ids_digest,
+                             read_safetensors)
 from taft.errors import TaftError
 from taft.train.classifier import Classifier
 
@@ -119,15 +119,7 @@ class DeltaFile:
 def read_checkpoint(path: str | Path) -> DeltaFile:
     """Read any taft checkpoint's tensors and metadata; `TaftError` if it is missing, corrupt or not taft's."""
     path = Path(path)
-    if not path.is_file():
-        raise TaftError(f"no checkpoint file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise TaftError(f"cannot read checkpoint {path}: not a valid safetensors file, corrupt or truncated "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    header, tensors = read_safetensors(path)
     try:
         meta = json.loads(header[META_KEY])
     except (KeyError, ValueError) as e:

@@ -216,6 +216,24 @@ def _diverged(config: TrainConfig, value: float, where: str) -> TaftError:
                      f"use a lower learning rate, e.g. lr={lr / 10:g}")
 
 
+def _finish_epoch(classifier: Classifier, config: TrainConfig, val: Prepared | None, record: dict[str, Any],
+                  t0: float, bar: tqdm, history: list[dict[str, Any]],
+                  on_epoch: Callable[[dict[str, Any]], None] | None, **postfix: str) -> None:
+    """The end of an epoch of `train_loop` and `dp_train_loop`: validation (when `val` is given) and the wall
+    time into `record`, the progress bar's postfix (epoch, `postfix`, val_top1), `record` onto `history` and to
+    `on_epoch`."""
+    if val is not None:
+        classifier.eval()
+        ev = _evaluate(classifier, val, config.loss, config.kappa)
+        record.update(val_top1=ev.top1, val_loss=ev.loss)
+        postfix["val_top1"] = f"{record['val_top1']:.3f}"
+    record["wall_time_s"] = time.perf_counter() - t0
+    bar.set_postfix(epoch=record["epoch"], **postfix)
+    history.append(record)
+    if on_epoch is not None:
+        on_epoch(record)
+
+
 def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val: Prepared | None = None, *,
                progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
                desc: str | None = None) -> list[dict[str, Any]]:
@@ -257,16 +275,8 @@ def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val
                                       "lr": opt.param_groups[0]["lr"], "train_time_s": train_time,
                                       "examples_per_s": n / train_time if train_time > 0 else None,
                                       "val_top1": None, "val_loss": None}
-            if val is not None:
-                classifier.eval()
-                ev = _evaluate(classifier, val, config.loss, config.kappa)
-                record.update(val_top1=ev.top1, val_loss=ev.loss)
-            record["wall_time_s"] = time.perf_counter() - t0
-            bar.set_postfix(epoch=epoch, loss=f"{record['train_loss']:.4g}",
-                            **({"val_top1": f"{record['val_top1']:.3f}"} if val is not None else {}))
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
+            _finish_epoch(classifier, config, val, record, t0, bar, history, on_epoch,
+                          loss=f"{record['train_loss']:.4g}")
     finally:
         bar.close()
         classifier.eval()
