@@ -309,7 +309,6 @@ def _from_timm(tensors: Tensors, metadata: dict[str, str], config: dict | None,
             raise TaftError(f"{src}: missing {key!r}{hint}; only timm ViTs with a CLS token, learned position "
                             "embeddings and a final norm are supported")
     sd: Tensors = {}
-    qkv: dict[int, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in tensors.items():
         m = _TIMM_BLOCK.match(key)

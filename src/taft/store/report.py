@@ -87,7 +87,7 @@ def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatur
              f"{len(info['class_names'])} classes, fingerprint `{info['fingerprint'][:16]}…`",
              f"- plan: {info['plan']['kind']}, {info['plan']['k']} shards over {info['plan']['n']} examples "
              f"(seed {info['plan']['seed']}); {info['forgotten']} ids forgotten",
-             f"- composed: " + (f"`{info['composed']['sha256'][:16]}…` from shards {info['composed']['shards']} "
+             "- composed: " + (f"`{info['composed']['sha256'][:16]}…` from shards {info['composed']['shards']} "
                                 f"({info['composition']['weighting']} weights)" if info["composed"] else "none"),
              f"- generation {info['generation']}, updated {info['updated']}", "",
              "## Shards", "", "| shard | status | examples | seed | file |", "|---|---|---|---|---|"]
