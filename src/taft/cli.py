@@ -116,13 +116,12 @@ def _cache_dtype(name: str):
 # -------------------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> None:
     from taft.checkpoint import load_checkpoint
-    from taft.train import cache_features, evaluate
+    from taft.train import evaluate
 
-    classifier, meta = load_checkpoint(args.checkpoint)
-    backbone = _backbone_of(classifier, meta)
+    classifier, _ = load_checkpoint(args.checkpoint)
     dataset = open_dataset(args, classifier.preprocess)
     _check_classes(dataset.class_names, classifier.class_names)
-    features = cache_features(dataset, backbone, classifier.tangent_blocks, progress=not args.quiet)
+    features = classifier.cached_features(dataset, progress=not args.quiet)
     ev = evaluate(classifier, features)
     result = ev.to_dict()
     print(f"top-1 {100 * ev.top1:.2f}% on {ev.n} examples (loss {ev.loss:.4g})")
@@ -132,13 +131,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from taft.fileio import atomic_write
 
         atomic_write(args.json, lambda p: p.write_text(json.dumps(result, indent=1)))
-
-
-def _backbone_of(classifier, meta):
-    """The backbone a loaded checkpoint was built on, at the checkpoint's preprocessing (loaded from cache)."""
-    from taft.backbones import load_backbone
-
-    return load_backbone(meta["backbone"], image_size=classifier.preprocess.image_size)
 
 
 def _check_classes(data_classes, model_classes) -> None:
@@ -426,15 +418,13 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
     from taft.store.report import write_report
-    from taft.train import cache_features
 
     features = None
     if args.data is not None or args.dataset is not None:
-        classifier, meta = ModelStore(args.store).load_composed()
+        classifier, _ = ModelStore(args.store).load_composed()
         dataset = open_dataset(args, classifier.preprocess)
         _check_classes(dataset.class_names, classifier.class_names)
-        features = cache_features(dataset, _backbone_of(classifier, meta), classifier.tangent_blocks,
-                                  progress=not args.quiet)
+        features = classifier.cached_features(dataset, progress=not args.quiet)
     out = args.out or args.store.with_name(args.store.name + "-report")
     print(f"report: {write_report(args.store, out, features)}")
 

@@ -123,6 +123,12 @@ class Classifier(nn.Module):
         """Frozen trunk output (B, N, D) for preprocessed images; no gradient, cacheable."""
         return self.trunk(images.to(self.device, self.dtype))
 
+    def cached_features(self, dataset: LabelledDataset, *, progress: bool = True) -> CachedFeatures:
+        """Trunk features of `dataset` through the feature cache, computed with this classifier's own trunk (the
+        same cache entry `cache_features(dataset, backbone, k)` uses), so no second backbone is loaded."""
+        return FeatureCache().build_or_load(dataset, self.trunk, self.feature_key, device=self.device,
+                                            progress=progress)
+
     def logits(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from trunk features (B, N, D) (e.g. cached ones)."""
         return self.tail(features.to(self.device, self.dtype), mask)
