@@ -26,23 +26,10 @@ from torch.func import functional_call, jvp
 from taft.backbones.base import Backbone, ImagePreprocess
 from taft.backbones.vit import ViT, ViTConfig
 from taft.model import TangentModel
+from taft.train import PlainTail
 
 VIT_S = ViTConfig(dim=384, depth=12, heads=6, mlp_hidden=1536, patch_size=14, pos_grid=37, layerscale=True)
 METHODS = ("nlft", "taft", "jvp")
-
-
-class PlainTail(nn.Module):
-    def __init__(self, vit: ViT, head: nn.Linear, k: int, attn_impl: str):
-        super().__init__()
-        self.blocks = nn.ModuleList(vit.blocks[-k:])
-        for b in self.blocks:
-            b.attn.impl = attn_impl
-        self.norm, self.head = vit.norm, head
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            h = b(h)
-        return self.head(self.norm(h[:, 0]))  # CLS pooling; LayerNorm is per token, as in the tangent tail
 
 
 def make_step(method: str, k: int, batch: int, tokens: int, classes: int, device: str, seed: int = 0):
@@ -67,9 +54,10 @@ def make_step(method: str, k: int, batch: int, tokens: int, classes: int, device
         return step
 
     plain = model.materialize()
-    tail = PlainTail(plain.vit, plain.head, k, "sdpa" if method == "nlft" else "manual").to(device)
+    tail = PlainTail(plain.vit, k, plain.head, "cls").to(device)  # CLS pooling, norm on token 0 as in the tail
+    for block in tail.blocks.values():
+        block.attn.impl = "sdpa" if method == "nlft" else "manual"
     if method == "nlft":
-        tail.requires_grad_(True)
         params = list(tail.parameters())
 
         def step():
