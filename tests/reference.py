@@ -7,29 +7,32 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
-from taft.backbones.base import Backbone, ImagePreprocess
+from taft.backbones.base import Backbone, ImagePreprocess, TextPreprocess
+from taft.backbones.bert import BertConfig, BertEncoder
 from taft.backbones.vit import ViT, ViTConfig
 from taft.model import TangentModel
 from taft.tangent import pool
 
 
 class PlainTail(nn.Module):
-    """The last k blocks, final norm, pooling and head of a ViT, with written-out softmax attention."""
+    """The last k blocks, final norm (if any), pooling and head of a ViT or BERT, written-out softmax attention."""
 
     def __init__(self, model: TangentModel):
         super().__init__()
         plain = model.materialize()
-        for block in plain.vit.blocks:
+        for block in plain.encoder.blocks:
             block.attn.impl = "manual"
         first = model.config.depth - model.tangent_blocks
-        self.blocks = nn.ModuleDict({str(i): plain.vit.blocks[i] for i in range(first, model.config.depth)})
-        self.norm, self.head, self.pooling = plain.vit.norm, plain.head, model.pooling
+        self.blocks = nn.ModuleDict({str(i): plain.encoder.blocks[i] for i in range(first, model.config.depth)})
+        self.norm, self.head, self.pooling = plain.encoder.norm, plain.head, model.pooling
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = features
         for block in self.blocks.values():
             x = block(x, mask)
-        return self.head(pool(self.norm(x), self.pooling, mask))
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.head(pool(x, self.pooling, mask))
 
 
 def base_and_delta(model: TangentModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -59,10 +62,10 @@ def reference_vjp(model: TangentModel, features: torch.Tensor, cotangent: torch.
     return pullback(cotangent)[0]
 
 
-def random_backbone(cfg: ViTConfig, image: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Backbone:
-    """A ViT with random weights of realistic scale (non-trivial norms and LayerScale), frozen."""
+def _randomize(encoder: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
+    """Random weights of realistic scale (non-trivial norms and LayerScale), frozen, in `dtype`."""
     gen = torch.Generator().manual_seed(seed)
-    vit = ViT(cfg).to(dtype)
+    vit = encoder.to(dtype)
     with torch.no_grad():
         for name, p in vit.named_parameters():
             if name.endswith("gamma"):
@@ -73,8 +76,19 @@ def random_backbone(cfg: ViTConfig, image: int, seed: int = 0, dtype: torch.dtyp
                 fan_in = p.shape[-1] if p.dim() > 1 else 1
                 scale = 0.1 if p.dim() == 1 else 1 / fan_in**0.5
                 p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=dtype))
-    vit.eval().requires_grad_(False)
-    return Backbone(name=f"random-{seed}", model=vit, preprocess=ImagePreprocess((image, image), cfg.patch_size))
+    return vit.eval().requires_grad_(False)
+
+
+def random_backbone(cfg: ViTConfig, image: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Backbone:
+    """A ViT with random weights of realistic scale (non-trivial norms and LayerScale), frozen."""
+    return Backbone(name=f"random-{seed}", model=_randomize(ViT(cfg), seed, dtype),
+                    preprocess=ImagePreprocess((image, image), cfg.patch_size))
+
+
+def random_text_backbone(cfg: BertConfig, seed: int = 0, dtype: torch.dtype = torch.float64) -> Backbone:
+    """A BERT encoder with random weights of realistic scale, frozen (no tokenizer: feed TokenBatch inputs)."""
+    return Backbone(name=f"random-bert-{seed}", model=_randomize(BertEncoder(cfg), seed, dtype),
+                    preprocess=TextPreprocess(tokenizer="none", max_length=cfg.max_positions))
 
 
 def randomize_delta(model: TangentModel, scale: float, seed: int = 1) -> None:

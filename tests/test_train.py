@@ -159,7 +159,7 @@ def test_evaluation_per_class_accuracy_on_a_hand_made_example(backbone):
     preds = torch.tensor([0, 0, 1, 1, 0, 2])
     feats = torch.zeros(6, 10, CFG.dim)
     feats[:, 0, 0] = preds.float()  # the fake tail below reads its prediction from here
-    clf.train_logits = lambda x: 10.0 * torch.nn.functional.one_hot(x[:, 0, 0].long(), 4).float()
+    clf.train_logits = lambda x, mask=None: 10.0 * torch.nn.functional.one_hot(x[:, 0, 0].long(), 4).float()
     ev = evaluate(clf, (feats, labels), batch_size=4)
     assert ev.top1 == pytest.approx(4 / 6)
     assert ev.per_class == [pytest.approx(2 / 3), 0.5, 1.0, None] and ev.counts == [3, 2, 1, 0]

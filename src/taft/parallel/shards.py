@@ -16,6 +16,7 @@ that still failed; a shard is never silently missing.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -30,7 +31,7 @@ from typing import Any, Union
 import torch
 from tqdm.auto import tqdm
 
-from taft.backbones import BUNDLED, load_backbone
+from taft.backbones import BUNDLED, load_backbone_like
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import TaftError
@@ -47,17 +48,22 @@ PUBLIC_METRICS = ("method", "tangent_blocks", "epochs", "steps", "lr", "n_train"
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A backbone by name (registry name or local weights path), to be loaded in the worker."""
+    """A backbone by name (registry name or local weights path) and preprocessing (`preprocess.to_dict()` as
+    canonical JSON), to be loaded in the worker."""
 
     name: str
-    image_size: tuple[int, int]
+    preprocess: str
     dtype: str
     fingerprint: str
 
+    @classmethod
+    def of(cls, name: str, preprocess: dict, dtype: str, fingerprint: str) -> BackboneSpec:
+        return cls(name, json.dumps(preprocess, sort_keys=True), dtype, fingerprint)
+
     def load(self) -> Backbone:
-        key = (self.name, self.image_size, self.dtype)
+        key = (self.name, self.preprocess, self.dtype)
         if key not in _LOADED:
-            bb = load_backbone(self.name, image_size=self.image_size)
+            bb = load_backbone_like(self.name, json.loads(self.preprocess))
             bb.model.to(getattr(torch, self.dtype))
             bb._fingerprint = None
             _LOADED[key] = bb
@@ -69,15 +75,15 @@ class BackboneSpec:
         return bb
 
 
-_LOADED: dict[tuple[str, tuple[int, int], str], Backbone] = {}
+_LOADED: dict[tuple[str, str, str], Backbone] = {}
 
 
 def backbone_ref(backbone: Backbone, by_name: bool = True) -> Backbone | BackboneSpec:
     """What a task carries: a `BackboneSpec` when the backbone can be reloaded by its name (and `by_name`), else
     the backbone itself (pickled to each worker)."""
     if by_name and (backbone.name in BUNDLED or Path(backbone.name).exists()):
-        dtype = str(backbone.model.cls_token.dtype).removeprefix("torch.")
-        return BackboneSpec(backbone.name, tuple(backbone.preprocess.image_size), dtype, backbone.fingerprint)
+        dtype = str(backbone.dtype).removeprefix("torch.")
+        return BackboneSpec.of(backbone.name, backbone.preprocess.to_dict(), dtype, backbone.fingerprint)
     return backbone
 
 

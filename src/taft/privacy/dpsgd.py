@@ -77,14 +77,25 @@ def _example_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torc
 
 
 def _grad_fn(classifier: Classifier, loss: str) -> tuple[Callable, dict[str, torch.Tensor], str]:
+    """(fn(params, x, target, mask) → per-example (grads, losses), params, prefix); `mask` (b, N) or None."""
     module, prefix = trainable_module(classifier)
 
-    def example_loss(params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(module, params, (x.unsqueeze(0),))
-        return _example_loss(logits[0], target, loss)
+    def example_loss(params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+        args = (x.unsqueeze(0),) if mask is None else (x.unsqueeze(0), mask.unsqueeze(0))
+        return _example_loss(functional_call(module, params, args)[0], target, loss)
+
+    def fn(params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
+        in_dims = (None, 0, 0, None if mask is None else 0)
+        return vmap(grad_and_value(example_loss), in_dims=in_dims)(params, x, target, mask)
 
     params = {name[len(prefix):]: p.detach() for name, p in classifier.tail.named_parameters()}
-    return vmap(grad_and_value(example_loss), in_dims=(None, 0, 0)), params, prefix
+    return fn, params, prefix
+
+
+def _mask_for(classifier: Classifier, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask the trained module reads: none for a probe (its inputs are already pooled)."""
+    return None if classifier.method == "probe" else mask
 
 
 @contextmanager
@@ -96,25 +107,30 @@ def _per_example_context(classifier: Classifier) -> Iterator[None]:
         yield
 
 
-def _chunks(inputs: torch.Tensor, targets: torch.Tensor, size: int):
-    """Pairs of chunks of at most `size` examples; none for an empty batch (Poisson batches may be empty)."""
-    return zip(inputs.split(size), targets.split(size)) if len(inputs) else iter(())
+def _chunks(inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, size: int):
+    """(inputs, targets, mask) chunks of at most `size` examples; none for an empty batch (Poisson batches may
+    be empty). `mask` (text features) is cut like the inputs; a probe's pooled inputs need none."""
+    if not len(inputs):
+        return iter(())
+    masks = mask.split(size) if mask is not None else [None] * math.ceil(len(inputs) / size)
+    return zip(inputs.split(size), targets.split(size), masks)
 
 
 def per_example_gradients(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, *,
-                          loss: str = "mse", kappa: float = 15.0,
+                          mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = 15.0,
                           chunk_size: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({name: (b, *shape)} per-example gradients of the per-example training loss (no regularizer) with respect
     to every trainable tensor of `classifier.tail` (names as in `tail.named_parameters()`), per-example losses
-    (b,)). `inputs` are `Classifier.train_inputs` (trunk features; pooled features for a probe)."""
+    (b,)). `inputs` are `Classifier.train_inputs` (trunk features with their `mask`; pooled features for a
+    probe)."""
     fn, params, prefix = _grad_fn(classifier, loss)
     targets = _targets(labels.to(inputs.device), classifier.num_classes, loss, kappa, inputs.dtype)
     chunk = chunk_size or len(inputs) or 1
     grads: list[dict[str, torch.Tensor]] = []
     losses = []
     with _per_example_context(classifier):
-        for x, t in _chunks(inputs, targets, chunk):
-            g, value = fn(params, x, t)
+        for x, t, m in _chunks(inputs, targets, _mask_for(classifier, mask), chunk):
+            g, value = fn(params, x, t, m)
             grads.append(g)
             losses.append(value)
     if not grads:
@@ -130,7 +146,7 @@ def clip_factors(grads: dict[str, torch.Tensor], clip: float) -> tuple[torch.Ten
 
 
 def clipped_sum(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, clip: float, *,
-                loss: str = "mse", kappa: float = 15.0,
+                mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = 15.0,
                 chunk_size: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """(Σ_i clip_C(g_i) per trainable tensor, per-example losses, per-example gradient norms before clipping),
     computed `chunk_size` examples at a time (the per-example gradients of one chunk live at once)."""
@@ -139,8 +155,8 @@ def clipped_sum(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tens
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     losses, norms = [], []
     with _per_example_context(classifier):
-        for x, t in _chunks(inputs, targets, chunk_size):
-            g, value = fn(params, x, t)
+        for x, t, m in _chunks(inputs, targets, _mask_for(classifier, mask), chunk_size):
+            g, value = fn(params, x, t, m)
             factor, norm = clip_factors(g, clip)
             for n in total:
                 total[n].add_(torch.tensordot(factor.to(g[n].dtype), g[n], dims=1))
@@ -153,11 +169,12 @@ def clipped_sum(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tens
 
 def noisy_gradient(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, *, clip: float,
                    noise_multiplier: float, expected_batch_size: int, generator: torch.Generator | None,
-                   loss: str = "mse", kappa: float = 15.0,
+                   mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = 15.0,
                    chunk_size: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The DP-SGD gradient of one batch, (Σ_i clip_C(g_i) + N(0, σ²C² I)) / B, per trainable tensor (names as in
     `classifier.tail.named_parameters()`), and the per-example losses. σ = 0 adds no noise."""
-    total, losses, _ = clipped_sum(classifier, inputs, labels, clip, loss=loss, kappa=kappa, chunk_size=chunk_size)
+    total, losses, _ = clipped_sum(classifier, inputs, labels, clip, mask=mask, loss=loss, kappa=kappa,
+                                   chunk_size=chunk_size)
     for g in total.values():
         if noise_multiplier > 0:
             g.add_(torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype),
@@ -209,9 +226,8 @@ def dp_train_loop(classifier: Classifier, config: TrainConfig, plan: DPPlan, tra
             loss_sum, seen = 0.0, 0
             for step in range(plan.steps_per_epoch):
                 idx = next(schedule)
-                x = train.rows(idx).to(device, dtype, non_blocking=True)
-                y = train.labels[idx].to(device, non_blocking=True)
-                grads, losses = noisy_gradient(classifier, x, y, clip=clip, noise_multiplier=sigma,
+                x, mask, y = train.batch(idx, device, dtype)
+                grads, losses = noisy_gradient(classifier, x, y, mask=mask, clip=clip, noise_multiplier=sigma,
                                                expected_batch_size=B, generator=noise_gen, loss=config.loss,
                                                kappa=config.kappa, chunk_size=dp.chunk_size)
                 if not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):

@@ -91,13 +91,12 @@ def backbone_for(m: Manifest, backbone: Backbone | None, executor: ExecutorArg) 
     """What retraining tasks carry: the given backbone (checked against the store) or the store's by name."""
     info = info_of(m)
     if backbone is None:
-        return BackboneSpec(info.backbone, tuple(info.preprocess["image_size"]), info.dtype,
-                            info.backbone_fingerprint)
+        return BackboneSpec.of(info.backbone, info.preprocess, info.dtype, info.backbone_fingerprint)
     if backbone.fingerprint != info.backbone_fingerprint:
         raise FingerprintMismatchError(
             f"the store was trained on backbone {info.backbone!r} (fingerprint {info.backbone_fingerprint[:12]}…), "
             f"not {backbone.name!r} ({backbone.fingerprint[:12]}…)")
-    dtype = str(backbone.model.cls_token.dtype).removeprefix("torch.")
+    dtype = str(backbone.dtype).removeprefix("torch.")
     if dtype != info.dtype:
         raise TaftError(f"the store was trained in {info.dtype}, the given backbone is {dtype}")
     return backbone_ref(backbone, by_name=executor != "inline")

@@ -125,7 +125,7 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
             spec = req.get("backbone")
             if not spec:
                 raise TaftError("cannot resume the store's creation without its backbone")
-            backbone = BackboneSpec(spec["name"], tuple(spec["image_size"]), spec["dtype"], spec["fingerprint"]).load()
+            backbone = BackboneSpec.of(spec["name"], spec["preprocess"], spec["dtype"], spec["fingerprint"]).load()
         create_store(root, features, backbone, TrainConfig.from_dict(req["config"]),
                      plan=ShardPlan.from_dict(req["plan"]), threads=req["threads"], weighting=req["weighting"],
                      dp=DPConfig(**req["dp"]) if "dp" in req else None, **kw)

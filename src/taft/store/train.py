@@ -209,7 +209,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
         threads = default_threads(workers or default_workers(len(todo)))
     request = {"plan": plan.to_dict(), "config": base.to_dict(), "fingerprint": info.fingerprint,
                "threads": threads, "weighting": weighting, "data": data_identity(train),
-               "backbone": {"name": backbone.name, "image_size": list(backbone.preprocess.image_size),
+               "backbone": {"name": backbone.name, "preprocess": json.loads(json.dumps(backbone.preprocess.to_dict())),
                             "dtype": info.dtype, "fingerprint": backbone.fingerprint}}
     if dp is not None:
         request["dp"] = dp.to_dict()

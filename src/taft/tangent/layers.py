@@ -180,6 +180,32 @@ class TangentBlock(nn.Module):
         return x + m, add_tangents(x_dot, m_dot)
 
 
+class TangentPostNormBlock(nn.Module):
+    """Post-norm (BERT) block: h = norm1(x + attn(x)), out = norm2(h + mlp(h)); residual tangents add before
+    each norm's tangent."""
+
+    def __init__(self, block: nn.Module, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.attn = TangentAttention(block.attn, attn_impl)
+        self.norm1 = TangentLayerNorm(block.norm1)
+        self.mlp = TangentMlp(block.mlp)
+        self.norm2 = TangentLayerNorm(block.norm2)
+
+    def forward(self, x: torch.Tensor, x_dot: Tangent,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        a, a_dot = self.attn(x, x_dot, mask)
+        x, x_dot = self.norm1(x + a, add_tangents(x_dot, a_dot))
+        m, m_dot = self.mlp(x, x_dot)
+        return self.norm2(x + m, add_tangents(x_dot, m_dot))
+
+
+def tangent_block(block: nn.Module, attn_impl: str = "sdpa") -> TangentBlock | TangentPostNormBlock:
+    """The tangent version of a plain block: post-norm when the block says so (`post_norm = True`), else pre-norm."""
+    if getattr(block, "post_norm", False):
+        return TangentPostNormBlock(block, attn_impl)
+    return TangentBlock(block, attn_impl)
+
+
 def pool(tokens: torch.Tensor, how: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """CLS pooling (token 0) or mean over real tokens (mask True = real); linear, so it applies to tangents too."""
     if how == "cls":

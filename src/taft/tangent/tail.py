@@ -5,21 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from taft.tangent.layers import TangentBlock, TangentLayerNorm, TangentLinear, pool
+from taft.tangent.layers import TangentLayerNorm, TangentLinear, pool, tangent_block
 
 
 class TangentTail(nn.Module):
     """f_lin(h; Δw) = f(h; w0) + J(h; w0) Δw for trunk features h (B, N, D).
 
     `blocks` is keyed by the block's index in the full backbone, so Δw names match the plain model's
-    (`blocks.11.attn.qkv.weight`, `norm.weight`, `head.weight`, ...).
+    (`blocks.11.attn.qkv.weight`, `norm.weight`, `head.weight`, ...). Pre-norm (ViT) or post-norm (BERT) blocks;
+    `norm` is the final norm, None for post-norm encoders (their last block ends with one). `mask` (B, N), True =
+    real token, removes padded keys from attention and padded tokens from mean pooling.
     """
 
-    def __init__(self, blocks: dict[int, nn.Module], norm: nn.LayerNorm, head: nn.Linear, pooling: str = "cls",
-                 attn_impl: str = "sdpa"):
+    def __init__(self, blocks: dict[int, nn.Module], norm: nn.LayerNorm | None, head: nn.Linear,
+                 pooling: str = "cls", attn_impl: str = "sdpa"):
         super().__init__()
-        self.blocks = nn.ModuleDict({str(i): TangentBlock(b, attn_impl) for i, b in blocks.items()})
-        self.norm = TangentLayerNorm(norm)
+        self.blocks = nn.ModuleDict({str(i): tangent_block(b, attn_impl) for i, b in blocks.items()})
+        self.norm = TangentLayerNorm(norm) if norm is not None else None
         self.head = TangentLinear(head)
         self.pooling = pooling
 
@@ -30,9 +32,11 @@ class TangentTail(nn.Module):
             x, x_dot = block(x, x_dot, mask)
         if self.pooling == "cls":  # LayerNorm acts per token, so norm(x)[:, 0] = norm(x[:, 0]): skip the rest
             x, x_dot = x[:, 0], x_dot[:, 0]
-            x, x_dot = self.norm(x, x_dot)
+            if self.norm is not None:
+                x, x_dot = self.norm(x, x_dot)
         else:
-            x, x_dot = self.norm(x, x_dot)
+            if self.norm is not None:
+                x, x_dot = self.norm(x, x_dot)
             x, x_dot = pool(x, self.pooling, mask), pool(x_dot, self.pooling, mask)
         logits, logits_dot = self.head(x, x_dot)
         return logits + logits_dot

@@ -1,4 +1,5 @@
-"""One classifier for the three methods: images → frozen trunk → the method's tail → logits.
+"""One classifier for the three methods: inputs (images or a TokenBatch) → frozen trunk → the method's tail →
+logits.
 
 - taft:  the tangent tail of a `TangentModel` (trainable: Δw, zero at the start).
 - nlft:  the same last k blocks, final norm and head as an ordinary module (trainable: all tail weights w,
@@ -18,39 +19,42 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from taft.backbones.base import Backbone, ImagePreprocess
-from taft.backbones.vit import ViT
+from taft.backbones.base import Backbone, Preprocess
 from taft.data.feature_cache import CachedFeatures, FeatureCache, LabelledDataset
 from taft.errors import TaftError
 from taft.fingerprint import hash_tensors
-from taft.model import TangentModel, Trunk, params_to_buffers
+from taft.model import Inputs, TangentModel, Trunk, input_mask, params_to_buffers
 from taft.tangent import pool
 from taft.tensors import load_checked
 from taft.train.config import TrainConfig
 
 
 class PlainTail(nn.Module):
-    """The last k blocks of a ViT (copies, keyed by their backbone index), the final norm, pooling and a head.
+    """The last k blocks of an encoder (copies, keyed by their backbone index), the final norm (ViT; BERT has
+    none), pooling and a head.
 
     With `train_body=False` the blocks and norm become frozen buffers (the probe's frozen network); only the
     head is a parameter. Parameter names match the plain model's (`blocks.11.attn.qkv.weight`, `head.bias`).
     """
 
-    def __init__(self, vit: ViT, tangent_blocks: int, head: nn.Linear, pooling: str = "cls",
+    def __init__(self, encoder: nn.Module, tangent_blocks: int, head: nn.Linear, pooling: str = "cls",
                  train_body: bool = True):
         super().__init__()
-        depth = vit.cfg.depth
-        self.blocks = nn.ModuleDict({str(i): copy.deepcopy(vit.blocks[i])
+        depth = encoder.cfg.depth
+        self.blocks = nn.ModuleDict({str(i): copy.deepcopy(encoder.blocks[i])
                                      for i in range(depth - tangent_blocks, depth)})
-        self.norm = copy.deepcopy(vit.norm)
-        if train_body:
-            self.blocks.requires_grad_(True)
-            self.norm.requires_grad_(True)
-        else:
-            params_to_buffers(self.blocks)
-            params_to_buffers(self.norm)
+        self.norm = copy.deepcopy(encoder.norm)
+        body = [m for m in (self.blocks, self.norm) if m is not None]
+        for m in body:
+            if train_body:
+                m.requires_grad_(True)
+            else:
+                params_to_buffers(m)
         self.head = head
         self.pooling = pooling
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.norm is None else self.norm(x)
 
     def pooled(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled, final-normed features (B, D) of trunk features (B, N, D)."""
@@ -58,8 +62,8 @@ class PlainTail(nn.Module):
         for block in self.blocks.values():
             x = block(x, mask)
         if self.pooling == "cls":  # LayerNorm is per token: norm(x)[:, 0] = norm(x[:, 0])
-            return self.norm(x[:, 0])
-        return pool(self.norm(x), self.pooling, mask)
+            return self._norm(x[:, 0])
+        return pool(self._norm(x), self.pooling, mask)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.pooled(features, mask))
@@ -88,8 +92,9 @@ def cache_features(dataset: LabelledDataset, backbone: Backbone, tangent_blocks:
 class Classifier(nn.Module):
     """A trained (or trainable) classifier of any method. Its parameters are exactly what the method trains.
 
-    `forward(images)` / `predict(images)` run the whole network on preprocessed images; `logits(features)` runs
-    only the tail on cached trunk features. `trained_state_dict()` is what a checkpoint stores.
+    `forward(inputs)` / `predict(inputs)` run the whole network on preprocessed images or a TokenBatch;
+    `logits(features, mask)` runs only the tail on cached trunk features. `trained_state_dict()` is what a
+    checkpoint stores.
     """
 
     def __init__(self, method: str, trunk: Trunk, tail: nn.Module, *, backbone: Backbone,
@@ -100,7 +105,8 @@ class Classifier(nn.Module):
         self.trunk, self.tail = trunk, tail
         self.backbone_name = backbone.name
         self.backbone_fingerprint = backbone.fingerprint
-        self.preprocess: ImagePreprocess = backbone.preprocess
+        self.preprocess: Preprocess = backbone.preprocess
+        self.tokenizer = backbone.tokenizer
         self.class_names = [str(c) for c in class_names]
         self.num_classes = len(self.class_names)
         self.tangent_blocks = config.tangent_blocks
@@ -119,9 +125,9 @@ class Classifier(nn.Module):
     def device(self) -> torch.device:
         return self.head_weight0.device
 
-    def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen trunk output (B, N, D) for preprocessed images; no gradient, cacheable."""
-        return self.trunk(images.to(self.device, self.dtype))
+    def trunk_features(self, inputs: Inputs) -> torch.Tensor:
+        """Frozen trunk output (B, N, D) for preprocessed images or a TokenBatch; no gradient, cacheable."""
+        return self.trunk(inputs.to(self.device, self.dtype))
 
     def cached_features(self, dataset: LabelledDataset, *, progress: bool = True) -> CachedFeatures:
         """Trunk features of `dataset` through the feature cache, computed with this classifier's own trunk (the
@@ -133,26 +139,27 @@ class Classifier(nn.Module):
         """Logits from trunk features (B, N, D) (e.g. cached ones)."""
         return self.tail(features.to(self.device, self.dtype), mask)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.trunk_features(images))
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        mask = input_mask(inputs)
+        return self.logits(self.trunk_features(inputs), None if mask is None else mask.to(self.device))
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Predicted class indices (B,) for preprocessed images (B, C, H, W)."""
-        return self(images).argmax(-1)
+    def predict(self, inputs: Inputs) -> torch.Tensor:
+        """Predicted class indices (B,) for preprocessed images (B, C, H, W) or a TokenBatch."""
+        return self(inputs).argmax(-1)
 
     # What the trainer uses: inputs that do not change during training are computed once.
-    def train_inputs(self, features: torch.Tensor) -> torch.Tensor:
+    def train_inputs(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """What `train_logits` consumes: the pooled frozen features for a probe (no gradient), else the trunk
-        features themselves."""
+        features themselves (with their `mask`, passed to `train_logits` too)."""
         features = features.to(self.device, self.dtype)
         if self.method == "probe":
             with torch.no_grad():
-                return self.tail.pooled(features)
+                return self.tail.pooled(features, None if mask is None else mask.to(self.device))
         return features
 
-    def train_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.tail.head(inputs) if self.method == "probe" else self.tail(inputs)
+    def train_logits(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.tail.head(inputs) if self.method == "probe" else self.tail(inputs, mask)
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained tensors only (taft: Δw; nlft: the tail weights; probe: the head), plain-model names."""
@@ -176,8 +183,8 @@ def build_classifier(config: TrainConfig, backbone: Backbone, class_names: Seque
     The base head w0_head is `random_head(dim, C, config.head_seed)` unless `head_weight` (and optionally
     `head_bias`) is given, identically for all methods. Same device and dtype as the backbone.
     """
-    vit: ViT = backbone.model
-    cfg = vit.cfg
+    encoder = backbone.model
+    cfg = encoder.cfg
     if len(class_names) < 2:
         raise TaftError(f"need at least 2 classes, got {len(class_names)}")
     if len(set(class_names)) != len(class_names):
@@ -193,10 +200,10 @@ def build_classifier(config: TrainConfig, backbone: Backbone, class_names: Seque
     else:
         head = TangentModel._base_head(cfg.dim, n_cls, config.head_seed, head_weight, head_bias)
         w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
-        trunk = Trunk(vit, cfg.depth - k)
-        tail = PlainTail(vit, k, head, config.pooling, train_body=config.method == "nlft")
+        trunk = Trunk(encoder, cfg.depth - k)
+        tail = PlainTail(encoder, k, head, config.pooling, train_body=config.method == "nlft")
         fingerprint = hash_tensors({"head.weight": w0, "head.bias": b0},
                                    extra=[f"backbone={backbone.fingerprint}", f"k={k}", f"pooling={config.pooling}"])
     clf = Classifier(config.method, trunk, tail, backbone=backbone, class_names=class_names, config=config,
                      fingerprint=fingerprint, head_weight0=w0, head_bias0=b0)
-    return clf.to(device=vit.cls_token.device, dtype=vit.cls_token.dtype).eval()
+    return clf.to(device=backbone.device, dtype=backbone.dtype).eval()

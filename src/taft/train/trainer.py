@@ -50,14 +50,18 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 class Examples:
-    """Features (in memory, or the feature cache's memmap), labels, and when known ids and class names."""
+    """Features (in memory, or the feature cache's memmap), labels, and when known ids and class names. Text
+    features also have `lengths` (real tokens per example; the rest of a row is padding)."""
 
     def __init__(self, data: FeatureData, what: str = "data"):
         self.what = what
         self.key: dict | None = None
+        self.lengths: torch.Tensor | None = None
         if isinstance(data, CachedFeatures):
             self.x: torch.Tensor | np.ndarray = data.features  # read rows on demand; no full copy of a memmap
             self.labels = torch.tensor(data.labels, dtype=torch.int64)
+            if data.lengths is not None:
+                self.lengths = torch.tensor(data.lengths, dtype=torch.int64)
             self.ids: list[str] | None = list(data.ids)
             self.class_names: list[str] | None = list(data.class_names)
             key = data.meta.get("key", {})
@@ -85,10 +89,27 @@ class Examples:
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
-    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(features of rows `idx`, their mask (b, N) or None). Text rows are cut to the longest real length in
+        the batch (dynamic padding), the mask marks each row's real tokens."""
+        width = None
+        if self.lengths is not None:
+            lengths = self.lengths[idx]
+            width = max(1, int(lengths.max())) if len(idx) else 1
+        cols = slice(None) if width is None else slice(0, width)
         if isinstance(self.x, np.ndarray):
-            return torch.from_numpy(np.asarray(self.x[idx.numpy()], dtype=np.float32))
-        return self.x[idx]
+            x = torch.from_numpy(np.asarray(self.x[idx.numpy(), cols], dtype=np.float32))
+        else:
+            x = self.x[idx, cols]
+        mask = None if width is None else torch.arange(width) < lengths[:, None]
+        return x, mask
+
+    def batch(self, idx: torch.Tensor, device: torch.device,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(features, mask, labels) of rows `idx` on `device` (features in `dtype`)."""
+        x, mask = self.rows(idx)
+        mask = None if mask is None else mask.to(device, non_blocking=True)
+        return x.to(device, dtype, non_blocking=True), mask, self.labels[idx].to(device, non_blocking=True)
 
     def check_labels(self, class_names: Sequence[str]) -> None:
         lo, hi = int(self.labels.min()), int(self.labels.max())
@@ -128,8 +149,9 @@ class Prepared(Examples):
     def __init__(self, classifier: Classifier, examples: Examples, batch_size: int = EVAL_BATCH):
         self.__dict__.update(examples.__dict__)
         if classifier.method == "probe":
-            self.x = torch.cat([classifier.train_inputs(examples.rows(idx))
+            self.x = torch.cat([classifier.train_inputs(*examples.rows(idx))
                                 for idx in torch.arange(len(examples)).split(batch_size)])
+            self.lengths = None  # pooled features (n, D) have no tokens left to mask
 
 
 @dataclass
@@ -177,7 +199,8 @@ def _evaluate(classifier: Classifier, data: Prepared, loss: str, kappa: float,
     counts = torch.zeros(n_cls, dtype=torch.int64)
     total_loss = 0.0
     for idx in torch.arange(len(data)).split(batch_size):
-        logits = classifier.train_logits(data.rows(idx).to(classifier.device, classifier.dtype))
+        x, mask, _ = data.batch(idx, classifier.device, classifier.dtype)
+        logits = classifier.train_logits(x, mask)
         y = data.labels[idx]
         total_loss += float(classification_loss(logits, y.to(logits.device), loss, kappa, reduction="sum"))
         hit = logits.argmax(-1).cpu() == y
@@ -256,9 +279,8 @@ def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val
             t0 = time.perf_counter()
             loss_sum = 0.0
             for step, idx in enumerate(torch.randperm(n, generator=gen).split(config.batch_size)):
-                x = train.rows(idx).to(device, dtype, non_blocking=True)
-                y = train.labels[idx].to(device, non_blocking=True)
-                loss = classification_loss(classifier.train_logits(x), y, config.loss, config.kappa)
+                x, mask, y = train.batch(idx, device, dtype)
+                loss = classification_loss(classifier.train_logits(x, mask), y, config.loss, config.kappa)
                 if config.reg > 0:
                     loss = loss + config.reg * proximity(params, start)
                 value = float(loss.detach())
