@@ -12,10 +12,12 @@ from taft.data.images import (
     read_idx,
 )
 from taft.data.split import split_dataset, train_val_split
+from taft.data.text import TextDataset, rotten_tomatoes, text_table
 from taft.data.transforms import ImageTransform, preprocess_id
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_EXTENSIONS", "CachedFeatures", "FeatureCache",
-    "ImageDataset", "ImageRecord", "ImageTransform", "build_or_load_features", "entry_key", "fashion_mnist",
-    "image_folder", "preprocess_id", "read_idx", "split_dataset", "train_val_split",
+    "ImageDataset", "ImageRecord", "ImageTransform", "TextDataset", "build_or_load_features", "entry_key",
+    "fashion_mnist", "image_folder", "preprocess_id", "read_idx", "rotten_tomatoes", "split_dataset", "text_table",
+    "train_val_split",
 ]
