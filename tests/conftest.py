@@ -16,3 +16,11 @@ def dinov2_56():
     from taft import load_backbone
 
     return load_backbone("dinov2-vits14", image_size=56)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The bundled all-MiniLM-L6-v2 text encoder (float32, max_length 256)."""
+    from taft import load_backbone
+
+    return load_backbone("minilm-l6")
