@@ -107,14 +107,14 @@ def test_dataset_items_and_collate(tok):
     x, y, i = ds[2]
     assert x.dtype == torch.int64 and x.tolist() == ds.token_ids[2] and (y, i) == (1, "c")
     batch, labels, ids = ds.collate([ds[2], ds[3]])
-    assert batch.ids.shape == batch.mask.shape == (2, ds.width)
+    assert batch.ids.shape == batch.mask.shape == (2, max(ds.lengths[2], ds.lengths[3]))  # the batch's longest
     assert labels == [1, 0] and ids == ["c", "d"]
     n = ds.lengths[2]
     assert batch.mask[0, :n].all() and not batch.mask[0, n:].any()
     assert (batch.ids[0, n:] == PAD).all() and batch.ids[0, :n].tolist() == ds.token_ids[2]
     assert ds.transform_id() == {"text": {"tokenizer": tok.sha256, "max_length": 16, "pad_id": PAD}}
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=ds.collate)
-    assert [b[0].ids.shape for b in loader] == [(3, ds.width), (1, ds.width)]
+    assert [b[0].ids.shape for b in loader] == [(3, max(ds.lengths[:3])), (1, ds.lengths[3])]
     clone = pickle.loads(pickle.dumps(ds))  # parallel workers receive pickled datasets
     assert clone.collate([clone[0]])[0].ids.tolist() == ds.collate([ds[0]])[0].ids.tolist()
     assert clone.content_hash() == ds.content_hash() and clone.transform_id() == ds.transform_id()

@@ -43,8 +43,14 @@ def dataset(bb: Backbone, n: int = len(TEXTS)) -> TextDataset:
 
 def test_cache_stores_lengths_and_batches_are_cut_to_their_longest_text(text_bb):
     ds = dataset(text_bb)
-    cf = cache_features(ds, text_bb, 1, progress=False)
+    cf = cache_features(ds, text_bb, 1, progress=False, batch_size=5)
     assert cf.lengths == ds.lengths and cf.feature_shape == (ds.width, CFG.dim)
+    stored = torch.from_numpy(np.asarray(cf.features, dtype=np.float64))
+    for i, n in enumerate(ds.lengths):  # each text alone (no padding at all) gives the stored row; zeros after it
+        alone = text_bb.tokenizer.batch([TEXTS[i]])
+        trunk = build_classifier(TrainConfig(tangent_blocks=1), text_bb, ds.class_names).trunk
+        torch.testing.assert_close(stored[i, :n], trunk(alone)[0].float().double(), rtol=0, atol=0)
+        assert not stored[i, n:].any()
     ex = Examples(cf)
     x, mask = ex.rows(torch.tensor([1, 8]))  # "dull", "flat": 3 tokens each
     assert x.shape == (2, 3, CFG.dim) and mask.all()

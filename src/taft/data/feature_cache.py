@@ -12,8 +12,9 @@ Files of an entry:
   progress.json  chunk size and the chunks already written and flushed (an interrupted build resumes there;
                  the chunk size of the first attempt is kept, so a resumed build equals an uninterrupted one)
   labels.npy, ids.json
-  lengths.npy    text only: real tokens per example (features are padded to the dataset's longest example; the
-                 positions past an example's length are padding, masked out downstream)
+  lengths.npy    text only: real tokens per example. Rows are as long as the dataset's longest example (its
+                 `width`); each batch runs the trunk padded to its own longest example only, and the positions
+                 past an example's length hold zeros (they are masked out downstream anyway)
   meta.json      written atomically last: the completion marker. Without it an entry is never read as
                  complete.
 Builds of one entry by several processes are serialised with a file lock (POSIX).
@@ -296,6 +297,7 @@ class FeatureCache:
         todo = [c for c in range(math.ceil(n / chunk)) if c not in done]
         batches = [list(range(c * chunk, min(n, (c + 1) * chunk))) for c in todo]
         ids = list(dataset.ids)
+        width = int(getattr(dataset, "width", 0) or 0) if getattr(dataset, "lengths", None) is not None else 0
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,  # type: ignore[arg-type]
                             collate_fn=getattr(dataset, "collate", _collate))
         bar = tqdm(total=n, initial=n - sum(len(b) for b in batches), disable=not progress,
@@ -306,12 +308,16 @@ class FeatureCache:
                     if batch_ids != ids[rows[0]:rows[-1] + 1]:
                         raise TaftError("dataset returned ids out of order; dataset[i] must have id ids[i]")
                     out = trunk(x if device is None else x.to(device))
-                    out = self._check_output(out, len(rows), state["feature_shape"], dtype)
+                    out = self._check_output(out, len(rows), state["feature_shape"], dtype, width)
                     if mm is None:
-                        state["feature_shape"] = list(out.shape[1:])
+                        state["feature_shape"] = [width, *out.shape[2:]] if width else list(out.shape[1:])
                         mm = np.lib.format.open_memmap(feat_path, mode="w+", dtype=np_dtype,
-                                                       shape=(n, *out.shape[1:]))
-                    mm[rows[0]:rows[-1] + 1] = out.numpy()
+                                                       shape=(n, *state["feature_shape"]))
+                    if width:  # zeros past each example's length (padding), whatever the batch it ran in
+                        lengths = torch.tensor([dataset.lengths[r] for r in rows])
+                        out[torch.arange(out.shape[1]) >= lengths[:, None]] = 0
+                        mm[rows[0]:rows[-1] + 1, out.shape[1]:] = 0  # a resumed build may hold older values
+                    mm[rows[0]:rows[-1] + 1, :out.shape[1]] = out.numpy()
                     mm.flush()  # data on disk before the progress file says so
                     done.add(c)
                     state["done"] = sorted(done)
@@ -332,13 +338,18 @@ class FeatureCache:
         prog_path.unlink(missing_ok=True)
 
     @staticmethod
-    def _check_output(out: Any, batch: int, shape: list[int] | None, dtype: torch.dtype) -> torch.Tensor:
+    def _check_output(out: Any, batch: int, shape: list[int] | None, dtype: torch.dtype,
+                      width: int = 0) -> torch.Tensor:
+        """`width` > 0 (text): batches may be shorter than `width` tokens (dynamic padding), never longer."""
         if not isinstance(out, torch.Tensor):
             raise TaftError(f"trunk must return a Tensor, got {type(out).__name__}")
         if out.ndim < 2 or out.shape[0] != batch:
             raise TaftError(f"trunk returned shape {tuple(out.shape)} for a batch of {batch}; expected "
                             f"({batch}, ...)")
-        if shape is not None and list(out.shape[1:]) != list(shape):
+        if width and (out.ndim < 3 or out.shape[1] > width):
+            raise TaftError(f"trunk returned {tuple(out.shape)} for text whose longest example has {width} tokens")
+        got = list(out.shape[2:]) if width else list(out.shape[1:])
+        if shape is not None and got != list(shape[1:] if width else shape):
             raise TaftError(f"trunk returned features of shape {tuple(out.shape[1:])}, earlier batches "
                             f"{tuple(shape)}")
         out = out.detach().to("cpu", dtype)

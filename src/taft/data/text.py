@@ -2,9 +2,9 @@
 
 A `TextDataset` is texts + integer labels + unique string ids + class names, tokenized once when it is built
 (derived datasets reuse the token ids). `dataset[i]` is `(token ids (lengths[i],) int64, label, id)`;
-`collate` pads a batch with the tokenizer's pad id to the dataset's fixed `width` (its longest example), so the
-trunk features of every batch have the same shape (width, D). `width` depends only on the data and the
-preprocessing, like the feature-cache key.
+`collate` pads a batch with the tokenizer's pad id to its longest example (dynamic padding); the feature cache
+stores every example in rows of the dataset's `width` (its longest example), zero past each example's length.
+`width` depends only on the data and the preprocessing, like the feature-cache key.
 
 `content_hash()` names the data: class names and (id, label, text) in order. `transform_id()` names the
 tokenization (tokenizer file digest, max_length, pad id).
@@ -99,8 +99,8 @@ class TextDataset(Dataset):
         return torch.tensor(self.token_ids[i], dtype=torch.int64), self.labels[i], self.ids[i]
 
     def collate(self, batch: Sequence[tuple[torch.Tensor, int, str]]) -> tuple[TokenBatch, list[int], list[str]]:
-        """DataLoader `collate_fn`: (token ids padded to `width` with their mask, labels, ids)."""
-        tokens = self.tokenizer.pad([b[0].tolist() for b in batch], self.width)
+        """DataLoader `collate_fn`: (token ids padded to the batch's longest text, with their mask, labels, ids)."""
+        tokens = self.tokenizer.pad([b[0].tolist() for b in batch])
         return tokens, [int(b[1]) for b in batch], [b[2] for b in batch]
 
     def transform_id(self) -> dict:
