@@ -122,3 +122,12 @@ def test_text_store_compose_forget_and_dp(capsys, tmp_path):
     assert main(["train", "--data", str(data), "--out", str(dp_out), "--val-fraction", "0", "--dp",
                  "--noise-multiplier", "1.0", "--delta", "1e-2", "--batch-size", "4", *TEXT]) == 0
     assert read_checkpoint_metadata(dp_out / "checkpoint.safetensors")["privacy"]["noise_multiplier"] == 1.0
+
+
+def test_text_demo_runs_on_a_few_snippets(tmp_path, capsys):
+    assert main(["demo", "--text", "--train-per-class", "4", "--test-per-class", "3", "--epochs", "1",
+                 "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "Rotten Tomatoes: 8 training and 6 test snippets" in out and "test top-1" in out
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["data"] == "rotten-tomatoes" and [r["method"] for r in summary["rows"]] == ["probe", "nlft", "taft"]

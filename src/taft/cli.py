@@ -282,7 +282,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from taft.demo import run_demo
 
     run_demo(train_per_class=args.train_per_class, test_per_class=args.test_per_class, epochs=args.epochs,
-             image_size=args.image_size, tangent_blocks=args.k, out=args.out, data_dir=args.data_dir)
+             image_size=args.image_size, tangent_blocks=args.k, out=args.out, data_dir=args.data_dir, text=args.text)
 
 
 def cmd_backbones(args: argparse.Namespace) -> None:
@@ -660,9 +660,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="probe / NLFT / TAFT side by side on a Fashion-MNIST subset (~5 min on 2 cores)")
-    p.add_argument("--train-per-class", type=int, default=500, help="training images per class (default 500)")
-    p.add_argument("--test-per-class", type=int, default=200, help="test images per class (default 200)")
+    p = sub.add_parser("demo", help="probe / NLFT / TAFT side by side on a Fashion-MNIST subset, or with --text on "
+                                    "Rotten Tomatoes (~3-5 min on 2 cores)")
+    p.add_argument("--text", action="store_true", help="text demo: Rotten Tomatoes snippets with minilm-l6")
+    p.add_argument("--train-per-class", type=int, default=500, help="training examples per class (default 500)")
+    p.add_argument("--test-per-class", type=int, default=200, help="test examples per class (default 200)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per method (default 10)")
     p.add_argument("--image-size", type=int, default=56, help="input side in pixels (default 56)")
     p.add_argument("-k", "--k", type=int, default=1, help="blocks fine-tuned by NLFT and TAFT (default 1)")
