@@ -325,7 +325,8 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
         device: torch.device | str | None = None, progress: bool = True, dp: DPConfig | None = None) -> FitResult:
     """Train `config.method` on cached trunk features of (backbone, config.tangent_blocks) (see
     `cache_features`). `train`/`val`: CachedFeatures or (features (n, N, D), labels (n,)[, ids]); class names
-    come from the CachedFeatures unless given. With `run_dir`, writes config.json, metrics.jsonl, metrics.json
+    come from the CachedFeatures unless given. Text needs CachedFeatures: they carry each example's token count
+    (the padding mask); a tensor tuple is read as unpadded. With `run_dir`, writes config.json, metrics.jsonl, metrics.json
     and checkpoint.safetensors there (see the module doc). Deterministic for a given config and data.
 
     `dp`: train with DP-SGD (see `taft.privacy`); σ is calibrated (or ε computed) before anything is written, and
