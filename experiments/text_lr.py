@@ -22,7 +22,7 @@ from taft import load_backbone
 from taft.data import rotten_tomatoes, split_dataset
 from taft.train import TrainConfig, cache_features, evaluate, fit
 
-GRID = {"taft": [1e-4, 3e-4, 1e-3, 3e-3], "nlft": [3e-5, 1e-4, 3e-4], "probe": [3e-3, 1e-2, 3e-2]}
+GRID = {"taft": [1e-4, 1e-3, 3e-3], "nlft": [1e-4, 3e-4], "probe": [1e-2, 3e-2]}
 
 
 def run(args: argparse.Namespace) -> dict:
