@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> dict:
     timing_batches = test_batches(test_ex, torch.arange(min(args.timing_examples, len(test_ex))))
     work = Path(tempfile.mkdtemp(prefix="taft-text-shards-"))
     taft_cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=args.epochs, seed=args.seed,
-                           head_seed=args.seed, pooling=args.pooling)
+                           head_seed=args.seed, pooling=args.pooling, lr=args.taft_lr)
     nlft_cfg = TrainConfig(method="nlft", tangent_blocks=1, epochs=args.epochs, seed=args.seed,
-                           head_seed=args.seed, pooling=args.pooling)
+                           head_seed=args.seed, pooling=args.pooling, lr=args.nlft_lr)
     rows = []
     try:
         for k in args.shards:
@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--epochs", type=int, default=4, help="epochs per shard (as experiments/text_methods.py)")
     parser.add_argument("--seed", type=int, default=0, help="store seed (plan, data order) and head seed")
+    parser.add_argument("--taft-lr", type=float, help="TAFT learning rate (default: TrainConfig's)")
+    parser.add_argument("--nlft-lr", type=float, help="NLFT learning rate (default: TrainConfig's)")
     parser.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (also per shard task)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each inference timing (median)")
