@@ -2,15 +2,17 @@
 weight soups, and the cost of inference (composed model vs K-model ensemble).
 
 Rotten Tomatoes (the seeded 80/20 split of `taft.data.rotten_tomatoes`: 3,893 training / 973 test snippets), the
-bundled MiniLM-L6 (all-MiniLM-L6-v2), k = 1 tangent block, mean pooling, default learning rates, store seed 0,
+bundled MiniLM-L6 (all-MiniLM-L6-v2), k = 1 tangent block, mean pooling, store seed 0,
 trunk features cached once and shared by every run. For each K a TAFT model store is created with
 `taft.store.create_store` (seeded class-stratified "random" plan, uniform composition); the NLFT models are
 trained one per shard of the same plan (`taft.store.make_plan`). Every model is scored on the test split's cached
 features with each example's token mask. Since the TAFT tail is linear in Δw, the composed model's logits equal the
 mean of its shards' logits: the script records the largest difference as a check.
 
-    nice -n 5 python experiments/text_composition.py --shards 1 5 10 --epochs 4 \
-        --out docs/experiments/text_composition
+    nice -n 5 python experiments/text_composition.py --shards 1 5 10 --epochs 4 --taft-lr 1e-4 \
+        --out docs/experiments/text_composition            # image-default rates
+    nice -n 5 python experiments/text_composition.py --shards 1 5 10 --epochs 4 --taft-lr 1e-3 \
+        --out docs/experiments/text_composition_lr1e-3     # TAFT at the text default (chosen by text_lr.py)
 """
 
 from __future__ import annotations
@@ -80,9 +82,9 @@ def run(args: argparse.Namespace) -> dict:
     timing_batches = test_batches(test_ex, torch.arange(min(args.timing_examples, len(test_ex))))
     work = Path(tempfile.mkdtemp(prefix="taft-text-shards-"))
     taft_cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=args.epochs, seed=args.seed,
-                           head_seed=args.seed, pooling=args.pooling, lr=args.taft_lr)
+                           head_seed=args.seed, pooling=args.pooling, lr=args.taft_lr).resolved(text=True)
     nlft_cfg = TrainConfig(method="nlft", tangent_blocks=1, epochs=args.epochs, seed=args.seed,
-                           head_seed=args.seed, pooling=args.pooling, lr=args.nlft_lr)
+                           head_seed=args.seed, pooling=args.pooling, lr=args.nlft_lr).resolved(text=True)
     rows = []
     try:
         for k in args.shards:
@@ -177,8 +179,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--epochs", type=int, default=4, help="epochs per shard (as experiments/text_methods.py)")
     parser.add_argument("--seed", type=int, default=0, help="store seed (plan, data order) and head seed")
-    parser.add_argument("--taft-lr", type=float, help="TAFT learning rate (default: TrainConfig's)")
-    parser.add_argument("--nlft-lr", type=float, help="NLFT learning rate (default: TrainConfig's)")
+    parser.add_argument("--taft-lr", type=float, help="TAFT learning rate (default: the text default, 1e-3)")
+    parser.add_argument("--nlft-lr", type=float, help="NLFT learning rate (default: the text default, 1e-4)")
     parser.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (also per shard task)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each inference timing (median)")

@@ -1,8 +1,9 @@
 """Experiment: probe vs NLFT-k vs TAFT-k on Rotten Tomatoes with the bundled MiniLM-L6 (all-MiniLM-L6-v2).
 
 Binary sentiment (rotten / fresh) of review snippets: the seeded 80/20 split of `taft.data.rotten_tomatoes`
-(3,893 training and 973 test snippets), mean pooling over the real tokens, the default learning rates of
-`TrainConfig` (taft 1e-4, nlft 1e-4, probe 1e-2; AdamW, cosine schedule, batch 32, κ = 15 squared loss). For
+(3,893 training and 973 test snippets), mean pooling over the real tokens, the image-backbone default learning
+rates `DEFAULT_LR` (taft 1e-4, nlft 1e-4, probe 1e-2; AdamW, cosine schedule, batch 32, κ = 15 squared loss; the
+text defaults were later set from `text_lr.py`). For
 each k and seed: train on cached trunk features, evaluate top-1 on the test split, record training time per
 epoch. The probe trains only the head on the frozen network's pooled output, so it is run once (with the first
 k). Writes a JSON with every run, a Markdown table and a PNG plot.
@@ -25,6 +26,7 @@ from common import pyplot, run_and_save
 from taft import load_backbone
 from taft.data import rotten_tomatoes
 from taft.train import TrainConfig, cache_features, evaluate, fit
+from taft.train.config import DEFAULT_LR
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
         for seed in args.seeds:
             for method in methods:
                 cfg = TrainConfig(method=method, tangent_blocks=k, epochs=args.epochs, seed=seed, head_seed=seed,
-                                  pooling=args.pooling)
+                                  pooling=args.pooling, lr=DEFAULT_LR[method])
                 t0 = time.perf_counter()
                 result = fit(cfg, backbone, train_f, progress=False)
                 fit_s = time.perf_counter() - t0

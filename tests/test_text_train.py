@@ -124,3 +124,12 @@ def test_text_features_are_cached_per_tokenization(text_bb):
     a = cache_features(ds, text_bb, 1, progress=False)
     b = cache_features(ds_short, text_bb, 1, progress=False)
     assert a.path != b.path and max(b.lengths) == 6 and np.asarray(b.features).shape[1] == 6
+
+
+def test_text_backbones_default_to_the_text_learning_rates(text_bb):
+    cf = cache_features(dataset(text_bb), text_bb, 1, progress=False)
+    for method, lr in (("taft", 1e-3), ("nlft", 1e-4), ("probe", 1e-2)):
+        result = fit(TrainConfig(method=method, tangent_blocks=1, epochs=1), text_bb, cf, progress=False)
+        assert result.config.lr == lr and result.metrics["lr"] == lr
+    explicit = fit(TrainConfig(method="taft", tangent_blocks=1, epochs=1, lr=3e-4), text_bb, cf, progress=False)
+    assert explicit.config.lr == 3e-4

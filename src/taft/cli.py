@@ -508,7 +508,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def _add_store_parsers(sub) -> None:
     from taft.store import PLAN_KINDS, WEIGHTINGS
-    from taft.train.config import DEFAULT_LR
+    from taft.train.config import DEFAULT_LR, TEXT_DEFAULT_LR
 
     p = sub.add_parser("shards", help="train a model store of K shards in parallel")
     shards_sub = p.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
@@ -535,7 +535,8 @@ def _add_store_parsers(sub) -> None:
     p.add_argument("-k", "--k", type=int, default=1, help="number of last blocks fine-tuned (default 1)")
     p.add_argument("--epochs", type=int, default=10, help="passes over each shard's data (default 10)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: "
-                   + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items() if m != "nlft") + ")")
+                   + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items() if m != "nlft") + "; text: "
+                   + ", ".join(f"{m} {lr:g}" for m, lr in TEXT_DEFAULT_LR.items() if m != "nlft") + ")")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
     p.add_argument("--loss", choices=["mse", "ce"], default="mse", help="mse (default) or ce")
     p.add_argument("--kappa", type=float, default=15.0, help="target scale of the mse loss (default 15)")
@@ -599,7 +600,7 @@ def _add_store_parsers(sub) -> None:
 
 # ------------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    from taft.train.config import DEFAULT_LR
+    from taft.train.config import DEFAULT_LR, TEXT_DEFAULT_LR
 
     parser = argparse.ArgumentParser(
         prog="taft", description="Tangent Attention Fine-Tuning: linearized fine-tuning of a pretrained "
@@ -621,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", type=int, default=1, help="number of last blocks fine-tuned (default 1)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training data (default 10)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: "
-                   + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
+                   + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + "; text: "
+                   + ", ".join(f"{m} {lr:g}" for m, lr in TEXT_DEFAULT_LR.items()) + ")")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
     p.add_argument("--loss", choices=["mse", "ce"], default="mse",
                    help="mse: squared error to kappa * one-hot (default); ce: cross-entropy")

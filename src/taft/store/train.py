@@ -45,7 +45,7 @@ from taft.train import TrainConfig, build_classifier
 ExecutorArg = Executor | str | None
 
 
-def check_config(config: TrainConfig) -> TrainConfig:
+def check_config(config: TrainConfig, text: bool = False) -> TrainConfig:
     """The resolved config, if shards trained with it can be composed exactly."""
     if config.method not in LINEAR_METHODS:
         raise TaftError(f"method {config.method!r} cannot be sharded: composition is exact only for models linear "
@@ -53,7 +53,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
     if config.head_init != "random":
         raise TaftError("head_init='probe' cannot be sharded: a probe head fitted on all the data would put every "
                         "example into the shared w0 (nothing could be forgotten); use head_init='random'")
-    return config.resolved()
+    return config.resolved(text=text)
 
 
 def data_identity(train: FeatureData) -> dict[str, Any]:
@@ -181,7 +181,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
     attempts per failed shard. A rerun with the same arguments after an interruption resumes the creation.
     dp: train every shard with DP-SGD (see the module doc; "size" weighting is then refused)."""
     layout = StoreLayout(root)
-    base = check_config(config)
+    base = check_config(config, text=backbone.is_text)
     if weighting not in WEIGHTINGS:
         raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     check_dp(dp, weighting)

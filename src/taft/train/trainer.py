@@ -332,7 +332,7 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
     `dp`: train with DP-SGD (see `taft.privacy`); σ is calibrated (or ε computed) before anything is written, and
     `head_init="probe"` is refused (the probe would be fitted on the private data without noise)."""
     t_start = time.perf_counter()
-    config = config.resolved()
+    config = config.resolved(text=backbone.is_text)
     tr = Examples(train, "training data")
     va = Examples(val, "validation data") if val is not None else None
     names = _class_names(class_names, tr)
@@ -356,7 +356,7 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
     head_weight = head_bias = None
     extra: dict[str, Any] = {}
     if config.head_init == "probe":
-        probe_cfg = replace(config, method="probe", head_init="random", lr=None).resolved()
+        probe_cfg = replace(config, method="probe", head_init="random", lr=None).resolved(text=backbone.is_text)
         probe = build_classifier(probe_cfg, backbone, names)
         if device is not None:
             probe = probe.to(device)
