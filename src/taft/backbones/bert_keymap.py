@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from taft.backbones.bert import BertConfig, BertEncoder
-from taft.backbones.keymaps import Tensors, _read_folder_weights, _read_json, _read_safetensors
+from taft.backbones.keymaps import Tensors, read_folder_weights, read_json_object, read_safetensors_tensors
 from taft.errors import TaftError
 
 _HF_ACT = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
@@ -67,14 +67,14 @@ def load_local_bert(path: Path) -> tuple[BertConfig, Tensors, Path]:
     else:
         raise TaftError(f"{src}: unsupported checkpoint; expected a Hugging Face BERT folder (config.json, "
                         "model.safetensors, tokenizer.json)")
-    config = _read_json(folder / "config.json", src, required=True)
+    config = read_json_object(folder / "config.json", src, required=True)
     cfg = _config(config, src)
     tokenizer = folder / "tokenizer.json"
     if not tokenizer.is_file():
         raise TaftError(f"{src}: no tokenizer.json beside the weights; a fast-tokenizer file (tokenizer.json, as "
                         "written by a `tokenizers` / transformers fast tokenizer's save_pretrained) is needed to "
                         "turn text into the model's token ids")
-    tensors = (_read_safetensors(weights, src) if weights is not None else _read_folder_weights(folder, src))[0]
+    tensors = (read_safetensors_tensors(weights, src) if weights is not None else read_folder_weights(folder, src))[0]
     return cfg, _convert(tensors, cfg, src), tokenizer
 
 

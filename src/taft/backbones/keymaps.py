@@ -51,21 +51,21 @@ def load_local_vit(path: Path) -> tuple[ViTConfig, Tensors, int, dict]:
     path = Path(path)
     src = str(path)
     if path.is_dir():
-        tensors, metadata = _read_folder_weights(path, src)
+        tensors, metadata = read_folder_weights(path, src)
         folder = path
     elif path.suffix == ".safetensors":
-        tensors, metadata = _read_safetensors(path, src)
+        tensors, metadata = read_safetensors_tensors(path, src)
         folder = path.parent
     else:
         raise TaftError(f"{src}: unsupported checkpoint; expected a Hugging Face folder or a .safetensors file")
-    config = _read_json(folder / "config.json", src, required=False)
+    config = read_json_object(folder / "config.json", src, required=False)
     if "patch_embed.proj.weight" in tensors:
         return _check(*_from_timm(tensors, metadata, config, src), src)
     if config is None or "model_type" not in config:
         raise TaftError(f"{src}: not timm format (no 'patch_embed.proj.weight') and no Hugging Face config.json "
                         "with a 'model_type' beside the weights")
     cfg, sd, native = _from_hf(tensors, config, src)
-    pre = _read_json(folder / "preprocessor_config.json", src, required=False) or {}
+    pre = read_json_object(folder / "preprocessor_config.json", src, required=False) or {}
     mean, std = pre.get("image_mean", IMAGENET_MEAN), pre.get("image_std", IMAGENET_STD)
     if pre.get("do_normalize") is False:
         mean, std = (0.0,) * cfg.in_chans, (1.0,) * cfg.in_chans
@@ -75,7 +75,8 @@ def load_local_vit(path: Path) -> tuple[ViTConfig, Tensors, int, dict]:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path, src: str, required: bool) -> dict | None:
+def read_json_object(path: Path, src: str, required: bool) -> dict | None:
+    """The JSON object in `path` (None if absent and not `required`); TaftError prefixed with `src` otherwise."""
     if not path.is_file():
         if required:
             raise TaftError(f"{src}: missing {path.name}")
@@ -89,7 +90,8 @@ def _read_json(path: Path, src: str, required: bool) -> dict | None:
     return data
 
 
-def _read_safetensors(path: Path, src: str) -> tuple[Tensors, dict[str, str]]:
+def read_safetensors_tensors(path: Path, src: str) -> tuple[Tensors, dict[str, str]]:
+    """(all tensors, metadata) of a safetensors file; TaftError naming it when unreadable."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -97,24 +99,24 @@ def _read_safetensors(path: Path, src: str) -> tuple[Tensors, dict[str, str]]:
         raise TaftError(f"{src}: cannot read safetensors file {path}: {e}") from e
 
 
-def _read_folder_weights(folder: Path, src: str) -> tuple[Tensors, dict[str, str]]:
+def read_folder_weights(folder: Path, src: str) -> tuple[Tensors, dict[str, str]]:
     """A folder's `model.safetensors`, or the shards its `model.safetensors.index.json` lists (all checked)."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.exists():
-        return _read_safetensors(single, src)
+        return read_safetensors_tensors(single, src)
     if not index.exists():
         hint = ""
         if any((folder / n).exists() for n in ("pytorch_model.bin", "model.onnx", "tf_model.h5")):
             hint = "; only safetensors weights are read (convert with transformers' save_pretrained)"
         raise TaftError(f"{src}: no model.safetensors (or model.safetensors.index.json) in the folder{hint}")
-    weight_map = (_read_json(index, src, required=True) or {}).get("weight_map")
+    weight_map = (read_json_object(index, src, required=True) or {}).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise TaftError(f"{src}: {index.name} has no valid 'weight_map'")
     tensors: Tensors = {}
     for shard in sorted(set(weight_map.values())):
         if not (folder / shard).is_file():
             raise TaftError(f"{src}: shard {shard} listed in {index.name} is missing")
-        tensors.update(_read_safetensors(folder / shard, src)[0])
+        tensors.update(read_safetensors_tensors(folder / shard, src)[0])
     if missing := sorted(set(weight_map) - set(tensors)):
         raise TaftError(f"{src}: {index.name} lists weights absent from their shards: {missing[:5]}")
     return tensors, {}
