@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from taft import load_backbone
 from taft.backbones.base import Backbone
@@ -40,6 +43,28 @@ def run_and_save(args: argparse.Namespace, run: Callable[[argparse.Namespace], d
     result = run(args)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print(summarise(result, out))
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def soup(models):
+    """Uniform weight average of NLFT tails (all start from the same w0 and head), loaded into models[0]."""
+    souped = models[0]
+    avg = {n: torch.stack([m.trained_state_dict()[n] for m in models]).mean(0) for n in models[0].trained_state_dict()}
+    souped.load_trained_state_dict(avg)
+    return souped
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall seconds of `repeats` calls of `fn`."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def pyplot():

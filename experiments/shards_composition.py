@@ -19,13 +19,9 @@ from pathlib import Path
 
 import torch
 
-from common import cifar_parser, load_cifar, pyplot, run_and_save
+from common import cifar_parser, load_cifar, median_time, pyplot, run_and_save, soup, top1
 from taft.store import ModelStore, create_store, forget, make_plan
 from taft.train import TrainConfig, cache_features, evaluate, fit
-
-
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(-1) == labels).float().mean().item()
 
 
 @torch.no_grad()
@@ -36,14 +32,6 @@ def tail_logits(classifier, features: torch.Tensor) -> torch.Tensor:
 def nlft_shards(train_f, plan, cfg: TrainConfig, backbone):
     """One NLFT model per shard of `plan` (same per-shard data as the TAFT store)."""
     return [fit(cfg, backbone, train_f.select(ids), progress=False).classifier for ids in plan.shards if ids]
-
-
-def soup(models):
-    """Uniform weight average of NLFT tails (all start from the same w0 and head), loaded into models[0]."""
-    souped = models[0]
-    avg = {n: torch.stack([m.trained_state_dict()[n] for m in models]).mean(0) for n in models[0].trained_state_dict()}
-    souped.load_trained_state_dict(avg)
-    return souped
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -83,16 +71,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def inference_times(composed, shard_models, x_test, repeats: int) -> dict:
     """Seconds to score the test features: the composed model once vs every shard model (the ensemble)."""
-    def median_time(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-
-    one = median_time(lambda: tail_logits(composed, x_test))
-    ens = median_time(lambda: [tail_logits(m, x_test) for m in shard_models])
+    one = median_time(lambda: tail_logits(composed, x_test), repeats)
+    ens = median_time(lambda: [tail_logits(m, x_test) for m in shard_models], repeats)
     return {"infer_composed_s": one, "infer_ensemble_s": ens, "ensemble_over_composed": ens / one}
 
 

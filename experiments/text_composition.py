@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import pyplot, run_and_save
+from common import median_time, pyplot, run_and_save, soup, top1
 from taft import load_backbone
 from taft.data import rotten_tomatoes
 from taft.store import ModelStore, create_store, make_plan
@@ -44,27 +44,6 @@ def test_batches(examples: Examples, rows: torch.Tensor, batch_size: int = 256) 
 @torch.no_grad()
 def tail_logits(classifier, batches: Batches) -> torch.Tensor:
     return torch.cat([classifier.logits(x, mask) for x, mask in batches])
-
-
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(-1) == labels).float().mean().item()
-
-
-def soup(models):
-    """Uniform weight average of NLFT tails (all start from the same w0 and head), loaded into models[0]."""
-    souped = models[0]
-    avg = {n: torch.stack([m.trained_state_dict()[n] for m in models]).mean(0) for n in models[0].trained_state_dict()}
-    souped.load_trained_state_dict(avg)
-    return souped
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def run(args: argparse.Namespace) -> dict:
