@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from taft.backbones.base import ImagePreprocess
+from taft.data.split import per_class_positions
 from taft.data.transforms import ImageTransform
 from taft.errors import AssetMissingError, TaftError
 
@@ -201,24 +202,10 @@ class ImageDataset(Dataset):
     def per_class(self, n: int, seed: int | None = None) -> ImageDataset:
         """At most `n` examples per class, in dataset order: the first `n` (seed None) or a seeded sample that
         depends only on (seed, id), not on the dataset order."""
-        if n <= 0:
-            raise TaftError(f"per-class count must be positive, got {n}")
-        by_class: dict[int, list[ImageRecord]] = {}
-        for r in self.records:
-            by_class.setdefault(int(r.label), []).append(r)
-        keep: set[str] = set()
-        for recs in by_class.values():
-            if seed is not None:
-                recs = sorted(recs, key=lambda r: _rank(seed, r.id))
-            keep.update(r.id for r in recs[:n])
-        return self._derived([r for r in self.records if r.id in keep])
+        return self._derived([self.records[k] for k in per_class_positions(self.ids, self.labels, n, seed)])
 
     def __repr__(self) -> str:
         return f"ImageDataset({len(self)} examples, {len(self.class_names)} classes, transform={self.transform})"
-
-
-def _rank(seed: int, example_id: str) -> bytes:
-    return hashlib.sha256(f"{seed}\0{example_id}".encode()).digest()
 
 
 def _list_files(folder: Path) -> list[Path]:

@@ -52,6 +52,22 @@ def train_val_split(ids: Sequence[str], labels: Sequence[int], val_fraction: flo
     return sorted(train), sorted(val)
 
 
+def per_class_positions(ids: Sequence[str], labels: Sequence[int], n: int, seed: int | None = None) -> list[int]:
+    """Positions (sorted) of at most `n` examples per class: the first `n` in order (seed None) or a seeded sample
+    that depends only on (seed, id), not on the order. Raises `TaftError` unless n ≥ 1."""
+    if n <= 0:
+        raise TaftError(f"per-class count must be positive, got {n}")
+    by_class: dict[int, list[int]] = {}
+    for k, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(k)
+    keep: list[int] = []
+    for rows in by_class.values():
+        if seed is not None:
+            rows = sorted(rows, key=lambda k: hashlib.sha256(f"{seed}\0{ids[k]}".encode()).digest())
+        keep += rows[:n]
+    return sorted(keep)
+
+
 def split_dataset(dataset: D, val_fraction: float = 0.1, seed: int = 0) -> tuple[D, D]:
     """`train_val_split` applied to a dataset with `ids`, `labels` and `select(ids)` (ImageDataset,
     CachedFeatures): (train part, validation part), each in dataset order."""

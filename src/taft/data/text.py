@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from taft.backbones.assets import rotten_tomatoes_file
 from taft.backbones.base import TokenBatch
 from taft.backbones.tokenizer import TextTokenizer
-from taft.data.split import train_val_split
+from taft.data.split import per_class_positions, train_val_split
 from taft.errors import TaftError
 
 ROTTEN_TOMATOES_CLASSES = ("rotten", "fresh")
@@ -133,25 +133,11 @@ class TextDataset(Dataset):
     def per_class(self, n: int, seed: int | None = None) -> TextDataset:
         """At most `n` examples per class, in dataset order: the first `n` (seed None) or a seeded sample that
         depends only on (seed, id), as `ImageDataset.per_class`."""
-        if n <= 0:
-            raise TaftError(f"per-class count must be positive, got {n}")
-        by_class: dict[int, list[int]] = {}
-        for k, y in enumerate(self.labels):
-            by_class.setdefault(y, []).append(k)
-        keep: list[int] = []
-        for rows in by_class.values():
-            if seed is not None:
-                rows = sorted(rows, key=lambda k: _rank(seed, self.ids[k]))
-            keep += rows[:n]
-        return self._derived(sorted(keep))
+        return self._derived(per_class_positions(self.ids, self.labels, n, seed))
 
     def __repr__(self) -> str:
         return (f"TextDataset({len(self)} examples, {len(self.class_names)} classes, width={self.width}, "
                 f"source={self.source!r})")
-
-
-def _rank(seed: int, example_id: str) -> bytes:
-    return hashlib.sha256(f"{seed}\0{example_id}".encode()).digest()
 
 
 # --- CSV / JSONL tables -------------------------------------------------------------------------------------
