@@ -224,14 +224,14 @@ def _prediction_batches(classifier, inputs: list[str], size: int = 64):
 
     from taft.data import ImageTransform
 
+    if classifier.tokenizer is not None:
+        for i in range(0, len(inputs), size):
+            yield classifier.tokenizer.batch(inputs[i:i + size])
+        return
+    transform = ImageTransform(classifier.preprocess)
     for i in range(0, len(inputs), size):
-        chunk = inputs[i:i + size]
-        if classifier.tokenizer is not None:
-            yield classifier.tokenizer.batch(chunk)
-            continue
-        transform = ImageTransform(classifier.preprocess)
         images = []
-        for path in chunk:
+        for path in inputs[i:i + size]:
             try:
                 with Image.open(path) as im:
                     images.append(transform(im))

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from taft.backbones.vit import Attention, Mlp
+from taft.backbones.vit import Attention, Mlp, check_block_shape
 from taft.errors import TaftError
 
 
@@ -32,10 +32,7 @@ class BertConfig:
     gelu: str = "exact"  # "exact" or "tanh"
 
     def __post_init__(self) -> None:
-        if self.dim % self.heads:
-            raise TaftError(f"width {self.dim} is not divisible by {self.heads} heads")
-        if self.gelu not in ("exact", "tanh"):
-            raise TaftError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        check_block_shape(self.dim, self.heads, self.gelu)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,6 +17,14 @@ from torch import nn
 from taft.errors import TaftError
 
 
+def check_block_shape(dim: int, heads: int, gelu: str) -> None:
+    """What every transformer config here needs: heads dividing the width, an exact or tanh GELU."""
+    if dim % heads:
+        raise TaftError(f"width {dim} is not divisible by {heads} heads")
+    if gelu not in ("exact", "tanh"):
+        raise TaftError(f"gelu must be 'exact' or 'tanh', got {gelu!r}")
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """Architecture of a ViT. `pos_grid` is the side of the square position-embedding grid it was trained with."""
@@ -33,10 +41,7 @@ class ViTConfig:
     gelu: str = "exact"  # "exact" or "tanh"
 
     def __post_init__(self) -> None:
-        if self.dim % self.heads:
-            raise TaftError(f"width {self.dim} is not divisible by {self.heads} heads")
-        if self.gelu not in ("exact", "tanh"):
-            raise TaftError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        check_block_shape(self.dim, self.heads, self.gelu)
 
     def to_dict(self) -> dict:
         return asdict(self)
