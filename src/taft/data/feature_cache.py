@@ -313,10 +313,10 @@ class FeatureCache:
                         state["feature_shape"] = [width, *out.shape[2:]] if width else list(out.shape[1:])
                         mm = np.lib.format.open_memmap(feat_path, mode="w+", dtype=np_dtype,
                                                        shape=(n, *state["feature_shape"]))
-                    if width:  # zeros past each example's length (padding), whatever the batch it ran in
+                    if width:  # zeros past each example's length (padding), whatever the batch it ran in; past
+                        # the batch's width the new file is already zero (a chunk's rows, hence width, never change)
                         lengths = torch.tensor([dataset.lengths[r] for r in rows])
                         out[torch.arange(out.shape[1]) >= lengths[:, None]] = 0
-                        mm[rows[0]:rows[-1] + 1, out.shape[1]:] = 0  # a resumed build may hold older values
                     mm[rows[0]:rows[-1] + 1, :out.shape[1]] = out.numpy()
                     mm.flush()  # data on disk before the progress file says so
                     done.add(c)
