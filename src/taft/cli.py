@@ -310,6 +310,7 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
 
     dp = dp_config_from_args(args)
     check_dp(dp, args.weighting)  # before the features are computed
+    check_executor_options(args)
     backbone = load_backbone_from(args)
     config = TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
                          lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
@@ -327,7 +328,8 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
               "text_column": args.text_column, "label_column": args.label_column, "id_column": args.id_column}
     create_store(args.store, features, backbone, config, shards=None if plan is not None else args.shards,
                  plan=plan, plan_kind=args.plan, executor=args.executor, workers=args.workers, threads=threads,
-                 ray_address=args.ray_address, retries=args.retries, weighting=args.weighting, source=source,
+                 ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
+                 weighting=args.weighting, source=source,
                  dp=dp, progress=not args.quiet)
     info = ModelStore(args.store).info()
     trained = [s["index"] for s in info["shards"] if s["status"] == "trained"]
@@ -404,9 +406,11 @@ def cmd_forget(args: argparse.Namespace) -> None:
     from taft.store import ModelStore, forget, read_ids
 
     ids = read_ids(args.ids)
+    check_executor_options(args)
     features = _store_features(args.store, args.quiet) if args.mode == "retrain" else None
     r = forget(args.store, ids, args.mode, features=features, executor=args.executor, workers=args.workers,
-               ray_address=args.ray_address, retries=args.retries, progress=not args.quiet)
+               ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
+               progress=not args.quiet)
     if r.noop:
         print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
         return
@@ -471,12 +475,14 @@ def cmd_store_info(args: argparse.Namespace) -> None:
 def cmd_store_resume(args: argparse.Namespace) -> None:
     from taft.store import resume
 
+    check_executor_options(args)
     features = None
     if (args.store / "manifest.json").exists() and (args.store / "pending.json").exists():
         pending = json.loads((args.store / "pending.json").read_text())
         if pending.get("op") == "forget" and pending["request"].get("mode") == "retrain":
             features = _store_features(args.store, args.quiet)
     print(resume(args.store, features=features, executor=args.executor, workers=args.workers,
+                 ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
                  progress=not args.quiet))
 
 
@@ -487,9 +493,26 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
                    help="process: local process pool (default when several shards train); inline: in this process; "
                         "ray: Ray tasks (pip install 'taft-torch[ray]')")
     p.add_argument("--workers", type=int, help="process pool size (default min(shards, CPU cores))")
-    p.add_argument("--ray-address", help="address of a running Ray cluster (default: start Ray locally)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="ray: a running Ray cluster (`ray start --head` prints it; default: start Ray locally)")
+    p.add_argument("--ray-gpus-per-shard", type=float, default=0, metavar="G",
+                   help="ray: GPUs each shard task asks Ray for (default 0; a fraction shares a GPU between shards)")
     p.add_argument("--retries", type=int, default=1, help="extra attempts for a failed shard (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def check_executor_options(args: argparse.Namespace) -> None:
+    """The executor options' one-line errors, before any data is read or the store touched: unknown
+    combinations, Ray not installed, an unreachable --ray-address."""
+    from taft.parallel import check_executor_args
+    from taft.parallel.ray_cluster import check_reachable, import_ray
+
+    check_executor_args(args.executor, args.workers, args.ray_address, args.ray_gpus_per_shard)
+    if args.ray_gpus_per_shard < 0:
+        raise TaftError(f"--ray-gpus-per-shard must be ≥ 0, got {args.ray_gpus_per_shard:g}")
+    if args.executor == "ray":
+        import_ray()
+        check_reachable(args.ray_address)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -170,6 +170,7 @@ class CachedFeatures(Dataset):
         self.lengths: list[int] | None = ([int(v) for v in np.load(lengths_file)[sel]]
                                           if lengths_file.is_file() else None)
         self._mm: np.ndarray | None = None
+        self._loaded: np.ndarray | None = None  # the selected rows in memory (`in_memory()`)
         self._index: dict[str, int] | None = None
 
     @property
@@ -180,20 +181,38 @@ class CachedFeatures(Dataset):
 
     @property
     def features(self) -> np.ndarray:
+        if self._loaded is not None:
+            return self._loaded
         return self._memmap if self._rows is None else self._memmap[self._rows]
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
-        row = i if self._rows is None else int(self._rows[i])
-        x = torch.from_numpy(np.array(self._memmap[row], dtype=np.float32))
+        if self._loaded is not None:
+            x = torch.from_numpy(np.array(self._loaded[i], dtype=np.float32))
+        else:
+            row = i if self._rows is None else int(self._rows[i])
+            x = torch.from_numpy(np.array(self._memmap[row], dtype=np.float32))
         return x, self.labels[i], self.ids[i]
 
     def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(features as float32 (n, *feature_shape), labels int64 (n,)), loaded into memory."""
         feats = torch.from_numpy(np.array(self.features, dtype=np.float32))
         return feats, torch.tensor(self.labels, dtype=torch.int64)
+
+    @property
+    def rows(self) -> list[int] | None:
+        """The entry's row numbers this selection holds (None: the whole entry)."""
+        return None if self._rows is None else [int(r) for r in self._rows]
+
+    def in_memory(self) -> CachedFeatures:
+        """The same selection with its features loaded (stored dtype): it pickles with them, so a process that
+        cannot read the cache's disk can train on it exactly as on the cache."""
+        copy = object.__new__(CachedFeatures)
+        copy.__dict__.update(self.__dict__)
+        copy._mm, copy._loaded = None, np.ascontiguousarray(self.features)
+        return copy
 
     def content_hash(self) -> str:
         """Names the entry and the selected rows."""
@@ -216,7 +235,7 @@ class CachedFeatures(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_mm"] = None  # reopen in the worker instead of pickling the whole array
+        state["_mm"] = None  # reopen in the worker instead of pickling the whole array (`_loaded` travels)
         return state
 
     def __repr__(self) -> str:

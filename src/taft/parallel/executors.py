@@ -4,7 +4,8 @@
 - "process": a local `ProcessPoolExecutor` (spawn start method: safe with torch's thread pools) of
   `min(tasks, cores)` workers by default.
 - "inline": runs each task in the calling process at submit time (`InlineExecutor`).
-- "ray": tasks as Ray remote functions (optional extra `taft-torch[ray]`; imported only when asked for).
+- "ray": tasks on a Ray cluster (`taft.parallel.ray_cluster.RayExecutor`; optional extra `taft-torch[ray]`,
+  imported only when asked for); `ray_gpus`: GPUs each shard task asks Ray for.
 
 Threads: each shard task sets `torch.set_num_threads(threads)` itself (see `taft.parallel.shards`), so results do
 not depend on which executor ran it; `default_threads(workers)` = max(1, cores // workers).
@@ -19,9 +20,9 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
 from taft.errors import TaftError
+from taft.parallel.ray_cluster import RayExecutor
 
 EXECUTORS = ("process", "inline", "ray")
-RAY_INSTALL = "pip install 'taft-torch[ray]'"
 
 
 def available_cores() -> int:
@@ -53,46 +54,27 @@ class InlineExecutor(Executor):
         return future
 
 
-class RayExecutor(Executor):
-    """Submits tasks as Ray remote functions (each asking for `num_cpus` CPUs). Connects to `address` (None: a
-    local Ray started here, or the one already initialised). Shuts Ray down on exit only if it started it."""
-
-    def __init__(self, address: str | None = None, num_cpus: int = 1):
-        try:
-            import ray
-        except ImportError as e:
-            raise TaftError(f"the ray executor needs Ray, which is not installed: {RAY_INSTALL}") from e
-        self._ray = ray
-        self._owns = not ray.is_initialized()
-        if self._owns:
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-        self._call = ray.remote(num_cpus=num_cpus)(_call)
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        return self._call.remote(fn, *args, **kwargs).future()
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if self._owns and self._ray.is_initialized():
-            self._ray.shutdown()
-
-
-def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return fn(*args, **kwargs)
-
-
 def make_executor(kind: str = "process", *, workers: int | None = None, tasks: int = 1,
-                  ray_address: str | None = None, threads: int = 1) -> Executor:
+                  ray_address: str | None = None, ray_gpus: float = 0) -> Executor:
     """A new executor of `kind` (see the module doc); use it as a context manager. `workers` defaults to
-    `default_workers(tasks)`; `threads` is what each Ray task asks for in CPUs."""
-    if kind not in EXECUTORS:
-        raise TaftError(f"executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise TaftError(f"workers must be an integer ≥ 1, got {workers!r}")
+    `default_workers(tasks)`; `ray_address`, `ray_gpus`: the Ray cluster and the GPUs per shard task."""
+    check_executor_args(kind, workers, ray_address, ray_gpus)
     if kind == "inline":
         return InlineExecutor()
     if kind == "ray":
-        return RayExecutor(ray_address, num_cpus=threads)
-    if ray_address is not None:
-        raise TaftError("--ray-address applies to the ray executor only")
+        return RayExecutor(ray_address, num_gpus=ray_gpus)
     return ProcessPoolExecutor(max_workers=workers or default_workers(tasks),
                                mp_context=multiprocessing.get_context("spawn"))
+
+
+def check_executor_args(kind: str | None, workers: int | None = None, ray_address: str | None = None,
+                        ray_gpus: float = 0) -> None:
+    """`TaftError` for an unknown executor kind, a bad worker count, or Ray options without the ray executor."""
+    if kind is not None and kind not in EXECUTORS:
+        raise TaftError(f"executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise TaftError(f"workers must be an integer ≥ 1, got {workers!r}")
+    if kind != "ray" and ray_address is not None:
+        raise TaftError("--ray-address applies to the ray executor only")
+    if kind != "ray" and ray_gpus:
+        raise TaftError("--ray-gpus-per-shard applies to the ray executor only")

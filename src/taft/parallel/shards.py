@@ -35,6 +35,7 @@ from taft.backbones import BUNDLED, load_backbone_like
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import TaftError
+from taft.parallel.ray_cluster import InObjectStore, NodeFeatures, RayExecutor, describe_ray_failure, task_error
 from taft.privacy import DPConfig
 from taft.train import TrainConfig, fit
 
@@ -117,9 +118,9 @@ class ShardTask:
 
     index: int
     config: TrainConfig
-    data: FeatureData
+    data: FeatureData | NodeFeatures
     class_names: tuple[str, ...]
-    backbone: Backbone | BackboneSpec
+    backbone: Backbone | BackboneSpec | InObjectStore
     fingerprint: str
     threads: int = 1
     dp: DPConfig | None = None
@@ -160,9 +161,9 @@ def train_shard(task: ShardTask) -> ShardResult:
     previous = torch.get_num_threads()
     torch.set_num_threads(task.threads)
     try:
-        backbone = task.backbone.load() if isinstance(task.backbone, BackboneSpec) else task.backbone
-        result = fit(task.config, backbone, task.data, class_names=list(task.class_names), progress=False,
-                     dp=task.dp)
+        backbone = task.backbone.load() if isinstance(task.backbone, (BackboneSpec, InObjectStore)) else task.backbone
+        data = task.data.load() if isinstance(task.data, NodeFeatures) else task.data
+        result = fit(task.config, backbone, data, class_names=list(task.class_names), progress=False, dp=task.dp)
     finally:
         torch.set_num_threads(previous)
     clf = result.classifier
@@ -181,6 +182,10 @@ def train_shard(task: ShardTask) -> ShardResult:
 def _message(e: BaseException) -> str:
     if isinstance(e, BrokenProcessPool):
         return "a worker process died abruptly (killed, or out of memory)"
+    ray_failure = describe_ray_failure(e)
+    if ray_failure is not None:
+        return ray_failure
+    e = task_error(e) or e
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -196,6 +201,8 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
     running: dict[Future, ShardTask] = {}
     results: dict[int, ShardResult] = {}
     failures: dict[int, tuple[int, str]] = {}
+    # what each task carries to its worker (on Ray: features and backbone through the object store if needed)
+    portable = {t.index: executor.portable(t) if isinstance(executor, RayExecutor) else t for t in tasks}
     bar = tqdm(total=total, disable=not progress, desc="shards", unit="shard", file=sys.stderr)
 
     def say(line: str) -> None:
@@ -205,7 +212,7 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
     def submit(task: ShardTask) -> None:
         attempts[task.index] += 1
         try:
-            running[executor.submit(fn, task)] = task
+            running[executor.submit(fn, portable[task.index])] = task
         except (BrokenProcessPool, RuntimeError) as e:  # executor unusable (broken pool, shut down)
             failures[task.index] = (attempts[task.index], _message(e))
 

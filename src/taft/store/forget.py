@@ -35,7 +35,7 @@ from taft.store.commit import begin, commit
 from taft.store.journal import audit_noop, new_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import Manifest, config_of, info_of, load_manifest, plan_of
-from taft.store.train import ExecutorArg, train_into
+from taft.store.train import ExecutorArg, connected, train_into
 
 MODES = ("drop", "retrain")
 _MAX_LISTED = 10
@@ -104,16 +104,21 @@ def backbone_for(m: Manifest, backbone: Backbone | None, executor: ExecutorArg) 
 
 def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features: FeatureData | None = None,
            backbone: Backbone | None = None, executor: ExecutorArg = None, workers: int | None = None,
-           ray_address: str | None = None, retries: int = 1, progress: bool = True) -> ForgetResult:
+           ray_address: str | None = None, ray_gpus: float = 0, retries: int = 1,
+           progress: bool = True) -> ForgetResult:
     """Forget `ids` from the store at `root` (see the module doc). `features`/`backbone`: the training features and
-    backbone for retraining (default: the store's cache entry and its backbone loaded by name)."""
+    backbone for retraining (default: the store's cache entry and its backbone loaded by name). The executor
+    options are those of `create_store` (used by "retrain" only)."""
     if mode not in MODES:
         raise TaftError(f"forget mode must be one of {', '.join(MODES)}, got {mode!r}")
     wanted = sorted({str(i) for i in ids})
     if not wanted:
         raise TaftError("no ids to forget were given")
     layout = StoreLayout(root)
-    with layout.locked():
+    if mode == "drop":  # trains nothing: no executor (nor Ray connection) is needed
+        executor, ray_address, ray_gpus = None, None, 0
+    with connected(executor, workers=workers, ray_address=ray_address, ray_gpus=ray_gpus) as executor, \
+            layout.locked():
         m = load_manifest(layout)
         known = set(plan_of(m).ids)
         unknown = [i for i in wanted if i not in known]
@@ -164,7 +169,7 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
             files = train_into(layout, pending, todo, train=training_features(m, features),
                                backbone=backbone_for(m, backbone, executor), info=info_of(m), base=config_of(m),
                                threads=int(m["threads"]), plan_kind=m["plan"]["kind"], executor=executor,
-                               workers=workers, ray_address=ray_address, retries=retries, progress=progress,
+                               workers=workers, retries=retries, progress=progress,
                                dp=DPConfig(**m["dp"]) if "dp" in m else None,
                                prior={i: m["shards"][i].get("privacy") for i in todo})
             for index, entry in files.items():

@@ -92,7 +92,7 @@ class ModelStore:
 
 def resume(root: str | Path, *, features: FeatureData | None = None, backbone: Backbone | None = None,
            executor: ExecutorArg = None, workers: int | None = None, ray_address: str | None = None,
-           retries: int = 1, progress: bool = True) -> str:
+           ray_gpus: float = 0, retries: int = 1, progress: bool = True) -> str:
     """Complete the store's interrupted operation (from pending.json); returns what was done, in words."""
     layout = StoreLayout(root)
     with layout.locked():
@@ -105,7 +105,8 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
                 finish(layout, m, pending)
                 return f"finished the cleanup of the committed {describe(pending)}"
     req = pending["request"]
-    kw = dict(executor=executor, workers=workers, ray_address=ray_address, retries=retries, progress=progress)
+    kw = dict(executor=executor, workers=workers, ray_address=ray_address, ray_gpus=ray_gpus, retries=retries,
+              progress=progress)
     if pending["op"] == "forget":
         r: ForgetResult = forget(root, req["ids"], req["mode"], features=features, backbone=backbone, **kw)
         return f"completed the forget of {len(r.forgotten)} ids (mode {r.mode}; shards {r.shards})"

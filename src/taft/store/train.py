@@ -18,9 +18,10 @@ own noise, but anyone who knows the seed can undo the noise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import TaftError
-from taft.parallel.executors import default_threads, default_workers, make_executor
+from taft.parallel.executors import check_executor_args, default_threads, default_workers, make_executor
 from taft.parallel.shards import (BackboneSpec, FeatureData, ShardResult, ShardTask, backbone_ref, run_shards,
                                   shard_data)
 from taft.privacy import DPConfig, PrivacyLedger, sequential_composition
@@ -120,10 +121,29 @@ def check_dp(dp: DPConfig | None, weighting: str, sizes: Sequence[int] = (), bat
                         "for the largest shard)")
 
 
+@contextlib.contextmanager
+def connected(executor: ExecutorArg, *, workers: int | None = None, ray_address: str | None = None,
+              ray_gpus: float = 0) -> Iterator[ExecutorArg]:
+    """`executor` checked, and for "ray" connected now (shut down on exit): callers enter this before they touch
+    the store, so bad executor options or an unreachable Ray cluster fail with the store unchanged. Other kinds
+    are made later, only if shards are to be trained."""
+    if isinstance(executor, Executor):
+        if ray_address is not None or ray_gpus:
+            raise TaftError("ray_address and ray_gpus apply only when the executor is \"ray\"")
+        yield executor
+        return
+    check_executor_args(executor, workers, ray_address, ray_gpus)
+    if executor != "ray":
+        yield executor
+        return
+    with make_executor("ray", ray_address=ray_address, ray_gpus=ray_gpus) as ex:
+        yield ex
+
+
 def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[str]], *, train: FeatureData,
                backbone: Backbone | BackboneSpec, info: ModelInfo, base: TrainConfig, threads: int, plan_kind: str,
-               executor: ExecutorArg, workers: int | None, ray_address: str | None, retries: int,
-               progress: bool, dp: DPConfig | None = None,
+               executor: ExecutorArg, workers: int | None, retries: int, progress: bool,
+               dp: DPConfig | None = None,
                prior: Mapping[int, Mapping[str, Any] | None] | None = None) -> dict[int, dict[str, Any]]:
     """Train shards {index: ids} (reusing the journal's finished ones) and write their files; {index: file entry}.
 
@@ -160,8 +180,7 @@ def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[st
         if kind == "inline" and isinstance(backbone, BackboneSpec):
             backbone = backbone.load()
             tasks = [replace(t, backbone=backbone) for t in tasks]
-        with make_executor(kind, workers=workers, tasks=len(tasks), ray_address=ray_address,
-                           threads=threads) as ex:
+        with make_executor(kind, workers=workers, tasks=len(tasks)) as ex:
             run_shards(tasks, ex, retries=retries, on_result=on_result, progress=progress)
     return done
 
@@ -169,13 +188,15 @@ def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[st
 def create_store(root: str | Path, train: FeatureData, backbone: Backbone, config: TrainConfig, *,
                  shards: int | None = None, plan: ShardPlan | None = None, plan_kind: str = "random",
                  class_names: Sequence[str] | None = None, executor: ExecutorArg = None, workers: int | None = None,
-                 threads: int | None = None, ray_address: str | None = None, retries: int = 1,
+                 threads: int | None = None, ray_address: str | None = None, ray_gpus: float = 0,
+                 retries: int = 1,
                  weighting: str = "uniform", source: Mapping[str, Any] | None = None, dp: DPConfig | None = None,
                  progress: bool = True) -> Path:
     """Train a store of `shards` shards (or on the given `plan`, whose ids must be exactly the data's) in `root`
     (new or empty), compose them with `weighting`, and commit. Returns `root`.
 
-    executor: an Executor, or "process" (default when several shards), "inline" or "ray". workers: process pool
+    executor: an Executor, or "process" (default when several shards), "inline" or "ray" (`ray_address`: the
+    cluster, default a local Ray; `ray_gpus`: GPUs each shard task asks for). workers: process pool
     size (default min(shards, cores)). threads: torch threads per shard task (default max(1, cores // workers));
     recorded in the store and reused by retraining, since it changes float summation order. retries: extra
     attempts per failed shard. A rerun with the same arguments after an interruption resumes the creation.
@@ -213,7 +234,8 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
                             "dtype": info.dtype, "fingerprint": backbone.fingerprint}}
     if dp is not None:
         request["dp"] = dp.to_dict()
-    with layout.locked(create=True):
+    with connected(executor, workers=workers, ray_address=ray_address, ray_gpus=ray_gpus) as executor, \
+            layout.locked(create=True):
         pending = read_pending(layout)
         if layout.manifest.exists():
             m = load_manifest(layout)
@@ -236,8 +258,8 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
             crashpoint("after-pending")
         ref = backbone_ref(backbone, by_name=executor != "inline")
         files = train_into(layout, pending, todo, train=train, backbone=ref, info=info, base=base, threads=threads,
-                           plan_kind=plan.kind, executor=executor, workers=workers, ray_address=ray_address,
-                           retries=retries, progress=progress, dp=dp)
+                           plan_kind=plan.kind, executor=executor, workers=workers, retries=retries,
+                           progress=progress, dp=dp)
         m: Manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": 0, "last_op": None,
             "created": pending["time"], "updated": pending["time"], **info.to_dict(),
@@ -256,5 +278,5 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
     return layout.root
 
 
-__all__ = ["check_config", "check_dp", "create_store", "data_identity", "dp_shard_seed", "releases", "shard_config",
-           "shard_dp", "train_into"]
+__all__ = ["check_config", "check_dp", "connected", "create_store", "data_identity", "dp_shard_seed", "releases",
+           "shard_config", "shard_dp", "train_into"]
