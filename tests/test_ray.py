@@ -20,6 +20,7 @@ import pytest
 
 from helpers import bad
 from taft import TaftError
+from taft.cli import main
 from taft.parallel import RayExecutor, ShardTrainingError, run_shards, train_shard
 from taft.parallel.ray_cluster import NodeFeatures
 from taft.store import ModelStore, StoreLayout, create_store, forget, read_checkpoint, resume, verify
@@ -180,25 +181,23 @@ def drivers() -> int:
     return len(list(SESSION_DIR.glob("session_latest/logs/python-core-driver-*.log")))
 
 
-def test_cli_on_ray_address_killed_driver_resumes_on_ray_or_locally(cluster, tmp_path):
+def test_cli_on_ray_address_killed_driver_resumes_on_ray_or_locally(cluster, tmp_path, capsys):
     images = make_classes(tmp_path / "data", classes=("ant", "bee", "cow"), per_class=4)
     inline = tmp_path / "inline"
-    r = taft("shards", "train", "--data", str(images), "--store", str(inline), "--executor", "inline", "--quiet",
-             *TINY)
-    assert r.returncode == 0, r.stderr
+    assert main(["shards", "train", "--data", str(images), "--store", str(inline), "--executor", "inline", "--quiet",
+                 *TINY]) == 0
     root = tmp_path / "store"
     before = drivers()
     r = taft("shards", "train", "--data", str(images), "--store", str(root), "--executor", "ray", "--ray-address",
              cluster, *TINY, env={CRASH_ENV: "after-shard-file"})  # the driver dies after its first shard
     assert r.returncode == CRASH_EXIT, r.stderr
     assert drivers() == before + 1  # it attached to this cluster instead of starting its own
-    assert "shard " in r.stderr and " done (1/3)" in r.stderr
     assert not StoreLayout(root).manifest.exists()
     local = Path(shutil.copytree(root, tmp_path / "local"))
     r = taft("store", "resume", str(root), "--executor", "ray", "--ray-address", cluster, "--quiet")
     assert r.returncode == 0 and "completed the store's creation" in r.stdout, r.stderr
-    r = taft("store", "resume", str(local), "--executor", "inline", "--quiet")
-    assert r.returncode == 0 and "completed the store's creation" in r.stdout, r.stderr
+    assert main(["store", "resume", str(local), "--executor", "inline", "--quiet"]) == 0
+    assert "completed the store's creation" in capsys.readouterr().out
     for s in (root, local):
         assert verify(s).ok and same_tensors(composed_delta(s), composed_delta(inline))
 
