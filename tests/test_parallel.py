@@ -4,6 +4,7 @@ retried or reported by index (never silently missing), an interrupted creation r
 from __future__ import annotations
 
 import pickle
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -11,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import bad
 from taft import TaftError
-from taft.parallel import (InlineExecutor, ShardTask, ShardTrainingError, make_executor, run_shards, shard_data,
-                           train_shard)
+from taft.parallel import (InlineExecutor, RayExecutor, ShardTask, ShardTrainingError, make_executor, run_shards,
+                           shard_data, train_shard)
 from taft.store import ModelStore, StoreLayout, create_store, read_checkpoint, resume
 from taft.store.journal import read_pending
+from test_cli import make_classes
 from test_store import CLASSES, CONFIG, K, same_tensors, tiny_features
 
 
@@ -143,11 +146,11 @@ def test_executor_choices():
         make_executor("process", ray_address="ray://x:10001")
 
 
-def test_ray_is_optional_with_a_clear_error():
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        with pytest.raises(TaftError, match=r"needs Ray, which is not installed: pip install 'taft-torch\[ray\]'"):
-            make_executor("ray")
-    else:  # pragma: no cover
-        pytest.skip("ray is installed")
+def test_ray_not_installed_names_the_install_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(TaftError, match=r"needs Ray, which is not installed: pip install 'taft-torch\[ray\]'"):
+        RayExecutor()
+    images = make_classes(tmp_path / "data", per_class=2)
+    bad(capsys, ["shards", "train", "--data", str(images), "--store", str(tmp_path / "s"), "--executor", "ray",
+                 "--quiet"], "pip install 'taft-torch[ray]'")
+    assert not (tmp_path / "s").exists()

@@ -1,7 +1,8 @@
 """Shard training on a real (local) Ray cluster: Δw bit-identical to the process pool and inline executors,
 per-shard progress, workers without the driver's feature cache (rows through the object store), faults (a
 SIGKILLed worker is retried; a shard that keeps dying is reported by index and the store stays consistent; a
-killed driver leaves a store that `taft store resume` completes on Ray or locally), `--ray-address`, bad input.
+killed driver leaves a store that `taft store resume` completes on Ray or locally), `--ray-address`, GPUs per
+shard, bad input. (Ray not installed: test_parallel.)
 
 One Ray instance serves the module (started by `ray.init` here; the CLI subprocesses attach to its address)."""
 
@@ -17,19 +18,19 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from helpers import bad
 from taft import TaftError
 from taft.cli import main
 from taft.parallel import RayExecutor, ShardTrainingError, run_shards, train_shard
 from taft.parallel.ray_cluster import NodeFeatures
-from taft.store import ModelStore, StoreLayout, create_store, forget, read_checkpoint, resume, verify
+from taft.store import ModelStore, StoreLayout, create_store, forget, verify
 from taft.store.layout import CRASH_ENV, CRASH_EXIT
 from test_cli import make_classes
 from test_parallel import shard_tensors, tasks
 from test_store import CONFIG, K, composed_delta, same_tensors, tiny_features
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'taft-torch[ray]')")
 SESSION_DIR = Path(f"/tmp/taft-ray-{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
 
 
@@ -231,16 +232,6 @@ class socket_nobody_listens_on:
 
     def __exit__(self, *exc) -> None:
         self.sock.close()
-
-
-def test_ray_not_installed_names_the_install_command(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with pytest.raises(TaftError, match=r"needs Ray, which is not installed: pip install 'taft-torch\[ray\]'"):
-        RayExecutor()
-    images = make_classes(tmp_path / "data", per_class=2)
-    bad(capsys, ["shards", "train", "--data", str(images), "--store", str(tmp_path / "s"), "--executor", "ray",
-                 "--quiet"], "pip install 'taft-torch[ray]'")
-    assert not (tmp_path / "s").exists()
 
 
 def gpus_given(task) -> list:
