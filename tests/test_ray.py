@@ -31,6 +31,7 @@ from test_cli import make_classes
 from test_parallel import shard_tensors, tasks
 from test_store import CONFIG, K, composed_delta, same_tensors, tiny_features
 
+REPO = Path(__file__).resolve().parents[1]
 SESSION_DIR = Path(f"/tmp/taft-ray-{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
 
 
@@ -245,3 +246,20 @@ def test_gpus_per_shard_are_requested_from_ray(cluster, data):
     assert RayExecutor(num_gpus=0.5).submit(gpus_given, task).result() == [0]
     with pytest.raises(TaftError, match="GPUs per shard must be a number ≥ 0"):
         RayExecutor(num_gpus=-1)
+
+
+def test_benchmark_smoke(cluster, capsys):
+    """benchmarks/ray_overhead.py at a tiny size: CIFAR-10 mini when shared/ is beside the repository (it is not
+    shipped to users), else synthetic images; every executor gives the same Δw."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import ray_overhead
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    cifar = REPO.parent / "shared" / "data" / "cifar10-mini"
+    data = ["--data", str(cifar), "--per-class", "2"] if (cifar / "train").is_dir() else ["--synthetic", "2"]
+    r = ray_overhead.main([*data, "--image-size", "28", "--shards", "2", "--epochs", "1", "--workers", "1"])
+    assert set(r["wall_s"]) == {"inline", "process", "ray"} and r["identical"] and r["n"] == 20
+    assert r["ray_over_process"] == r["wall_s"]["ray"] / r["wall_s"]["process"]
+    out = capsys.readouterr().out
+    assert "Ray / process pool:" in out and "bit-identical across executors: yes" in out
