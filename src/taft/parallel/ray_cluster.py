@@ -8,7 +8,8 @@ Workers need not see the driver's disk. `portable(task)` is what a task carries 
   cache, `$TAFT_CACHE/features`, holds the entry reads them there) plus the same rows in Ray's object store
   (`CachedFeatures.in_memory()`, put by the driver), fetched only by a worker whose node lacks the entry. The
   values are the stored ones either way, so the trained Δw does not depend on where the task ran.
-- a backbone that cannot be reloaded by name in the object store too (`InObjectStore`, put once per backbone).
+- a backbone that is not bundled with taft (built in Python, or a local weights file the workers may not see)
+  in the object store too (`InObjectStore`, put once per backbone); a bundled one is reloaded by name.
 Results come back to the driver through Ray, and the driver alone writes the store (its atomic commit).
 
 Retries are `run_shards`' (each Ray task runs with `max_retries=0`), so a worker killed mid-shard is reported
@@ -24,9 +25,11 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
 from typing import Any
 
+from taft.backbones import BUNDLED
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures, FeatureCache
 from taft.errors import TaftError
+from taft.parallel.shards import BackboneSpec, Deferred
 
 RAY_INSTALL = "pip install 'taft-torch[ray]'"
 CONNECT_TIMEOUT_S = 5.0
@@ -58,7 +61,7 @@ def check_reachable(address: str | None) -> None:
 
 
 @dataclass(frozen=True)
-class InObjectStore:
+class InObjectStore(Deferred):
     """A value the driver put in Ray's object store; `load()` fetches it (in a task)."""
 
     ref: Any
@@ -68,7 +71,7 @@ class InObjectStore:
 
 
 @dataclass(frozen=True)
-class NodeFeatures:
+class NodeFeatures(Deferred):
     """A shard's rows of feature-cache entry `entry`: read from this node's own feature cache when it holds the
     entry, else fetched from the object store (`rows_in_store`, a `CachedFeatures.in_memory()` copy)."""
 
@@ -118,12 +121,14 @@ class RayExecutor(Executor):
 
     def portable(self, task: Any) -> Any:
         """`task` (a `ShardTask`) as it travels to a worker that may not share the driver's disk: see the module
-        doc. Tensor-tuple data travel by value already; a `BackboneSpec` is reloaded by name in the worker."""
+        doc. Tensor-tuple data travel by value already."""
         if isinstance(task.data, CachedFeatures):
             rows = task.data.rows if task.data.rows is not None else range(len(task.data))
             task = replace(task, data=NodeFeatures(entry=task.data.meta["entry"], rows=tuple(rows),
                                                    ids=tuple(task.data.ids),
                                                    rows_in_store=self.put(task.data.in_memory())))
+        if isinstance(task.backbone, BackboneSpec) and task.backbone.name not in BUNDLED:
+            task = replace(task, backbone=task.backbone.load())  # a local file: loaded here, shipped below
         if isinstance(task.backbone, Backbone):
             key = id(task.backbone)
             if key not in self._backbones:  # keep the backbone alive with its ref, so its id stays unique
@@ -138,6 +143,23 @@ class RayExecutor(Executor):
         cpus = getattr(args[0], "threads", 1) if args else 1
         return self._call.options(num_cpus=cpus, **self._options).remote(fn, *args, **kwargs).future()
 
+    @staticmethod
+    def describe_failure(e: BaseException) -> str | None:
+        """A line for an error Ray delivered: a Ray-level failure (worker died, node lost, object lost) in words,
+        or the task's own exception as `Type: first line`; None for anything else."""
+        name = type(e).__name__
+        if name in ("WorkerCrashedError", "ActorDiedError"):
+            return "the Ray worker process died (killed, or out of memory)"
+        if name in ("NodeDiedError", "LocalRayletDiedError", "RaySystemError", "OutOfMemoryError",
+                    "ObjectLostError", "OwnerDiedError", "ObjectFetchTimedOutError", "TaskUnschedulableError"):
+            first = (str(e).strip().splitlines() or [""])[0]
+            return f"Ray {name}: {first}".rstrip(": ")
+        cause = getattr(e, "cause", None)  # a RayTaskError wraps the task's exception (and its traceback)
+        if isinstance(cause, BaseException):
+            text = str(cause).strip().splitlines()
+            return f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": ")
+        return None
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._backbones.clear()
         if self._owns and self._ray.is_initialized():
@@ -148,23 +170,5 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
-def task_error(e: BaseException) -> BaseException | None:
-    """For an error Ray delivered: the exception the task raised (None when it is not a task's own error)."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, BaseException) else None
-
-
-def describe_ray_failure(e: BaseException) -> str | None:
-    """A one-line account of a Ray-level failure (worker died, node lost, out of memory), else None."""
-    name = type(e).__name__
-    if name in ("WorkerCrashedError", "ActorDiedError"):
-        return "the Ray worker process died (killed, or out of memory)"
-    if name in ("NodeDiedError", "LocalRayletDiedError", "RaySystemError"):
-        return f"the Ray node running it was lost ({name})"
-    if name in ("OutOfMemoryError", "ObjectLostError", "OwnerDiedError", "ObjectFetchTimedOutError"):
-        return f"Ray {name}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
-    return None
-
-
 __all__ = ["CONNECT_TIMEOUT_S", "RAY_INSTALL", "InObjectStore", "NodeFeatures", "RayExecutor", "check_reachable",
-           "describe_ray_failure", "import_ray", "task_error"]
+           "import_ray"]

@@ -9,9 +9,11 @@ count, so the same task gives the same Δw in any executor (the thread count cha
 A task with a `DPConfig` trains its shard with DP-SGD (`fit(..., dp=...)`); its result carries the run's privacy
 ledger, and only metrics that do not depend on the private data (`PUBLIC_METRICS`).
 
-`run_shards` submits every task, retries a failed one `retries` times, reports each finished shard (a progress
-line, and `on_result` so the caller can persist it at once), and raises `ShardTrainingError` naming every shard
-that still failed; a shard is never silently missing.
+`run_shards` submits every task (as `executor.portable(task)` where the executor has that: what the task carries
+to a worker that may not share this machine's disk), retries a failed one `retries` times, reports each finished
+shard (a progress line, and `on_result` so the caller can persist it at once), and raises `ShardTrainingError`
+naming every shard that still failed (why, in words: `executor.describe_failure(error)` where the executor has it
+and returns a line); a shard is never silently missing.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from taft.backbones import BUNDLED, load_backbone_like
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import TaftError
-from taft.parallel.ray_cluster import InObjectStore, NodeFeatures, RayExecutor, describe_ray_failure, task_error
 from taft.privacy import DPConfig
 from taft.train import TrainConfig, fit
 
@@ -47,8 +48,16 @@ DETERMINISTIC_METRICS = ("method", "tangent_blocks", "epochs", "steps", "lr", "n
 PUBLIC_METRICS = ("method", "tangent_blocks", "epochs", "steps", "lr", "n_train")
 
 
+class Deferred:
+    """Something a task carries in place of a value, fetched in the worker by `load()` (a backbone by name;
+    on Ray, rows or a backbone in the object store: `taft.parallel.ray_cluster`)."""
+
+    def load(self) -> Any:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class BackboneSpec:
+class BackboneSpec(Deferred):
     """A backbone by name (registry name or local weights path) and preprocessing (`preprocess.to_dict()` as
     canonical JSON), to be loaded in the worker."""
 
@@ -118,9 +127,9 @@ class ShardTask:
 
     index: int
     config: TrainConfig
-    data: FeatureData | NodeFeatures
+    data: FeatureData | Deferred
     class_names: tuple[str, ...]
-    backbone: Backbone | BackboneSpec | InObjectStore
+    backbone: Backbone | Deferred
     fingerprint: str
     threads: int = 1
     dp: DPConfig | None = None
@@ -161,8 +170,8 @@ def train_shard(task: ShardTask) -> ShardResult:
     previous = torch.get_num_threads()
     torch.set_num_threads(task.threads)
     try:
-        backbone = task.backbone.load() if isinstance(task.backbone, (BackboneSpec, InObjectStore)) else task.backbone
-        data = task.data.load() if isinstance(task.data, NodeFeatures) else task.data
+        backbone = task.backbone.load() if isinstance(task.backbone, Deferred) else task.backbone
+        data = task.data.load() if isinstance(task.data, Deferred) else task.data
         result = fit(task.config, backbone, data, class_names=list(task.class_names), progress=False, dp=task.dp)
     finally:
         torch.set_num_threads(previous)
@@ -179,13 +188,12 @@ def train_shard(task: ShardTask) -> ShardResult:
                        worker=f"{socket.gethostname()}:{os.getpid()}", privacy=result.privacy)
 
 
-def _message(e: BaseException) -> str:
+def _message(e: BaseException, executor: Executor) -> str:
     if isinstance(e, BrokenProcessPool):
         return "a worker process died abruptly (killed, or out of memory)"
-    ray_failure = describe_ray_failure(e)
-    if ray_failure is not None:
-        return ray_failure
-    e = task_error(e) or e
+    described = getattr(executor, "describe_failure", lambda _: None)(e)
+    if described is not None:
+        return described
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -201,8 +209,7 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
     running: dict[Future, ShardTask] = {}
     results: dict[int, ShardResult] = {}
     failures: dict[int, tuple[int, str]] = {}
-    # what each task carries to its worker (on Ray: features and backbone through the object store if needed)
-    portable = {t.index: executor.portable(t) if isinstance(executor, RayExecutor) else t for t in tasks}
+    portable = {t.index: getattr(executor, "portable", lambda t: t)(t) for t in tasks}
     bar = tqdm(total=total, disable=not progress, desc="shards", unit="shard", file=sys.stderr)
 
     def say(line: str) -> None:
@@ -214,7 +221,7 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
         try:
             running[executor.submit(fn, portable[task.index])] = task
         except (BrokenProcessPool, RuntimeError) as e:  # executor unusable (broken pool, shut down)
-            failures[task.index] = (attempts[task.index], _message(e))
+            failures[task.index] = (attempts[task.index], _message(e, executor))
 
     def handle(future: Future) -> None:
         task = running.pop(future)
@@ -232,12 +239,12 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
                 + f"{result.seconds:.1f} s on {result.worker}"
                 + (f", attempt {result.attempts}" if result.attempts > 1 else ""))
         elif attempts[task.index] <= retries:
-            say(f"shard {task.index} failed (attempt {attempts[task.index]}), retrying: {_message(error)}")
+            say(f"shard {task.index} failed (attempt {attempts[task.index]}), retrying: {_message(error, executor)}")
             submit(task)
         else:
-            failures[task.index] = (attempts[task.index], _message(error))
+            failures[task.index] = (attempts[task.index], _message(error, executor))
             bar.update(1)
-            say(f"shard {task.index} FAILED after {attempts[task.index]} attempts: {_message(error)}")
+            say(f"shard {task.index} FAILED after {attempts[task.index]} attempts: {_message(error, executor)}")
 
     try:
         for task in tasks:
@@ -255,5 +262,5 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
     return results
 
 
-__all__ = ["PUBLIC_METRICS", "BackboneSpec", "FeatureData", "ShardResult", "ShardTask", "ShardTrainingError",
-           "backbone_ref", "run_shards", "shard_data", "train_shard"]
+__all__ = ["PUBLIC_METRICS", "BackboneSpec", "Deferred", "FeatureData", "ShardResult", "ShardTask",
+           "ShardTrainingError", "backbone_ref", "run_shards", "shard_data", "train_shard"]
