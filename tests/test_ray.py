@@ -105,25 +105,29 @@ class SleepUntilKilled:
     def __call__(self, task):
         if not self.marker.exists():
             self.marker.write_text(str(os.getpid()))
-            time.sleep(120)
+            time.sleep(600)
         return train_shard(task)
 
 
-def kill_when_started(marker: Path) -> None:
-    deadline = time.monotonic() + 60
+def kill_when_started(marker: Path, killed: list[int]) -> None:
+    """SIGKILL the pid in `marker` once it appears (a loaded machine may take minutes to start a Ray worker)."""
+    deadline = time.monotonic() + 500
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.kill(int(marker.read_text()), signal.SIGKILL)
+    if marker.exists():
+        pid = int(marker.read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
 
 
 def test_a_ray_worker_sigkilled_mid_shard_is_retried(cluster, data, tmp_path, capsys):
     ts = tasks(data, 1)
-    marker = tmp_path / "pid"
-    killer = threading.Thread(target=kill_when_started, args=(marker,))
+    marker, killed = tmp_path / "pid", []
+    killer = threading.Thread(target=kill_when_started, args=(marker, killed))
     killer.start()
     results = run_shards(ts, RayExecutor(), retries=1, fn=SleepUntilKilled(marker))
     killer.join()
-    assert results[0].attempts == 2 and int(results[0].worker.rsplit(":", 1)[1]) != int(marker.read_text())
+    assert len(killed) == 1 and results[0].attempts == 2 and int(results[0].worker.rsplit(":", 1)[1]) != killed[0]
     assert "shard 0 failed (attempt 1), retrying: the Ray worker process died" in capsys.readouterr().err
     assert same_tensors(results[0].tensors, train_shard(ts[0]).tensors)
 
