@@ -1,0 +1,204 @@
+"""What a new user hits in their first hour with the CLI (issue 14): small data, messages in the CLI's own terms,
+one-line warnings and no tracebacks, partial class sets in eval, predict with a bad path, comparable model
+hashes, file modes, and warnings about runs that cannot have learned much."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import _cache_env, bad  # noqa: F401  (fixture)
+from reference import random_backbone
+from taft.backbones.vit import ViTConfig
+from taft.cli import main
+from taft.train import TrainConfig, fit
+from test_cli import FAST, make_classes
+
+
+def run_cli(*argv: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    """`taft argv` as a user runs it: a separate process (its own warning and pipe handling)."""
+    return subprocess.run([sys.executable, "-m", "taft.cli", *argv], capture_output=True, text=True, cwd=cwd,
+                          env=os.environ.copy(), **kw)
+
+
+@pytest.fixture(scope="module")
+def three_class_run(tmp_path_factory):
+    """A taft run on three classes (ant, bee, cow), no validation split."""
+    root = tmp_path_factory.mktemp("three")
+    data = make_classes(root / "data", classes=("ant", "bee", "cow"), per_class=4)
+    out = root / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--val-fraction", "0", *FAST]) == 0
+    return data, out
+
+
+# ----------------------------------------------------------------------------------------- 1. small data trains
+def test_tiny_folder_trains_with_one_validation_example_per_class(tmp_path, capsys):
+    data = make_classes(tmp_path / "tiny", per_class=3)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *FAST]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["n_val"] == 2 and metrics["n_train"] == 4 and metrics["eval_split"] == "val"
+
+
+def test_one_example_per_class_trains_without_validation_and_says_so(tmp_path):
+    data = make_classes(tmp_path / "tiny", per_class=3)
+    proc = run_cli("train", "--data", str(data), "--per-class", "1", "--out", str(tmp_path / "run"), *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning:" in proc.stderr and "no validation" in proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["n_val"] == 0 and metrics["eval_split"] == "train"
+
+
+# ------------------------------------------------------------------------------------ 2. messages in CLI terms
+def test_corrupt_image_error_names_the_flag(tmp_path, capsys):
+    data = make_classes(tmp_path / "data")
+    (data / "ant" / "broken.png").write_bytes(b"not a png")
+    assert main(["train", "--data", str(data), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--skip-corrupt" in err and "skip_corrupt=True" not in err and "1 unreadable image:" in err
+
+
+@pytest.mark.parametrize("argv, flag, python_name", [
+    (["-k", "0"], "-k", "tangent_blocks"), (["--epochs", "0"], "--epochs", "epochs must"),
+    (["--batch-size", "-1"], "--batch-size", "batch_size"), (["--lr", "0"], "--lr", "lr must"),
+    (["--dp", "--epsilon", "-1", "--delta", "1e-5"], "--epsilon", "epsilon must"),
+    (["--dp", "--epsilon", "1", "--delta", "2"], "--delta", "delta must"),
+])
+def test_bad_numbers_name_the_flag(tmp_path, argv, flag, python_name):
+    data = make_classes(tmp_path / "data")
+    proc = run_cli("train", "--data", str(data), *FAST, *argv, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("taft: error:") and flag in proc.stderr and python_name not in proc.stderr
+
+
+def test_store_verify_on_a_folder_that_is_not_a_store_does_not_suggest_repair(tmp_path, capsys):
+    assert main(["store", "verify", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "not a model store" in captured.err and "--repair" not in captured.out + captured.err
+
+
+# ------------------------------------------------------------------------------ 3. one line, never a traceback
+def test_closed_stdout_exits_quietly(three_class_run):
+    _, out = three_class_run
+    proc = subprocess.Popen([sys.executable, "-m", "taft.cli", "info", "--json", str(out / "checkpoint.safetensors")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # like `| head -1` having exited
+    err = proc.stderr.read()
+    assert proc.wait() in (0, 141) and err == "", err
+
+
+def test_skip_corrupt_warning_is_one_line(tmp_path):
+    data = make_classes(tmp_path / "data")
+    (data / "ant" / "broken.png").write_bytes(b"not a png")
+    proc = run_cli("train", "--data", str(data), "--skip-corrupt", "--val-fraction", "0", "--out",
+                   str(tmp_path / "run"), *FAST)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "broken.png" in line]
+    assert len(lines) == 1 and lines[0].startswith("taft: warning: "), proc.stderr
+    assert "UserWarning" not in proc.stderr and ".py:" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------- 6. eval on a class subset
+def test_eval_on_some_of_the_trained_classes(tmp_path, three_class_run, capsys):
+    data, out = three_class_run
+    subset = tmp_path / "subset"
+    for name in ("ant", "cow"):
+        (subset / name).mkdir(parents=True)
+        for f in sorted((data / name).iterdir()):
+            (subset / name / f.name).write_bytes(f.read_bytes())
+    ckpt = str(out / "checkpoint.safetensors")
+    assert main(["eval", ckpt, "--data", str(data), "--quiet", "--json", str(tmp_path / "all.json")]) == 0
+    assert main(["eval", ckpt, "--data", str(subset), "--quiet", "--json", str(tmp_path / "sub.json")]) == 0
+    everything = json.loads((tmp_path / "all.json").read_text())
+    part = json.loads((tmp_path / "sub.json").read_text())
+    assert part["n"] == 8 and part["per_class_count"] == {"ant": 4, "bee": 0, "cow": 4}
+    for name in ("ant", "cow"):  # the same examples get the same predictions as in the full set
+        assert part["per_class_accuracy"][name] == everything["per_class_accuracy"][name]
+    assert part["per_class_accuracy"]["bee"] is None
+    capsys.readouterr()
+    unknown = make_classes(tmp_path / "unknown", classes=("ant", "dog"))
+    bad(capsys, ["eval", ckpt, "--data", str(unknown), "--quiet"], "dog")
+
+
+# ------------------------------------------------------------------------------ 7. predict keeps good results
+def test_predict_prints_the_readable_images_and_reports_the_rest(tmp_path, three_class_run, capsys):
+    data, out = three_class_run
+    good = [str(data / "ant" / "0.png"), str(data / "cow" / "1.png")]
+    missing = str(tmp_path / "missing.png")
+    assert main(["predict", str(out / "checkpoint.safetensors"), good[0], missing, good[1]]) == 2
+    captured = capsys.readouterr()
+    printed = [line.split("\t")[0] for line in captured.out.splitlines()]
+    assert printed == good
+    assert captured.err.count("\n") == 1 and "missing.png" in captured.err and "1 of 3" in captured.err
+
+
+# ------------------------------------------------------------------------------------- 8. comparable hashes
+def test_identical_runs_have_the_same_content_hash(tmp_path, three_class_run):
+    data, first = three_class_run
+    time.sleep(1.1)  # a later `created` time in the metadata
+    second = tmp_path / "again"
+    assert main(["train", "--data", str(data), "--out", str(second), "--val-fraction", "0", *FAST]) == 0
+    info = [json.loads(run_cli("info", "--json", str(d / "checkpoint.safetensors")).stdout) for d in (first, second)]
+    assert info[0]["created"] != info[1]["created"]
+    assert len(info[0]["content_sha256"]) == 64 and info[0]["content_sha256"] == info[1]["content_sha256"]
+    text = run_cli("info", str(second / "checkpoint.safetensors")).stdout
+    assert info[1]["content_sha256"][:16] in text
+
+
+def test_identical_stores_have_the_same_composed_content_hash(tmp_path, capsys):
+    data = make_classes(tmp_path / "data", per_class=4)
+    argv = ["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline", *FAST]
+    assert main([*argv, "--store", str(tmp_path / "a")]) == 0
+    time.sleep(1.1)
+    assert main([*argv, "--store", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    hashes = []
+    for store in ("a", "b"):
+        assert main(["store", "info", str(tmp_path / store), "--json"]) == 0
+        hashes.append(json.loads(capsys.readouterr().out)["composed"]["content_sha256"])
+    assert len(hashes[0]) == 64 and hashes[0] == hashes[1]
+
+
+# -------------------------------------------------------------------------------------------- 9. file modes
+def test_files_respect_the_umask(tmp_path, capsys):
+    data = make_classes(tmp_path / "data", per_class=4)
+    old = os.umask(0o022)
+    try:
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *FAST]) == 0
+        assert main(["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline",
+                     "--store", str(tmp_path / "store"), *FAST]) == 0
+        assert main(["report", str(tmp_path / "store"), "--out", str(tmp_path / "report")]) == 0
+    finally:
+        os.umask(old)
+    modes = {}
+    for where in ("run", "store", "report"):
+        for p in (tmp_path / where).rglob("*"):
+            modes[str(p.relative_to(tmp_path))] = stat.S_IMODE(p.stat().st_mode)
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if (tmp_path / p).is_dir() else 0o644)}
+    assert len(modes) > 10 and not wrong, wrong
+
+
+# ---------------------------------------------------------------------------------- 10. silent failure modes
+TINY = ViTConfig(dim=16, depth=2, heads=2, mlp_hidden=32, patch_size=4, pos_grid=2)
+
+
+def test_few_steps_and_chance_accuracy_are_warned_about():
+    backbone = random_backbone(TINY, 3, seed=0, dtype=torch.float32)
+    labels = torch.arange(3).repeat(4)
+    train = (torch.randn(12, 5, TINY.dim, generator=torch.Generator().manual_seed(0)), labels)
+    val = (torch.zeros(6, 5, TINY.dim), torch.arange(3).repeat(2))  # one input: one prediction for all
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(TrainConfig(epochs=2, batch_size=4), backbone, train, val=val, class_names=["a", "b", "c"],
+            progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any("6 optimizer steps" in m for m in messages), messages
+    assert any("chance" in m and "validation top-1 33.3%" in m for m in messages), messages
