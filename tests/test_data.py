@@ -163,7 +163,7 @@ def test_corrupt_images_fail_or_skip(tmp_path):
         image_folder(root, PP)
     msg = str(err.value)
     assert "2 unreadable" in msg and "dog/broken.jpg" in msg and "emu/truncated.jpg" in msg
-    assert "skip_corrupt=True" in msg and "\n" not in msg
+    assert "--skip-corrupt" in msg and "\n" not in msg
     with pytest.warns(UserWarning, match="skipping 2 unreadable images"):
         ds = image_folder(root, PP, skip_corrupt=True)
     assert "dog/broken.jpg" not in ds.ids and len(ds) == 7

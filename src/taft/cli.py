@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import taft
+from taft.cli_types import (OneLineParser, fraction, nonnegative_float, nonnegative_int, positive_float,
+                            positive_int, probability)
 from taft.errors import TaftError
 
 DEFAULT_BACKBONE = "dinov2-vits14"
@@ -33,7 +36,7 @@ def add_data_args(p: argparse.ArgumentParser, split_default: str) -> None:
                                                  "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)")
     g.add_argument("--split", choices=["train", "test"], default=split_default,
                    help=f"split of a known dataset (default {split_default})")
-    g.add_argument("--per-class", type=int, metavar="N", help="use at most N examples per class (first N)")
+    g.add_argument("--per-class", type=positive_int, metavar="N", help="use at most N examples per class (first N)")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="skip unreadable images with a warning listing them (default: fail, listing them)")
     g.add_argument("--text-column", default="text", help="text column of a --data table (default text)")
@@ -74,9 +77,9 @@ def open_dataset(args: argparse.Namespace, model, split: str | None = None):
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help=f"registry name (dinov2-vits14, minilm-l6) or local weights path (default {DEFAULT_BACKBONE})")
-    p.add_argument("--image-size", type=int, help="vision: input side in pixels, a multiple of the patch size "
+    p.add_argument("--image-size", type=positive_int, help="vision: input side in pixels, a multiple of the patch size "
                                                   f"(default {DEFAULT_IMAGE_SIZE})")
-    p.add_argument("--max-length", type=int, help="text: most tokens per text, [CLS] and [SEP] included; longer "
+    p.add_argument("--max-length", type=positive_int, help="text: most tokens per text, [CLS] and [SEP] included; longer "
                                                   "texts are truncated with a warning (default 256)")
     p.add_argument("--pooling", choices=["cls", "mean"],
                    help="token pooling (default: cls for vision, mean over real tokens for text)")
@@ -104,18 +107,18 @@ def add_dp_args(p: argparse.ArgumentParser) -> None:
     """DP-SGD options (read back with `taft.privacy.dp_config_from_args`), shared by the training commands."""
     g = p.add_argument_group("differential privacy (DP-SGD: Poisson sampling, per-example clipping, Gaussian noise)")
     g.add_argument("--dp", action="store_true", help="train with DP-SGD; the privacy ledger goes into the checkpoint")
-    g.add_argument("--epsilon", type=float, help="target ε: the noise multiplier is calibrated to spend at most this")
-    g.add_argument("--delta", type=float, help="δ of the (ε, δ) guarantee, below 1/n (e.g. 1e-5); required with --dp")
-    g.add_argument("--clip", type=float, default=1.0, help="per-example gradient L2 clipping norm C (default 1.0)")
-    g.add_argument("--noise-multiplier", type=float, metavar="SIGMA",
+    g.add_argument("--epsilon", type=positive_float, help="target ε: the noise multiplier is calibrated to spend at most this")
+    g.add_argument("--delta", type=probability, help="δ of the (ε, δ) guarantee, below 1/n (e.g. 1e-5); required with --dp")
+    g.add_argument("--clip", type=positive_float, default=1.0, help="per-example gradient L2 clipping norm C (default 1.0)")
+    g.add_argument("--noise-multiplier", type=nonnegative_float, metavar="SIGMA",
                    help="noise std in units of C, instead of --epsilon (the ε spent is then reported)")
     g.add_argument("--accountant", choices=["prv", "rdp"], default="prv",
                    help="privacy accountant (Opacus): prv, tight (default), or rdp, a looser bound")
-    g.add_argument("--expected-batch-size", type=int, metavar="B",
+    g.add_argument("--expected-batch-size", type=positive_int, metavar="B",
                    help="expected Poisson batch size, sample rate q = B/n (default --batch-size)")
-    g.add_argument("--dp-chunk-size", type=int, default=32, metavar="N",
+    g.add_argument("--dp-chunk-size", type=positive_int, default=32, metavar="N",
                    help="examples per per-example-gradient pass; bounds memory (default 32)")
-    g.add_argument("--dp-seed", type=int, help="seed the sampling and the noise (reproducible runs; anyone who "
+    g.add_argument("--dp-seed", type=nonnegative_int, help="seed the sampling and the noise (reproducible runs; anyone who "
                                                "knows it can undo the noise; default: a fresh secret seed)")
 
 
@@ -142,6 +145,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         val_ds = open_dataset(val_args, backbone)
     elif args.val_fraction > 0:
         train_ds, val_ds = split_dataset(train_ds, args.val_fraction, seed=args.seed)
+        if len(val_ds) == 0:
+            warnings.warn(f"no validation split: every class has a single example (--val-fraction "
+                          f"{args.val_fraction:g} leaves each class one for training); the metrics are on the "
+                          "training data (give --val-data for a validation set)", stacklevel=1)
+            val_ds = None
     else:
         val_ds = None
     dtype = _cache_dtype(args.cache_dtype)
@@ -428,6 +436,8 @@ def cmd_forget(args: argparse.Namespace) -> None:
 def cmd_store_verify(args: argparse.Namespace) -> None:
     from taft.store import verify
 
+    if args.store.is_dir() and not (args.store / "manifest.json").exists():
+        raise TaftError(f"{args.store} is not a model store (no manifest.json); nothing to verify or repair")
     report = verify(args.store, repair=args.repair)
     for line in report.lines():
         print(line)
@@ -492,12 +502,12 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=EXECUTORS,
                    help="process: local process pool (default when several shards train); inline: in this process; "
                         "ray: Ray tasks (pip install 'taft-torch[ray]')")
-    p.add_argument("--workers", type=int, help="process pool size (default min(shards, CPU cores))")
+    p.add_argument("--workers", type=positive_int, help="process pool size (default min(shards, CPU cores))")
     p.add_argument("--ray-address", metavar="HOST:PORT",
                    help="ray: a running Ray cluster (`ray start --head` prints it; default: start Ray locally)")
-    p.add_argument("--ray-gpus-per-shard", type=float, default=0, metavar="G",
+    p.add_argument("--ray-gpus-per-shard", type=nonnegative_float, default=0, metavar="G",
                    help="ray: GPUs each shard task asks Ray for (default 0; a fraction shares a GPU between shards)")
-    p.add_argument("--retries", type=int, default=1, help="extra attempts for a failed shard (default 1)")
+    p.add_argument("--retries", type=nonnegative_int, default=1, help="extra attempts for a failed shard (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -542,33 +552,33 @@ def _add_store_parsers(sub) -> None:
                     "composed.safetensors, forgotten.json, audit.jsonl).")
     add_data_args(p, "train")
     p.add_argument("--store", type=Path, required=True, help="new (or empty) store directory")
-    p.add_argument("--shards", type=int, default=4, help="number of shards K (default 4)")
+    p.add_argument("--shards", type=positive_int, default=4, help="number of shards K (default 4)")
     p.add_argument("--plan", choices=PLAN_KINDS, default="random",
                    help="random: class-stratified balanced shards (default); class: whole classes per shard")
     p.add_argument("--plan-from", type=Path, metavar="FILE_OR_STORE",
                    help="reuse the shard plan of a store (or a plan JSON), restricted to the data's ids; a store's "
                         "--threads too (rebuild a store without forgotten ids)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="composition weights (default uniform)")
-    p.add_argument("--threads", type=int, help="torch threads per shard (default max(1, cores // workers)); part of "
+    p.add_argument("--threads", type=positive_int, help="torch threads per shard (default max(1, cores // workers)); part of "
                                                "the recipe: retraining reuses it")
     _add_executor_args(p)
     add_backbone_args(p)
     p.add_argument("--method", choices=["taft", "probe"], default="taft",
                    help="taft (default) or probe: composition is exact only for models linear in their weights")
-    p.add_argument("-k", "--k", type=int, default=1, help="number of last blocks fine-tuned (default 1)")
-    p.add_argument("--epochs", type=int, default=10, help="passes over each shard's data (default 10)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default: "
+    p.add_argument("-k", "--k", type=positive_int, default=1, help="number of last blocks fine-tuned (default 1)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="passes over each shard's data (default 10)")
+    p.add_argument("--lr", type=positive_float, help="AdamW learning rate (default: "
                    + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items() if m != "nlft") + "; text: "
                    + ", ".join(f"{m} {lr:g}" for m, lr in TEXT_DEFAULT_LR.items() if m != "nlft") + ")")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples per step (default 32)")
     p.add_argument("--loss", choices=["mse", "ce"], default="mse", help="mse (default) or ce")
-    p.add_argument("--kappa", type=float, default=15.0, help="target scale of the mse loss (default 15)")
-    p.add_argument("--reg", type=float, default=0.0, help="weight of the proximity penalty")
+    p.add_argument("--kappa", type=positive_float, default=15.0, help="target scale of the mse loss (default 15)")
+    p.add_argument("--reg", type=nonnegative_float, default=0.0, help="weight of the proximity penalty")
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
                    help="learning-rate schedule (default cosine)")
-    p.add_argument("--seed", type=int, default=0, help="store seed: shard plan and each shard's data order "
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="store seed: shard plan and each shard's data order "
                                                       "(default 0)")
-    p.add_argument("--head-seed", type=int, default=0, help="seed of the shared random base head w0 (default 0)")
+    p.add_argument("--head-seed", type=nonnegative_int, default=0, help="seed of the shared random base head w0 (default 0)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
                    help="precision of the trunk-feature cache (default float32)")
     add_dp_args(p)
@@ -625,7 +635,7 @@ def _add_store_parsers(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from taft.train.config import DEFAULT_LR, TEXT_DEFAULT_LR
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="taft", description="Tangent Attention Fine-Tuning: linearized fine-tuning of a pretrained "
                                  "transformer's last k blocks, composable, removable and private.")
     parser.add_argument("--version", action="version", version=f"taft {taft.__version__}")
@@ -637,25 +647,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p, "train")
     p.add_argument("--val-data", type=Path, help="validation image folder or text table (default: split off "
                                                  "--val-fraction)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
+    p.add_argument("--val-fraction", type=fraction, default=0.1,
                    help="fraction of each class held out for validation when no --val-data (0 = none; default 0.1)")
     add_backbone_args(p)
     p.add_argument("--method", choices=["taft", "nlft", "probe"], default="taft",
                    help="taft: linearized tail; nlft: same tail trained non-linearly; probe: head only (default taft)")
-    p.add_argument("-k", "--k", type=int, default=1, help="number of last blocks fine-tuned (default 1)")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training data (default 10)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default: "
+    p.add_argument("-k", "--k", type=positive_int, default=1, help="number of last blocks fine-tuned (default 1)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="passes over the training data (default 10)")
+    p.add_argument("--lr", type=positive_float, help="AdamW learning rate (default: "
                    + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + "; text: "
                    + ", ".join(f"{m} {lr:g}" for m, lr in TEXT_DEFAULT_LR.items()) + ")")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples per step (default 32)")
     p.add_argument("--loss", choices=["mse", "ce"], default="mse",
                    help="mse: squared error to kappa * one-hot (default); ce: cross-entropy")
-    p.add_argument("--kappa", type=float, default=15.0, help="target scale of the mse loss (default 15)")
-    p.add_argument("--reg", type=float, default=0.0, help="weight of the proximity penalty reg * |w - w0|^2")
+    p.add_argument("--kappa", type=positive_float, default=15.0, help="target scale of the mse loss (default 15)")
+    p.add_argument("--reg", type=nonnegative_float, default=0.0, help="weight of the proximity penalty reg * |w - w0|^2")
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
                    help="learning-rate schedule (default cosine)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order and validation split (default 0)")
-    p.add_argument("--head-seed", type=int, default=0, help="seed of the random base head w0_head (default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the data order and validation split (default 0)")
+    p.add_argument("--head-seed", type=nonnegative_int, default=0, help="seed of the random base head w0_head (default 0)")
     p.add_argument("--head-init", choices=["random", "probe"], default="random",
                    help="base head: seeded random (default) or a linear probe fitted first")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
@@ -677,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image paths, or texts for a text model")
     p.add_argument("--file", type=Path, help="also predict each non-empty line of this UTF-8 file (texts or paths)")
-    p.add_argument("--top", type=int, default=1, help="how many classes to show per image (default 1)")
+    p.add_argument("--top", type=positive_int, default=1, help="how many classes to show per image (default 1)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("info", help="what a checkpoint holds")
@@ -688,11 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="probe / NLFT / TAFT side by side on a Fashion-MNIST subset, or with --text on "
                                     "Rotten Tomatoes (~3-5 min on 2 cores)")
     p.add_argument("--text", action="store_true", help="text demo: Rotten Tomatoes snippets with minilm-l6")
-    p.add_argument("--train-per-class", type=int, default=500, help="training examples per class (default 500)")
-    p.add_argument("--test-per-class", type=int, default=200, help="test examples per class (default 200)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per method (default 10)")
-    p.add_argument("--image-size", type=int, default=56, help="input side in pixels (default 56)")
-    p.add_argument("-k", "--k", type=int, default=1, help="blocks fine-tuned by NLFT and TAFT (default 1)")
+    p.add_argument("--train-per-class", type=positive_int, default=500, help="training examples per class (default 500)")
+    p.add_argument("--test-per-class", type=positive_int, default=200, help="test examples per class (default 200)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs per method (default 10)")
+    p.add_argument("--image-size", type=positive_int, default=56, help="input side in pixels (default 56)")
+    p.add_argument("-k", "--k", type=positive_int, default=1, help="blocks fine-tuned by NLFT and TAFT (default 1)")
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX folder (default: the Debian package's)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the three runs go (default runs/demo)")
     p.set_defaults(func=cmd_demo)

@@ -267,10 +267,11 @@ def image_folder(root: str | os.PathLike, transform: ImagePreprocess | Transform
     if corrupt:
         listed = "; ".join(corrupt[:_MAX_LISTED]) + (f"; and {len(corrupt) - _MAX_LISTED} more"
                                                       if len(corrupt) > _MAX_LISTED else "")
+        count = f"{len(corrupt)} unreadable image{'s' if len(corrupt) > 1 else ''}"
         if not skip_corrupt:
-            raise TaftError(f"image folder {root}: {len(corrupt)} unreadable images: {listed}. Remove or fix "
-                            "them, or pass skip_corrupt=True to skip them")
-        warnings.warn(f"image folder {root}: skipping {len(corrupt)} unreadable images: {listed}", stacklevel=2)
+            raise TaftError(f"image folder {root}: {count}: {listed}. Remove or fix them, or skip them with "
+                            "--skip-corrupt")
+        warnings.warn(f"image folder {root}: skipping {count}: {listed}", stacklevel=2)
         left = {r.label for r in records}
         lost = [c for i, c in enumerate(classes) if i not in left]
         if lost:

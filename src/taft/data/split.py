@@ -1,7 +1,8 @@
 """Seeded, stratified train/validation split by example id.
 
 Each example is ranked within its class by SHA-256(seed, id); the first `round(val_fraction * n_class)` of a
-class go to validation (always leaving at least one training example per class). The split depends only on
+class go to validation, at least one when `val_fraction > 0` and the class has two or more examples, and always
+leaving at least one training example per class (so small data keeps a validation example per class where it can). The split depends only on
 the seed and the (id, label) pairs: not on dataset order, and an example's side does not change when other
 examples are added or removed, except near a class's cut-off (the count per class is re-rounded).
 """
@@ -46,7 +47,7 @@ def train_val_split(ids: Sequence[str], labels: Sequence[int], val_fraction: flo
     val: list[str] = []
     for members in by_class.values():
         members.sort(key=lambda i: _rank(seed, i))
-        n_val = min(int(round(val_fraction * len(members))), len(members) - 1)
+        n_val = min(max(int(round(val_fraction * len(members))), int(val_fraction > 0)), len(members) - 1)
         val += members[:n_val]
         train += members[n_val:]
     return sorted(train), sorted(val)
