@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -714,16 +715,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """`warnings.formatwarning` for the command line: `taft: warning: <message>`, one line, no source location."""
+    return f"taft: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = one_line_warning
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
     except TaftError as e:
         print(f"taft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("taft: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `taft ... | head`: the reader is gone; stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status a shell reports for a tool stopped by a closed pipe
+    finally:
+        warnings.formatwarning = previous_format
     return 0
 
 
