@@ -96,7 +96,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, trained, capsys):
     bad(capsys, ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--image-size", "30", "--quiet"],
         "multiple")
     other = make_classes(tmp_path / "other", classes=("ant", "cow"))
-    bad(capsys, ["eval", ckpt, "--data", str(other), "--quiet"], "differ from the checkpoint")
+    bad(capsys, ["eval", ckpt, "--data", str(other), "--quiet"], "not among the model's classes")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 100)
     bad(capsys, ["info", str(garbage)], "cannot read checkpoint")

@@ -67,7 +67,8 @@ def open_dataset(args: argparse.Namespace, model, split: str | None = None):
     elif args.data is not None:
         if args.data.is_file():
             raise TaftError(f"--data {args.data} is a file; an image backbone reads a folder of class sub-folders")
-        ds = image_folder(args.data, model.preprocess, skip_corrupt=args.skip_corrupt)
+        ds = image_folder(args.data, model.preprocess, skip_corrupt=args.skip_corrupt,
+                          class_names=getattr(model, "class_names", None))
     else:
         ds = fashion_mnist(args.data_dir, split or args.split, transform=model.preprocess)
     if args.per_class is not None:
@@ -188,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = ev.to_dict()
     print(f"top-1 {100 * ev.top1:.2f}% on {ev.n} examples (loss {ev.loss:.4g})")
     for name, acc in result["per_class_accuracy"].items():
-        print(f"  {name:>20}: {100 * acc:6.2f}%")
+        print(f"  {name:>20}: " + ("   -   (no examples)" if acc is None else f"{100 * acc:6.2f}%"))
     if args.json:
         from taft.fileio import atomic_write
 

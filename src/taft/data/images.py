@@ -232,22 +232,34 @@ def _check_image(path: Path, decode: bool) -> str | None:
 
 def image_folder(root: str | os.PathLike, transform: ImagePreprocess | Transform, *,
                  skip_corrupt: bool = False, check: Literal["decode", "open"] = "decode",
-                 hash_mode: Literal["bytes", "stat"] = "bytes") -> ImageDataset:
+                 hash_mode: Literal["bytes", "stat"] = "bytes",
+                 class_names: Sequence[str] | None = None) -> ImageDataset:
     """A dataset from `root/<class>/**/<image>`: classes are the sorted sub-folder names (hidden ones
     skipped), images are files with an extension in `IMAGE_EXTENSIONS` (any case), ids are paths relative to
     `root` in POSIX form. Raises `TaftError` if `root` is missing, has no class folders, fewer than 2 classes,
-    a class without images, or unreadable images (unless `skip_corrupt`; see the module doc)."""
+    a class without images, or unreadable images (unless `skip_corrupt`; see the module doc).
+
+    `class_names` (e.g. a trained model's, to evaluate it): the dataset's classes and label order; the folder
+    may hold any of them (one is enough), and a sub-folder that is not among them is an error naming it."""
     root = Path(root)
     if not root.is_dir():
         raise TaftError(f"image folder {root} does not exist or is not a directory")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
         raise TaftError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
+    if class_names is not None:
+        classes = [str(c) for c in class_names]
+        unknown = [c for c in folders if c not in classes]
+        if unknown:
+            raise TaftError(f"image folder {root}: class folders {unknown[:_MAX_LISTED]} are not among the "
+                            f"model's classes {classes[:_MAX_LISTED]}")
+    else:
+        classes = folders
     if len(classes) < 2:
         raise TaftError(f"image folder {root} has a single class ({classes[0]!r}); classification needs at "
                         "least 2 class sub-folders")
-    files = {c: _list_files(root / c) for c in classes}
-    empty = [c for c in classes if not files[c]]
+    files = {c: _list_files(root / c) for c in folders}
+    empty = [c for c in folders if not files[c]]
     if empty:
         raise TaftError(f"image folder {root}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in class "
                         f"folders {empty[:_MAX_LISTED]}")
@@ -256,7 +268,8 @@ def image_folder(root: str | os.PathLike, transform: ImagePreprocess | Transform
     if hash_mode not in ("bytes", "stat"):
         raise TaftError(f"hash_mode must be 'bytes' or 'stat', got {hash_mode!r}")
     records, corrupt = [], []
-    for label, c in enumerate(classes):
+    for c in folders:
+        label = classes.index(c)
         for path in files[c]:
             reason = _check_image(path, decode=check == "decode")
             rel = path.relative_to(root).as_posix()
@@ -272,8 +285,8 @@ def image_folder(root: str | os.PathLike, transform: ImagePreprocess | Transform
             raise TaftError(f"image folder {root}: {count}: {listed}. Remove or fix them, or skip them with "
                             "--skip-corrupt")
         warnings.warn(f"image folder {root}: skipping {count}: {listed}", stacklevel=2)
-        left = {r.label for r in records}
-        lost = [c for i, c in enumerate(classes) if i not in left]
+        left = {classes[r.label] for r in records}
+        lost = [c for c in folders if c not in left]
         if lost:
             raise TaftError(f"image folder {root}: class folders {lost} have no readable images")
     return ImageDataset(records, classes, transform, source_digest="folder")
