@@ -217,18 +217,23 @@ def cmd_predict(args: argparse.Namespace) -> None:
             raise TaftError(f"cannot read {args.file}: {e}") from e
     if not inputs:
         raise TaftError("nothing to predict: give images (or texts, for a text model) or --file")
+    failed: list[str] = []
     with torch.no_grad():
-        logits = torch.cat([classifier(batch) for batch in _prediction_batches(classifier, inputs)])
-    probs = logits.softmax(-1)
-    for name, p in zip(inputs, probs):
-        top = p.topk(min(args.top, len(p)))
-        ranked = ", ".join(f"{classifier.class_names[i]} {s:.3f}" for s, i in zip(top.values.tolist(),
-                                                                                    top.indices.tolist()))
-        print(f"{name}\t{ranked}")
+        for names, batch in _prediction_batches(classifier, inputs, failed):
+            for name, p in zip(names, classifier(batch).softmax(-1)):
+                top = p.topk(min(args.top, len(p)))
+                ranked = ", ".join(f"{classifier.class_names[i]} {s:.3f}" for s, i in zip(top.values.tolist(),
+                                                                                            top.indices.tolist()))
+                print(f"{name}\t{ranked}", flush=True)
+    if failed:  # the readable inputs' predictions are printed; the rest are named here
+        raise TaftError(f"cannot read image {failed[0]}" if len(inputs) == 1 else
+                        f"cannot read {len(failed)} of {len(inputs)} images: {'; '.join(failed[:10])}"
+                        + (f"; and {len(failed) - 10} more" if len(failed) > 10 else ""))
 
 
-def _prediction_batches(classifier, inputs: list[str], size: int = 64):
-    """Batches of 64 model inputs: tokenized texts for a text model, else images read from the given paths."""
+def _prediction_batches(classifier, inputs: list[str], failed: list[str], size: int = 64):
+    """(inputs, model batch) for up to 64 inputs at a time: tokenized texts for a text model, else the images read
+    from the given paths; an unreadable image is skipped and noted in `failed` as "path (reason)"."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -236,18 +241,20 @@ def _prediction_batches(classifier, inputs: list[str], size: int = 64):
 
     if classifier.tokenizer is not None:
         for i in range(0, len(inputs), size):
-            yield classifier.tokenizer.batch(inputs[i:i + size])
+            yield inputs[i:i + size], classifier.tokenizer.batch(inputs[i:i + size])
         return
     transform = ImageTransform(classifier.preprocess)
     for i in range(0, len(inputs), size):
-        images = []
+        names, images = [], []
         for path in inputs[i:i + size]:
             try:
                 with Image.open(path) as im:
                     images.append(transform(im))
-            except (OSError, UnidentifiedImageError) as e:
-                raise TaftError(f"cannot read image {path}: {e}") from e
-        yield torch.stack(images)
+                names.append(path)
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                failed.append(f"{path} ({e})")
+        if images:
+            yield names, torch.stack(images)
 
 
 # -------------------------------------------------------------------------------------------------------- info
