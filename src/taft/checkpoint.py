@@ -10,7 +10,8 @@ Metadata: one JSON object under the safetensors metadata key "taft":
     (the model's: `TangentModel.fingerprint` for taft, a hash of backbone + k + pooling + w0_head for nlft and
     probe), tangent_blocks, pooling, class_names, preprocess (`ImagePreprocess` or `TextPreprocess` `.to_dict()`), train_config,
     data {count, ids_sha256, ids} (the training example ids, in training-data order), metrics (optional),
-    versions {taft, torch, safetensors}, created (ISO time), and for a DP-SGD run privacy (the privacy ledger,
+    versions {taft, torch, safetensors}, created (ISO time: so two files of equal models differ in their bytes;
+    `content_sha256` hashes the tensors alone and is what `taft info` and stores show as a model's identity), and for a DP-SGD run privacy (the privacy ledger,
     `taft.privacy.PrivacyLedger.to_dict()`: mechanism, ε, δ, σ, q, steps, C, accountant, n, library versions,
     notes on what the guarantee does not cover).
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -57,6 +58,22 @@ class LoadedCheckpoint(NamedTuple):
 def ids_digest(ids: Sequence[str]) -> str:
     """SHA-256 of the example ids, in order (JSON list, UTF-8)."""
     return hashlib.sha256(json.dumps(list(ids), ensure_ascii=False).encode()).hexdigest()
+
+
+def content_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors alone (names, dtypes, shapes and values, in name order): the identity of a model's
+    weights, equal for equal models whatever the file's metadata (e.g. its `created` time)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_content_sha256(path: str | Path) -> str:
+    """`content_sha256` of the tensors in the checkpoint file at `path` (metadata excluded)."""
+    return content_sha256(read_safetensors(Path(path))[1])
 
 
 def save_checkpoint(path: str | Path, classifier: Classifier, *, train_ids: Sequence[str] | None,

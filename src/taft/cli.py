@@ -259,18 +259,20 @@ def _prediction_batches(classifier, inputs: list[str], failed: list[str], size: 
 
 # -------------------------------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> None:
-    from taft.checkpoint import read_checkpoint_metadata
+    from taft.checkpoint import checkpoint_content_sha256, read_checkpoint_metadata
 
     meta = read_checkpoint_metadata(args.checkpoint)
+    content = checkpoint_content_sha256(args.checkpoint)
     if args.json:
-        print(json.dumps({k: v for k, v in meta.items() if k != "data"} | {"data": _data_summary(meta)}, indent=1))
+        print(json.dumps({k: v for k, v in meta.items() if k != "data"}
+                         | {"data": _data_summary(meta), "content_sha256": content}, indent=1))
         return
     size = args.checkpoint.stat().st_size
     cfg = meta["train_config"]
     print(f"checkpoint   {args.checkpoint} ({size / 2**20:.2f} MiB)")
     print(f"method       {meta['method']}  k={meta.get('tangent_blocks')}  pooling={meta.get('pooling')}")
     print(f"backbone     {meta['backbone']} (fingerprint {meta['backbone_fingerprint'][:16]}…)")
-    print(f"model        fingerprint {meta['fingerprint'][:16]}…")
+    print(f"model        fingerprint {meta['fingerprint'][:16]}…; content sha256 {content[:16]}… (tensors only)")
     print(f"classes      {len(meta['class_names'])}: {', '.join(meta['class_names'][:12])}"
           f"{' …' if len(meta['class_names']) > 12 else ''}")
     print(f"preprocess   {meta['preprocess']}")
@@ -387,7 +389,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
     if args.out is None:
         c = ModelStore(args.store).manifest["composed"]
         print(f"composed shards {c['shards']} ({ModelStore(args.store).manifest['composition']['weighting']}) "
-              f"into {path} (sha256 {c['sha256'][:16]}…)")
+              f"into {path} (content sha256 {c['content_sha256'][:16]}…)")
     else:
         print(f"wrote {path}")
 
@@ -432,8 +434,10 @@ def cmd_forget(args: argparse.Namespace) -> None:
         print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
         return
     what = "dropped" if r.mode == "drop" else "retrained"
+    composed = ModelStore(args.store).manifest["composed"]
+    content = (composed or {}).get("content_sha256")
     print(f"forgot {len(r.forgotten)} ids ({len(r.already)} already forgotten); {what} shards {r.shards}; "
-          f"composed sha256 {r.composed_sha256[:16] + '…' if r.composed_sha256 else 'none (no shard left)'}"
+          f"composed content sha256 {content[:16] + '…' if content else 'none (no shard left)'}"
           + ("; completed an interrupted forget" if r.resumed else ""))
     privacy = ModelStore(args.store).manifest.get("privacy")
     if privacy:
@@ -480,8 +484,8 @@ def cmd_store_info(args: argparse.Namespace) -> None:
     c = info["composition"]
     print(f"composition  {c['weighting']}, shards {c['members']}" + (" (subset)" if c.get("subset") else ""))
     comp = info["composed"]
-    print(f"composed     {comp['file']} sha256 {comp['sha256'][:16]}… ({comp['n']} examples)" if comp
-          else "composed     none")
+    print(f"composed     {comp['file']} content sha256 {comp.get('content_sha256', '?')[:16]}… (tensors; file "
+          f"sha256 {comp['sha256'][:16]}…, {comp['n']} examples)" if comp else "composed     none")
     if "dp" in info:
         from taft.privacy import describe
 

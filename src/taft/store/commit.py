@@ -27,6 +27,7 @@ from typing import Any
 
 from taft.errors import TaftError
 from taft.parallel.shards import ShardResult
+from taft.checkpoint import checkpoint_content_sha256
 from taft.store.checkpoints import DeltaFile, ModelInfo, read_checkpoint, write_checkpoint
 from taft.store.compose import write_composed
 from taft.store.journal import Pending, append_audit, clear_pending, describe, read_pending, write_pending
@@ -109,7 +110,8 @@ def compose_into(layout: StoreLayout, m: Manifest, created: str) -> dict[str, An
     write_composed(layout.composed, files, alphas, train_config=m["train_config"], created=created,
                    composition=composition, privacy=privacy_of(m))
     fsync_dir(layout.root)
-    return {"file": layout.relative(layout.composed), "sha256": sha256_file(layout.composed), "created": created,
+    return {"file": layout.relative(layout.composed), "sha256": sha256_file(layout.composed),
+            "content_sha256": checkpoint_content_sha256(layout.composed), "created": created,
             "shards": used, "alphas": alphas, "n": sum(m["shards"][i]["n"] for i in used)}
 
 
