@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 from taft.errors import TaftError
 from taft.parallel.shards import ShardResult
 from taft.checkpoint import checkpoint_content_sha256
+from taft.fileio import finish_file, temp_file
 from taft.store.checkpoints import DeltaFile, ModelInfo, read_checkpoint, write_checkpoint
 from taft.store.compose import write_composed
 from taft.store.journal import Pending, append_audit, clear_pending, describe, read_pending, write_pending
@@ -40,16 +40,13 @@ def write_shard(layout: StoreLayout, info: ModelInfo, result: ShardResult, *, cr
     """Write a trained shard as an ordinary checkpoint under its content-addressed name; {file, sha256} (and
     privacy: the shard's ledger, also in the checkpoint's metadata, when trained with DP)."""
     layout.shards_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".shard-{result.index:03d}-", suffix=".tmp", dir=layout.shards_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_file(layout.shards_dir, prefix=f".shard-{result.index:03d}-")
     try:
         write_checkpoint(tmp, info, result.tensors, result.head_weight0, result.head_bias0,
                          train_config=result.config, ids=result.ids, created=created, metrics=result.metrics,
                          extra={"shard": {"index": result.index, "store_seed": store_seed, "plan": plan_kind},
                                 **({"privacy": dict(privacy)} if privacy else {})})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        finish_file(tmp)
         sha = sha256_file(tmp)
         final = layout.shards_dir / shard_file_name(result.index, sha)
         os.replace(tmp, final)
