@@ -190,15 +190,19 @@ def test_files_respect_the_umask(tmp_path, capsys):
 TINY = ViTConfig(dim=16, depth=2, heads=2, mlp_hidden=32, patch_size=4, pos_grid=2)
 
 
-def test_few_steps_and_chance_accuracy_are_warned_about():
+@pytest.mark.parametrize("private", [False, True])
+def test_few_steps_and_chance_accuracy_are_warned_about(private):
+    from taft.privacy import DPConfig
+
     backbone = random_backbone(TINY, 3, seed=0, dtype=torch.float32)
     labels = torch.arange(3).repeat(4)
     train = (torch.randn(12, 5, TINY.dim, generator=torch.Generator().manual_seed(0)), labels)
     val = (torch.zeros(6, 5, TINY.dim), torch.arange(3).repeat(2))  # one input: one prediction for all
+    dp = DPConfig(noise_multiplier=1.0, delta=1e-3, seed=0, chunk_size=4) if private else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(TrainConfig(epochs=2, batch_size=4), backbone, train, val=val, class_names=["a", "b", "c"],
-            progress=False)
+            progress=False, dp=dp)
     messages = [str(w.message) for w in caught]
     assert any("6 optimizer steps" in m for m in messages), messages
     assert any("chance" in m and "validation top-1 33.3%" in m for m in messages), messages

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -320,6 +321,28 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, allow_nan=False)))
 
 
+FEW_STEPS = 100
+
+
+def _warn_if_few_steps(config: TrainConfig, n: int, dp_steps: int | None) -> None:
+    """Warn when the run has fewer than FEW_STEPS optimizer steps: too few for the defaults to train reliably."""
+    per_epoch = math.ceil(n / config.batch_size)
+    steps = dp_steps if dp_steps is not None else config.epochs * per_epoch
+    if steps < FEW_STEPS:
+        warnings.warn(f"only {steps} optimizer steps ({config.epochs} epochs of ~{per_epoch} batches of "
+                      f"{config.batch_size} on {n} examples): likely too few to train; use more epochs (--epochs) "
+                      "or a smaller batch (--batch-size)", stacklevel=3)
+
+
+def _warn_if_at_chance(top1: float, labels: torch.Tensor) -> None:
+    """Warn when validation top-1 is at or below chance: the rate of always predicting the most frequent class."""
+    chance = float(torch.bincount(labels).max()) / len(labels)
+    if top1 <= chance:
+        warnings.warn(f"validation top-1 {100 * top1:.1f}% is at or below chance ({100 * chance:.1f}%, always "
+                      "predicting the most frequent class): the model has not learned; check the learning rate, "
+                      "the number of steps and the labels", stacklevel=3)
+
+
 def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: FeatureData | None = None,
         class_names: Sequence[str] | None = None, run_dir: str | Path | None = None,
         device: torch.device | str | None = None, progress: bool = True, dp: DPConfig | None = None) -> FitResult:
@@ -347,6 +370,7 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
             raise TaftError("head_init='probe' fits a linear probe on the training data without noise, which "
                             "breaks the privacy guarantee: use head_init='random' with DP")
         plan = plan_dp(dp, len(tr), config.epochs, config.batch_size)
+    _warn_if_few_steps(config, len(tr), plan.steps if plan is not None else None)
     out = Path(run_dir) if run_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -386,6 +410,8 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
                                         on_epoch=log_epoch)
         privacy = ledger.to_dict()
     final = _evaluate(classifier, va_in if va_in is not None else tr_in, config.loss, config.kappa)
+    if va_in is not None:
+        _warn_if_at_chance(final.top1, va_in.labels)
     train_time = sum(r["train_time_s"] for r in history)
     metrics: dict[str, Any] = {
         "method": config.method, "tangent_blocks": config.tangent_blocks, "epochs": config.epochs,
