@@ -206,3 +206,15 @@ def test_few_steps_and_chance_accuracy_are_warned_about(private):
     messages = [str(w.message) for w in caught]
     assert any("6 optimizer steps" in m for m in messages), messages
     assert any("chance" in m and "validation top-1 33.3%" in m for m in messages), messages
+
+
+# ------------------------------------------------------------------------- 11. progress bars when redirected
+def test_redirected_progress_is_one_plain_line_per_bar(tmp_path):
+    data = make_classes(tmp_path / "data", per_class=4)
+    proc = run_cli("train", "--data", str(data), "--out", str(tmp_path / "run"), "--image-size", "28", "--epochs",
+                   "2", "--batch-size", "2")  # progress on; stderr is a pipe, not a terminal
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.split("\n")
+    assert "\r" not in proc.stderr and "" not in lines[:-1], repr(proc.stderr)
+    assert sum(line.startswith("trunk features: 6/6") for line in lines) == 1, proc.stderr
+    assert sum(line.startswith("taft k=1: 6/6 step") and "val_top1" in line for line in lines) == 1, proc.stderr

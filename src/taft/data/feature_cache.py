@@ -38,11 +38,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from taft.cache import cache_dir
 from taft.errors import TaftError
 from taft.fileio import atomic_write
+from taft.progress import progress_bar
 
 try:  # POSIX only; elsewhere builds are not locked.
     import fcntl
@@ -319,7 +319,7 @@ class FeatureCache:
         width = int(getattr(dataset, "width", 0) or 0) if getattr(dataset, "lengths", None) is not None else 0
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,  # type: ignore[arg-type]
                             collate_fn=getattr(dataset, "collate", _collate))
-        bar = tqdm(total=n, initial=n - sum(len(b) for b in batches), disable=not progress,
+        bar = progress_bar(total=n, initial=n - sum(len(b) for b in batches), disable=not progress,
                    desc="trunk features", unit="ex")
         try:
             with torch.no_grad():

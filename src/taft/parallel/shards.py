@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from taft.backbones import BUNDLED, load_backbone_like
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import TaftError
 from taft.privacy import DPConfig
+from taft.progress import progress_bar
 from taft.train import TrainConfig, fit
 
 FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor, Sequence[str]]]
@@ -210,7 +210,7 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
     results: dict[int, ShardResult] = {}
     failures: dict[int, tuple[int, str]] = {}
     portable = {t.index: getattr(executor, "portable", lambda t: t)(t) for t in tasks}
-    bar = tqdm(total=total, disable=not progress, desc="shards", unit="shard", file=sys.stderr)
+    bar = progress_bar(total=total, disable=not progress, desc="shards", unit="shard", file=sys.stderr)
 
     def say(line: str) -> None:
         if progress:

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
-from tqdm.auto import tqdm
 
 from taft.errors import TaftError
 from taft.privacy.config import DPPlan
 from taft.privacy.ledger import PrivacyLedger
+from taft.progress import progress_bar
 from taft.train.classifier import Classifier
 from taft.train.config import TrainConfig
 from taft.train.trainer import Prepared, _diverged, _finish_epoch, lr_factor
@@ -217,7 +217,7 @@ def dp_train_loop(classifier: Classifier, config: TrainConfig, plan: DPPlan, tra
                                                                          sample_gen)
     sigma, clip, B = plan.noise_multiplier, float(dp.clip), plan.expected_batch_size
     history: list[dict[str, Any]] = []
-    bar = tqdm(total=plan.steps, disable=not progress, unit="step",
+    bar = progress_bar(total=plan.steps, disable=not progress, unit="step",
                desc=desc or f"{config.method} k={config.tangent_blocks} DP-SGD")
     try:
         for epoch in range(1, config.epochs + 1):

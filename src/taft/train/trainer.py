@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import TaftError
 from taft.fileio import atomic_write
+from taft.progress import ProgressBar, progress_bar
 from taft.train.classifier import Classifier, build_classifier, feature_key
 from taft.train.config import TrainConfig
 from taft.train.losses import classification_loss, proximity
@@ -241,7 +241,7 @@ def _diverged(config: TrainConfig, value: float, where: str) -> TaftError:
 
 
 def _finish_epoch(classifier: Classifier, config: TrainConfig, val: Prepared | None, record: dict[str, Any],
-                  t0: float, bar: tqdm, history: list[dict[str, Any]],
+                  t0: float, bar: ProgressBar, history: list[dict[str, Any]],
                   on_epoch: Callable[[dict[str, Any]], None] | None, **postfix: str) -> None:
     """The end of an epoch of `train_loop` and `dp_train_loop`: validation (when `val` is given) and the wall
     time into `record`, the progress bar's postfix (epoch, `postfix`, val_top1), `record` onto `history` and to
@@ -272,7 +272,7 @@ def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val
     gen = torch.Generator().manual_seed(config.seed)
     device, dtype = classifier.device, classifier.dtype
     history: list[dict[str, Any]] = []
-    bar = tqdm(total=total, disable=not progress, unit="step",
+    bar = progress_bar(total=total, disable=not progress, unit="step",
                desc=desc or f"{config.method} k={config.tangent_blocks}")
     try:
         for epoch in range(1, config.epochs + 1):
