@@ -7,14 +7,23 @@
 - "ray": tasks on a Ray cluster (`taft.parallel.ray_cluster.RayExecutor`; optional extra `taft-torch[ray]`,
   imported only when asked for); `ray_gpus`: GPUs each shard task asks Ray for.
 
+Process-pool workers die with the process that made the pool, even when it is killed with SIGKILL (no idle
+orphans holding a backbone's memory): on Linux by a parent-death signal (prctl PR_SET_PDEATHSIG), everywhere by a
+thread in each worker that exits it once its parent is gone (polled every second).
+
 Threads: each shard task sets `torch.set_num_threads(threads)` itself (see `taft.parallel.shards`), so results do
 not depend on which executor ran it; `default_threads(workers)` = max(1, cores // workers).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
@@ -64,7 +73,8 @@ def make_executor(kind: str = "process", *, workers: int | None = None, tasks: i
     if kind == "ray":
         return RayExecutor(ray_address, num_gpus=ray_gpus)
     return ProcessPoolExecutor(max_workers=workers or default_workers(tasks),
-                               mp_context=multiprocessing.get_context("spawn"))
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 def check_executor_args(kind: str | None, workers: int | None = None, ray_address: str | None = None,
@@ -78,3 +88,26 @@ def check_executor_args(kind: str | None, workers: int | None = None, ray_addres
         raise TaftError("--ray-address applies to the ray executor only")
     if kind != "ray" and ray_gpus:
         raise TaftError("--ray-gpus-per-shard applies to the ray executor only")
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_POLL_S = 1.0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this process when process `parent_pid` (its parent) ends. The parent-death signal
+    is sent when the thread that started the worker exits; pools are made and used by one thread here."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # no prctl: the watcher below still works
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True, name="taft-parent-watch").start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
