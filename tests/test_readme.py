@@ -1,7 +1,9 @@
 """Every shell block of README.md runs as written, in order, in one fresh directory (issue 14, defect 4).
 
-The blocks are the README's ```bash fences, run by `bash -euo pipefail` with a `taft` on PATH (also as
-`.venv/bin/taft`) that is the real command line at tiny sizes (`tests/readme_shim.py` lists its rewrites), beside
+The blocks are the README's ```bash fences, run line by line in one directory: a plain `taft ...` (or
+`.venv/bin/taft ...`) command runs in this process (no interpreter start per command) as the real command line at
+tiny sizes (`tests/readme_shim.py` lists its rewrites), and any other line, or one using shell syntax (pipes,
+`&&`, redirections, variables), runs in `bash -euo pipefail` with that same tiny `taft` on PATH. Beside it are
 tiny stand-ins for the README's data: `my_images/`, `my_test_images/`, `photo1.jpg`, `photo2.png`, `reviews.csv`,
 `reviews_test.jsonl`, `ids.txt` and a Fashion-MNIST IDX folder. A block that cannot run here is marked in the
 README by the line `<!-- readme-test: skip: <reason> -->` right before its fence (setup that installs system
@@ -13,10 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+from readme_shim import tiny
+from taft.cli import main
 from test_cli import make_classes
 from test_data import make_idx
 
@@ -44,7 +49,7 @@ def test_blocks_are_found_and_skips_have_reasons():
 
 def sandbox(root: Path) -> dict[str, str]:
     """The README's data as tiny stand-ins in `root`, and the environment the blocks run in."""
-    make_classes(root / "my_images", classes=("ant", "bee", "cow"), per_class=8)
+    make_classes(root / "my_images", classes=("ant", "bee", "cow"), per_class=14)  # > one batch of 32 (DP)
     make_classes(root / "my_test_images", classes=("ant", "bee", "cow"), per_class=2)
     for name in ("photo1.jpg", "photo2.png"):
         (root / name).write_bytes((root / "my_test_images" / "ant" / "0.png").read_bytes())
@@ -64,14 +69,43 @@ def sandbox(root: Path) -> dict[str, str]:
     return env
 
 
-def test_readme_shell_blocks_run_in_order(tmp_path):
+SHELL_SYNTAX = re.compile(r"[|&;<>$`(){}*?]")
+
+
+def commands(code: str) -> list[str]:
+    """The block's commands: its lines, backslash continuations joined, blank and comment-only lines dropped."""
+    joined = re.sub(r"\\\n", " ", code)
+    return [line for line in joined.splitlines() if shlex.split(line, comments=True)]
+
+
+def run_line(line: str, cwd: Path, env: dict[str, str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of one README command (see the module doc)."""
+    argv = shlex.split(line, comments=True)
+    if argv[0] in ("taft", ".venv/bin/taft") and not SHELL_SYNTAX.search(line.split("#", 1)[0]):
+        capsys.readouterr()
+        try:
+            status = main(tiny(argv[1:]))
+        except SystemExit as e:  # argparse
+            status = e.code if isinstance(e.code, int) else 2
+        return status, capsys.readouterr().err
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=cwd, env=env, capture_output=True, text=True)
+    return proc.returncode, proc.stderr
+
+
+def test_commands_are_split_like_the_shell():
+    assert commands("a \\\n  b  # note\n\n# only a comment\nc '#not'\n") == ["a    b  # note", "c '#not'"]
+
+
+def test_readme_shell_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     env = sandbox(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("README_TEST_FASHION_MNIST", env["README_TEST_FASHION_MNIST"])
     ran = 0
-    for line, code, skip in readme_blocks((ROOT / "README.md").read_text()):
+    for start, code, skip in readme_blocks((ROOT / "README.md").read_text()):
         if skip is not None:
             continue
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=env,
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, f"README.md block at line {line} failed:\n{code}\n{proc.stderr[-3000:]}"
-        ran += 1
-    assert ran >= 4
+        for line in commands(code):
+            status, err = run_line(line, tmp_path, env, capsys)
+            assert status == 0, f"README.md block at line {start}: `{line}` failed:\n{err[-3000:]}"
+            ran += 1
+    assert ran >= 15
