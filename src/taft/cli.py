@@ -459,6 +459,14 @@ def cmd_store_verify(args: argparse.Namespace) -> None:
                         + ("" if args.repair else "; see above, or run with --repair"))
 
 
+def cmd_store_ids(args: argparse.Namespace) -> None:
+    from taft.store import ModelStore
+
+    store = ModelStore(args.store)
+    for i in (store.manifest["forgotten"] if args.forgotten else store.ids(args.shard)):
+        print(i)
+
+
 def cmd_store_info(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
 
@@ -629,6 +637,15 @@ def _add_store_parsers(sub) -> None:
     p.add_argument("store", type=Path)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_store_info)
+    p = store_sub.add_parser("ids", help="list a store's example ids, one per line (e.g. to pick ids to forget)",
+                             description="The example ids a store holds, one per line, shard by shard (forgotten "
+                                         "ids removed). Ids are what the data gives: a folder's image paths "
+                                         "(airplane/0000.jpg), a table's --id-column or <file stem>:<row>, "
+                                         "Fashion-MNIST's train/<index>.")
+    p.add_argument("store", type=Path)
+    p.add_argument("--shard", type=nonnegative_int, metavar="N", help="only shard N's ids")
+    p.add_argument("--forgotten", action="store_true", help="list the forgotten ids instead")
+    p.set_defaults(func=cmd_store_ids)
     p = store_sub.add_parser("resume", help="complete an interrupted store operation")
     p.add_argument("store", type=Path)
     _add_executor_args(p)

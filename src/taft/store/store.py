@@ -65,6 +65,14 @@ class ModelStore:
             raise TaftError(f"shard {index} of store {self.root} holds no trained model")
         return load_checkpoint(path, backbone)
 
+    def ids(self, shard: int | None = None) -> list[str]:
+        """The example ids the store holds (forgotten ones removed), shard by shard, each shard's sorted; only
+        shard `shard`'s with it. `TaftError` for a shard index the plan does not have."""
+        shards = self.manifest["shards"]
+        if shard is not None and not 0 <= shard < len(shards):
+            raise TaftError(f"store {self.root} has shards 0..{len(shards) - 1}; there is no shard {shard}")
+        return [i for s in (shards if shard is None else [shards[shard]]) for i in s["ids"]]
+
     def info(self) -> dict[str, Any]:
         """Summary: model, plan, shards (without their id lists), composition, forgotten count, pending op; for a DP
         store also dp (its DPConfig), privacy (the store's guarantee: the composed shards' parallel composition)

@@ -1,0 +1,43 @@
+"""Runs, caches and ids a user can manage from the command line (issue 14): `taft store ids`, `taft cache`,
+`--log-file`, the per-run training curve, and `taft train --resume`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import _cache_env, bad  # noqa: F401  (fixture)
+from taft.cli import main
+from test_cli import FAST, make_classes
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ids")
+    data = make_classes(root / "data", per_class=4)
+    store = root / "store"
+    assert main(["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
+                 str(store), *FAST]) == 0
+    return data, store
+
+
+def test_store_ids_lists_each_shards_ids(small_store, capsys, tmp_path):
+    data, store = small_store
+    capsys.readouterr()
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert main(["store", "ids", str(store)]) == 0
+    every = capsys.readouterr().out.splitlines()
+    assert sorted(every) == sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    assert main(["store", "ids", str(store), "--shard", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == manifest["shards"][1]["ids"]
+    bad(capsys, ["store", "ids", str(store), "--shard", "2"], "no shard 2")
+    copy = tmp_path / "copy"
+    assert main(["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
+                 str(copy), *FAST]) == 0
+    (tmp_path / "ids.txt").write_text(every[0] + "\n")  # the listing is what forget --ids reads
+    assert main(["forget", str(copy), "--ids", str(tmp_path / "ids.txt"), "--mode", "drop", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["store", "ids", str(copy), "--forgotten"]) == 0
+    assert capsys.readouterr().out.splitlines() == [every[0]]
