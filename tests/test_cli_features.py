@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,27 @@ def test_store_ids_lists_each_shards_ids(small_store, capsys, tmp_path):
     capsys.readouterr()
     assert main(["store", "ids", str(copy), "--forgotten"]) == 0
     assert capsys.readouterr().out.splitlines() == [every[0]]
+
+
+def test_log_file_and_training_curve(tmp_path, capsys):
+    data = make_classes(tmp_path / "data", per_class=4)
+    log = tmp_path / "logs" / "train.log"
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--image-size", "28", "--epochs", "2",
+            "--log-file", str(log)]
+    with warnings.catch_warnings():  # print warnings, as on the command line, rather than pytest recording them
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line))  # what Python's default does
+        assert main(argv) == 0
+    printed = capsys.readouterr()
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("# ") and "taft train --data" in lines[0]
+    assert any(line.startswith("taft k=1: validation top-1") for line in lines)  # stdout
+    assert any(line.startswith("taft: warning: only") for line in lines)  # warnings (stderr)
+    assert any(line.startswith("taft k=1: 2/2 step") for line in lines)  # a progress bar's final state
+    assert "\r" not in log.read_text() and "" not in lines and "run directory:" in printed.out
+    assert main(argv) == 2  # the run exists: the error is logged too, after a new header
+    lines = log.read_text().splitlines()
+    assert lines[-2].startswith("# ") and lines[-1].startswith("taft: error:") and "--overwrite" in lines[-1]
+    curve = tmp_path / "run" / "training_curve.png"
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

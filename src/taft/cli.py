@@ -104,6 +104,11 @@ def pooling_for(args: argparse.Namespace, backbone) -> str:
     return args.pooling or ("mean" if backbone.is_text else "cls")
 
 
+def add_log_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-file", type=Path, metavar="FILE", help="also append what this command prints (results, "
+                   "warnings, errors, final progress) to FILE as plain lines")
+
+
 # ----------------------------------------------------------------------------------------- privacy arguments
 def add_dp_args(p: argparse.ArgumentParser) -> None:
     """DP-SGD options (read back with `taft.privacy.dp_config_from_args`), shared by the training commands."""
@@ -602,6 +607,7 @@ def _add_store_parsers(sub) -> None:
     p.add_argument("--head-seed", type=nonnegative_int, default=0, help="seed of the shared random base head w0 (default 0)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
                    help="precision of the trunk-feature cache (default float32)")
+    add_log_arg(p)
     add_dp_args(p)
     p.epilog = ("With --dp every shard is trained with DP-SGD on its own disjoint data (the budget is per shard; "
                 "--delta must be below 1/n of each shard) and the store records the guarantee of the composed model "
@@ -623,6 +629,7 @@ def _add_store_parsers(sub) -> None:
                    help="drop: remove the shards holding the ids from the composition (no training); retrain: "
                         "retrain only those shards without the ids")
     _add_executor_args(p)
+    add_log_arg(p)
     p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("store", help="inspect, verify or repair a model store")
@@ -703,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (default runs/<method>-k<k>-seed<seed>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory's results")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_arg(p)
     add_dp_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -751,6 +759,20 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "log_file", None) is None:
+        return run_command(args)
+    from taft.cli_log import log_to
+
+    try:
+        with log_to(args.log_file, sys.argv[1:] if argv is None else argv):
+            return run_command(args)
+    except TaftError as e:  # the log file cannot be opened
+        print(f"taft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors become one line on stderr and an exit status (see the module doc)."""
     previous_format = warnings.formatwarning
     warnings.formatwarning = one_line_warning
     try:

@@ -9,6 +9,7 @@ epoch), stops with a `TaftError` as soon as a batch loss is not finite, and writ
     metrics.json    at the end: top-1, per-class accuracy and loss on the validation data (or on the training
                     data without it), timings, epochs
     checkpoint.safetensors   what was trained plus metadata (`taft.checkpoint`)
+    training_curve.png       training loss and validation top-1 per epoch (only with matplotlib installed)
 
 For a probe, the frozen network's pooled features are computed once from the trunk features (no gradient) and
 the head is trained on them.
@@ -40,6 +41,7 @@ from taft.fileio import atomic_write
 from taft.progress import ProgressBar, progress_bar
 from taft.train.classifier import Classifier, build_classifier, feature_key
 from taft.train.config import TrainConfig
+from taft.train.curves import CURVE_NAME, plot_training_curve
 from taft.train.losses import classification_loss, proximity
 
 if TYPE_CHECKING:
@@ -436,6 +438,8 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
         checkpoint = out / CHECKPOINT_NAME
         save_checkpoint(checkpoint, classifier, train_ids=tr.ids, n_train=len(tr), metrics=saved_metrics,
                         privacy=privacy)
+    if out is not None:
+        plot_training_curve(history, out / CURVE_NAME, title=f"{config.method} k={config.tangent_blocks}")
     metrics["wall_time_s"] = time.perf_counter() - t_start
     if out is not None:
         _write_json(out / "metrics.json", metrics)
