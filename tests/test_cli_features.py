@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -67,3 +69,28 @@ def test_log_file_and_training_curve(tmp_path, capsys):
     assert lines[-2].startswith("# ") and lines[-1].startswith("taft: error:") and "--overwrite" in lines[-1]
     curve = tmp_path / "run" / "training_curve.png"
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cache_list_and_clear_older_than(tmp_path, capsys):
+    data = make_classes(tmp_path / "data", per_class=4)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["cache", "list", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    kinds = sorted(e["kind"] for e in entries)
+    assert kinds == ["backbone", "features", "features"], entries  # converted weights, train and validation
+    features = [e for e in entries if e["kind"] == "features"]
+    assert all(e["size_bytes"] > 0 and "images" in e["description"] and "ant, bee" in e["description"]
+               for e in features)
+    assert main(["cache", "list"]) == 0
+    assert "3 entries" in capsys.readouterr().out
+    old = Path(features[0]["path"])
+    for f in old.iterdir():  # written 10 days ago
+        os.utime(f, (time.time() - 10 * 86400,) * 2)
+    assert main(["cache", "clear", "--older-than", "7d"]) == 0
+    assert "removed 1 entries" in capsys.readouterr().out and not old.exists()
+    assert main(["cache", "list", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    bad(capsys, ["cache", "clear", "--older-than", "soon"], "--older-than")
+    assert main(["cache", "clear"]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out

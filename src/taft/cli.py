@@ -309,6 +309,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
              image_size=args.image_size, tangent_blocks=args.k, out=args.out, data_dir=args.data_dir, text=args.text)
 
 
+def cmd_cache_list(args: argparse.Namespace) -> None:
+    from taft.cache import cache_dir
+    from taft.cache_entries import cache_entries, human_size
+
+    entries = cache_entries()
+    if args.json:
+        print(json.dumps([e.to_dict() for e in entries], indent=1))
+        return
+    for e in entries:
+        print(f"{human_size(e.size):>9}  {e.to_dict()['modified'][:16]}  {e.kind:<9}  {e.path.name[:16]}  "
+              f"{e.description}")
+    print(f"{len(entries)} entries, {human_size(sum(e.size for e in entries))} in {cache_dir()} "
+          "(taft cache clear --older-than 7d to remove old ones)")
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> None:
+    from taft.cache import cache_dir
+    from taft.cache_entries import clear_cache, human_size, parse_age
+
+    removed = clear_cache(parse_age(args.older_than) if args.older_than is not None else None)
+    print(f"removed {len(removed)} entries ({human_size(sum(e.size for e in removed))}) from {cache_dir()}")
+
+
 def cmd_backbones(args: argparse.Namespace) -> None:
     """List the bundled backbones and whether their asset package is installed."""
     from taft.backbones import BUNDLED, dinov2_onnx
@@ -744,6 +767,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX folder (default: the Debian package's)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the three runs go (default runs/demo)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("cache", help="list or clear the on-disk cache (trunk features, converted weights)",
+                       description="taft caches trunk features and converted weights under $TAFT_CACHE (default "
+                                   "~/.cache/taft); every entry is rebuilt on its next use if removed.")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
+    p = cache_sub.add_parser("list", help="each cache entry: size, last written, what it is")
+    p.add_argument("--json", action="store_true", help="print the entries as JSON")
+    p.set_defaults(func=cmd_cache_list)
+    p = cache_sub.add_parser("clear", help="remove cache entries (all, or those older than an age)")
+    p.add_argument("--older-than", metavar="AGE", help="only entries last written more than AGE ago: 12h, 7d, 2w "
+                                                       "(a bare number is days)")
+    p.set_defaults(func=cmd_cache_clear)
 
     p = sub.add_parser("backbones", help="list the bundled pretrained backbones")
     p.set_defaults(func=cmd_backbones)
