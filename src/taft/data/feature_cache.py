@@ -320,7 +320,7 @@ class FeatureCache:
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,  # type: ignore[arg-type]
                             collate_fn=getattr(dataset, "collate", _collate))
         bar = progress_bar(total=n, initial=n - sum(len(b) for b in batches), disable=not progress,
-                   desc="trunk features", unit="ex")
+                           desc="trunk features", unit="ex")
         try:
             with torch.no_grad():
                 for c, rows, (x, _, batch_ids) in zip(todo, batches, loader):

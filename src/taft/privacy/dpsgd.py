@@ -218,7 +218,7 @@ def dp_train_loop(classifier: Classifier, config: TrainConfig, plan: DPPlan, tra
     sigma, clip, B = plan.noise_multiplier, float(dp.clip), plan.expected_batch_size
     history: list[dict[str, Any]] = []
     bar = progress_bar(total=plan.steps, disable=not progress, unit="step",
-               desc=desc or f"{config.method} k={config.tangent_blocks} DP-SGD")
+                       desc=desc or f"{config.method} k={config.tangent_blocks} DP-SGD")
     try:
         for epoch in range(1, config.epochs + 1):
             classifier.train()

@@ -275,7 +275,7 @@ def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val
     device, dtype = classifier.device, classifier.dtype
     history: list[dict[str, Any]] = []
     bar = progress_bar(total=total, disable=not progress, unit="step",
-               desc=desc or f"{config.method} k={config.tangent_blocks}")
+                       desc=desc or f"{config.method} k={config.tangent_blocks}")
     try:
         for epoch in range(1, config.epochs + 1):
             classifier.train()
