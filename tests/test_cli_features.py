@@ -94,3 +94,53 @@ def test_cache_list_and_clear_older_than(tmp_path, capsys):
     bad(capsys, ["cache", "clear", "--older-than", "soon"], "--older-than")
     assert main(["cache", "clear"]) == 0
     assert "removed 2 entries" in capsys.readouterr().out
+
+
+def _content(run: Path) -> str:
+    from taft.checkpoint import checkpoint_content_sha256
+
+    return checkpoint_content_sha256(run / "checkpoint.safetensors")
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory):
+    return make_classes(tmp_path_factory.mktemp("resume") / "data", per_class=5)
+
+
+def test_resume_a_finished_constant_schedule_run_equals_the_longer_run(resume_data, tmp_path):
+    common = ["train", "--data", str(resume_data), "--image-size", "28", "--quiet", "--batch-size", "4",
+              "--schedule", "constant", "--lr", "1e-3"]
+    assert main([*common, "--epochs", "4", "--out", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--epochs", "2", "--out", str(tmp_path / "part")]) == 0
+    assert _content(tmp_path / "part") != _content(tmp_path / "whole")
+    assert main(["train", "--resume", str(tmp_path / "part"), "--epochs", "4", "--quiet"]) == 0
+    assert _content(tmp_path / "part") == _content(tmp_path / "whole")
+    for name in ("metrics.jsonl",):
+        losses = [[json.loads(line)["train_loss"] for line in (tmp_path / run / name).read_text().splitlines()]
+                  for run in ("part", "whole")]
+        assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["epochs"] == 4
+
+
+def test_resume_an_interrupted_cosine_run_equals_the_uninterrupted_one(resume_data, tmp_path, monkeypatch, capsys):
+    import taft.train.trainer as trainer
+
+    common = ["train", "--data", str(resume_data), "--image-size", "28", "--quiet", "--batch-size", "4",
+              "--epochs", "3"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    finish = trainer._finish_epoch
+
+    def interrupted(classifier, config, val, record, *args, **kw):
+        finish(classifier, config, val, record, *args, **kw)
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_finish_epoch", interrupted)
+    assert main([*common, "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(trainer, "_finish_epoch", finish)
+    assert not (tmp_path / "cut" / "checkpoint.safetensors").exists()
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0  # to the run's own 3 epochs
+    assert _content(tmp_path / "cut") == _content(tmp_path / "whole")
+    capsys.readouterr()
+    bad(capsys, ["train", "--resume", str(tmp_path / "cut"), "--epochs", "2", "--quiet"], "already trained 3")
+    bad(capsys, ["train", "--resume", str(resume_data), "--quiet"], "not a run directory")

@@ -135,12 +135,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from taft.privacy import dp_config_from_args
     from taft.train import TrainConfig, cache_features, fit
 
+    resuming = args.resume is not None
+    args = _resumed_args(args) if resuming else argparse.Namespace(**{**vars(args), "epochs": args.epochs or 10})
     dp = dp_config_from_args(args)
     if dp is not None and args.head_init == "probe":
         raise TaftError("--head-init probe fits a probe on the private data without noise: not allowed with --dp")
+    if dp is not None and resuming:
+        raise TaftError("--resume does not apply to a --dp run (the privacy accounting covers one run)")
     out = args.out or Path("runs") / f"{args.method}-k{args.k}-seed{args.seed}"
-    if (out / "checkpoint.safetensors").exists() and not args.overwrite:
-        raise TaftError(f"{out} already holds a trained run; pass --overwrite or choose another --out")
+    if (out / "checkpoint.safetensors").exists() and not (args.overwrite or resuming):
+        raise TaftError(f"{out} already holds a trained run; pass --overwrite, --resume {out} to train it for more "
+                        "--epochs, or choose another --out")
     backbone = load_backbone_from(args)
     config = TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
                          lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
@@ -163,7 +168,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     progress = not args.quiet
     train_f = cache_features(train_ds, backbone, args.k, dtype=dtype, progress=progress)
     val_f = cache_features(val_ds, backbone, args.k, dtype=dtype, progress=progress) if val_ds is not None else None
-    result = fit(config, backbone, train_f, val=val_f, run_dir=out, progress=progress, dp=dp)
+    if not resuming:
+        from taft.fileio import atomic_write
+
+        saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_RUN_ARGS}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / RUN_ARGS, lambda p: p.write_text(json.dumps(saved, indent=1)))
+    result = fit(config, backbone, train_f, val=val_f, run_dir=out, progress=progress, dp=dp, resume=resuming)
     m = result.metrics
     where = "validation" if val_f is not None else "training"
     print(f"{args.method} k={args.k}: {where} top-1 {100 * m['top1']:.2f}% on {m['n']} examples, "
@@ -173,6 +184,25 @@ def cmd_train(args: argparse.Namespace) -> None:
         from taft.privacy import describe
 
         print(f"privacy: {describe(result.privacy)}")
+
+
+RUN_ARGS = "run_args.json"  # the data, backbone and training arguments of a run, for --resume
+NOT_RUN_ARGS = {"func", "command", "out", "overwrite", "quiet", "log_file", "resume", "epochs"}
+PATH_ARGS = ("data", "data_dir", "val_data")
+
+
+def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
+    """`taft train --resume RUN_DIR`: the run's own arguments (run_args.json), with --epochs (default: the run's,
+    to finish an interrupted run) and this command's --quiet and --log-file."""
+    run = args.resume
+    try:
+        saved = json.loads((run / RUN_ARGS).read_text())
+        epochs = args.epochs or json.loads((run / "config.json").read_text())["epochs"]
+    except (OSError, ValueError, KeyError) as e:
+        raise TaftError(f"--resume {run}: not a run directory written by taft train (no readable {RUN_ARGS} and "
+                        "config.json)") from e
+    saved.update({k: Path(saved[k]) for k in PATH_ARGS if saved.get(k) is not None})
+    return argparse.Namespace(**{**vars(args), **saved, "epochs": epochs, "out": run})
 
 
 def _cache_dtype(name: str):
@@ -713,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["taft", "nlft", "probe"], default="taft",
                    help="taft: linearized tail; nlft: same tail trained non-linearly; probe: head only (default taft)")
     p.add_argument("-k", "--k", type=positive_int, default=1, help="number of last blocks fine-tuned (default 1)")
-    p.add_argument("--epochs", type=positive_int, default=10, help="passes over the training data (default 10)")
+    p.add_argument("--epochs", type=positive_int, help="passes over the training data (default 10; with --resume: "
+                                                       "the total to reach, default the run's)")
     p.add_argument("--lr", type=positive_float, help="AdamW learning rate (default: "
                    + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + "; text: "
                    + ", ".join(f"{m} {lr:g}" for m, lr in TEXT_DEFAULT_LR.items()) + ")")
@@ -732,6 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the on-disk trunk-feature cache (default float32)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<method>-k<k>-seed<seed>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory's results")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue RUN_DIR (interrupted or finished) from its last epoch up to --epochs, with the "
+                        "run's own data and settings; the schedule spans the final total (constant: the same result "
+                        "as an uninterrupted run of that length; cosine/step: continues on the longer schedule)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_log_arg(p)
     add_dp_args(p)

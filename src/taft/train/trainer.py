@@ -9,6 +9,7 @@ epoch), stops with a `TaftError` as soon as a batch loss is not finite, and writ
     metrics.json    at the end: top-1, per-class accuracy and loss on the validation data (or on the training
                     data without it), timings, epochs
     checkpoint.safetensors   what was trained plus metadata (`taft.checkpoint`)
+    resume_state.pt          after every epoch: what `fit(..., resume=True)` continues from (not with DP)
     training_curve.png       training loss and validation top-1 per epoch (only with matplotlib installed)
 
 For a probe, the frozen network's pooled features are computed once from the trunk features (no gradient) and
@@ -22,6 +23,7 @@ disjoint from the private training data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -262,22 +264,39 @@ def _finish_epoch(classifier: Classifier, config: TrainConfig, val: Prepared | N
 
 def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val: Prepared | None = None, *,
                progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-               desc: str | None = None) -> list[dict[str, Any]]:
-    """Train `classifier`'s parameters in place; returns the per-epoch records (also passed to `on_epoch`)."""
+               desc: str | None = None, resume: dict[str, Any] | None = None,
+               on_state: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train `classifier`'s parameters in place; returns the per-epoch records (also passed to `on_epoch`).
+
+    After each epoch `on_state` gets the resumable state (epoch, trained parameters, optimizer, scheduler, data
+    order generator, history); `resume=` such a state continues from it: the same steps as an uninterrupted run
+    of `config.epochs` epochs whose schedule is defined over that total."""
     params = dict(classifier.tail.named_parameters())
     start = {n: p.detach().clone() for n, p in params.items()} if config.reg > 0 else {}
     opt = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config.schedule, total))
+    factor = lr_factor(config.schedule, total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(config.seed)
     device, dtype = classifier.device, classifier.dtype
     history: list[dict[str, Any]] = []
-    bar = progress_bar(total=total, disable=not progress, unit="step",
+    first = 1
+    if resume is not None:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(resume["params"][name])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        for group in opt.param_groups:  # the rate of this schedule (over the new total) at the step reached
+            group["lr"] = group["initial_lr"] * factor(sched.last_epoch)
+        gen.set_state(resume["generator"])
+        history, first = list(resume["history"]), int(resume["epoch"]) + 1
+    bar = progress_bar(total=total, initial=steps_per_epoch * (first - 1), disable=not progress, unit="step",
                        desc=desc or f"{config.method} k={config.tangent_blocks}")
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(first, config.epochs + 1):
             classifier.train()
             t0 = time.perf_counter()
             loss_sum = 0.0
@@ -302,6 +321,10 @@ def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val
                                       "val_top1": None, "val_loss": None}
             _finish_epoch(classifier, config, val, record, t0, bar, history, on_epoch,
                           loss=f"{record['train_loss']:.4g}")
+            if on_state is not None:
+                on_state({"epoch": epoch, "params": {k: p.detach().cpu() for k, p in params.items()},
+                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                          "generator": gen.get_state(), "history": history})
     finally:
         bar.close()
         classifier.eval()
@@ -324,6 +347,35 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 FEW_STEPS = 100
+RESUME_NAME = "resume_state.pt"
+
+
+def _ids_key(examples: Examples) -> str | None:
+    return None if examples.ids is None else hashlib.sha256(json.dumps(examples.ids).encode()).hexdigest()
+
+
+def _resume_state(out: Path | None, config: TrainConfig, train: Examples, dp: DPConfig | None) -> dict[str, Any]:
+    """The resumable state saved in run directory `out`, checked against this run (TaftError naming a mismatch)."""
+    if out is None:
+        raise TaftError("resuming needs the run directory (run_dir) of the run to continue")
+    if dp is not None:
+        raise TaftError("resuming DP-SGD training is not supported (the privacy accounting covers one run)")
+    path = out / RESUME_NAME
+    if not path.is_file():
+        raise TaftError(f"{out} has no {RESUME_NAME} to resume from (not a run directory, or a DP-SGD run)")
+    try:
+        state = torch.load(path, weights_only=True)
+        saved = TrainConfig.from_dict(state["config"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as e:
+        raise TaftError(f"{path} is unreadable or corrupt ({type(e).__name__}); rerun without resuming") from e
+    if replace(saved, epochs=config.epochs) != config:
+        differ = sorted(k for k, v in config.to_dict().items() if k != "epochs" and saved.to_dict()[k] != v)
+        raise TaftError(f"cannot resume {out}: its settings differ in {differ}; only the epochs may change")
+    if state["epoch"] > config.epochs:
+        raise TaftError(f"{out} has already trained {state['epoch']} epochs; ask for more than that to continue")
+    if state["train_ids"] != _ids_key(train):
+        raise TaftError(f"cannot resume {out}: the training data (its example ids) differs from the run's")
+    return state
 
 
 def _warn_if_few_steps(config: TrainConfig, n: int, dp_steps: int | None) -> None:
@@ -347,7 +399,8 @@ def _warn_if_at_chance(top1: float, labels: torch.Tensor) -> None:
 
 def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: FeatureData | None = None,
         class_names: Sequence[str] | None = None, run_dir: str | Path | None = None,
-        device: torch.device | str | None = None, progress: bool = True, dp: DPConfig | None = None) -> FitResult:
+        device: torch.device | str | None = None, progress: bool = True, dp: DPConfig | None = None,
+        resume: bool = False) -> FitResult:
     """Train `config.method` on cached trunk features of (backbone, config.tangent_blocks) (see
     `cache_features`). `train`/`val`: CachedFeatures or (features (n, N, D), labels (n,)[, ids]); class names
     come from the CachedFeatures unless given. Text needs CachedFeatures: they carry each example's token count
@@ -355,7 +408,13 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
     and checkpoint.safetensors there (see the module doc). Deterministic for a given config and data.
 
     `dp`: train with DP-SGD (see `taft.privacy`); σ is calibrated (or ε computed) before anything is written, and
-    `head_init="probe"` is refused (the probe would be fitted on the private data without noise)."""
+    `head_init="probe"` is refused (the probe would be fitted on the private data without noise).
+
+    `resume`: continue the run in `run_dir` from its last finished epoch (resume_state.pt, written after every
+    epoch) up to `config.epochs`, on the same data with the same settings otherwise. The schedule is defined over
+    the final total: continuing an interrupted run, or any run with the constant schedule, gives exactly the
+    uninterrupted run's result; extending a finished cosine/step run continues on the longer schedule from the
+    step reached (not the same as having planned that many epochs from the start). Not with `dp`."""
     t_start = time.perf_counter()
     config = config.resolved(text=backbone.is_text)
     tr = Examples(train, "training data")
@@ -374,14 +433,18 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
         plan = plan_dp(dp, len(tr), config.epochs, config.batch_size)
     _warn_if_few_steps(config, len(tr), plan.steps if plan is not None else None)
     out = Path(run_dir) if run_dir is not None else None
+    state = _resume_state(out, config, tr, dp) if resume else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", config.to_dict())
-        atomic_write(out / "metrics.jsonl", lambda p: p.write_text(""))
+        done = "".join(json.dumps(r) + "\n" for r in state["history"]) if state is not None else ""
+        atomic_write(out / "metrics.jsonl", lambda p: p.write_text(done))
 
     head_weight = head_bias = None
     extra: dict[str, Any] = {}
-    if config.head_init == "probe":
+    if state is not None:
+        head_weight, head_bias, extra = state["head_weight0"], state["head_bias0"], dict(state["extra"])
+    elif config.head_init == "probe":
         probe_cfg = replace(config, method="probe", head_init="random", lr=None).resolved(text=backbone.is_text)
         probe = build_classifier(probe_cfg, backbone, names)
         if device is not None:
@@ -402,9 +465,16 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def save_state(loop_state: dict[str, Any]) -> None:
+        if out is not None:
+            full = {**loop_state, "config": config.to_dict(), "head_weight0": classifier.head_weight0.cpu(),
+                    "head_bias0": classifier.head_bias0.cpu(), "extra": extra, "train_ids": _ids_key(tr)}
+            atomic_write(out / RESUME_NAME, lambda p: torch.save(full, p))
+
     privacy = None
     if plan is None:
-        history = train_loop(classifier, config, tr_in, va_in, progress=progress, on_epoch=log_epoch)
+        history = train_loop(classifier, config, tr_in, va_in, progress=progress, on_epoch=log_epoch,
+                             resume=state, on_state=save_state)
     else:
         from taft.privacy.dpsgd import dp_train_loop
 
