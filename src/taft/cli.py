@@ -584,7 +584,7 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=positive_int, help="process pool size (default min(shards, CPU cores))")
     p.add_argument("--ray-address", metavar="HOST:PORT",
                    help="ray: a running Ray cluster (`ray start --head` prints it; default: start Ray locally)")
-    p.add_argument("--ray-gpus-per-shard", type=nonnegative_float, default=0, metavar="G",
+    p.add_argument("--ray-gpus-per-shard", type=float, default=0, metavar="G",
                    help="ray: GPUs each shard task asks Ray for (default 0; a fraction shares a GPU between shards)")
     p.add_argument("--retries", type=nonnegative_int, default=1, help="extra attempts for a failed shard (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
