@@ -35,10 +35,12 @@ class PlainTail(nn.Module):
 
     With `train_body=False` the blocks and norm become frozen buffers (the probe's frozen network); only the
     head is a parameter. Parameter names match the plain model's (`blocks.11.attn.qkv.weight`, `head.bias`).
+    With CLS pooling the last block computes token 0's output only (exact, as in `TangentTail`);
+    `prune_last_block=False` runs it in full.
     """
 
     def __init__(self, encoder: nn.Module, tangent_blocks: int, head: nn.Linear, pooling: str = "cls",
-                 train_body: bool = True):
+                 train_body: bool = True, prune_last_block: bool = True):
         super().__init__()
         depth = encoder.cfg.depth
         self.blocks = nn.ModuleDict({str(i): copy.deepcopy(encoder.blocks[i])
@@ -52,6 +54,7 @@ class PlainTail(nn.Module):
                 params_to_buffers(m)
         self.head = head
         self.pooling = pooling
+        self.prune_last_block = prune_last_block and pooling == "cls"
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.norm is None else self.norm(x)
@@ -59,8 +62,9 @@ class PlainTail(nn.Module):
     def pooled(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled, final-normed features (B, D) of trunk features (B, N, D)."""
         x = features
-        for block in self.blocks.values():
-            x = block(x, mask)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks.values()):
+            x = block(x, mask, cls_only=self.prune_last_block and i == last)
         if self.pooling == "cls":  # LayerNorm is per token: norm(x)[:, 0] = norm(x[:, 0])
             return self._norm(x[:, 0])
         return pool(self._norm(x), self.pooling, mask)
