@@ -7,6 +7,9 @@
 - "ray": tasks on a Ray cluster (`taft.parallel.ray_cluster.RayExecutor`; optional extra `taft-torch[ray]`,
   imported only when asked for); `ray_gpus`: GPUs each shard task asks Ray for.
 
+Devices: `make_executor("process", devices=[...])` pins process workers to the given devices in turn (worker i to
+devices[i % len], `taft.devices.pin_process`); `default_workers(tasks, devices)` is one worker per CUDA device.
+
 Threads: each shard task sets `torch.set_num_threads(threads)` itself (see `taft.parallel.shards`), so results do
 not depend on which executor ran it; `default_threads(workers)` = max(1, cores // workers).
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
@@ -33,7 +36,11 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_workers(tasks: int) -> int:
+def default_workers(tasks: int, devices: Sequence[Any] = ()) -> int:
+    """min(tasks, CPU cores); with CUDA `devices` (torch devices or names), min(tasks, number of GPUs): one worker
+    per GPU."""
+    if any(str(d).startswith("cuda") for d in devices):
+        return max(1, min(tasks, len(devices)))
     return max(1, min(tasks, available_cores()))
 
 
@@ -54,17 +61,31 @@ class InlineExecutor(Executor):
         return future
 
 
+def _pin_from(names: Any) -> None:
+    """Process-pool initializer: take this worker's device from the queue and pin the process to it."""
+    from taft.devices import pin_process
+
+    pin_process(names.get())
+
+
 def make_executor(kind: str = "process", *, workers: int | None = None, tasks: int = 1,
-                  ray_address: str | None = None, ray_gpus: float = 0) -> Executor:
+                  ray_address: str | None = None, ray_gpus: float = 0, devices: Sequence[str] = ()) -> Executor:
     """A new executor of `kind` (see the module doc); use it as a context manager. `workers` defaults to
-    `default_workers(tasks)`; `ray_address`, `ray_gpus`: the Ray cluster and the GPUs per shard task."""
+    `default_workers(tasks, devices)`; `ray_address`, `ray_gpus`: the Ray cluster and the GPUs per shard task;
+    `devices` (e.g. ["cuda:0", "cuda:1"]): process workers are pinned to them in turn."""
     check_executor_args(kind, workers, ray_address, ray_gpus)
     if kind == "inline":
         return InlineExecutor()
     if kind == "ray":
         return RayExecutor(ray_address, num_gpus=ray_gpus)
-    return ProcessPoolExecutor(max_workers=workers or default_workers(tasks),
-                               mp_context=multiprocessing.get_context("spawn"))
+    size = workers or default_workers(tasks, devices)
+    context = multiprocessing.get_context("spawn")
+    if not devices:
+        return ProcessPoolExecutor(max_workers=size, mp_context=context)
+    names = context.Queue()
+    for i in range(size):
+        names.put(str(devices[i % len(devices)]))
+    return ProcessPoolExecutor(max_workers=size, mp_context=context, initializer=_pin_from, initargs=(names,))
 
 
 def check_executor_args(kind: str | None, workers: int | None = None, ray_address: str | None = None,

@@ -71,8 +71,11 @@ class TangentLinear(TangentModule):
         y = F.linear(x, self.primal_weight("weight", rows), self.primal_weight("bias", rows))
         with torch.no_grad():
             y_dot = F.linear(x.detach(), self.weight[rows], self.bias[rows])
-            if x_dot is not None:  # accumulate W0 ẋ in place (one GEMM with beta = 1, no extra pass)
-                y_dot.view(-1, y_dot.shape[-1]).addmm_(x_dot.reshape(-1, x_dot.shape[-1]), self.weight_0[rows].t())
+            if x_dot is not None:  # accumulate W0 ẋ in place (one GEMM with beta = 1, no extra pass); in-place
+                # ops are not autocast: under it y_dot is in the low precision and the operands follow it
+                low = y_dot.dtype
+                y_dot.view(-1, y_dot.shape[-1]).addmm_(x_dot.reshape(-1, x_dot.shape[-1]).to(low),
+                                                       self.weight_0[rows].t().to(low))
         return y, y_dot
 
 
