@@ -193,7 +193,7 @@ def train_shard(task: ShardTask) -> ShardResult:
     return ShardResult(index=task.index, tensors=saved, head_weight0=head_weight0, head_bias0=head_bias0,
                        ids=list(result.train_ids or []),
                        config=result.config.to_dict(), metrics=metrics, seconds=time.perf_counter() - t0,
-                       worker=f"{socket.gethostname()}:{os.getpid()} {device}", privacy=result.privacy)
+                       worker=f"{socket.gethostname()}:{os.getpid()}", privacy=result.privacy)
 
 
 def _message(e: BaseException, executor: Executor) -> str:
