@@ -38,6 +38,7 @@ from taft.backbones import load_backbone_like
 from taft.backbones.base import Backbone, Preprocess, TextPreprocess, preprocess_from_dict
 from taft.errors import FingerprintMismatchError, TaftError
 from taft.fileio import atomic_write
+from taft.tensors import device_free
 from taft.train.classifier import Classifier, build_classifier
 from taft.train.config import TrainConfig
 
@@ -101,9 +102,10 @@ def save_checkpoint(path: str | Path, classifier: Classifier, *, train_ids: Sequ
     }
     if privacy is not None:
         meta["privacy"] = privacy
-    tensors = {name: t.detach().cpu().contiguous() for name, t in classifier.trained_state_dict().items()}
-    tensors[f"{BASE_PREFIX}head.weight"] = classifier.head_weight0.detach().cpu().clone()
-    tensors[f"{BASE_PREFIX}head.bias"] = classifier.head_bias0.detach().cpu().clone()
+    tensors = {name: t.detach() for name, t in classifier.trained_state_dict().items()}
+    tensors[f"{BASE_PREFIX}head.weight"] = classifier.head_weight0.detach()
+    tensors[f"{BASE_PREFIX}head.bias"] = classifier.head_bias0.detach()
+    tensors = device_free(tensors)
     header = {META_KEY: json.dumps(meta, ensure_ascii=False, allow_nan=False)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     return path

@@ -109,6 +109,47 @@ def add_log_arg(p: argparse.ArgumentParser) -> None:
                    "warnings, errors, final progress) to FILE as plain lines")
 
 
+# ----------------------------------------------------------------------------------------- compute arguments
+def add_compute_args(p: argparse.ArgumentParser, *, autocast: bool = False, threads: bool = True,
+                     training: bool = False) -> None:
+    """--device (every command that computes), --threads (CPU threads), --autocast (trunk-feature build), and for
+    `taft train` --autocast-training and --compile. How a command computes, never what it saves."""
+    from taft.devices import DEVICE_HELP
+    from taft.precision import AUTOCASTS
+
+    g = p.add_argument_group("compute")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
+    if threads:
+        g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, one per core); "
+                                                   "recorded in metrics.json")
+    if autocast:
+        g.add_argument("--autocast", choices=AUTOCASTS, default="none",
+                       help="mixed precision of the trunk-feature build: bf16 or fp16 (GPU only) autocast; part of "
+                            "the feature-cache key, the cache keeps its --cache-dtype (default none)")
+    if training:
+        g.add_argument("--autocast-training", action="store_true",
+                       help="also run the training forward under --autocast (Δw, gradients and AdamW state stay "
+                            "float32; not with --dp)")
+        g.add_argument("--compile", action="store_true",
+                       help="torch.compile the training step (fewer kernel launches on a GPU; falls back to eager "
+                            "with a one-line warning where compiling fails; not with --dp)")
+
+
+def compute_device(args: argparse.Namespace):
+    """The checked device of the compute arguments (and the autocast setting usable there); sets --threads. Called
+    first, before anything is read or written."""
+    from taft.devices import resolve_device, set_threads
+    from taft.precision import check_autocast
+
+    device = resolve_device(args.device)
+    check_autocast(getattr(args, "autocast", "none"), device)
+    if getattr(args, "autocast_training", False) and args.autocast == "none":
+        raise TaftError("--autocast-training needs --autocast bf16 or fp16")
+    if "threads" in vars(args) and args.command != "shards":  # `shards train --threads` is per shard task
+        set_threads(args.threads)
+    return device
+
+
 # ----------------------------------------------------------------------------------------- privacy arguments
 def add_dp_args(p: argparse.ArgumentParser) -> None:
     """DP-SGD options (read back with `taft.privacy.dp_config_from_args`), shared by the training commands."""
@@ -137,6 +178,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     resuming = args.resume is not None
     args = _resumed_args(args) if resuming else argparse.Namespace(**{**vars(args), "epochs": args.epochs or 10})
+    device = compute_device(args)
     dp = dp_config_from_args(args)
     if dp is not None and args.head_init == "probe":
         raise TaftError("--head-init probe fits a probe on the private data without noise: not allowed with --dp")
@@ -166,19 +208,25 @@ def cmd_train(args: argparse.Namespace) -> None:
         val_ds = None
     dtype = _cache_dtype(args.cache_dtype)
     progress = not args.quiet
-    train_f = cache_features(train_ds, backbone, args.k, dtype=dtype, progress=progress)
-    val_f = cache_features(val_ds, backbone, args.k, dtype=dtype, progress=progress) if val_ds is not None else None
+    if dp is not None and (args.autocast_training or args.compile):
+        raise TaftError("--autocast-training and --compile are not supported with --dp (DP-SGD trains in float32, "
+                        "eagerly)")
+    train_f = cache_features(train_ds, backbone, args.k, dtype=dtype, device=device, autocast=args.autocast,
+                             progress=progress)
+    val_f = (cache_features(val_ds, backbone, args.k, dtype=dtype, device=device, autocast=args.autocast,
+                            progress=progress) if val_ds is not None else None)
     if not resuming:
         from taft.fileio import atomic_write
 
         saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_RUN_ARGS}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / RUN_ARGS, lambda p: p.write_text(json.dumps(saved, indent=1)))
-    result = fit(config, backbone, train_f, val=val_f, run_dir=out, progress=progress, dp=dp, resume=resuming)
+    result = fit(config, backbone, train_f, val=val_f, run_dir=out, progress=progress, dp=dp, resume=resuming,
+                 device=device, autocast=args.autocast if args.autocast_training else "none", compile=args.compile)
     m = result.metrics
     where = "validation" if val_f is not None else "training"
     print(f"{args.method} k={args.k}: {where} top-1 {100 * m['top1']:.2f}% on {m['n']} examples, "
-          f"{m['train_time_s']:.1f} s training ({m['examples_per_s']:.0f} examples/s)")
+          f"{m['train_time_s']:.1f} s training ({m['examples_per_s']:.0f} examples/s on {device})")
     print(f"run directory: {out}  (config.json, metrics.jsonl, metrics.json, checkpoint.safetensors)")
     if result.privacy is not None:
         from taft.privacy import describe
@@ -187,13 +235,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 RUN_ARGS = "run_args.json"  # the data, backbone and training arguments of a run, for --resume
-NOT_RUN_ARGS = {"func", "command", "out", "overwrite", "quiet", "log_file", "resume", "epochs"}
+NOT_RUN_ARGS = {"func", "command", "out", "overwrite", "quiet", "log_file", "resume", "epochs", "device", "compile"}
 PATH_ARGS = ("data", "data_dir", "val_data")
 
 
 def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     """`taft train --resume RUN_DIR`: the run's own arguments (run_args.json), with --epochs (default: the run's,
-    to finish an interrupted run) and this command's --quiet and --log-file."""
+    to finish an interrupted run) and this command's --quiet, --log-file, --device and --compile (how it computes)."""
     run = args.resume
     try:
         saved = json.loads((run / RUN_ARGS).read_text())
@@ -216,10 +264,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from taft.checkpoint import load_checkpoint
     from taft.train import evaluate
 
-    classifier, _ = load_checkpoint(args.checkpoint)
+    device = compute_device(args)
+    classifier, _ = load_checkpoint(args.checkpoint, device=device)
     dataset = open_dataset(args, classifier)
     _check_classes(dataset.class_names, classifier.class_names)
-    features = classifier.cached_features(dataset, progress=not args.quiet)
+    features = classifier.cached_features(dataset, autocast=args.autocast, progress=not args.quiet)
     ev = evaluate(classifier, features)
     result = ev.to_dict()
     print(f"top-1 {100 * ev.top1:.2f}% on {ev.n} examples (loss {ev.loss:.4g})")
@@ -243,7 +292,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     from taft.checkpoint import load_checkpoint
 
-    classifier, _ = load_checkpoint(args.checkpoint)
+    device = compute_device(args)
+    classifier, _ = load_checkpoint(args.checkpoint, device=device)
     inputs = list(args.inputs)
     if args.file is not None:
         try:
@@ -255,7 +305,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     failed: list[str] = []
     with torch.no_grad():
         for names, batch in _prediction_batches(classifier, inputs, failed):
-            for name, p in zip(names, classifier(batch).softmax(-1)):
+            for name, p in zip(names, classifier(batch).cpu().softmax(-1)):
                 top = p.topk(min(args.top, len(p)))
                 ranked = ", ".join(f"{classifier.class_names[i]} {s:.3f}" for s, i in zip(top.values.tolist(),
                                                                                             top.indices.tolist()))
@@ -335,8 +385,10 @@ def _data_summary(meta: dict) -> dict:
 def cmd_demo(args: argparse.Namespace) -> None:
     from taft.demo import run_demo
 
+    device = compute_device(args)
     run_demo(train_per_class=args.train_per_class, test_per_class=args.test_per_class, epochs=args.epochs,
-             image_size=args.image_size, tangent_blocks=args.k, out=args.out, data_dir=args.data_dir, text=args.text)
+             image_size=args.image_size, tangent_blocks=args.k, out=args.out, data_dir=args.data_dir, text=args.text,
+             device=device)
 
 
 def cmd_cache_list(args: argparse.Namespace) -> None:
@@ -385,6 +437,7 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     from taft.store.train import check_dp
     from taft.train import TrainConfig, cache_features
 
+    device = compute_device(args)
     dp = dp_config_from_args(args)
     check_dp(dp, args.weighting)  # before the features are computed
     check_executor_options(args)
@@ -393,8 +446,8 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
                          lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
                          seed=args.seed, head_seed=args.head_seed, pooling=pooling_for(args, backbone))
     dataset = open_dataset(args, backbone)
-    features = cache_features(dataset, backbone, args.k, dtype=_cache_dtype(args.cache_dtype),
-                              progress=not args.quiet)
+    features = cache_features(dataset, backbone, args.k, dtype=_cache_dtype(args.cache_dtype), device=device,
+                              autocast=args.autocast, progress=not args.quiet)
     plan = _shards_plan_from(args.plan_from, features.ids) if args.plan_from is not None else None
     threads = args.threads
     if threads is None and args.plan_from is not None and (args.plan_from / "manifest.json").is_file():
@@ -402,12 +455,13 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     source = {"data": str(args.data.resolve()) if args.data is not None else None, "dataset": args.dataset,
               "data_dir": str(args.data_dir.resolve()) if args.data_dir is not None else None, "split": args.split,
               "per_class": args.per_class, "skip_corrupt": args.skip_corrupt, "cache_dtype": args.cache_dtype,
+              "autocast": args.autocast,
               "text_column": args.text_column, "label_column": args.label_column, "id_column": args.id_column}
     create_store(args.store, features, backbone, config, shards=None if plan is not None else args.shards,
                  plan=plan, plan_kind=args.plan, executor=args.executor, workers=args.workers, threads=threads,
                  ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
                  weighting=args.weighting, source=source,
-                 dp=dp, progress=not args.quiet)
+                 dp=dp, progress=not args.quiet, device=args.device)
     info = ModelStore(args.store).info()
     trained = [s["index"] for s in info["shards"] if s["status"] == "trained"]
     print(f"store {args.store}: {len(trained)} of {info['plan']['k']} shards trained on {info['plan']['n']} "
@@ -452,7 +506,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-def _store_features(store: Path, quiet: bool):
+def _store_features(store: Path, quiet: bool, device):
     """The store's training features: its cache entry, else recomputed from the data source it recorded."""
     from taft.backbones import load_backbone_like
     from taft.store import ModelStore
@@ -476,18 +530,19 @@ def _store_features(store: Path, quiet: bool):
                             id_column=src.get("id_column"))
     dataset = open_dataset(ns, backbone)
     return cache_features(dataset, backbone, m["tangent_blocks"], dtype=_cache_dtype(src["cache_dtype"]),
-                          progress=not quiet)
+                          device=device, autocast=src.get("autocast", "none"), progress=not quiet)
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
     from taft.store import ModelStore, forget, read_ids
 
+    device = compute_device(args)
     ids = read_ids(args.ids)
     check_executor_options(args)
-    features = _store_features(args.store, args.quiet) if args.mode == "retrain" else None
+    features = _store_features(args.store, args.quiet, device) if args.mode == "retrain" else None
     r = forget(args.store, ids, args.mode, features=features, executor=args.executor, workers=args.workers,
                ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
-               progress=not args.quiet)
+               progress=not args.quiet, device=args.device)
     if r.noop:
         print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
         return
@@ -565,14 +620,15 @@ def cmd_store_resume(args: argparse.Namespace) -> None:
     from taft.store import resume
 
     check_executor_options(args)
+    device = compute_device(args)
     features = None
     if (args.store / "manifest.json").exists() and (args.store / "pending.json").exists():
         pending = json.loads((args.store / "pending.json").read_text())
         if pending.get("op") == "forget" and pending["request"].get("mode") == "retrain":
-            features = _store_features(args.store, args.quiet)
+            features = _store_features(args.store, args.quiet, device)
     print(resume(args.store, features=features, executor=args.executor, workers=args.workers,
                  ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
-                 progress=not args.quiet))
+                 progress=not args.quiet, device=args.device))
 
 
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -581,7 +637,8 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=EXECUTORS,
                    help="process: local process pool (default when several shards train); inline: in this process; "
                         "ray: Ray tasks (pip install 'taft-torch[ray]')")
-    p.add_argument("--workers", type=positive_int, help="process pool size (default min(shards, CPU cores))")
+    p.add_argument("--workers", type=positive_int, help="process pool size (default min(shards, CPU cores); on CUDA "
+                                               "min(shards, GPUs): one worker per GPU, each pinned to its GPU)")
     p.add_argument("--ray-address", metavar="HOST:PORT",
                    help="ray: a running Ray cluster (`ray start --head` prints it; default: start Ray locally)")
     p.add_argument("--ray-gpus-per-shard", type=float, default=0, metavar="G",
@@ -608,14 +665,15 @@ def cmd_report(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
     from taft.store.report import write_report
 
+    device = compute_device(args)
     features = None
     if args.data is not None or args.dataset is not None:
         classifier, _ = ModelStore(args.store).load_composed()
         dataset = open_dataset(args, classifier)
         _check_classes(dataset.class_names, classifier.class_names)
-        features = classifier.cached_features(dataset, progress=not args.quiet)
+        features = classifier.to(device).cached_features(dataset, autocast=args.autocast, progress=not args.quiet)
     out = args.out or args.store.with_name(args.store.name + "-report")
-    print(f"report: {write_report(args.store, out, features)}")
+    print(f"report: {write_report(args.store, out, features, device=device)}")
 
 
 def _add_store_parsers(sub) -> None:
@@ -666,6 +724,7 @@ def _add_store_parsers(sub) -> None:
                 "--delta must be below 1/n of each shard) and the store records the guarantee of the composed model "
                 "(the max over shards). --weighting size is refused with --dp. A DP store is not bit-reproducible "
                 "unless --dp-seed is given (each shard's DP-SGD seed is then derived from it).")
+    add_compute_args(p, autocast=True, threads=False)
     p.set_defaults(func=cmd_shards_train)
 
     p = sub.add_parser("compose", help="compose a store's shards (uniform, by size, or a subset)")
@@ -683,6 +742,7 @@ def _add_store_parsers(sub) -> None:
                         "retrain only those shards without the ids")
     _add_executor_args(p)
     add_log_arg(p)
+    add_compute_args(p, threads=False)
     p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("store", help="inspect, verify or repair a model store")
@@ -709,6 +769,7 @@ def _add_store_parsers(sub) -> None:
     p = store_sub.add_parser("resume", help="complete an interrupted store operation")
     p.add_argument("store", type=Path)
     _add_executor_args(p)
+    add_compute_args(p, threads=False)
     p.set_defaults(func=cmd_store_resume)
 
     p = sub.add_parser("report", help="write a Markdown report (with PNG plots) of a store",
@@ -718,6 +779,7 @@ def _add_store_parsers(sub) -> None:
     add_data_args(p, "test")
     p.add_argument("--out", type=Path, help="report directory (default: <store>-report beside the store)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_compute_args(p, autocast=True)
     p.set_defaults(func=cmd_report)
 
 
@@ -769,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "as an uninterrupted run of that length; cosine/step: continues on the longer schedule)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_log_arg(p)
+    add_compute_args(p, autocast=True, training=True)
     add_dp_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -777,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p, "test")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_compute_args(p, autocast=True)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="class and score for each image (or text, for a text model)")
@@ -784,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image paths, or texts for a text model")
     p.add_argument("--file", type=Path, help="also predict each non-empty line of this UTF-8 file (texts or paths)")
     p.add_argument("--top", type=positive_int, default=1, help="how many classes to show per image (default 1)")
+    add_compute_args(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("info", help="what a checkpoint holds")
@@ -801,6 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", type=positive_int, default=1, help="blocks fine-tuned by NLFT and TAFT (default 1)")
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX folder (default: the Debian package's)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the three runs go (default runs/demo)")
+    add_compute_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cache", help="list or clear the on-disk cache (trunk features, converted weights)",

@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from taft.backbones import load_backbone
 from taft.data import fashion_mnist, rotten_tomatoes
 from taft.fileio import atomic_write
@@ -22,9 +24,10 @@ DEMO_METHODS = ("probe", "nlft", "taft")
 
 def run_demo(train_per_class: int = 500, test_per_class: int = 200, epochs: int = 10, image_size: int = 56,
              tangent_blocks: int = 1, out: Path = Path("runs/demo"), data_dir: Path | None = None,
-             text: bool = False) -> dict:
+             text: bool = False, device: torch.device | str | None = None) -> dict:
     """Train the three methods on the same cached features and print their test accuracy; returns the summary.
-    `text`: Rotten Tomatoes with minilm-l6 (mean pooling; `image_size` and `data_dir` do not apply)."""
+    `text`: Rotten Tomatoes with minilm-l6 (mean pooling; `image_size` and `data_dir` do not apply). `device`:
+    where the trunk features are built and the methods train (default the CPU)."""
     t0 = time.perf_counter()
     if text:
         backbone = load_backbone("minilm-l6")
@@ -38,13 +41,13 @@ def run_demo(train_per_class: int = 500, test_per_class: int = 200, epochs: int 
         test = fashion_mnist(data_dir, "test", transform=backbone.preprocess, subset=test_per_class)
         print(f"Fashion-MNIST: {len(train)} training and {len(test)} test images at {image_size} px; "
               f"backbone dinov2-vits14, k={tangent_blocks}")
-    train_f = cache_features(train, backbone, tangent_blocks)
-    test_f = cache_features(test, backbone, tangent_blocks)
+    train_f = cache_features(train, backbone, tangent_blocks, device=device)
+    test_f = cache_features(test, backbone, tangent_blocks, device=device)
     pooling = "mean" if text else "cls"
     rows = []
     for method in DEMO_METHODS:
         cfg = TrainConfig(method=method, tangent_blocks=tangent_blocks, epochs=epochs, pooling=pooling)
-        result = fit(cfg, backbone, train_f, run_dir=Path(out) / method)
+        result = fit(cfg, backbone, train_f, run_dir=Path(out) / method, device=device)
         test_eval = evaluate(result.classifier, test_f)
         rows.append({"method": method, "test_top1": test_eval.top1, "train_time_s": result.metrics["train_time_s"],
                      "trained_parameters": sum(p.numel() for p in result.classifier.parameters()),

@@ -96,11 +96,13 @@ class TangentModel(nn.Module):
             solution. Never zero: with W0_head = 0 every block tangent J·Δw would vanish.
         pooling: "cls" (token 0) or "mean".
         attn_impl: "sdpa" (fused primal attention) or "manual" (written-out softmax).
+        prune_last_block: with CLS pooling, the last block computes token 0's output only (exact; see
+            `TangentTail`). False runs it in full (a reference for tests and benchmarks).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, tangent_blocks: int = 1, seed: int = 0,
                  head_weight: torch.Tensor | None = None, head_bias: torch.Tensor | None = None,
-                 pooling: str = "cls", attn_impl: str = "sdpa"):
+                 pooling: str = "cls", attn_impl: str = "sdpa", prune_last_block: bool = True):
         super().__init__()
         encoder = backbone.model
         cfg = encoder.cfg
@@ -118,7 +120,7 @@ class TangentModel(nn.Module):
         head = self._base_head(cfg.dim, num_classes, seed, head_weight, head_bias)
         self.trunk = Trunk(encoder, first_tail)
         self.tail = TangentTail({i: encoder.blocks[i] for i in range(first_tail, cfg.depth)}, encoder.norm, head,
-                                pooling, attn_impl)
+                                pooling, attn_impl, prune_last_block)
         base = {k: v for k, v in self.state_dict().items() if k not in dict(self.named_parameters())}
         self.fingerprint = hash_tensors(base, extra=[f"k={tangent_blocks}", f"pooling={pooling}",
                                                      *(f"{k}={v}" for k, v in sorted(cfg.to_dict().items()))])

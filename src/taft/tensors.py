@@ -1,4 +1,5 @@
-"""Loading named tensors into parameters, all checks first: a bad state never half-overwrites a model."""
+"""Named tensors in and out of a model: loading into parameters with all checks first (a bad state never
+half-overwrites a model), and device-free copies for saving."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Mapping
 import torch
 
 from taft.errors import TaftError
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def load_checked(params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
@@ -25,3 +28,18 @@ def load_checked(params: Mapping[str, torch.Tensor], state: Mapping[str, torch.T
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state[name])
+
+
+def device_free(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of `tensors`, for saving: a file never depends on the device a model ran on.
+    `TaftError` for tensors without data (the `meta` device) or in a low precision (float16 / bfloat16: Δw and
+    trained weights are kept in float32; autocast never changes them)."""
+    empty = sorted(n for n, t in tensors.items() if t.is_meta)
+    if empty:
+        raise TaftError(f"cannot save tensors on the meta device (they hold no values): {empty[:5]}; save the model "
+                        "from a real device (cpu, cuda, mps)")
+    low = sorted(n for n, t in tensors.items() if t.dtype in LOW_PRECISION)
+    if low:
+        raise TaftError(f"tensors {low[:5]} are {tensors[low[0]].dtype}; checkpoints hold float32 (or float64) "
+                        "trained tensors: train in float32 (autocast keeps them float32)")
+    return {n: t.to("cpu", copy=True).contiguous() for n, t in tensors.items()}

@@ -50,8 +50,10 @@ class PostNormBlock(nn.Module):
         self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, cfg.gelu)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.norm1(x + self.attn(x, mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cls_only: bool = False) -> torch.Tensor:
+        """(B, N, D) → (B, N, D); with `cls_only` token 0's output only, (B, 1, D) (see `Attention`)."""
+        a = self.attn(x, mask, cls_only)
+        x = self.norm1((x[:, :1] if cls_only else x) + a)
         return self.norm2(x + self.mlp(x))
 
 

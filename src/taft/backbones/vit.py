@@ -75,15 +75,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cls_only: bool = False) -> torch.Tensor:
+        """(B, N, D) tokens → (B, N, D); with `cls_only` only token 0's output (B, 1, D): its query against the
+        keys and values of every token (padded keys masked), the exact token-0 row of the full output."""
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        H = self.heads
+        if cls_only:  # split the fused weight: one query row, keys and values of all tokens
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :1], w[:D], b[:D]).view(B, 1, H, D // H).transpose(1, 2)
+            k, v = F.linear(x, w[D:], b[D:]).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
         bias = key_padding_bias(mask, x.dtype)
         if self.impl == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             o = manual_attention(q, k, v, bias)
-        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+        return self.proj(o.transpose(1, 2).reshape(B, q.shape[2], D))
 
 
 class LayerScale(nn.Module):
@@ -118,8 +126,10 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, cfg.gelu)
         self.ls2 = LayerScale(cfg.dim) if cfg.layerscale else nn.Identity()
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cls_only: bool = False) -> torch.Tensor:
+        """(B, N, D) → (B, N, D); with `cls_only` token 0's output only, (B, 1, D) (see `Attention`)."""
+        a = self.ls1(self.attn(self.norm1(x), mask, cls_only))
+        x = (x[:, :1] if cls_only else x) + a
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 

@@ -16,8 +16,10 @@ Files of an entry:
                  `width`); each batch runs the trunk padded to its own longest example only, and the positions
                  past an example's length hold zeros (they are masked out downstream anyway)
   meta.json      written atomically last: the completion marker. Without it an entry is never read as
-                 complete.
-Builds of one entry by several processes are serialised with a file lock (POSIX).
+                 complete. Its "device" (where the trunk ran) is information only: entries load anywhere.
+Builds of one entry by several processes are serialised with a file lock (POSIX). With a CUDA `device` the loader
+pins its batches and copies them asynchronously. A trunk run under autocast gives other features: its callers
+(`taft.train.cache_features`) put the autocast setting into `key`; the stored dtype is always `dtype`.
 
 Augmented data is random and cannot be cached: `build_or_load` refuses a dataset whose transform augments;
 the caller runs the trunk on every batch instead.
@@ -317,8 +319,9 @@ class FeatureCache:
         batches = [list(range(c * chunk, min(n, (c + 1) * chunk))) for c in todo]
         ids = list(dataset.ids)
         width = int(getattr(dataset, "width", 0) or 0) if getattr(dataset, "lengths", None) is not None else 0
+        pin = device is not None and torch.device(device).type == "cuda"  # pinned batches copy asynchronously
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,  # type: ignore[arg-type]
-                            collate_fn=getattr(dataset, "collate", _collate))
+                            collate_fn=getattr(dataset, "collate", _collate), pin_memory=pin)
         bar = progress_bar(total=n, initial=n - sum(len(b) for b in batches), disable=not progress,
                            desc="trunk features", unit="ex")
         try:
@@ -326,7 +329,7 @@ class FeatureCache:
                 for c, rows, (x, _, batch_ids) in zip(todo, batches, loader):
                     if batch_ids != ids[rows[0]:rows[-1] + 1]:
                         raise TaftError("dataset returned ids out of order; dataset[i] must have id ids[i]")
-                    out = trunk(x if device is None else x.to(device))
+                    out = trunk(x if device is None else x.to(device, non_blocking=pin))
                     out = self._check_output(out, len(rows), state["feature_shape"], dtype, width)
                     if mm is None:
                         state["feature_shape"] = [width, *out.shape[2:]] if width else list(out.shape[1:])
@@ -352,7 +355,7 @@ class FeatureCache:
         _write_json(directory / "ids.json", ids)
         meta = {"entry": digest, "key": full, "n": n, "feature_shape": state["feature_shape"],
                 "dtype": _dtype_name(dtype), "chunk": chunk, "class_names": list(dataset.class_names),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "device": str(device or "cpu"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _write_json(directory / "meta.json", meta)
         prog_path.unlink(missing_ok=True)
 

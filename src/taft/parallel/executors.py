@@ -11,6 +11,9 @@ Process-pool workers die with the process that made the pool, even when it is ki
 orphans holding a backbone's memory): on Linux by a parent-death signal (prctl PR_SET_PDEATHSIG), everywhere by a
 thread in each worker that exits it once its parent is gone (polled every second).
 
+Devices: `make_executor("process", devices=[...])` pins process workers to the given devices in turn (worker i to
+devices[i % len], `taft.devices.pin_process`); `default_workers(tasks, devices)` is one worker per CUDA device.
+
 Threads: each shard task sets `torch.set_num_threads(threads)` itself (see `taft.parallel.shards`), so results do
 not depend on which executor ran it; `default_threads(workers)` = max(1, cores // workers).
 """
@@ -24,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
@@ -42,7 +45,11 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_workers(tasks: int) -> int:
+def default_workers(tasks: int, devices: Sequence[Any] = ()) -> int:
+    """min(tasks, CPU cores); with CUDA `devices` (torch devices or names), min(tasks, number of GPUs): one worker
+    per GPU."""
+    if any(str(d).startswith("cuda") for d in devices):
+        return max(1, min(tasks, len(devices)))
     return max(1, min(tasks, available_cores()))
 
 
@@ -63,18 +70,33 @@ class InlineExecutor(Executor):
         return future
 
 
+def _start_worker(parent_pid: int, names: Any | None) -> None:
+    """Process-pool initializer: die with the parent (`die_with_parent`); with a queue of device names, take this
+    worker's device from it and pin the process to it."""
+    die_with_parent(parent_pid)
+    if names is not None:
+        from taft.devices import pin_process
+
+        pin_process(names.get())
+
+
 def make_executor(kind: str = "process", *, workers: int | None = None, tasks: int = 1,
-                  ray_address: str | None = None, ray_gpus: float = 0) -> Executor:
+                  ray_address: str | None = None, ray_gpus: float = 0, devices: Sequence[str] = ()) -> Executor:
     """A new executor of `kind` (see the module doc); use it as a context manager. `workers` defaults to
-    `default_workers(tasks)`; `ray_address`, `ray_gpus`: the Ray cluster and the GPUs per shard task."""
+    `default_workers(tasks, devices)`; `ray_address`, `ray_gpus`: the Ray cluster and the GPUs per shard task;
+    `devices` (e.g. ["cuda:0", "cuda:1"]): process workers are pinned to them in turn."""
     check_executor_args(kind, workers, ray_address, ray_gpus)
     if kind == "inline":
         return InlineExecutor()
     if kind == "ray":
         return RayExecutor(ray_address, num_gpus=ray_gpus)
-    return ProcessPoolExecutor(max_workers=workers or default_workers(tasks),
-                               mp_context=multiprocessing.get_context("spawn"),
-                               initializer=die_with_parent, initargs=(os.getpid(),))
+    size = workers or default_workers(tasks, devices)
+    context = multiprocessing.get_context("spawn")
+    names = context.Queue() if devices else None
+    for i in range(size if devices else 0):
+        names.put(str(devices[i % len(devices)]))
+    return ProcessPoolExecutor(max_workers=size, mp_context=context, initializer=_start_worker,
+                               initargs=(os.getpid(), names))
 
 
 def check_executor_args(kind: str | None, workers: int | None = None, ray_address: str | None = None,

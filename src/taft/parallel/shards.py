@@ -35,7 +35,9 @@ import torch
 from taft.backbones import BUNDLED, load_backbone_like
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
+from taft.devices import worker_device
 from taft.errors import TaftError
+from taft.tensors import device_free
 from taft.privacy import DPConfig
 from taft.progress import progress_bar
 from taft.train import TrainConfig, fit
@@ -123,7 +125,8 @@ def shard_data(train: FeatureData, ids: Sequence[str]) -> FeatureData:
 @dataclass(frozen=True)
 class ShardTask:
     """Train shard `index` with `config` on `data` (already restricted to the shard, in training order); with
-    `dp`, by DP-SGD (its seed, if any, is this shard's own)."""
+    `dp`, by DP-SGD (its seed, if any, is this shard's own); on `device` ("auto" / "cuda": the worker's pinned GPU,
+    `taft.devices.worker_device`)."""
 
     index: int
     config: TrainConfig
@@ -133,6 +136,7 @@ class ShardTask:
     fingerprint: str
     threads: int = 1
     dp: DPConfig | None = None
+    device: str = "cpu"
 
 
 @dataclass
@@ -172,7 +176,9 @@ def train_shard(task: ShardTask) -> ShardResult:
     try:
         backbone = task.backbone.load() if isinstance(task.backbone, Deferred) else task.backbone
         data = task.data.load() if isinstance(task.data, Deferred) else task.data
-        result = fit(task.config, backbone, data, class_names=list(task.class_names), progress=False, dp=task.dp)
+        device = worker_device(task.device)
+        result = fit(task.config, backbone, data, class_names=list(task.class_names), progress=False, dp=task.dp,
+                     device=device)
     finally:
         torch.set_num_threads(previous)
     clf = result.classifier
@@ -181,9 +187,11 @@ def train_shard(task: ShardTask) -> ShardResult:
                         f"{clf.fingerprint[:12]}…) than the store's ({task.fingerprint[:12]}…)")
     keep = DETERMINISTIC_METRICS if task.dp is None else PUBLIC_METRICS
     metrics = {k: result.metrics[k] for k in keep if k in result.metrics}
-    return ShardResult(index=task.index, tensors=clf.trained_state_dict(),
-                       head_weight0=clf.head_weight0.detach().cpu().clone(),
-                       head_bias0=clf.head_bias0.detach().cpu().clone(), ids=list(result.train_ids or []),
+    saved = device_free({**clf.trained_state_dict(), "head_weight0": clf.head_weight0,
+                         "head_bias0": clf.head_bias0})  # CPU tensors: results cross process boundaries
+    head_weight0, head_bias0 = saved.pop("head_weight0"), saved.pop("head_bias0")
+    return ShardResult(index=task.index, tensors=saved, head_weight0=head_weight0, head_bias0=head_bias0,
+                       ids=list(result.train_ids or []),
                        config=result.config.to_dict(), metrics=metrics, seconds=time.perf_counter() - t0,
                        worker=f"{socket.gethostname()}:{os.getpid()}", privacy=result.privacy)
 

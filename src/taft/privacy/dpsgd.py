@@ -13,7 +13,7 @@ through the tangent layers: their tangent path runs under `torch.no_grad()` (res
 the primal's weights w0 + (Δw − sg(Δw)) carry the gradient J(x; w0)ᵀ r (`at_base`: the wrapped Δw tensors report
 `requires_grad` under torch.func.grad, checked by the tests against a per-example loop). Attention runs in its
 written-out form ("manual") on this path: identical math to fused SDPA, which has no vmap batching rule and would
-fall back to a per-example loop.
+fall back to a per-example loop. With CLS pooling the tail's last block is pruned to token 0 here too (exact).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import taft
 from taft.checkpoint import (BASE_PREFIX, FORMAT, FORMAT_VERSION, MAX_IDS_JSON, META_KEY, ids_digest,
                              read_safetensors)
 from taft.errors import TaftError
+from taft.tensors import device_free
 from taft.train.classifier import Classifier
 
 HEAD_W0 = f"{BASE_PREFIX}head.weight"
@@ -89,9 +90,8 @@ def write_checkpoint(path: str | Path, info: ModelInfo, tensors: Mapping[str, to
         "versions": {"taft": taft.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__},
         "created": created, **(dict(extra) if extra else {}),
     }
-    out = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    out[HEAD_W0] = head_weight0.detach().cpu().contiguous()
-    out[HEAD_B0] = head_bias0.detach().cpu().contiguous()
+    out = device_free({**{name: t.detach() for name, t in tensors.items()}, HEAD_W0: head_weight0.detach(),
+                       HEAD_B0: head_bias0.detach()})
     save_file(out, str(path), metadata={META_KEY: json.dumps(meta, ensure_ascii=False, allow_nan=False,
                                                              sort_keys=True)})
 

@@ -105,10 +105,11 @@ def backbone_for(m: Manifest, backbone: Backbone | None, executor: ExecutorArg) 
 def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features: FeatureData | None = None,
            backbone: Backbone | None = None, executor: ExecutorArg = None, workers: int | None = None,
            ray_address: str | None = None, ray_gpus: float = 0, retries: int = 1,
-           progress: bool = True) -> ForgetResult:
+           progress: bool = True, device: str = "cpu") -> ForgetResult:
     """Forget `ids` from the store at `root` (see the module doc). `features`/`backbone`: the training features and
     backbone for retraining (default: the store's cache entry and its backbone loaded by name). The executor
-    options are those of `create_store` (used by "retrain" only)."""
+    options are those of `create_store` (used by "retrain" only), and so is `device` (where retrained shards
+    train)."""
     if mode not in MODES:
         raise TaftError(f"forget mode must be one of {', '.join(MODES)}, got {mode!r}")
     wanted = sorted({str(i) for i in ids})
@@ -171,7 +172,7 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
                                threads=int(m["threads"]), plan_kind=m["plan"]["kind"], executor=executor,
                                workers=workers, retries=retries, progress=progress,
                                dp=DPConfig(**m["dp"]) if "dp" in m else None,
-                               prior={i: m["shards"][i].get("privacy") for i in todo})
+                               prior={i: m["shards"][i].get("privacy") for i in todo}, device=device)
             for index, entry in files.items():
                 m2["shards"][index].update(file=entry["file"], sha256=entry["sha256"])
                 if "dp" in m:

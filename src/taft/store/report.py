@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from taft.data.feature_cache import CachedFeatures
+from taft.devices import resolve_device
 from taft.errors import TaftError
 from taft.fileio import atomic_write
 from taft.privacy import PrivacyLedger, describe
@@ -36,13 +39,15 @@ def _bar_png(path: Path, labels: list[str], values: list[float], ylabel: str, ti
     plt.close(fig)
 
 
-def accuracies(store: ModelStore, data: CachedFeatures) -> dict[str, Any]:
-    """Top-1 of every trained shard and of the composed model on `data` (trunk features of the store's k)."""
+def accuracies(store: ModelStore, data: CachedFeatures, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Top-1 of every trained shard and of the composed model on `data` (trunk features of the store's k),
+    evaluated on `device` (default the CPU)."""
+    where = resolve_device(device)
     shards = {}
     for s in store.manifest["shards"]:
         if s["status"] == "trained":
-            shards[s["index"]] = evaluate(store.load_shard(s["index"]).classifier, data).top1
-    composed = evaluate(store.load_composed().classifier, data).top1 if store.composed_path else None
+            shards[s["index"]] = evaluate(store.load_shard(s["index"]).classifier.to(where), data).top1
+    composed = evaluate(store.load_composed().classifier.to(where), data).top1 if store.composed_path else None
     return {"shards": shards, "composed": composed, "n": len(data)}
 
 
@@ -75,8 +80,10 @@ def privacy_lines(info: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatures | None = None) -> Path:
-    """Write `out_dir/report.md` (+ shard_sizes.png, accuracy.png with `data`); returns the Markdown path."""
+def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatures | None = None,
+                 device: torch.device | str | None = None) -> Path:
+    """Write `out_dir/report.md` (+ shard_sizes.png, accuracy.png with `data`, evaluated on `device`); returns the
+    Markdown path."""
     store = ModelStore(store_root)
     info = store.info()
     out = Path(out_dir)
@@ -98,7 +105,7 @@ def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatur
     if "dp" in info:
         lines += privacy_lines(info)
     if data is not None:
-        acc = accuracies(store, data)
+        acc = accuracies(store, data, device)
         lines += ["## Accuracy", "", f"Top-1 on {acc['n']} labelled examples.", "", "| model | top-1 |", "|---|---|"]
         lines += [f"| shard {i} | {100 * a:.2f}% |" for i, a in acc["shards"].items()]
         if acc["composed"] is not None:

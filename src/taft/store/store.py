@@ -100,8 +100,9 @@ class ModelStore:
 
 def resume(root: str | Path, *, features: FeatureData | None = None, backbone: Backbone | None = None,
            executor: ExecutorArg = None, workers: int | None = None, ray_address: str | None = None,
-           ray_gpus: float = 0, retries: int = 1, progress: bool = True) -> str:
-    """Complete the store's interrupted operation (from pending.json); returns what was done, in words."""
+           ray_gpus: float = 0, retries: int = 1, progress: bool = True, device: str = "cpu") -> str:
+    """Complete the store's interrupted operation (from pending.json); returns what was done, in words. `device`:
+    where shards still to train run (any device: it is not part of the recipe)."""
     layout = StoreLayout(root)
     with layout.locked():
         pending = read_pending(layout)
@@ -114,7 +115,7 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
                 return f"finished the cleanup of the committed {describe(pending)}"
     req = pending["request"]
     kw = dict(executor=executor, workers=workers, ray_address=ray_address, ray_gpus=ray_gpus, retries=retries,
-              progress=progress)
+              progress=progress, device=device)
     if pending["op"] == "forget":
         r: ForgetResult = forget(root, req["ids"], req["mode"], features=features, backbone=backbone, **kw)
         return f"completed the forget of {len(r.forgotten)} ids (mode {r.mode}; shards {r.shards})"

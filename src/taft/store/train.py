@@ -29,8 +29,10 @@ from typing import Any
 
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
+from taft.devices import shard_devices
 from taft.errors import TaftError
-from taft.parallel.executors import check_executor_args, default_threads, default_workers, make_executor
+from taft.parallel.executors import (InlineExecutor, check_executor_args, default_threads, default_workers,
+                                     make_executor)
 from taft.parallel.shards import (BackboneSpec, FeatureData, ShardResult, ShardTask, backbone_ref, run_shards,
                                   shard_data)
 from taft.privacy import DPConfig, PrivacyLedger, sequential_composition
@@ -140,17 +142,31 @@ def connected(executor: ExecutorArg, *, workers: int | None = None, ray_address:
         yield ex
 
 
+def shard_placement(device: str, executor: ExecutorArg) -> tuple[str, list[str]]:
+    """(the device name each shard task carries, the devices local process workers are pinned to), checked here.
+    Several GPUs: tasks say "cuda" and each worker runs them on its own GPU. On Ray or a given Executor the name
+    is resolved where the task runs (a Ray worker sees the GPUs Ray gave it), so it is not checked here."""
+    if executor == "ray" or (isinstance(executor, Executor) and not isinstance(executor, InlineExecutor)):
+        return device, []
+    devices = shard_devices(device)
+    name = "cuda" if len(devices) > 1 else str(devices[0])
+    return name, [str(d) for d in devices if d.type == "cuda"]
+
+
 def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[str]], *, train: FeatureData,
                backbone: Backbone | BackboneSpec, info: ModelInfo, base: TrainConfig, threads: int, plan_kind: str,
                executor: ExecutorArg, workers: int | None, retries: int, progress: bool,
                dp: DPConfig | None = None,
-               prior: Mapping[int, Mapping[str, Any] | None] | None = None) -> dict[int, dict[str, Any]]:
+               prior: Mapping[int, Mapping[str, Any] | None] | None = None,
+               device: str = "cpu") -> dict[int, dict[str, Any]]:
     """Train shards {index: ids} (reusing the journal's finished ones) and write their files; {index: file entry}.
 
     With `dp`, by DP-SGD; `prior` ({index: ledger}) holds the ledgers of the shards' earlier releases (retraining):
     a retrained shard's ledger is then the sequential composition of those and the new run (see
-    `sequential_composition`: the old model, trained on a superset of the shard's data, may already be public)."""
+    `sequential_composition`: the old model, trained on a superset of the shard's data, may already be public).
+    `device`: where shards train (`shard_devices`: one process worker per visible GPU by default, each pinned)."""
     prior = prior or {}
+    task_device, pinned = shard_placement(device, executor)
     done: dict[int, dict[str, Any]] = {}
     tasks = []
     for index, ids in sorted(todo.items()):
@@ -160,7 +176,8 @@ def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[st
             continue
         tasks.append(ShardTask(index=index, config=shard_config(base, index), data=shard_data(train, ids),
                                class_names=tuple(info.class_names), backbone=backbone, fingerprint=info.fingerprint,
-                               threads=threads, dp=shard_dp(dp, index, releases(prior.get(index)))))
+                               threads=threads, dp=shard_dp(dp, index, releases(prior.get(index))),
+                               device=task_device))
     if not tasks:
         return done
 
@@ -180,7 +197,7 @@ def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[st
         if kind == "inline" and isinstance(backbone, BackboneSpec):
             backbone = backbone.load()
             tasks = [replace(t, backbone=backbone) for t in tasks]
-        with make_executor(kind, workers=workers, tasks=len(tasks)) as ex:
+        with make_executor(kind, workers=workers, tasks=len(tasks), devices=pinned) as ex:
             run_shards(tasks, ex, retries=retries, on_result=on_result, progress=progress)
     return done
 
@@ -191,7 +208,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
                  threads: int | None = None, ray_address: str | None = None, ray_gpus: float = 0,
                  retries: int = 1,
                  weighting: str = "uniform", source: Mapping[str, Any] | None = None, dp: DPConfig | None = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, device: str = "cpu") -> Path:
     """Train a store of `shards` shards (or on the given `plan`, whose ids must be exactly the data's) in `root`
     (new or empty), compose them with `weighting`, and commit. Returns `root`.
 
@@ -200,7 +217,10 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
     size (default min(shards, cores)). threads: torch threads per shard task (default max(1, cores // workers));
     recorded in the store and reused by retraining, since it changes float summation order. retries: extra
     attempts per failed shard. A rerun with the same arguments after an interruption resumes the creation.
-    dp: train every shard with DP-SGD (see the module doc; "size" weighting is then refused)."""
+    dp: train every shard with DP-SGD (see the module doc; "size" weighting is then refused). device: where the
+    shards train ("cpu" default, "auto", "cuda" = one worker per visible GPU unless `workers` is given, "cuda:N",
+    "mps"); not part of the store's recipe (a store made on a GPU can be resumed or retrained on the CPU)."""
+    _, pinned = shard_placement(device, executor)  # checked before anything is written
     layout = StoreLayout(root)
     base = check_config(config, text=backbone.is_text)
     if weighting not in WEIGHTINGS:
@@ -227,7 +247,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
     info = ModelInfo.of(build_classifier(base, backbone, class_names))
     todo = {i: list(s) for i, s in enumerate(plan.shards) if s}
     if threads is None:
-        threads = default_threads(workers or default_workers(len(todo)))
+        threads = default_threads(workers or default_workers(len(todo), pinned))
     request = {"plan": plan.to_dict(), "config": base.to_dict(), "fingerprint": info.fingerprint,
                "threads": threads, "weighting": weighting, "data": data_identity(train),
                "backbone": {"name": backbone.name, "preprocess": json.loads(json.dumps(backbone.preprocess.to_dict())),
@@ -259,7 +279,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
         ref = backbone_ref(backbone, by_name=executor != "inline")
         files = train_into(layout, pending, todo, train=train, backbone=ref, info=info, base=base, threads=threads,
                            plan_kind=plan.kind, executor=executor, workers=workers, retries=retries,
-                           progress=progress, dp=dp)
+                           progress=progress, dp=dp, device=device)
         m: Manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": 0, "last_op": None,
             "created": pending["time"], "updated": pending["time"], **info.to_dict(),
@@ -278,5 +298,5 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
     return layout.root
 
 
-__all__ = ["check_config", "check_dp", "connected", "create_store", "data_identity", "dp_shard_seed", "releases",
+__all__ = ["check_config", "check_dp", "shard_placement", "connected", "create_store", "data_identity", "dp_shard_seed", "releases",
            "shard_config", "shard_dp", "train_into"]

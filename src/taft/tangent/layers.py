@@ -29,6 +29,11 @@ def at_base(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return base
 
 
+def first_token(t: Tangent) -> Tangent:
+    """Token 0 of (B, N, D) tokens or their tangent, kept as (B, 1, D); None stays None."""
+    return None if t is None else t[:, :1]
+
+
 def add_tangents(a: Tangent, b: Tangent) -> Tangent:
     """Tangent of a sum (residual connection); None is zero."""
     if a is None:
@@ -48,24 +53,29 @@ class TangentModule(nn.Module):
     def base(self, name: str) -> torch.Tensor:
         return getattr(self, f"{name}_0")
 
-    def primal_weight(self, name: str) -> torch.Tensor:
-        return at_base(self.base(name), getattr(self, name))
+    def primal_weight(self, name: str, rows: slice = slice(None)) -> torch.Tensor:
+        return at_base(self.base(name)[rows], getattr(self, name)[rows])
 
 
 class TangentLinear(TangentModule):
-    """y = W0 x + b0;  ẏ = W0 ẋ + ΔW x + Δb (W0 ẋ skipped when ẋ is zero)."""
+    """y = W0 x + b0;  ẏ = W0 ẋ + ΔW x + Δb (W0 ẋ skipped when ẋ is zero). `rows` restricts the outputs to
+    those rows of W and b (e.g. the keys and values of a fused qkv layer)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.add_weight("weight", linear.weight)
         self.add_weight("bias", linear.bias)
 
-    def forward(self, x: torch.Tensor, x_dot: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
-        y = F.linear(x, self.primal_weight("weight"), self.primal_weight("bias"))
+    def forward(self, x: torch.Tensor, x_dot: Tangent,
+                rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.linear(x, self.primal_weight("weight", rows), self.primal_weight("bias", rows))
         with torch.no_grad():
-            y_dot = F.linear(x.detach(), self.weight, self.bias)
-            if x_dot is not None:  # accumulate W0 ẋ in place (one GEMM with beta = 1, no extra pass)
-                y_dot.view(-1, y_dot.shape[-1]).addmm_(x_dot.reshape(-1, x_dot.shape[-1]), self.weight_0.t())
+            y_dot = F.linear(x.detach(), self.weight[rows], self.bias[rows])
+            if x_dot is not None:  # accumulate W0 ẋ in place (one GEMM with beta = 1, no extra pass); in-place
+                # ops are not autocast: under it y_dot is in the low precision and the operands follow it
+                low = y_dot.dtype
+                y_dot.view(-1, y_dot.shape[-1]).addmm_(x_dot.reshape(-1, x_dot.shape[-1]).to(low),
+                                                       self.weight_0[rows].t().to(low))
         return y, y_dot
 
 
@@ -124,9 +134,16 @@ class TangentMlp(nn.Module):
         return self.fc2(g, g_dot)
 
 
+def split_heads(t: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
+    """(B, n, parts·D) projections → (parts, B, heads, n, D/heads), a view."""
+    B, n, width = t.shape
+    return t.view(B, n, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4)
+
+
 class TangentAttention(nn.Module):
     """Multi-head softmax attention. The primal uses fused SDPA (`impl="sdpa"`) or a written-out softmax
-    (`impl="manual"`); the tangent uses `attention_jvp` with P recomputed without a graph."""
+    (`impl="manual"`); the tangent uses `attention_jvp` with P recomputed without a graph. With `cls_only`, only
+    token 0's output row (B, 1, D): its query against the keys and values (and tangents) of every token."""
 
     def __init__(self, attn: nn.Module, impl: str = "sdpa"):
         super().__init__()
@@ -135,29 +152,38 @@ class TangentAttention(nn.Module):
         self.qkv = TangentLinear(attn.qkv)
         self.proj = TangentLinear(attn.proj)
 
-    def forward(self, x: torch.Tensor, x_dot: Tangent,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, x_dot: Tangent, mask: torch.Tensor | None = None,
+                cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         B, N, D = x.shape
-        qkv, qkv_dot = self.qkv(x, x_dot)
-        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if cls_only:  # (projection, its tangent, how many of q/k/v it holds)
+            q, q_dot = self.qkv(x[:, :1], first_token(x_dot), rows=slice(0, D))
+            kv, kv_dot = self.qkv(x, x_dot, rows=slice(D, None))
+            groups = [(q, q_dot, 1), (kv, kv_dot, 2)]
+        else:
+            qkv, qkv_dot = self.qkv(x, x_dot)
+            groups = [(qkv, qkv_dot, 3)]
+        q, k, v = (h for y, _, parts in groups for h in split_heads(y, parts, self.heads))
         bias = key_padding_bias(mask, x.dtype)
         with torch.no_grad():  # head-major contiguous copies, so every product below is a plain batched GEMM
-            qd, kd, vd = qkv.detach().view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).contiguous()
-            q_dot, k_dot, v_dot = qkv_dot.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).contiguous()
+            qd, kd, vd = (h for y, _, parts in groups
+                          for h in split_heads(y.detach(), parts, self.heads).contiguous())
+            q_dot, k_dot, v_dot = (h for _, y_dot, parts in groups
+                                   for h in split_heads(y_dot, parts, self.heads).contiguous())
             probs = attention_probs(qd, kd, bias)
             o_dot = attention_jvp(qd, kd, vd, probs, q_dot, k_dot, v_dot)
-            o_dot = o_dot.transpose(1, 2).reshape(B, N, D)
+            o_dot = o_dot.transpose(1, 2).reshape(B, -1, D)
         if self.impl == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         elif torch.is_grad_enabled():
             o = attention_probs(q, k, bias) @ v
         else:
             o = probs @ vd
-        return self.proj(o.transpose(1, 2).reshape(B, N, D), o_dot)
+        return self.proj(o.transpose(1, 2).reshape(B, -1, D), o_dot)
 
 
 class TangentBlock(nn.Module):
-    """Pre-norm transformer block; residual tangents add."""
+    """Pre-norm transformer block; residual tangents add. With `cls_only`, token 0's output only (B, 1, D):
+    keys and values come from every token, everything after attention from token 0 (exact for that token)."""
 
     def __init__(self, block: nn.Module, attn_impl: str = "sdpa"):
         super().__init__()
@@ -168,11 +194,13 @@ class TangentBlock(nn.Module):
         self.mlp = TangentMlp(block.mlp)
         self.ls2 = TangentLayerScale(block.ls2) if hasattr(block.ls2, "gamma") else None
 
-    def forward(self, x: torch.Tensor, x_dot: Tangent,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        a, a_dot = self.attn(*self.norm1(x, x_dot), mask)
+    def forward(self, x: torch.Tensor, x_dot: Tangent, mask: torch.Tensor | None = None,
+                cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        a, a_dot = self.attn(*self.norm1(x, x_dot), mask, cls_only)
         if self.ls1 is not None:
             a, a_dot = self.ls1(a, a_dot)
+        if cls_only:
+            x, x_dot = x[:, :1], first_token(x_dot)
         x, x_dot = x + a, add_tangents(x_dot, a_dot)
         m, m_dot = self.mlp(*self.norm2(x, x_dot))
         if self.ls2 is not None:
@@ -182,7 +210,7 @@ class TangentBlock(nn.Module):
 
 class TangentPostNormBlock(nn.Module):
     """Post-norm (BERT) block: h = norm1(x + attn(x)), out = norm2(h + mlp(h)); residual tangents add before
-    each norm's tangent."""
+    each norm's tangent. `cls_only` as in `TangentBlock`."""
 
     def __init__(self, block: nn.Module, attn_impl: str = "sdpa"):
         super().__init__()
@@ -191,9 +219,11 @@ class TangentPostNormBlock(nn.Module):
         self.mlp = TangentMlp(block.mlp)
         self.norm2 = TangentLayerNorm(block.norm2)
 
-    def forward(self, x: torch.Tensor, x_dot: Tangent,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        a, a_dot = self.attn(x, x_dot, mask)
+    def forward(self, x: torch.Tensor, x_dot: Tangent, mask: torch.Tensor | None = None,
+                cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        a, a_dot = self.attn(x, x_dot, mask, cls_only)
+        if cls_only:
+            x, x_dot = x[:, :1], first_token(x_dot)
         x, x_dot = self.norm1(x + a, add_tangents(x_dot, a_dot))
         m, m_dot = self.mlp(x, x_dot)
         return self.norm2(x + m, add_tangents(x_dot, m_dot))

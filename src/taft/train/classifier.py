@@ -21,9 +21,11 @@ from torch import nn
 
 from taft.backbones.base import Backbone, Preprocess
 from taft.data.feature_cache import CachedFeatures, FeatureCache, LabelledDataset
+from taft.devices import resolve_device
 from taft.errors import TaftError
 from taft.fingerprint import hash_tensors
 from taft.model import Inputs, TangentModel, Trunk, input_mask, params_to_buffers
+from taft.precision import check_autocast, under_autocast
 from taft.tangent import pool
 from taft.tensors import load_checked
 from taft.train.config import TrainConfig
@@ -35,10 +37,12 @@ class PlainTail(nn.Module):
 
     With `train_body=False` the blocks and norm become frozen buffers (the probe's frozen network); only the
     head is a parameter. Parameter names match the plain model's (`blocks.11.attn.qkv.weight`, `head.bias`).
+    With CLS pooling the last block computes token 0's output only (exact, as in `TangentTail`);
+    `prune_last_block=False` runs it in full.
     """
 
     def __init__(self, encoder: nn.Module, tangent_blocks: int, head: nn.Linear, pooling: str = "cls",
-                 train_body: bool = True):
+                 train_body: bool = True, prune_last_block: bool = True):
         super().__init__()
         depth = encoder.cfg.depth
         self.blocks = nn.ModuleDict({str(i): copy.deepcopy(encoder.blocks[i])
@@ -52,6 +56,7 @@ class PlainTail(nn.Module):
                 params_to_buffers(m)
         self.head = head
         self.pooling = pooling
+        self.prune_last_block = prune_last_block and pooling == "cls"
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.norm is None else self.norm(x)
@@ -59,8 +64,9 @@ class PlainTail(nn.Module):
     def pooled(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled, final-normed features (B, D) of trunk features (B, N, D)."""
         x = features
-        for block in self.blocks.values():
-            x = block(x, mask)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks.values()):
+            x = block(x, mask, cls_only=self.prune_last_block and i == last)
         if self.pooling == "cls":  # LayerNorm is per token: norm(x)[:, 0] = norm(x[:, 0])
             return self._norm(x[:, 0])
         return pool(self._norm(x), self.pooling, mask)
@@ -69,24 +75,34 @@ class PlainTail(nn.Module):
         return self.head(self.pooled(features, mask))
 
 
-def feature_key(backbone: Backbone, tangent_blocks: int) -> dict:
-    """Feature-cache key of the trunk for (backbone, k): the trunk is the first depth − k blocks."""
+def feature_key(backbone: Backbone, tangent_blocks: int, autocast: str = "none") -> dict:
+    """Feature-cache key of the trunk for (backbone, k): the trunk is the first depth − k blocks. A trunk run under
+    autocast (bf16 / fp16) gives other features, hence another key; "none" adds nothing (the key stays as before)."""
     depth = backbone.model.cfg.depth
     _check_k(tangent_blocks, depth)
-    return {"backbone": backbone.fingerprint, "trunk_blocks": depth - tangent_blocks}
+    return autocast_key({"backbone": backbone.fingerprint, "trunk_blocks": depth - tangent_blocks}, autocast)
+
+
+def autocast_key(key: dict, autocast: str) -> dict:
+    """`key` for features computed under `autocast`: unchanged for "none", else with an "autocast" entry."""
+    check_autocast(autocast)
+    return key if autocast == "none" else {**key, "autocast": autocast}
 
 
 def cache_features(dataset: LabelledDataset, backbone: Backbone, tangent_blocks: int, *,
                    root: str | Path | None = None, dtype: torch.dtype = torch.float32, batch_size: int = 64,
-                   num_workers: int = 0, device: torch.device | str | None = None,
+                   num_workers: int = 0, device: torch.device | str | None = None, autocast: str = "none",
                    progress: bool = True) -> CachedFeatures:
-    """Trunk features of `dataset` for (backbone, k), from the feature cache or computed once and stored."""
-    key = feature_key(backbone, tangent_blocks)
+    """Trunk features of `dataset` for (backbone, k), from the feature cache or computed once and stored.
+    `device`: where the trunk runs (default: the backbone's); `autocast`: "none", "bf16" or "fp16" (see
+    `taft.precision`; part of the cache key, the stored dtype stays `dtype`)."""
+    key = feature_key(backbone, tangent_blocks, autocast)
     trunk = Trunk(backbone.model, key["trunk_blocks"]).eval()
-    if device is not None:
-        trunk = trunk.to(device)
-    return FeatureCache(root).build_or_load(dataset, trunk, key, dtype=dtype, batch_size=batch_size,
-                                            num_workers=num_workers, device=device, progress=progress)
+    where = resolve_device(device) if device is not None else backbone.device
+    trunk = trunk.to(where)
+    return FeatureCache(root).build_or_load(dataset, under_autocast(trunk, autocast, where), key, dtype=dtype,
+                                            batch_size=batch_size, num_workers=num_workers, device=where,
+                                            progress=progress)
 
 
 class Classifier(nn.Module):
@@ -129,11 +145,14 @@ class Classifier(nn.Module):
         """Frozen trunk output (B, N, D) for preprocessed images or a TokenBatch; no gradient, cacheable."""
         return self.trunk(inputs.to(self.device, self.dtype))
 
-    def cached_features(self, dataset: LabelledDataset, *, progress: bool = True) -> CachedFeatures:
-        """Trunk features of `dataset` through the feature cache, computed with this classifier's own trunk (the
-        same cache entry `cache_features(dataset, backbone, k)` uses), so no second backbone is loaded."""
-        return FeatureCache().build_or_load(dataset, self.trunk, self.feature_key, device=self.device,
-                                            progress=progress)
+    def cached_features(self, dataset: LabelledDataset, *, autocast: str = "none",
+                        progress: bool = True) -> CachedFeatures:
+        """Trunk features of `dataset` through the feature cache, computed with this classifier's own trunk on its
+        device (the same cache entry `cache_features(dataset, backbone, k, autocast=autocast)` uses), so no second
+        backbone is loaded."""
+        trunk = under_autocast(self.trunk, autocast, self.device)
+        return FeatureCache().build_or_load(dataset, trunk, autocast_key(self.feature_key, autocast),
+                                            device=self.device, progress=progress)
 
     def logits(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from trunk features (B, N, D) (e.g. cached ones)."""

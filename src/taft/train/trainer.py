@@ -15,6 +15,9 @@ epoch), stops with a `TaftError` as soon as a batch loss is not finite, and writ
 For a probe, the frozen network's pooled features are computed once from the trunk features (no gradient) and
 the head is trained on them.
 
+metrics.json also records, as information, how the run computed: `compute` = {device, autocast, compiled, feed
+(per split: resident / stream / host, `taft.train.feeding`), threads}; none of it changes what is saved.
+
 With `dp=DPConfig(...)`, `fit` trains with DP-SGD instead (`taft.privacy.dpsgd`: Poisson-sampled batches,
 clipped per-example gradients, Gaussian noise), stores the privacy ledger in the checkpoint's metadata (`privacy`)
 and in metrics.json, and keeps training-data statistics out of the checkpoint's metrics. Validation data must be
@@ -28,7 +31,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -38,12 +41,17 @@ import torch
 
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
+from taft.devices import resolve_device
 from taft.errors import TaftError
 from taft.fileio import atomic_write
+from taft.precision import autocast as autocast_context
+from taft.precision import check_autocast, grad_scaler
 from taft.progress import ProgressBar, progress_bar
 from taft.train.classifier import Classifier, build_classifier, feature_key
+from taft.train.compiled import CompiledStep
 from taft.train.config import TrainConfig
 from taft.train.curves import CURVE_NAME, plot_training_curve
+from taft.train.feeding import FEEDS, Batch, choose_feed, streamed
 from taft.train.losses import classification_loss, proximity
 
 if TYPE_CHECKING:
@@ -62,6 +70,7 @@ class Examples:
         self.what = what
         self.key: dict | None = None
         self.lengths: torch.Tensor | None = None
+        self.feed = "host"  # see `place`
         if isinstance(data, CachedFeatures):
             self.x: torch.Tensor | np.ndarray = data.features  # read rows on demand; no full copy of a memmap
             self.labels = torch.tensor(data.labels, dtype=torch.int64)
@@ -115,6 +124,31 @@ class Examples:
         x, mask = self.rows(idx)
         mask = None if mask is None else mask.to(device, non_blocking=True)
         return x.to(device, dtype, non_blocking=True), mask, self.labels[idx].to(device, non_blocking=True)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the feature array as stored (memmap or tensor)."""
+        x = self.x
+        return int(x.nbytes) if isinstance(x, np.ndarray) else x.element_size() * x.numel()
+
+    def place(self, device: torch.device, feed: str = "auto") -> str:
+        """Choose how batches reach `device` (`taft.train.feeding`); "resident" copies the features there now.
+        Features already on `device` (a probe's pooled features) stay resident. Returns the feed chosen."""
+        self.feed = choose_feed(feed, device, self.nbytes)
+        if isinstance(self.x, torch.Tensor) and self.x.device == device:
+            self.feed = "resident"  # nothing to move
+        if self.feed == "resident":
+            x = self.x if isinstance(self.x, torch.Tensor) else torch.from_numpy(np.array(self.x))
+            self.x = x.to(device)
+        return self.feed
+
+    def batches(self, order: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
+        """`batch(idx, ...)` for each index batch of `order`, streamed ahead when the feed is "stream"."""
+        if self.feed == "stream":
+            yield from streamed(lambda idx: (*self.rows(idx), self.labels[idx]), order, device, dtype)
+            return
+        for idx in order:
+            yield self.batch(idx, device, dtype)
 
     def check_labels(self, class_names: Sequence[str]) -> None:
         lo, hi = int(self.labels.min()), int(self.labels.max())
@@ -203,8 +237,8 @@ def _evaluate(classifier: Classifier, data: Prepared, loss: str, kappa: float,
     correct = torch.zeros(n_cls, dtype=torch.int64)
     counts = torch.zeros(n_cls, dtype=torch.int64)
     total_loss = 0.0
-    for idx in torch.arange(len(data)).split(batch_size):
-        x, mask, _ = data.batch(idx, classifier.device, classifier.dtype)
+    order = torch.arange(len(data)).split(batch_size)
+    for idx, (x, mask, _) in zip(order, data.batches(order, classifier.device, classifier.dtype)):
         logits = classifier.train_logits(x, mask)
         y = data.labels[idx]
         total_loss += float(classification_loss(logits, y.to(logits.device), loss, kappa, reduction="sum"))
@@ -218,15 +252,17 @@ def _evaluate(classifier: Classifier, data: Prepared, loss: str, kappa: float,
 
 
 def evaluate(classifier: Classifier, data: FeatureData, *, batch_size: int = EVAL_BATCH, loss: str | None = None,
-             kappa: float | None = None) -> Evaluation:
-    """Top-1, per-class accuracy and loss of `classifier` on cached trunk features `data` (CachedFeatures or
-    (features, labels[, ids])). The loss defaults to the classifier's training loss and κ."""
+             kappa: float | None = None, feed: str = "auto") -> Evaluation:
+    """Top-1, per-class accuracy and loss of `classifier` (on its device) on cached trunk features `data`
+    (CachedFeatures or (features, labels[, ids])). The loss defaults to the classifier's training loss and κ.
+    `feed`: how the features reach the device (`taft.train.feeding`)."""
     cfg = classifier.train_config
     examples = Examples(data, "evaluation data")
     examples.check_labels(classifier.class_names)
     classifier.eval()
-    return _evaluate(classifier, Prepared(classifier, examples, batch_size), loss or cfg.loss,
-                     cfg.kappa if kappa is None else kappa, batch_size)
+    prepared = Prepared(classifier, examples, batch_size)
+    prepared.place(classifier.device, feed)
+    return _evaluate(classifier, prepared, loss or cfg.loss, cfg.kappa if kappa is None else kappa, batch_size)
 
 
 def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
@@ -264,13 +300,18 @@ def _finish_epoch(classifier: Classifier, config: TrainConfig, val: Prepared | N
 
 def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val: Prepared | None = None, *,
                progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-               desc: str | None = None, resume: dict[str, Any] | None = None,
+               desc: str | None = None, autocast: str = "none",
+               forward: Callable[..., torch.Tensor] | None = None, resume: dict[str, Any] | None = None,
                on_state: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train `classifier`'s parameters in place; returns the per-epoch records (also passed to `on_epoch`).
 
+    `autocast`: the forward runs under it (`taft.precision`; the loss, Δw, gradients and AdamW state stay float32).
+    `forward`: `classifier.train_logits` (the default, eager) or the same function compiled (`CompiledStep`).
     After each epoch `on_state` gets the resumable state (epoch, trained parameters, optimizer, scheduler, data
     order generator, history); `resume=` such a state continues from it: the same steps as an uninterrupted run
     of `config.epochs` epochs whose schedule is defined over that total."""
+    forward = forward or classifier.train_logits
+    scaler = grad_scaler(autocast, classifier.device)
     params = dict(classifier.tail.named_parameters())
     start = {n: p.detach().clone() for n, p in params.items()} if config.reg > 0 else {}
     opt = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
@@ -300,17 +341,24 @@ def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val
             classifier.train()
             t0 = time.perf_counter()
             loss_sum = 0.0
-            for step, idx in enumerate(torch.randperm(n, generator=gen).split(config.batch_size)):
-                x, mask, y = train.batch(idx, device, dtype)
-                loss = classification_loss(classifier.train_logits(x, mask), y, config.loss, config.kappa)
+            order = torch.randperm(n, generator=gen).split(config.batch_size)
+            for step, (idx, (x, mask, y)) in enumerate(zip(order, train.batches(order, device, dtype))):
+                with autocast_context(autocast, device):
+                    logits = forward(x, mask)
+                loss = classification_loss(logits.to(dtype), y, config.loss, config.kappa)
                 if config.reg > 0:
                     loss = loss + config.reg * proximity(params, start)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise _diverged(config, value, f"the batch loss at epoch {epoch}, step {step + 1}")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:  # fp16: scale the loss so small gradients do not underflow; skips steps that overflow
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                 sched.step()
                 loss_sum += value * len(idx)
                 bar.update(1)
@@ -400,7 +448,7 @@ def _warn_if_at_chance(top1: float, labels: torch.Tensor) -> None:
 def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: FeatureData | None = None,
         class_names: Sequence[str] | None = None, run_dir: str | Path | None = None,
         device: torch.device | str | None = None, progress: bool = True, dp: DPConfig | None = None,
-        resume: bool = False) -> FitResult:
+        resume: bool = False, autocast: str = "none", compile: bool = False, feed: str = "auto") -> FitResult:
     """Train `config.method` on cached trunk features of (backbone, config.tangent_blocks) (see
     `cache_features`). `train`/`val`: CachedFeatures or (features (n, N, D), labels (n,)[, ids]); class names
     come from the CachedFeatures unless given. Text needs CachedFeatures: they carry each example's token count
@@ -414,8 +462,21 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
     epoch) up to `config.epochs`, on the same data with the same settings otherwise. The schedule is defined over
     the final total: continuing an interrupted run, or any run with the constant schedule, gives exactly the
     uninterrupted run's result; extending a finished cosine/step run continues on the longer schedule from the
-    step reached (not the same as having planned that many epochs from the start). Not with `dp`."""
+    step reached (not the same as having planned that many epochs from the start). Not with `dp`.
+
+    How it computes, never what is saved (checkpoints hold float32 CPU tensors; metrics.json records these as
+    information): `device` ("auto", "cpu", "cuda[:N]", "mps"; default the backbone's), `autocast` ("none", "bf16",
+    "fp16": the training forward's precision, `taft.precision`; not with `dp`), `compile` (`torch.compile` the
+    training forward, eager fallback: `taft.train.compiled`; not with `dp`), `feed` (how cached features reach the
+    device: "auto", "resident", "stream", "host", `taft.train.feeding`)."""
     t_start = time.perf_counter()
+    where = resolve_device(device) if device is not None else backbone.device
+    check_autocast(autocast, where)
+    if feed not in FEEDS:
+        raise TaftError(f"feed must be one of {', '.join(FEEDS)}, got {feed!r}")
+    if dp is not None and (autocast != "none" or compile):
+        raise TaftError("DP-SGD trains in float32 and eagerly (per-example gradients by torch.func): autocast and "
+                        "compile are not supported with dp")
     config = config.resolved(text=backbone.is_text)
     tr = Examples(train, "training data")
     va = Examples(val, "validation data") if val is not None else None
@@ -446,19 +507,20 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
         head_weight, head_bias, extra = state["head_weight0"], state["head_bias0"], dict(state["extra"])
     elif config.head_init == "probe":
         probe_cfg = replace(config, method="probe", head_init="random", lr=None).resolved(text=backbone.is_text)
-        probe = build_classifier(probe_cfg, backbone, names)
-        if device is not None:
-            probe = probe.to(device)
-        hist = train_loop(probe, probe_cfg, Prepared(probe, tr), None, progress=progress, desc="head probe")
+        probe = build_classifier(probe_cfg, backbone, names).to(where)
+        probe_in = Prepared(probe, tr)
+        probe_in.place(where, feed)
+        hist = train_loop(probe, probe_cfg, probe_in, None, progress=progress, desc="head probe")
         head_weight, head_bias = probe.tail.head.weight.detach(), probe.tail.head.bias.detach()
         extra["head_probe"] = {"lr": probe_cfg.learning_rate, "epochs": probe_cfg.epochs,
                                "final_train_loss": hist[-1]["train_loss"]}
 
-    classifier = build_classifier(config, backbone, names, head_weight=head_weight, head_bias=head_bias)
-    if device is not None:
-        classifier = classifier.to(device)
+    classifier = build_classifier(config, backbone, names, head_weight=head_weight, head_bias=head_bias).to(where)
     tr_in = Prepared(classifier, tr)
     va_in = Prepared(classifier, va) if va is not None else None
+    placement = {"train": tr_in.place(where, feed)}
+    if va_in is not None:
+        placement["val"] = va_in.place(where, feed)
 
     def log_epoch(record: dict[str, Any]) -> None:
         if out is not None:
@@ -473,14 +535,17 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
 
     privacy = None
     if plan is None:
+        compiled_step = CompiledStep(classifier.train_logits, enabled=compile)
         history = train_loop(classifier, config, tr_in, va_in, progress=progress, on_epoch=log_epoch,
-                             resume=state, on_state=save_state)
+                             autocast=autocast, forward=compiled_step, resume=state, on_state=save_state)
+        compiled = compiled_step.active
     else:
         from taft.privacy.dpsgd import dp_train_loop
 
         history, ledger = dp_train_loop(classifier, config, plan, tr_in, va_in, progress=progress,
                                         on_epoch=log_epoch)
         privacy = ledger.to_dict()
+        compiled = False
     final = _evaluate(classifier, va_in if va_in is not None else tr_in, config.loss, config.kappa)
     if va_in is not None:
         _warn_if_at_chance(final.top1, va_in.labels)
@@ -492,6 +557,8 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
         "eval_split": "val" if va is not None else "train", **final.to_dict(),
         "final_train_loss": history[-1]["train_loss"], "train_time_s": train_time,
         "examples_per_s": len(tr) * config.epochs / train_time if train_time > 0 else None,
+        "compute": {"device": str(where), "autocast": autocast, "compiled": compiled, "feed": placement,
+                    "threads": torch.get_num_threads()},
         **extra,
     }
     saved_metrics: dict[str, Any] | None = metrics

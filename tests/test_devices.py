@@ -1,0 +1,386 @@
+"""Devices, mixed precision, feature placement and the compiled step: what runs where never changes what is saved.
+
+CPU tests run everywhere; tests marked `cuda` need a CUDA GPU and are skipped, with the reason, without one.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import _cache_env, _one_thread, bad  # noqa: F401  (fixtures)
+from reference import random_backbone
+from taft import TaftError
+from taft.checkpoint import load_checkpoint, save_checkpoint
+from taft.cli import main
+from taft.devices import pin_process, resolve_device, shard_devices, worker_device
+from taft.parallel.executors import default_workers
+from taft.precision import autocast, check_autocast
+from taft.tensors import device_free
+from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
+from taft.train.compiled import CompiledStep
+from taft.train.feeding import DEVICE_FRACTION, choose_feed, streamed
+from taft.train.trainer import Examples, Prepared, train_loop
+from test_cli import FAST, make_classes
+from test_text_train import dataset as text_dataset
+from test_text_train import text_bb  # noqa: F401  (fixture)
+from test_train import CFG, CLASSES, synthetic_images
+
+HAS_CUDA = torch.cuda.is_available()
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+no_cuda = pytest.mark.skipif(HAS_CUDA, reason="checks the error for an absent GPU; this machine has CUDA")
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return random_backbone(CFG, 12, seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def cached(backbone, tmp_path_factory):
+    """Cached trunk features (a memmap entry) of 24 synthetic images for k=2."""
+    return cache_features(synthetic_images(), backbone, 2, root=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def config(method: str = "taft", **kw) -> TrainConfig:
+    return TrainConfig(method=method, tangent_blocks=2, lr=1e-2, epochs=kw.pop("epochs", 2), batch_size=8, **kw)
+
+
+def trained_tensors(result) -> dict[str, torch.Tensor]:
+    return {n: t.detach().cpu() for n, t in result.classifier.trained_state_dict().items()}
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ------------------------------------------------------------------------------------------------ device names
+def test_device_names_resolve_or_name_the_problem():
+    assert resolve_device("cpu") == torch.device("cpu") == resolve_device(None) == resolve_device(" CPU ")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device("auto") == (torch.device("cuda", 0) if HAS_CUDA else torch.device("cpu"))
+    for name in ("tpu", "cuda:x", "cuda:-1", "gpu", ""):
+        with pytest.raises(TaftError, match="unknown device"):
+            resolve_device(name)
+    with pytest.raises(TaftError, match="a device is a name"):
+        resolve_device(3)  # type: ignore[arg-type]
+    assert shard_devices("cpu") == [torch.device("cpu")]
+
+
+@no_cuda
+def test_absent_gpu_is_a_one_line_error():
+    with pytest.raises(TaftError, match="device cuda is not available: .*use --device cpu"):
+        resolve_device("cuda")
+    with pytest.raises(TaftError, match="device cuda:1 is not available"):
+        resolve_device("cuda:1")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(TaftError, match="device mps is not available"):
+            resolve_device("mps")
+
+
+@no_cuda
+def test_unavailable_device_on_the_command_line_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    data = make_classes(tmp_path / "data")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TAFT_CACHE", str(cache))
+    out = tmp_path / "run"
+    bad(capsys, ["train", "--data", str(data), "--out", str(out), "--device", "cuda", *FAST], "device cuda is not")
+    bad(capsys, ["shards", "train", "--data", str(data), "--store", str(tmp_path / "store"), "--device", "cuda:0",
+                 "--image-size", "28", "--quiet"], "device cuda:0 is not")
+    bad(capsys, ["train", "--data", str(data), "--out", str(out), "--device", "tpu", *FAST], "unknown device 'tpu'")
+    bad(capsys, ["train", "--data", str(data), "--out", str(out), "--autocast", "fp16", "--device", "cpu", *FAST],
+        "fp16 autocast is not supported on the CPU")
+    bad(capsys, ["train", "--data", str(data), "--out", str(out), "--autocast-training", *FAST],
+        "--autocast-training needs --autocast")
+    assert not out.exists() and not (tmp_path / "store").exists()
+    assert not cache.exists() or not any(cache.rglob("*.npy"))  # no features were computed either
+
+
+def test_cli_train_eval_predict_on_the_cpu(tmp_path, capsys):
+    data = make_classes(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--val-fraction", "0.34", "--device", "cpu",
+                 "--threads", "1", *FAST]) == 0
+    assert "examples/s on cpu" in capsys.readouterr().out
+    compute = json.loads((out / "metrics.json").read_text())["compute"]
+    assert compute == {"device": "cpu", "autocast": "none", "compiled": False,
+                       "feed": {"train": "host", "val": "host"}, "threads": 1}
+    ckpt = str(out / "checkpoint.safetensors")
+    assert main(["eval", ckpt, "--data", str(data), "--device", "cpu", "--quiet"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert main(["predict", ckpt, str(data / "ant" / "0.png"), "--device", "cpu", "--threads", "1"]) == 0
+    assert capsys.readouterr().out.count("\t") == 1
+    bad(capsys, ["predict", ckpt, str(data / "ant" / "0.png"), "--threads", "0"], "threads must be an integer ≥ 1")
+
+
+# ------------------------------------------------------------------------------------ device-free checkpoints
+def test_saved_tensors_are_contiguous_cpu_copies_and_meta_or_half_tensors_are_refused():
+    base = torch.arange(12.0).reshape(3, 4)
+    out = device_free({"t": base.t()})  # a non-contiguous view
+    assert out["t"].is_contiguous() and out["t"].device.type == "cpu" and torch.equal(out["t"], base.t())
+    out["t"].zero_()
+    assert base.sum() == 66  # a copy, not the caller's storage
+    with pytest.raises(TaftError, match="meta device"):
+        device_free({"a": torch.zeros(2), "b": torch.zeros(2, device="meta")})
+    with pytest.raises(TaftError, match="bfloat16; checkpoints hold float32"):
+        device_free({"a": torch.zeros(2, dtype=torch.bfloat16)})
+
+
+def test_checkpoint_round_trip_through_meta_and_back(backbone, cached, tmp_path):
+    result = fit(config(), backbone, cached, progress=False)
+    path = save_checkpoint(tmp_path / "c.safetensors", result.classifier, train_ids=cached.ids)
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in stored.values())
+    on_meta, _ = load_checkpoint(path, backbone, device="meta")  # loads anywhere, even without data
+    assert on_meta.device.type == "meta"
+    before = path.read_bytes()
+    with pytest.raises(TaftError, match="meta device"):
+        save_checkpoint(path, on_meta, train_ids=cached.ids)
+    assert path.read_bytes() == before  # the refused save left the file alone
+    back, _ = load_checkpoint(path, backbone, device="cpu")
+    assert_same_tensors(trained_tensors(result), trained_tensors(type("R", (), {"classifier": back})))
+    with pytest.raises(TaftError, match="float16; checkpoints hold float32"):
+        save_checkpoint(tmp_path / "half.safetensors", back.to(torch.float16), train_ids=cached.ids)
+    assert not (tmp_path / "half.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------- mixed precision
+def test_autocast_names_and_devices():
+    assert check_autocast("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(TaftError, match="autocast must be one of none, bf16, fp16"):
+        check_autocast("fp8")
+    with pytest.raises(TaftError, match="fp16 autocast is not supported on the CPU"):
+        check_autocast("fp16", torch.device("cpu"))
+    with autocast("bf16", torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_autocast_feature_build_keeps_the_stored_dtype_and_has_its_own_cache_entry(backbone, tmp_path, dtype):
+    ds = synthetic_images(2)
+    plain = cache_features(ds, backbone, 2, root=tmp_path, dtype=dtype, progress=False)
+    bf16 = cache_features(ds, backbone, 2, root=tmp_path, dtype=dtype, autocast="bf16", progress=False)
+    assert plain.path != bf16.path and bf16.meta["key"]["key"]["autocast"] == "bf16"
+    assert "autocast" not in plain.meta["key"]["key"]  # entries made before autocast existed stay valid
+    assert np.load(bf16.path / "features.npy", mmap_mode="r").dtype == np.dtype(str(dtype).removeprefix("torch."))
+    a, b = plain.as_tensors()[0], bf16.as_tensors()[0]
+    assert not torch.equal(a, b)  # computed in bfloat16: other features
+    torch.testing.assert_close(b, a, rtol=0.1, atol=0.1)  # bf16 keeps ~3 significant digits through 1 block
+
+
+def test_autocast_training_keeps_float32_weights_and_optimizer_state(backbone, cached, tmp_path):
+    eager = fit(config(), backbone, cached, progress=False)
+    mixed = fit(config(), backbone, cached, progress=False, autocast="bf16", run_dir=tmp_path / "run")
+    assert mixed.metrics["compute"]["autocast"] == "bf16"
+    trained = trained_tensors(mixed)
+    assert all(t.dtype == torch.float32 for t in trained.values())
+    assert any(not torch.equal(trained[n], t) for n, t in trained_tensors(eager).items())  # autocast did apply
+    with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
+    # the optimizer state of a bf16-autocast loop is float32 too
+    clf = build_classifier(config(), backbone, CLASSES)
+    prepared = Prepared(clf, Examples(cached))
+    captured = {}
+    real = torch.optim.AdamW
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            captured["opt"] = self
+
+    torch.optim.AdamW = Spy
+    try:
+        train_loop(clf, config(epochs=1), prepared, progress=False, autocast="bf16")
+    finally:
+        torch.optim.AdamW = real
+    states = [v for s in captured["opt"].state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    assert states and {t.dtype for t in states if t.numel() > 1} == {torch.float32}
+
+
+def test_dp_refuses_autocast_and_compile(backbone, cached):
+    from taft.privacy import DPConfig
+
+    dp = DPConfig(delta=1e-3, noise_multiplier=1.0)
+    with pytest.raises(TaftError, match="autocast and compile are not supported with dp"):
+        fit(config(), backbone, cached, progress=False, dp=dp, autocast="bf16")
+    with pytest.raises(TaftError, match="autocast and compile are not supported with dp"):
+        fit(config(), backbone, cached, progress=False, dp=dp, compile=True)
+
+
+# ----------------------------------------------------------------------------------------- feature placement
+def test_feed_choice():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_feed("auto", cpu, 10**12) == "host"
+    assert choose_feed("stream", cpu, 1) == "stream"
+    with pytest.raises(TaftError, match="feed must be one of"):
+        choose_feed("disk", cpu, 1)
+    import taft.train.feeding as feeding
+
+    free = 1000
+    real = feeding.free_memory
+    feeding.free_memory = lambda device: free
+    try:
+        assert choose_feed("auto", gpu, int(DEVICE_FRACTION * free)) == "resident"
+        assert choose_feed("auto", gpu, int(DEVICE_FRACTION * free) + 1) == "stream"
+    finally:
+        feeding.free_memory = real
+
+
+@pytest.mark.parametrize("method", ["taft", "nlft", "probe"])
+def test_resident_and_streamed_features_train_exactly_like_the_memmap(backbone, cached, method):
+    results = {feed: fit(config(method), backbone, cached, val=cached, progress=False, feed=feed)
+               for feed in ("host", "resident", "stream")}
+    assert results["stream"].metrics["compute"]["feed"]["train"] == ("resident" if method == "probe" else "stream")
+    for feed in ("resident", "stream"):
+        assert_same_tensors(trained_tensors(results["host"]), trained_tensors(results[feed]))
+        assert results[feed].metrics["top1"] == results["host"].metrics["top1"]
+        assert results[feed].history[-1]["val_loss"] == results["host"].history[-1]["val_loss"]
+
+
+def test_streamed_text_features_equal_the_memmap(text_bb):  # noqa: F811
+    cf = cache_features(text_dataset(text_bb), text_bb, 1, progress=False, dtype=torch.float16)
+    cfg = TrainConfig(method="taft", tangent_blocks=1, lr=1e-2, epochs=2, batch_size=5, pooling="mean")
+    host = fit(cfg, text_bb, cf, progress=False, feed="host")
+    for feed in ("resident", "stream"):
+        assert_same_tensors(trained_tensors(host), trained_tensors(fit(cfg, text_bb, cf, progress=False, feed=feed)))
+    assert evaluate(host.classifier, cf, feed="stream").loss == evaluate(host.classifier, cf, feed="host").loss
+
+
+def test_streaming_stops_early_and_passes_errors_on():
+    order = [torch.tensor([i]) for i in range(50)]
+    read = lambda idx: (idx.float(), None, idx)  # noqa: E731
+    batches = streamed(read, order, torch.device("cpu"), torch.float64)
+    first = next(batches)
+    assert first[0].dtype == torch.float64 and first[2].tolist() == [0]
+    batches.close()  # the consumer stops: the reading thread ends (close joins it)
+
+    def failing(idx):
+        if int(idx) == 3:
+            raise ValueError("row 3 unreadable")
+        return read(idx)
+
+    with pytest.raises(ValueError, match="row 3 unreadable"):
+        list(streamed(failing, order, torch.device("cpu"), torch.float32))
+
+
+# --------------------------------------------------------------------------------------------- compiled step
+def test_compile_falls_back_to_eager_with_one_warning(backbone, cached):
+    clf = build_classifier(config(), backbone, CLASSES)
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    step = CompiledStep(clf.train_logits, enabled=True, backend=broken_backend)
+    x = torch.from_numpy(np.array(cached.features[:4], dtype=np.float32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = step(x), step(x)
+    assert len(caught) == 1 and "running eagerly" in str(caught[0].message) and "no compiler here" in str(
+        caught[0].message)
+    assert not step.active and torch.equal(first, clf.train_logits(x)) and torch.equal(second, first)
+    assert not CompiledStep(clf.train_logits).active  # eager is the default
+
+
+def test_compiled_training_equals_eager(backbone, cached):
+    """torch.compile's graph capture and autograd (backend aot_eager: the inductor backend needs about a minute
+    per graph on 2 CPU cores) train the same weights as eager, to float32 rounding."""
+    cfg = config("taft", epochs=1)
+    weights = {}
+    for name, enabled in (("eager", False), ("compiled", True)):
+        clf = build_classifier(cfg, backbone, CLASSES)
+        step = CompiledStep(clf.train_logits, enabled=enabled, backend="aot_eager")
+        train_loop(clf, cfg, Prepared(clf, Examples(cached)), progress=False, forward=step)
+        assert step.active == enabled
+        weights[name] = {n: t.detach().clone() for n, t in clf.trained_state_dict().items()}
+    for n, w in weights["eager"].items():
+        torch.testing.assert_close(weights["compiled"][n], w, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- shard workers
+def test_process_workers_are_pinned_to_their_devices_in_turn():
+    from taft.devices import pinned_device
+    from taft.parallel.executors import make_executor
+
+    with make_executor("process", workers=2, devices=["cpu", "meta"]) as ex:
+        seen = {str(f.result()) for f in [ex.submit(pinned_device) for _ in range(8)]}
+    assert seen <= {"cpu", "meta"} and seen  # each worker took one device from the queue; none is unpinned
+    assert pinned_device() is None or pinned_device() == torch.device("cpu")  # this process: not a pool worker
+
+
+def test_shard_workers_one_per_gpu_and_pinning():
+    assert default_workers(8, [torch.device("cuda", 0), torch.device("cuda", 1)]) == 2
+    assert default_workers(1, ["cuda:0", "cuda:1"]) == 1
+    assert default_workers(3, [torch.device("cpu")]) == min(3, default_workers(3))
+    pin_process("cpu")  # a CPU-pinned process resolves other names as usual
+    assert worker_device("cpu") == torch.device("cpu")
+    if not HAS_CUDA:
+        with pytest.raises(TaftError, match="not available"):
+            worker_device("cuda")
+
+
+# ------------------------------------------------------------------------------------------------------- CUDA
+@cuda
+def test_cuda_training_saves_cpu_tensors_that_load_on_the_cpu(backbone, cached, tmp_path):
+    result = fit(config(), backbone, cached, val=cached, progress=False, device="cuda", run_dir=tmp_path / "run")
+    assert result.classifier.device.type == "cuda" and result.metrics["compute"]["device"] == "cuda:0"
+    on_cpu, _ = load_checkpoint(result.checkpoint, backbone, device="cpu")
+    assert_same_tensors(trained_tensors(result), trained_tensors(type("R", (), {"classifier": on_cpu})))
+    x = torch.from_numpy(np.array(cached.features[:8], dtype=np.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(on_cpu.logits(x), result.classifier.logits(x).cpu(), rtol=1e-4, atol=1e-4)
+    cpu_run = fit(config(), backbone, cached, progress=False, device="cpu")
+    for n, t in trained_tensors(cpu_run).items():  # same training on another device: float rounding only
+        torch.testing.assert_close(trained_tensors(result)[n], t, rtol=1e-3, atol=1e-4)
+
+
+@cuda
+def test_cuda_resident_and_streamed_features_train_identically(backbone, cached):
+    host = fit(config(), backbone, cached, progress=False, device="cuda", feed="host")
+    for feed in ("resident", "stream"):
+        other = fit(config(), backbone, cached, progress=False, device="cuda", feed=feed)
+        assert other.metrics["compute"]["feed"]["train"] == feed
+        assert_same_tensors(trained_tensors(host), trained_tensors(other))
+
+
+@cuda
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_cuda_autocast_build_and_training_keep_float32(backbone, tmp_path, name):
+    cf = cache_features(synthetic_images(), backbone, 2, root=tmp_path, device="cuda", autocast=name, progress=False)
+    assert np.load(cf.path / "features.npy", mmap_mode="r").dtype == np.float32
+    result = fit(config(), backbone, cf, progress=False, device="cuda", autocast=name)
+    assert {t.dtype for t in result.classifier.trained_state_dict().values()} == {torch.float32}
+
+
+@cuda
+def test_cuda_compiled_training_equals_eager(backbone, cached):
+    cfg = config("taft", epochs=1)
+    weights = {}
+    for name, enabled in (("eager", False), ("compiled", True)):
+        clf = build_classifier(cfg, backbone, CLASSES).to("cuda")
+        step = CompiledStep(clf.train_logits, enabled=enabled)
+        prepared = Prepared(clf, Examples(cached))
+        prepared.place(clf.device)
+        train_loop(clf, cfg, prepared, progress=False, forward=step)
+        assert step.active == enabled
+        weights[name] = {n: t.detach().cpu() for n, t in clf.trained_state_dict().items()}
+    for n, w in weights["eager"].items():
+        torch.testing.assert_close(weights["compiled"][n], w, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_cuda_cli_train_and_shards(tmp_path, capsys):
+    data = make_classes(tmp_path / "data")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--device", "cuda", *FAST]) == 0
+    assert "on cuda:0" in capsys.readouterr().out
+    assert main(["shards", "train", "--data", str(data), "--store", str(tmp_path / "store"), "--shards", "2",
+                 "--device", "cuda", "--image-size", "28", "--epochs", "1", "--quiet"]) == 0
+    assert main(["eval", str(tmp_path / "store" / "composed.safetensors"), "--data", str(data), "--device", "cpu",
+                 "--quiet"]) == 0
