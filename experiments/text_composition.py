@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> dict:
     backbone = load_backbone(args.backbone)
     train_ds = rotten_tomatoes(backbone.tokenizer, "train")
     test_ds = rotten_tomatoes(backbone.tokenizer, "test")
+    if args.limit is not None:  # a quick subset (the smoke tests)
+        train_ds, test_ds = train_ds.per_class(args.limit), test_ds.per_class(args.limit)
     t0 = time.perf_counter()
     train_f = cache_features(train_ds, backbone, 1, progress=False)
     test_f = cache_features(test_ds, backbone, 1, progress=False)
@@ -164,6 +166,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (also per shard task)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each inference timing (median)")
     parser.add_argument("--timing-examples", type=int, default=256, help="test snippets the inference is timed on")
+    parser.add_argument("--limit", type=int,
+                        help="only the first N snippets per class of each split (default: all)")
     parser.add_argument("--out", default="docs/experiments/text_composition")
     run_and_save(parser.parse_args(), run, summarise)
 

@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> dict:
     backbone = load_backbone("minilm-l6")
     train_ds = rotten_tomatoes(backbone.tokenizer, "train")
     test_ds = rotten_tomatoes(backbone.tokenizer, "test")
+    if args.limit is not None:  # a quick subset (the smoke tests)
+        train_ds, test_ds = train_ds.per_class(args.limit), test_ds.per_class(args.limit)
     fit_ds, val_ds = split_dataset(train_ds, 0.1, seed=0)
     sweep, runs = [], []
     for k in args.ks:
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int,
+                        help="only the first N snippets per class of each split (default: all)")
     parser.add_argument("--out", default="docs/experiments/text_lr")
     run_and_save(parser.parse_args(), run, summarise)
 

@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> dict:
     backbone = load_backbone(args.backbone)
     train_ds = rotten_tomatoes(backbone.tokenizer, "train")
     test_ds = rotten_tomatoes(backbone.tokenizer, "test")
+    if args.limit is not None:  # a quick subset (the smoke tests)
+        train_ds, test_ds = train_ds.per_class(args.limit), test_ds.per_class(args.limit)
     print(f"{backbone.name}: {len(train_ds)} train / {len(test_ds)} test snippets (widths {train_ds.width} / "
           f"{test_ds.width} tokens) in {time.perf_counter() - t0:.1f} s", flush=True)
     runs, cache_s = [], {}
@@ -132,6 +134,8 @@ def main() -> None:
                         help="4 fits the whole run into about 25 min on the loaded 2-core CPU machine")
     parser.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--limit", type=int,
+                        help="only the first N snippets per class of each split (default: all)")
     parser.add_argument("--out", default="docs/experiments/text_methods")
     run_and_save(parser.parse_args(), run, summarise)
 

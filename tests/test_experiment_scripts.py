@@ -1,0 +1,189 @@
+"""Smoke tests of the experiment scripts (experiments/) and benchmarks/dp_step.py at tiny sizes: each runs end to
+end in-process and writes its results (JSON, Markdown table, plot). The numbers themselves come from running the
+scripts at full size (docs/results.md); here they are only checked to be well formed.
+
+The CIFAR-10 scripts get a synthetic image folder (3 classes, random 28 px images) so the tests do not depend on
+the CIFAR-10 mini copy in ../shared; the text scripts read the first few Rotten Tomatoes snippets per class
+(`--limit`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import _one_thread  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+CLASSES = ("ant", "bee", "cat")
+METHODS = {"taft", "nlft", "probe"}
+
+
+def run_script(path: Path, argv: list[str], monkeypatch):
+    """Run `path`'s main() with command-line arguments `argv` (the experiments import their sibling `common`);
+    returns the loaded module."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    monkeypatch.setattr(sys, "argv", [str(path), *argv])
+    spec = importlib.util.spec_from_file_location(f"smoke_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    return module
+
+
+def results(out: Path) -> tuple[dict, str]:
+    """The results JSON and Markdown table an experiment wrote to `out`."""
+    return json.loads((out / "results.json").read_text()), (out / "table.md").read_text()
+
+
+def is_accuracy(x: float) -> bool:
+    return 0.0 <= x <= 1.0
+
+
+def is_seconds(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory) -> Path:
+    """An image folder with train/ (11 images per class: DP-SGD needs ≥ 32 training examples for its expected batch
+    of 32) and test/ (2 per class) of random 28×28 RGB images."""
+    root = tmp_path_factory.mktemp("tiny-images")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 11), ("test", 2)):
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def cifar_args(data: Path, out: Path, train_per_class: int = 4) -> list[str]:
+    return ["--data", str(data), "--image-size", "28", "--train-per-class", str(train_per_class),
+            "--test-per-class", "2", "--out", str(out)]
+
+
+def test_cifar_methods_smoke(tiny_images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(EXPERIMENTS / "cifar_methods.py", cifar_args(tiny_images, out) + [
+        "--ks", "1", "--seeds", "0", "--epochs", "1", "--cache-probe", "6"], monkeypatch)
+    saved, table = results(out)
+    assert {(r["method"], r["k"], r["seed"]) for r in saved["runs"]} == {(m, 1, 0) for m in METHODS}
+    assert all(is_accuracy(r["top1"]) and is_seconds(r["epoch_s"]) for r in saved["runs"])
+    cache = saved["cache"]
+    assert cache["images"] == 6
+    assert cache["speedup"] == pytest.approx(cache["epoch_recomputing_trunk_s"] / cache["epoch_from_cache_s"])
+    assert all(is_seconds(cache[key]) for key in ("epoch_from_cache_s", "epoch_recomputing_trunk_s"))
+    for row in ("| probe | - |", "| nlft | 1 |", "| taft | 1 |"):
+        assert row in table
+    assert "Feature cache: one TAFT epoch over 6 images" in table
+    assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_dp_accuracy_smoke(tiny_images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(EXPERIMENTS / "dp_accuracy.py", cifar_args(tiny_images, out, train_per_class=11) + [
+        "--epsilons", "8", "inf", "--seeds", "0", "--epochs", "1"], monkeypatch)
+    saved, table = results(out)
+    assert {(r["method"], r["epsilon_target"]) for r in saved["runs"]} == {(m, e) for m in METHODS
+                                                                          for e in (8.0, math.inf)}
+    for r in saved["runs"]:
+        assert is_accuracy(r["top1"]) and is_seconds(r["train_s"])
+        if math.isinf(r["epsilon_target"]):
+            assert math.isinf(r["epsilon_spent"]) and r["noise_multiplier"] == 0.0
+        else:
+            assert 0 < r["epsilon_spent"] <= 8.0 + 1e-6 and r["noise_multiplier"] > 0
+    assert table.splitlines()[0] == "| method | ε = 8 | ε = inf |"
+    assert all(f"| DP-{m} |" in table for m in METHODS)
+    assert (out / "accuracy_vs_epsilon.png").stat().st_size > 0
+
+
+def test_shards_composition_smoke(tiny_images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(EXPERIMENTS / "shards_composition.py", cifar_args(tiny_images, out) + [
+        "--shards", "1", "2", "--epochs", "1", "--threads", "1", "--repeats", "1", "--forget-k", "2"], monkeypatch)
+    saved, table = results(out)
+    assert [r["K"] for r in saved["rows"]] == [1, 2]
+    for r in saved["rows"]:
+        assert all(is_accuracy(r[key]) for key in ("taft_composed", "nlft_ensemble", "nlft_soup"))
+        assert all(is_seconds(r[key]) for key in ("taft_train_s", "nlft_train_s", "infer_composed_s",
+                                                   "infer_ensemble_s"))
+    forgetting = saved["forgetting"]
+    assert forgetting["store"] == "taft-K2"
+    for how in ("drop", "retrain", "full_retrain"):
+        assert is_seconds(forgetting[f"{how}_s"]) and is_accuracy(forgetting[f"{how}_top1"])
+    assert table.count("\n| 1 |") + table.count("\n| 2 |") == 2
+    assert "| retrain its shard |" in table
+    assert (out / "accuracy_vs_shards.png").stat().st_size > 0
+
+
+def test_text_methods_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(EXPERIMENTS / "text_methods.py", ["--ks", "1", "--seeds", "0", "--epochs", "1", "--threads", "1",
+                                                 "--limit", "6", "--out", str(out)], monkeypatch)
+    saved, table = results(out)
+    assert (saved["n_train"], saved["n_test"]) == (12, 12)
+    assert {(r["method"], r["k"]) for r in saved["runs"]} == {(m, 1) for m in METHODS}
+    for r in saved["runs"]:
+        assert is_accuracy(r["top1"]) and is_accuracy(r["train_top1"]) and is_seconds(r["epoch_s"])
+        assert math.isfinite(r["test_loss"]) and math.isfinite(r["final_train_loss"])
+    assert table.startswith("Rotten Tomatoes (12 train / 12 test snippets)")
+    assert all(row in table for row in ("| probe | - |", "| nlft | 1 |", "| taft | 1 |"))
+    assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_text_lr_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    script = run_script(EXPERIMENTS / "text_lr.py", ["--ks", "1", "--seeds", "0", "--epochs", "1", "--threads", "1",
+                                            "--limit", "10", "--out", str(out)], monkeypatch)
+    saved, table = results(out)
+    assert (saved["n_fit"], saved["n_val"], saved["n_train"], saved["n_test"]) == (18, 2, 20, 20)
+    grid = script.GRID
+    assert sorted((s["method"], s["lr"]) for s in saved["sweep"]) == sorted((m, lr) for m in grid for lr in grid[m])
+    assert all(is_accuracy(s["val_top1"]) for s in saved["sweep"])
+    assert sorted(r["method"] for r in saved["runs"]) == sorted(METHODS)
+    for r in saved["runs"]:
+        assert is_accuracy(r["top1"])
+        val = {s["lr"]: s["val_top1"] for s in saved["sweep"] if s["method"] == r["method"]}
+        assert r["lr"] == max(val, key=lambda lr: (val[lr], -lr))  # best on validation, ties: the smaller rate
+    assert all(row in table for row in ("| probe | - |", "| nlft | 1 |", "| taft | 1 |"))
+
+
+def test_text_composition_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(EXPERIMENTS / "text_composition.py", [
+        "--shards", "1", "2", "--epochs", "1", "--threads", "1", "--repeats", "1", "--timing-examples", "4",
+        "--limit", "6", "--out", str(out)], monkeypatch)
+    saved, table = results(out)
+    assert (saved["n_train"], saved["n_test"], saved["timing_examples"]) == (12, 12, 4)
+    assert [r["K"] for r in saved["rows"]] == [1, 2]
+    for r in saved["rows"]:
+        assert sum(r["shard_sizes"]) == 12 and len(r["taft_shard_top1"]) == len(r["nlft_shard_top1"]) == r["K"]
+        assert all(is_accuracy(r[key]) for key in ("taft_composed", "taft_shard_mean", "taft_ensemble",
+                                                   "nlft_ensemble", "nlft_shard_mean", "nlft_soup"))
+        assert all(is_seconds(r[key]) for key in ("taft_train_s", "nlft_train_s", "infer_composed_s",
+                                                   "infer_ensemble_s"))
+        assert r["composed_vs_mean_logits_max_abs"] < 1e-4  # the tangent tail is linear in Δw (float32)
+    assert table.startswith("Rotten Tomatoes (12 train / 12 test snippets)")
+    assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_dp_step_smoke(tmp_path, monkeypatch, capsys):
+    out_json = tmp_path / "dp_step.json"
+    run_script(ROOT / "benchmarks" / "dp_step.py", [
+        "--batch", "2", "--tokens", "5", "--classes", "2", "--chunk", "2", "--repeats", "1", "--threads", "1",
+        "--json", str(out_json)], monkeypatch)
+    printed = capsys.readouterr().out
+    assert "taft k=1, width 384, 5 tokens, batch 2, chunk 2, cpu, 1 repeats" in printed
+    saved = json.loads(out_json.read_text())
+    assert set(saved["median_s"]) == {"plain", "dp"} and all(len(t) == 1 for t in saved["times_s"].values())
+    assert saved["ratio"] == pytest.approx(saved["median_s"]["dp"] / saved["median_s"]["plain"])
+    assert f"DP step / plain step: {saved['ratio']:.2f}x" in printed
