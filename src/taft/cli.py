@@ -857,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="probe / NLFT / TAFT side by side on a Fashion-MNIST subset, or with --text on "
-                                    "Rotten Tomatoes (images: ~4.5 min on 2 quiet cores)")
+                                    "Rotten Tomatoes (images: ~4 min on 2 quiet cores)")
     p.add_argument("--text", action="store_true", help="text demo: Rotten Tomatoes snippets with minilm-l6")
     p.add_argument("--train-per-class", type=positive_int, default=500, help="training examples per class (default 500)")
     p.add_argument("--test-per-class", type=positive_int, default=200, help="test examples per class (default 200)")
