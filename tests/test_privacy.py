@@ -156,7 +156,7 @@ def test_no_noise_and_no_clipping_is_ordinary_training(bb64, method, reg, loss):
     gen = torch.Generator().manual_seed(cfg.seed)  # the non-private loop's batch schedule
     batches = [b for _ in range(epochs) for b in torch.randperm(n, generator=gen).split(batch)]
 
-    dp = DPConfig(noise_multiplier=0.0, clip=math.inf, delta=1e-3, chunk_size=4)
+    dp = DPConfig(noise_multiplier=0.0, clip=math.inf, delta=1e-3, chunk_size=4, expected_batch_size=batch)
     plan = plan_dp(dp, n, epochs, batch)
     assert plan.steps == len(batches) and plan.epsilon is None
     clf = build_classifier(cfg, bb64, CLASSES)
@@ -180,7 +180,7 @@ def test_dp_training_is_reproducible_with_a_seed_and_moves_with_noise(bb32):
     ex = Examples((x, y, ids))
 
     def run(seed):
-        dp = DPConfig(noise_multiplier=1.0, clip=1.0, delta=1e-3, seed=seed)
+        dp = DPConfig(noise_multiplier=1.0, clip=1.0, delta=1e-3, seed=seed, expected_batch_size=12)
         clf = build_classifier(cfg, bb32, CLASSES)
         hist, ledger = dp_train_loop(clf, cfg, plan_dp(dp, 24, 1, 12), Prepared(clf, ex), progress=False)
         return clf.trained_state_dict(), hist, ledger
@@ -258,14 +258,14 @@ def test_bad_dp_configs_are_named(kw, match):
 
 def test_plan_refuses_impossible_budgets():
     with pytest.raises(TaftError, match="not below 1/n"):
-        plan_dp(DPConfig(epsilon=1.0, delta=1e-3), n=1000, epochs=1, batch_size=10)
+        plan_dp(DPConfig(epsilon=1.0, delta=1e-3, expected_batch_size=10), n=1000, epochs=1, batch_size=10)
     with pytest.raises(TaftError, match="exceeds"):
-        plan_dp(DPConfig(epsilon=1.0, delta=1e-5), n=100, epochs=1, batch_size=200)
+        plan_dp(DPConfig(epsilon=1.0, delta=1e-5, expected_batch_size=200), n=100, epochs=1, batch_size=200)
     with pytest.raises(TaftError, match="unreachable"):  # RDP cannot certify ε this small at any σ in range
-        plan_dp(DPConfig(epsilon=0.01, delta=1e-6, accountant="rdp"), n=1000, epochs=1, batch_size=100)
+        plan_dp(DPConfig(epsilon=0.01, delta=1e-6, accountant="rdp", expected_batch_size=100), n=1000, epochs=1, batch_size=100)
     with pytest.raises(TaftError, match="least noise"):  # so large that even σ = 0.3 spends less
-        plan_dp(DPConfig(epsilon=500.0, delta=1e-6, accountant="rdp"), n=1000, epochs=1, batch_size=100)
-    plan = plan_dp(DPConfig(noise_multiplier=1.0, delta=1e-6, accountant="rdp"), n=1000, epochs=3, batch_size=30)
+        plan_dp(DPConfig(epsilon=500.0, delta=1e-6, accountant="rdp", expected_batch_size=100), n=1000, epochs=1, batch_size=100)
+    plan = plan_dp(DPConfig(noise_multiplier=1.0, delta=1e-6, accountant="rdp", expected_batch_size=30), n=1000, epochs=3, batch_size=30)
     assert plan.steps == 3 * 34 and plan.sample_rate == 0.03 and 0 < plan.epsilon < 10
 
 

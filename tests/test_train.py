@@ -18,6 +18,7 @@ from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
 from taft.train import (Examples, TrainConfig, build_classifier, cache_features, classification_loss, evaluate, fit,
                         lr_factor)
+from taft.train.config import DP_DEFAULT_LR, DP_DEFAULT_OPTIMIZER
 
 CFG = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3)
 CLASSES = ["a", "b", "c", "d"]
@@ -56,6 +57,9 @@ def test_config_json_round_trip_and_defaults():
     ({"lr": -1.0}, "lr must be"), ({"kappa": 0}, "kappa"), ({"reg": -0.1}, "reg"), ({"batch_size": 0}, "batch_size"),
     ({"epochs": 1.5}, "epochs"), ({"tangent_blocks": 0}, "tangent_blocks"), ({"schedule": "linear"}, "schedule"),
     ({"method": "probe", "head_init": "probe"}, "head_init='probe' applies"),
+    ({"optimizer": "adam"}, "optimizer must be one of"), ({"warmup": 1.0}, "warmup must be below 1"),
+    ({"momentum": -0.1}, "momentum"), ({"head_lr": 0.0}, "head_lr"), ({"min_steps": -1}, "min_steps"),
+    ({"method": "probe", "head_lr": 1e-2}, "head_lr applies"),
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(TaftError, match=match):
@@ -151,6 +155,48 @@ def test_schedules():
     cos, step, const = (lr_factor(s, 100) for s in ("cosine", "step", "constant"))
     assert cos(0) == 1.0 and 0 < cos(99) < 1e-3 and abs(cos(50) - 0.5) < 1e-12
     assert (step(49), step(50), step(75)) == (1.0, 0.1, pytest.approx(0.01)) and const(99) == 1.0
+
+
+def test_warmup_rises_linearly_then_the_schedule_runs_over_the_remaining_steps():
+    cos = lr_factor("cosine", 100, warmup_steps=10)
+    assert [cos(s) for s in (0, 4, 9)] == [pytest.approx(0.1), pytest.approx(0.5), 1.0]
+    assert cos(10) == 1.0 and abs(cos(55) - 0.5) < 1e-12 and 0 < cos(99) < 1e-3  # cosine over steps 10..100
+    step = lr_factor("step", 100, warmup_steps=20)
+    assert (step(9), step(20), step(49), step(50), step(75)) == (0.5, 1.0, 1.0, 0.1, pytest.approx(0.01))
+    assert lr_factor("constant", 100, warmup_steps=4)(1) == 0.5 and lr_factor("constant", 100, 4)(4) == 1.0
+
+
+def test_warmup_and_head_lr_reach_the_optimizer(backbone):
+    """Two groups (head at head_lr); the rate after epoch 1 of 2 (6 steps each) under a 9-step warm-up is 7/9 lr."""
+    cfg = config("taft", lr=1e-3, head_lr=1e-2, warmup=0.75, schedule="constant", epochs=2).resolved()
+    from taft.train.trainer import Prepared, make_optimizer, train_loop
+
+    clf = build_classifier(cfg, backbone, CLASSES)
+    opt = make_optimizer(cfg, dict(clf.tail.named_parameters()))
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
+    assert len(opt.param_groups[1]["params"]) == 2  # the head's weight and bias Δw
+    seen = []
+    train_loop(clf, cfg, Prepared(clf, Examples(separable())), progress=False, on_epoch=lambda r: seen.append(r["lr"]))
+    assert seen == [pytest.approx(7 / 9 * 1e-3), 1e-3]
+    sgd = make_optimizer(replace(cfg, optimizer="sgd", momentum=0.5), dict(clf.tail.named_parameters()))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
+
+
+def test_min_steps_raises_the_epochs_of_small_data(backbone):
+    cfg = config("taft", epochs=2, min_steps=30)  # batch 8
+    assert cfg.epochs_for(48) == 5 and cfg.epochs_for(480) == 2 and cfg.epochs_for(48, batch_size=48) == 30
+    res = fit(cfg, backbone, separable()[:2], class_names=CLASSES, progress=False)
+    assert res.config.epochs == 5 and len(res.history) == 5 and res.metrics["steps"] == 30
+
+
+def test_default_optimizer_and_lr_depend_on_privacy():
+    cfg = TrainConfig(method="taft")
+    assert cfg.resolved().optimizer == "adamw" and cfg.resolved().lr == 1e-4
+    private = cfg.resolved(private=True)
+    assert private.optimizer == DP_DEFAULT_OPTIMIZER and private.lr == DP_DEFAULT_LR["taft"]
+    assert TrainConfig(method="taft", lr=0.3, optimizer="adamw").resolved(private=True).optimizer == "adamw"
+    legacy = {k: v for k, v in cfg.resolved().to_dict().items() if k != "optimizer"}
+    assert TrainConfig.from_dict(legacy).optimizer == "adamw"  # recorded before the option: AdamW
 
 
 def test_evaluation_per_class_accuracy_on_a_hand_made_example(backbone):

@@ -19,6 +19,7 @@ from taft.cli_types import (OneLineParser, fraction, nonnegative_float, nonnegat
 from taft.errors import TaftError
 
 DEFAULT_BACKBONE = "dinov2-vits14"
+SHARD_MIN_STEPS = 0
 DEFAULT_IMAGE_SIZE = 112
 
 
@@ -171,6 +172,26 @@ def add_dp_args(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- train
+def add_recipe_args(p: argparse.ArgumentParser, *, min_steps: int = 0) -> None:
+    """The optimizer options of `train` and `shards train` (`recipe_options` reads them)."""
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"],
+                   help="adamw (no weight decay) or sgd with --momentum (default: adamw; with --dp: sgd)")
+    g.add_argument("--momentum", type=fraction, default=0.9, help="sgd momentum (default 0.9)")
+    g.add_argument("--head-lr", type=positive_float,
+                   help="learning rate of the head (taft: its Δw; nlft: its weights); default: --lr")
+    g.add_argument("--warmup", type=fraction, default=0.0, metavar="FRACTION",
+                   help="linear warm-up over this fraction of all steps before the schedule (default 0)")
+    g.add_argument("--min-steps", type=nonnegative_int, default=min_steps, metavar="N",
+                   help=f"train at least N optimizer steps: more epochs on small data (default {min_steps})")
+
+
+def recipe_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields that `add_recipe_args` options set."""
+    return {"optimizer": args.optimizer, "momentum": args.momentum, "head_lr": args.head_lr,
+            "warmup": args.warmup, "min_steps": args.min_steps}
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from taft.data import split_dataset
     from taft.privacy import dp_config_from_args
@@ -192,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
                          lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
                          seed=args.seed, head_seed=args.head_seed, head_init=args.head_init,
-                         pooling=pooling_for(args, backbone))
+                         pooling=pooling_for(args, backbone), **recipe_options(args))
     train_ds = open_dataset(args, backbone)
     if args.val_data is not None:
         val_args = argparse.Namespace(**{**vars(args), "data": args.val_data, "dataset": None})
@@ -444,7 +465,8 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     backbone = load_backbone_from(args)
     config = TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
                          lr=args.lr, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
-                         seed=args.seed, head_seed=args.head_seed, pooling=pooling_for(args, backbone))
+                         seed=args.seed, head_seed=args.head_seed, pooling=pooling_for(args, backbone),
+                         **recipe_options(args))
     dataset = open_dataset(args, backbone)
     features = cache_features(dataset, backbone, args.k, dtype=_cache_dtype(args.cache_dtype), device=device,
                               autocast=args.autocast, progress=not args.quiet)
@@ -704,7 +726,7 @@ def _add_store_parsers(sub) -> None:
                    help="taft (default) or probe: composition is exact only for models linear in their weights")
     p.add_argument("-k", "--k", type=positive_int, default=1, help="number of last blocks fine-tuned (default 1)")
     p.add_argument("--epochs", type=positive_int, default=10, help="passes over each shard's data (default 10)")
-    p.add_argument("--lr", type=positive_float, help="AdamW learning rate (default: "
+    p.add_argument("--lr", type=positive_float, help="learning rate (default: "
                    + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items() if m != "nlft") + "; text: "
                    + ", ".join(f"{m} {lr:g}" for m, lr in TEXT_DEFAULT_LR.items() if m != "nlft") + ")")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per step (default 32)")
@@ -718,6 +740,7 @@ def _add_store_parsers(sub) -> None:
     p.add_argument("--head-seed", type=nonnegative_int, default=0, help="seed of the shared random base head w0 (default 0)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
                    help="precision of the trunk-feature cache (default float32)")
+    add_recipe_args(p, min_steps=SHARD_MIN_STEPS)
     add_log_arg(p)
     add_dp_args(p)
     p.epilog = ("With --dp every shard is trained with DP-SGD on its own disjoint data (the budget is per shard; "
@@ -807,7 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", type=positive_int, default=1, help="number of last blocks fine-tuned (default 1)")
     p.add_argument("--epochs", type=positive_int, help="passes over the training data (default 10; with --resume: "
                                                        "the total to reach, default the run's)")
-    p.add_argument("--lr", type=positive_float, help="AdamW learning rate (default: "
+    p.add_argument("--lr", type=positive_float, help="learning rate (default: "
                    + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + "; text: "
                    + ", ".join(f"{m} {lr:g}" for m, lr in TEXT_DEFAULT_LR.items()) + ")")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per step (default 32)")
@@ -830,6 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "run's own data and settings; the schedule spans the final total (constant: the same result "
                         "as an uninterrupted run of that length; cosine/step: continues on the longer schedule)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_recipe_args(p)
     add_log_arg(p)
     add_compute_args(p, autocast=True, training=True)
     add_dp_args(p)

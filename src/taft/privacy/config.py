@@ -17,6 +17,9 @@ from taft.privacy.accounting import (ACCOUNTANTS, MAX_NOISE_MULTIPLIER, MIN_NOIS
 from taft.privacy.ledger import PrivacyLedger
 
 DEFAULT_CHUNK = 32
+# The default expected batch size of DP-SGD: a tenth of the data, at most DP_MAX_DEFAULT_BATCH (see `expected_batch_size`).
+DP_BATCH_FRACTION = 0.1
+DP_MAX_DEFAULT_BATCH = 1024
 
 NOTES = (
     "the guarantee covers the trained tensors; training losses in the run's metrics.jsonl/metrics.json are "
@@ -42,8 +45,9 @@ class DPConfig:
     noise_multiplier: σ, the noise std in units of C; then the ε spent at δ is reported. 0 disables the noise
         (no guarantee, ε None).
     accountant: "prv" (default, tight) or "rdp".
-    expected_batch_size: B; every example joins each step's batch with probability q = B/n. Default: the training
-        config's batch_size. One epoch is ⌈n/B⌉ steps.
+    expected_batch_size: B; every example joins each step's batch with probability q = B/n. Default
+        (`expected_batch_size(...)`): ⌊DP_BATCH_FRACTION · n⌋ capped at DP_MAX_DEFAULT_BATCH, at least the training
+        config's batch_size, at most n: large batches shrink the noise per step (σC/B). One epoch is ⌈n/B⌉ steps.
     chunk_size: examples per vectorised per-example-gradient pass (bounds memory; not part of the guarantee).
     seed: seeds the Poisson sampling and the noise (reproducible runs, tests). None (default): a fresh random
         seed that is not stored anywhere; with a known seed the noise can be undone.
@@ -115,6 +119,13 @@ class DPPlan:
             notes=[*NOTES, *([SEEDED_NOTE] if c.seed is not None else [])])
 
 
+def expected_batch_size(dp: DPConfig, n: int, batch_size: int) -> int:
+    """B of a DP-SGD run on n examples: `dp.expected_batch_size`, else the default (see `DPConfig`)."""
+    if dp.expected_batch_size is not None:
+        return dp.expected_batch_size
+    return min(n, max(batch_size, min(DP_MAX_DEFAULT_BATCH, int(DP_BATCH_FRACTION * n))))
+
+
 def plan_dp(dp: DPConfig, n: int, epochs: int, batch_size: int) -> DPPlan:
     """Checks the budget against the data and calibrates σ (for a target ε) or computes ε (for a given σ)."""
     if n < 2:
@@ -122,7 +133,7 @@ def plan_dp(dp: DPConfig, n: int, epochs: int, batch_size: int) -> DPPlan:
     if dp.delta >= 1 / n:
         raise TaftError(f"delta={dp.delta:g} is not below 1/n = {1 / n:.3g} for n={n} training examples: such a δ "
                         "allows releasing an example outright; use a smaller delta (e.g. ≤ 1/(10 n))")
-    B = dp.expected_batch_size or batch_size
+    B = expected_batch_size(dp, n, batch_size)
     if B > n:
         raise TaftError(f"expected batch size {B} exceeds the {n} training examples (sample rate q = B/n > 1)")
     q = B / n

@@ -37,7 +37,7 @@ from taft.privacy.ledger import PrivacyLedger
 from taft.progress import progress_bar
 from taft.train.classifier import Classifier
 from taft.train.config import TrainConfig
-from taft.train.trainer import Prepared, _diverged, _finish_epoch, lr_factor
+from taft.train.trainer import Prepared, _diverged, _finish_epoch, lr_factor, make_optimizer, warmup_steps
 
 
 def trainable_module(classifier: Classifier) -> tuple[nn.Module, str]:
@@ -207,8 +207,9 @@ def dp_train_loop(classifier: Classifier, config: TrainConfig, plan: DPPlan, tra
         raise TaftError(f"a fixed batch schedule needs {plan.steps} batches, got {len(batches)}")
     params = dict(classifier.tail.named_parameters())
     start = {n: p.detach().clone() for n, p in params.items()} if config.reg > 0 else {}
-    opt = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config.schedule, plan.steps))
+    opt = make_optimizer(config, params)
+    factor = lr_factor(config.schedule, plan.steps, warmup_steps(config, plan.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     device, dtype = classifier.device, classifier.dtype
     seed = dp.seed if dp.seed is not None else secrets.randbits(62)
     sample_gen = torch.Generator().manual_seed(seed)

@@ -36,6 +36,7 @@ from taft.parallel.executors import (InlineExecutor, check_executor_args, defaul
 from taft.parallel.shards import (BackboneSpec, FeatureData, ShardResult, ShardTask, backbone_ref, run_shards,
                                   shard_data)
 from taft.privacy import DPConfig, PrivacyLedger, sequential_composition
+from taft.privacy.config import expected_batch_size
 from taft.store.checkpoints import ModelInfo
 from taft.store.commit import commit, finish, record_shard, reusable, write_shard
 from taft.store.compose import LINEAR_METHODS, WEIGHTINGS
@@ -48,15 +49,16 @@ from taft.train import TrainConfig, build_classifier
 ExecutorArg = Executor | str | None
 
 
-def check_config(config: TrainConfig, text: bool = False) -> TrainConfig:
-    """The resolved config, if shards trained with it can be composed exactly."""
+def check_config(config: TrainConfig, text: bool = False, private: bool = False) -> TrainConfig:
+    """The resolved config (lr and optimizer filled in for ordinary or DP training; the epochs each shard trains
+    are resolved by `fit` from its size and `min_steps`), if shards trained with it can be composed exactly."""
     if config.method not in LINEAR_METHODS:
         raise TaftError(f"method {config.method!r} cannot be sharded: composition is exact only for models linear "
                         f"in their trained weights ({', '.join(LINEAR_METHODS)})")
     if config.head_init != "random":
         raise TaftError("head_init='probe' cannot be sharded: a probe head fitted on all the data would put every "
                         "example into the shared w0 (nothing could be forgotten); use head_init='random'")
-    return config.resolved(text=text)
+    return config.resolved(text=text, private=private)
 
 
 def data_identity(train: FeatureData) -> dict[str, Any]:
@@ -109,11 +111,11 @@ def check_dp(dp: DPConfig | None, weighting: str, sizes: Sequence[int] = (), bat
     if weighting == "size":
         raise TaftError("size weighting is not allowed with DP: its weights depend on the private shard sizes; use "
                         "uniform weighting")
-    B = dp.expected_batch_size or batch_size
     filled = [(n, i) for i, n in enumerate(sizes) if n]
     if not filled:
         return
     (n_min, i_min), (n_max, i_max) = min(filled), max(filled)
+    B = expected_batch_size(dp, n_min, batch_size)
     if n_min < 2 or B > n_min:
         raise TaftError(f"shard {i_min} has {n_min} examples, too few for DP-SGD with expected batch size {B}: use "
                         "fewer shards or a smaller --expected-batch-size")
@@ -222,7 +224,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
     "mps"); not part of the store's recipe (a store made on a GPU can be resumed or retrained on the CPU)."""
     _, pinned = shard_placement(device, executor)  # checked before anything is written
     layout = StoreLayout(root)
-    base = check_config(config, text=backbone.is_text)
+    base = check_config(config, text=backbone.is_text, private=dp is not None)
     if weighting not in WEIGHTINGS:
         raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     check_dp(dp, weighting)

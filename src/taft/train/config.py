@@ -14,6 +14,7 @@ LOSSES = ("mse", "ce")
 SCHEDULES = ("cosine", "step", "constant")
 HEAD_INITS = ("random", "probe")
 POOLINGS = ("cls", "mean")
+OPTIMIZERS = ("adamw", "sgd")
 
 # Default AdamW learning rates, used when `lr` is None (batch 32, cosine schedule, κ = 15 squared loss).
 # Measured on DINOv2 ViT-S/14 at 224 px (weights rounded to float16 for transport), CIFAR-10 mini with 300 training
@@ -36,9 +37,21 @@ DEFAULT_LR = {"taft": 1e-4, "nlft": 1e-4, "probe": 1e-2}
 TEXT_DEFAULT_LR = {"taft": 1e-3, "nlft": 1e-4, "probe": 1e-2}
 
 
-def default_lr(method: str, text: bool = False) -> float:
-    """The default AdamW learning rate of `method` for an image (ViT) or text (BERT) backbone."""
+# Defaults of DP-SGD runs (`--dp` without --lr / --optimizer): see docs/results.md, "DP defaults".
+DP_DEFAULT_OPTIMIZER = "sgd"
+DP_DEFAULT_LR = {"taft": 1.0, "nlft": 1.0, "probe": 1.0}
+
+
+def default_lr(method: str, text: bool = False, private: bool = False) -> float:
+    """The default learning rate of `method` for an image (ViT) or text (BERT) backbone; `private`: of DP-SGD."""
+    if private:
+        return DP_DEFAULT_LR[method]
     return (TEXT_DEFAULT_LR if text else DEFAULT_LR)[method]
+
+
+def default_optimizer(private: bool = False) -> str:
+    """"adamw" for ordinary training, `DP_DEFAULT_OPTIMIZER` for DP-SGD."""
+    return DP_DEFAULT_OPTIMIZER if private else "adamw"
 
 
 @dataclass(frozen=True)
@@ -51,11 +64,19 @@ class TrainConfig:
     loss: "mse" (rescaled squared loss, mean over batch and classes of (logits − κ·onehot)²) or "ce".
     kappa: κ of the rescaled squared loss (ignored by "ce").
     reg: λ of the proximity term λ‖θ − θ0‖² (θ0: Δw = 0 for taft, w0 for nlft, the initial head for probe).
-    lr: AdamW learning rate (weight_decay = 0); None means the method's default for the backbone's kind
-        (`default_lr`, filled in by `resolved(text=...)`, which `fit` and stores call).
-    schedule: per-step "cosine" (to 0 at the last step), "step" (×0.1 at 50 % and 75 % of the steps) or
-        "constant".
+    lr: the learning rate; None means the method's default for the backbone's kind and for ordinary or DP
+        training (`default_lr`, filled in by `resolved(...)`, which `fit` and stores call).
+    head_lr: the head's learning rate (taft: Δw_head, nlft: the head weights); None: `lr`. Not for probes (their
+        `lr` is the head's).
+    optimizer: "adamw" (weight_decay = 0) or "sgd" (with `momentum`); None: "adamw", or `DP_DEFAULT_OPTIMIZER`
+        under DP-SGD.
+    warmup: the fraction of all steps over which the rate rises linearly from lr/W to lr (W warm-up steps),
+        before the schedule; 0: none.
+    schedule: per-step "cosine" (from lr after the warm-up to 0 at the last step), "step" (×0.1 at 50 % and
+        75 % of the steps) or "constant".
     batch_size, epochs: as usual; the last batch of an epoch may be short.
+    min_steps: at least this many optimizer steps: `epochs` is raised to ⌈min_steps / steps per epoch⌉ when
+        that is more (`epochs_for(n)`), so small data sets (and small shards) are not under-trained.
     seed: data order (a seeded permutation per epoch).
     head_seed: the seeded random base head w0_head. Kept apart from `seed` so that shards trained with
         different data orders share w0 (required to compose them).
@@ -70,9 +91,14 @@ class TrainConfig:
     kappa: float = 15.0
     reg: float = 0.0
     lr: float | None = None
+    head_lr: float | None = None
+    optimizer: str | None = None
+    momentum: float = 0.9
+    warmup: float = 0.0
     schedule: str = "cosine"
     batch_size: int = 32
     epochs: int = 10
+    min_steps: int = 0
     seed: int = 0
     head_seed: int = 0
     head_init: str = "random"
@@ -86,12 +112,22 @@ class TrainConfig:
         _choice("pooling", self.pooling, POOLINGS)
         for name in ("tangent_blocks", "batch_size", "epochs"):
             _integer(name, getattr(self, name), minimum=1)
-        for name in ("seed", "head_seed"):
+        for name in ("seed", "head_seed", "min_steps"):
             _integer(name, getattr(self, name), minimum=0)
         _number("kappa", self.kappa, positive=True)
         _number("reg", self.reg, positive=False)
-        if self.lr is not None:
-            _number("lr", self.lr, positive=True)
+        for name in ("lr", "head_lr"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), positive=True)
+        if self.optimizer is not None:
+            _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _number("momentum", self.momentum, positive=False)
+        _number("warmup", self.warmup, positive=False)
+        if self.momentum >= 1 or self.warmup >= 1:
+            raise TaftError(f"momentum and warmup must be below 1, got momentum={self.momentum!r}, "
+                            f"warmup={self.warmup!r}")
+        if self.head_lr is not None and self.method == "probe":
+            raise TaftError("head_lr applies to methods taft and nlft (a probe trains only the head: use lr)")
         if self.head_init == "probe" and self.method == "probe":
             raise TaftError("head_init='probe' applies to methods taft and nlft (a probe starts from the random "
                             "head)")
@@ -101,9 +137,26 @@ class TrainConfig:
         """`lr`, or the method's image-backbone default when `lr` is None (`resolved(text=True)` for text)."""
         return default_lr(self.method) if self.lr is None else float(self.lr)
 
-    def resolved(self, text: bool = False) -> TrainConfig:
-        """A copy with `lr` filled in (what a run records): the default for an image or a text backbone."""
-        return replace(self, lr=default_lr(self.method, text) if self.lr is None else float(self.lr))
+    @property
+    def head_learning_rate(self) -> float:
+        """The head's rate: `head_lr`, else `learning_rate`."""
+        return self.learning_rate if self.head_lr is None else float(self.head_lr)
+
+    def epochs_for(self, n: int, batch_size: int | None = None) -> int:
+        """The epochs a run on n examples trains: `epochs`, or more to reach `min_steps` steps of ⌈n/B⌉ per
+        epoch (B: `batch_size`, or the expected batch size of a DP run)."""
+        per_epoch = math.ceil(n / (batch_size or self.batch_size))
+        return max(self.epochs, math.ceil(self.min_steps / per_epoch))
+
+    def resolved(self, text: bool = False, private: bool = False, n: int | None = None,
+                 batch_size: int | None = None) -> TrainConfig:
+        """A copy with the defaults filled in (what a run records): `lr` and `optimizer` for an image or a text
+        backbone, ordinary or DP-SGD (`private`) training; with `n` (the number of training examples), `epochs`
+        raised to `epochs_for(n, batch_size)`."""
+        lr = default_lr(self.method, text, private) if self.lr is None else float(self.lr)
+        optimizer = self.optimizer or default_optimizer(private)
+        epochs = self.epochs if n is None else self.epochs_for(n, batch_size)
+        return replace(self, lr=lr, optimizer=optimizer, epochs=epochs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +169,8 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise TaftError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+        if d.get("lr") is not None and "optimizer" not in d:  # recorded before the option existed: all AdamW
+            d = {**d, "optimizer": "adamw"}
         return cls(**d)
 
     def to_json(self) -> str:

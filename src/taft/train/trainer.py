@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
@@ -265,13 +266,41 @@ def evaluate(classifier: Classifier, data: FeatureData, *, batch_size: int = EVA
     return _evaluate(classifier, prepared, loss or cfg.loss, cfg.kappa if kappa is None else kappa, batch_size)
 
 
-def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the base learning rate at step s (0-based) of `total_steps`."""
-    if schedule == "cosine":
-        return lambda s: 0.5 * (1.0 + math.cos(math.pi * s / total_steps))
-    if schedule == "step":
-        return lambda s: 0.1 ** ((s >= 0.5 * total_steps) + (s >= 0.75 * total_steps))
-    return lambda s: 1.0
+def lr_factor(schedule: str, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at step s (0-based) of `total_steps`: (s + 1) / W during the first
+    W = `warmup_steps` steps, then the schedule ("cosine" decays from 1 at step W to 0 at `total_steps`; "step"
+    is ×0.1 from 50 % and ×0.01 from 75 % of `total_steps`; "constant" stays 1)."""
+    w = min(warmup_steps, total_steps)
+
+    def factor(s: int) -> float:
+        if s < w:
+            return (s + 1) / w
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * (s - w) / max(1, total_steps - w)))
+        if schedule == "step":
+            return 0.1 ** ((s >= 0.5 * total_steps) + (s >= 0.75 * total_steps))
+        return 1.0
+
+    return factor
+
+
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """W, the number of warm-up steps: `config.warmup` of `total_steps`, rounded."""
+    return round(config.warmup * total_steps)
+
+
+def make_optimizer(config: TrainConfig, params: dict[str, nn.Parameter]) -> torch.optim.Optimizer:
+    """`config.optimizer` ("adamw" without weight decay, or "sgd" with `config.momentum`) over `params`, in two
+    groups: the head's tensors (names starting "head.") at `config.head_learning_rate`, the rest at
+    `config.learning_rate` (a probe's only group is its head, at `learning_rate`)."""
+    head = [p for n, p in params.items() if n.startswith("head.")]
+    body = [p for n, p in params.items() if not n.startswith("head.")]
+    groups = ([{"params": body, "lr": config.learning_rate}, {"params": head, "lr": config.head_learning_rate}]
+              if body else [{"params": head, "lr": config.learning_rate}])
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0)
 
 
 def _diverged(config: TrainConfig, value: float, where: str) -> TaftError:
@@ -314,11 +343,11 @@ def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val
     scaler = grad_scaler(autocast, classifier.device)
     params = dict(classifier.tail.named_parameters())
     start = {n: p.detach().clone() for n, p in params.items()} if config.reg > 0 else {}
-    opt = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
+    opt = make_optimizer(config, params)
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
-    factor = lr_factor(config.schedule, total)
+    factor = lr_factor(config.schedule, total, warmup_steps(config, total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(config.seed)
     device, dtype = classifier.device, classifier.dtype
@@ -477,21 +506,24 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
     if dp is not None and (autocast != "none" or compile):
         raise TaftError("DP-SGD trains in float32 and eagerly (per-example gradients by torch.func): autocast and "
                         "compile are not supported with dp")
-    config = config.resolved(text=backbone.is_text)
     tr = Examples(train, "training data")
     va = Examples(val, "validation data") if val is not None else None
-    names = _class_names(class_names, tr)
-    for ex in (tr, va):
-        if ex is not None:
-            ex.check(backbone, config.tangent_blocks, names)
     plan = None
-    if dp is not None:
-        from taft.privacy.config import plan_dp
+    if dp is None:
+        config = config.resolved(text=backbone.is_text, n=len(tr))
+    else:
+        from taft.privacy.config import expected_batch_size, plan_dp
 
+        config = config.resolved(text=backbone.is_text, private=True, n=len(tr),
+                                 batch_size=expected_batch_size(dp, len(tr), config.batch_size))
         if config.head_init == "probe":
             raise TaftError("head_init='probe' fits a linear probe on the training data without noise, which "
                             "breaks the privacy guarantee: use head_init='random' with DP")
         plan = plan_dp(dp, len(tr), config.epochs, config.batch_size)
+    names = _class_names(class_names, tr)
+    for ex in (tr, va):
+        if ex is not None:
+            ex.check(backbone, config.tangent_blocks, names)
     _warn_if_few_steps(config, len(tr), plan.steps if plan is not None else None)
     out = Path(run_dir) if run_dir is not None else None
     state = _resume_state(out, config, tr, dp) if resume else None
@@ -506,7 +538,8 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
     if state is not None:
         head_weight, head_bias, extra = state["head_weight0"], state["head_bias0"], dict(state["extra"])
     elif config.head_init == "probe":
-        probe_cfg = replace(config, method="probe", head_init="random", lr=None).resolved(text=backbone.is_text)
+        probe_cfg = replace(config, method="probe", head_init="random", lr=None, head_lr=None,
+                            optimizer=None).resolved(text=backbone.is_text)
         probe = build_classifier(probe_cfg, backbone, names).to(where)
         probe_in = Prepared(probe, tr)
         probe_in.place(where, feed)
