@@ -20,6 +20,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from taft import load_backbone
 from taft.data import fashion_mnist, image_folder, split_dataset
 from taft.data.split import per_class_positions
@@ -141,8 +143,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="unless a variant sets epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variant", action="append", required=True, help="TrainConfig (and dp.) overrides")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(args)
     print(summarise(result, Path(args.out)))
 

@@ -56,7 +56,7 @@ from taft.train.feeding import FEEDS, Batch, choose_feed, streamed
 from taft.train.losses import classification_loss, proximity
 
 if TYPE_CHECKING:
-    from taft.privacy.config import DPConfig
+    from taft.privacy.config import DPConfig, DPPlan
 
 FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, Sequence[str]]]
 EVAL_BATCH = 256
@@ -455,14 +455,16 @@ def _resume_state(out: Path | None, config: TrainConfig, train: Examples, dp: DP
     return state
 
 
-def _warn_if_few_steps(config: TrainConfig, n: int, dp_steps: int | None) -> None:
+def _warn_if_few_steps(config: TrainConfig, n: int, plan: DPPlan | None) -> None:
     """Warn when the run has fewer than FEW_STEPS optimizer steps: too few for the defaults to train reliably."""
-    per_epoch = math.ceil(n / config.batch_size)
-    steps = dp_steps if dp_steps is not None else config.epochs * per_epoch
+    batch = plan.expected_batch_size if plan is not None else config.batch_size
+    per_epoch = math.ceil(n / batch)
+    steps = config.epochs * per_epoch
     if steps < FEW_STEPS:
-        warnings.warn(f"only {steps} optimizer steps ({config.epochs} epochs of ~{per_epoch} batches of "
-                      f"{config.batch_size} on {n} examples): likely too few to train; use more epochs (--epochs) "
-                      "or a smaller batch (--batch-size)", stacklevel=3)
+        more = "more epochs (--epochs)" + (" or a smaller --expected-batch-size" if plan is not None
+                                           else " or a smaller batch (--batch-size)")
+        warnings.warn(f"only {steps} optimizer steps ({config.epochs} epochs of ~{per_epoch} batches of {batch} on "
+                      f"{n} examples): likely too few to train; use {more}", stacklevel=3)
 
 
 def _warn_if_at_chance(top1: float, labels: torch.Tensor) -> None:
@@ -524,7 +526,7 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
     for ex in (tr, va):
         if ex is not None:
             ex.check(backbone, config.tangent_blocks, names)
-    _warn_if_few_steps(config, len(tr), plan.steps if plan is not None else None)
+    _warn_if_few_steps(config, len(tr), plan)
     out = Path(run_dir) if run_dir is not None else None
     state = _resume_state(out, config, tr, dp) if resume else None
     if out is not None:
