@@ -5,13 +5,14 @@ CIFAR-10 mini, bundled DINOv2 ViT-S/14 at 112 px, k = 1, trunk features cached o
 For each K, the same seeded class-balanced shard plan is used by both methods (taft.store.make_plan).
 
     python experiments/shards_composition.py --data ../shared/data/cifar10-mini --train-per-class 100 \
-        --test-per-class 50 --shards 1 2 5 10 20 --epochs 5 --out docs/experiments/shards
+        --test-per-class 50 --shards 1 2 5 10 20 --epochs 5 --min-steps full --out docs/experiments/shards
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -34,13 +35,19 @@ def nlft_shards(train_f, plan, cfg: TrainConfig, backbone):
     return [fit(cfg, backbone, train_f.select(ids), progress=False).classifier for ids in plan.shards if ids]
 
 
+def shard_min_steps(option: str, epochs: int, n: int, batch_size: int = 32) -> int:
+    """--min-steps: "full" (every shard trains at least the steps of one model on all n examples), or a number."""
+    return epochs * math.ceil(n / batch_size) if option == "full" else int(option)
+
+
 def run(args: argparse.Namespace) -> dict:
     backbone, train_ds, test_ds = load_cifar(args)
     train_f, test_f = cache_features(train_ds, backbone, 1), cache_features(test_ds, backbone, 1)
     x_test, y_test = test_f.as_tensors()
     work = Path(tempfile.mkdtemp(prefix="taft-shards-"))
-    taft_cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=args.epochs)
-    nlft_cfg = TrainConfig(method="nlft", tangent_blocks=1, epochs=args.epochs)
+    min_steps = shard_min_steps(args.min_steps, args.epochs, len(train_f))
+    taft_cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=args.epochs, min_steps=min_steps)
+    nlft_cfg = TrainConfig(method="nlft", tangent_blocks=1, epochs=args.epochs, min_steps=min_steps)
     rows = []
     for k in args.shards:
         t0 = time.perf_counter()
@@ -135,6 +142,8 @@ def main() -> None:
     parser = cifar_parser(__doc__, "docs/experiments/shards")
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 5, 10, 20])
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--min-steps", default="0", help="each shard trains at least this many steps (more epochs on "
+                                                       "small shards); 'full': the steps of one model on all the data")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each inference timing (median)")
     parser.add_argument("--forget-k", type=int, default=10, help="which store the forgetting costs are measured on")

@@ -109,7 +109,8 @@ def test_dp_accuracy_smoke(tiny_images, tmp_path, monkeypatch):
 def test_shards_composition_smoke(tiny_images, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_script(EXPERIMENTS / "shards_composition.py", cifar_args(tiny_images, out) + [
-        "--shards", "1", "2", "--epochs", "1", "--threads", "1", "--repeats", "1", "--forget-k", "2"], monkeypatch)
+        "--shards", "1", "2", "--epochs", "1", "--threads", "1", "--repeats", "1", "--forget-k", "2",
+        "--min-steps", "full"], monkeypatch)
     saved, table = results(out)
     assert [r["K"] for r in saved["rows"]] == [1, 2]
     for r in saved["rows"]:
@@ -123,6 +124,26 @@ def test_shards_composition_smoke(tiny_images, tmp_path, monkeypatch):
     assert table.count("\n| 1 |") + table.count("\n| 2 |") == 2
     assert "| retrain its shard |" in table
     assert (out / "accuracy_vs_shards.png").stat().st_size > 0
+
+
+def test_recipe_study_smoke(tiny_images, tmp_path, monkeypatch, capsys):
+    """Two variants (one DP-SGD) on a validation split of the training folder; a rerun skips the finished runs."""
+    out = tmp_path / "out"
+    argv = ["--data", str(tiny_images / "train"), "--image-size", "28", "--val-fraction", "0.3", "--epochs", "1",
+            "--threads", "1", "--out", str(out), "--variant", "method=taft,lr=1e-3,warmup=0.5,head_lr=1e-2",
+            "--variant", "method=probe,dp.noise_multiplier=1.0,dp.expected_batch_size=4,dp.delta=1e-3"]
+    run_script(EXPERIMENTS / "recipe_study.py", argv, monkeypatch)
+    saved, table = results(out)
+    assert [r["variant"] for r in saved["runs"]] == ["method=taft,lr=0.001,warmup=0.5,head_lr=0.01",
+                                                    "method=probe,dp.noise_multiplier=1,dp.expected_batch_size=4,"
+                                                    "dp.delta=0.001"]
+    taft, dp = saved["runs"]
+    assert is_accuracy(taft["val_top1"]) and taft["optimizer"] == "adamw" and "epsilon" not in taft
+    assert dp["optimizer"] == "sgd" and dp["expected_batch_size"] == 4 and 0 < dp["epsilon"] < math.inf
+    assert len(table.splitlines()) == 4 and "| method=taft,lr=0.001" in table
+    capsys.readouterr()
+    run_script(EXPERIMENTS / "recipe_study.py", argv, monkeypatch)
+    assert len(results(out)[0]["runs"]) == 2 and "{" not in capsys.readouterr().out  # nothing retrained
 
 
 def test_text_methods_smoke(tmp_path, monkeypatch):
