@@ -18,7 +18,7 @@ from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
 from taft.train import (Examples, TrainConfig, build_classifier, cache_features, classification_loss, evaluate, fit,
                         lr_factor)
-from taft.train.config import DP_DEFAULT_LR, DP_DEFAULT_OPTIMIZER
+from taft.train.config import DP_RECIPE, recipe
 
 CFG = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3)
 CLASSES = ["a", "b", "c", "d"]
@@ -189,14 +189,19 @@ def test_min_steps_raises_the_epochs_of_small_data(backbone):
     assert res.config.epochs == 5 and len(res.history) == 5 and res.metrics["steps"] == 30
 
 
-def test_default_optimizer_and_lr_depend_on_privacy():
+def test_defaults_come_from_the_recipe_of_the_kind_and_privacy():
     cfg = TrainConfig(method="taft")
-    assert cfg.resolved().optimizer == "adamw" and cfg.resolved().lr == 1e-4
-    private = cfg.resolved(private=True)
-    assert private.optimizer == DP_DEFAULT_OPTIMIZER and private.lr == DP_DEFAULT_LR["taft"]
-    assert TrainConfig(method="taft", lr=0.3, optimizer="adamw").resolved(private=True).optimizer == "adamw"
-    legacy = {k: v for k, v in cfg.resolved().to_dict().items() if k != "optimizer"}
-    assert TrainConfig.from_dict(legacy).optimizer == "adamw"  # recorded before the option: AdamW
+    image, text, private = cfg.resolved(), cfg.resolved(text=True), cfg.resolved(private=True)
+    assert (image.optimizer, image.lr, image.head_lr, image.warmup) == ("adamw", 1e-3, 1e-2, 0.1)
+    assert (text.optimizer, text.lr, text.head_lr, text.warmup) == ("adamw", 1e-3, None, 0.0)
+    assert (private.optimizer, private.lr) == (DP_RECIPE["taft"]["optimizer"], DP_RECIPE["taft"]["lr"])
+    assert recipe("probe")["head_lr"] is None and TrainConfig(method="probe").resolved().head_lr is None
+    given = TrainConfig(method="taft", lr=0.3, optimizer="adamw", warmup=0.0, head_lr=0.5).resolved(private=True)
+    assert (given.optimizer, given.lr, given.warmup, given.head_lr) == ("adamw", 0.3, 0.0, 0.5)  # given: kept
+    assert image.resolved() == image  # idempotent
+    legacy = {k: v for k, v in cfg.resolved().to_dict().items() if k not in ("optimizer", "warmup", "head_lr")}
+    old = TrainConfig.from_dict(legacy)  # recorded before the recipe options: AdamW, no warm-up, one rate
+    assert (old.optimizer, old.warmup, old.head_lr) == ("adamw", 0.0, old.lr) and old.resolved() == old
 
 
 def test_evaluation_per_class_accuracy_on_a_hand_made_example(backbone):
