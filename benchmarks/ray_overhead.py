@@ -28,7 +28,8 @@ import torch
 from taft import load_backbone
 from taft.data import ImageDataset, ImageRecord, image_folder
 from taft.data.images import ArrayImage
-from taft.store import ModelStore, create_store, read_checkpoint
+from taft.store import ModelStore, create_store
+from taft.store.checkpoints import read_checkpoint
 from taft.train import TrainConfig, cache_features
 
 EXECUTORS = ("inline", "process", "ray")

@@ -95,29 +95,9 @@ def test_transform_errors():
         ImageTransform(ImagePreprocess((0, 14), 7))
 
 
-def test_augmentation_is_seeded():
-    rng = np.random.default_rng(1)
-    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    t = ImageTransform(PP, augment=True, seed=3)
-    a, b = t(img, key="cat/a.png"), t(img, key="cat/a.png")
-    assert a.shape == (3, 14, 14) and torch.equal(a, b)  # keyed: same example, same epoch -> same crop
-    others = [t(img, key=f"id{i}") for i in range(8)]
-    assert any(not torch.equal(a, o) for o in others)
-    t.set_epoch(1)
-    assert any(not torch.equal(t(img, key=f"id{i}"), o) for i, o in enumerate(others))
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(t(img, generator=g1), t(img, generator=g2))
-    assert torch.equal(ImageTransform(PP, augment=True, seed=3)(img, key="k"),
-                       ImageTransform(PP, augment=True, seed=3)(img, key="k"))
-    # a non-augmenting transform ignores keys and generators
-    plain = ImageTransform(PP)
-    assert torch.equal(plain(img, key="x"), plain(img, generator=torch.Generator().manual_seed(9)))
-
-
 def test_preprocess_id():
     pid = preprocess_id(PP)
     assert pid["image_size"] == [14, 14] and pid["augment"] is False and pid["interpolation"] == "bicubic"
-    assert preprocess_id(PP, augment=True) != pid
     assert preprocess_id(ImagePreprocess((28, 28), 7)) != pid
     assert ImageTransform(PP).cache_id() == pid
 

@@ -16,7 +16,9 @@ from helpers import bad
 from taft import TaftError
 from taft.parallel import (InlineExecutor, RayExecutor, ShardTask, ShardTrainingError, make_executor, run_shards,
                            shard_data, train_shard)
-from taft.store import ModelStore, StoreLayout, create_store, read_checkpoint, resume
+from taft.store import ModelStore, create_store, resume
+from taft.store.checkpoints import read_checkpoint
+from taft.store.layout import StoreLayout
 from taft.store.journal import read_pending
 from test_cli import make_classes
 from test_store import CLASSES, CONFIG, K, same_tensors, tiny_features

@@ -25,7 +25,8 @@ from taft import TaftError
 from taft.cli import main
 from taft.parallel import RayExecutor, ShardTrainingError, run_shards, train_shard
 from taft.parallel.ray_cluster import NodeFeatures
-from taft.store import ModelStore, StoreLayout, create_store, forget, verify
+from taft.store import ModelStore, create_store, forget, verify
+from taft.store.layout import StoreLayout
 from taft.store.layout import CRASH_ENV, CRASH_EXIT
 from test_cli import make_classes
 from test_parallel import shard_tensors, tasks

@@ -24,8 +24,13 @@ from taft.backbones.vit import ViTConfig
 from taft.checkpoint import load_checkpoint, read_checkpoint_metadata
 from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
-from taft.store import (ModelStore, ShardPlan, StoreLayout, compose_checkpoints, compose_store, composition_weights,
-                        create_store, forget, load_manifest, make_plan, read_checkpoint, read_ids, shard_seed, verify)
+from taft.store import (ModelStore, ShardPlan, compose_checkpoints, compose_store, create_store, forget, make_plan,
+                        read_ids, verify)
+from taft.store.checkpoints import read_checkpoint
+from taft.store.delta_sum import composition_weights
+from taft.store.layout import StoreLayout
+from taft.store.manifest import load_manifest
+from taft.store.plan import shard_seed
 from taft.train import TrainConfig, cache_features
 
 CFG = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3)
@@ -92,7 +97,7 @@ def test_random_plan_is_balanced_stratified_deterministic_and_order_free():
     ids = [f"x{i}" for i in range(40)]
     labels = [i % 4 for i in range(40)]
     plan = make_plan(ids, labels, 3, seed=5)
-    assert sorted(plan.ids) == sorted(ids) and plan.k == 3
+    assert sorted(plan.ids) == sorted(ids) and plan.num_shards == 3
     sizes = [len(s) for s in plan.shards]
     assert max(sizes) - min(sizes) <= 1
     y = dict(zip(ids, labels))

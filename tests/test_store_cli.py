@@ -14,7 +14,8 @@ import pytest
 
 from helpers import bad
 from taft.cli import main
-from taft.store import StoreLayout, load_manifest
+from taft.store.layout import StoreLayout
+from taft.store.manifest import load_manifest
 from test_cli import make_classes
 
 FAST = ["--image-size", "28", "--epochs", "1", "--quiet", "--lr", "1e-3"]
@@ -133,7 +134,8 @@ def test_plan_from_rebuilds_a_store_without_forgotten_ids(store, capsys, tmp_pat
     float rounding; bit-identity on shared features is tested in test_store.py)."""
     import torch
 
-    from taft.store import ModelStore, read_checkpoint
+    from taft.store import ModelStore
+    from taft.store.checkpoints import read_checkpoint
 
     data, root = store
     gone = load_manifest(StoreLayout(root))["shards"][0]["ids"][1]

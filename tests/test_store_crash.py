@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from taft.store import CRASH_EXIT, ModelStore, StoreLayout, create_store, forget, load_manifest, verify
+from taft.store import ModelStore, create_store, forget, verify
+from taft.store.layout import CRASH_EXIT, StoreLayout
+from taft.store.manifest import load_manifest
 from taft.store.layout import CRASH_ENV, DELAY_ENV
 from test_store import CONFIG, K, composed_delta, same_tensors, tiny_backbone, tiny_features
 

@@ -20,10 +20,11 @@ from taft.checkpoint import read_checkpoint_metadata
 from taft.cli import main
 from taft.privacy import MECHANISM, DPConfig, PrivacyLedger, sequential_composition
 from taft.privacy.ledger import PARALLEL, SEQUENTIAL
-from taft.store import ModelStore, ShardPlan, compose_store, create_store, forget, load_manifest, verify
+from taft.store import ModelStore, ShardPlan, compose_store, create_store, forget, verify
+from taft.store.manifest import load_manifest
 from taft.store.layout import StoreLayout
 from taft.store.report import write_report
-from taft.store.train import dp_shard_seed, releases, shard_dp
+from taft.store.create import dp_shard_seed, releases, shard_dp
 from taft.train import TrainConfig
 from test_cli import make_classes
 from test_store import CONFIG, tiny_features

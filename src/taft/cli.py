@@ -413,7 +413,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_cache_list(args: argparse.Namespace) -> None:
-    from taft.cache import cache_dir
+    from taft.paths import cache_dir
     from taft.cache_entries import cache_entries, human_size
 
     entries = cache_entries()
@@ -428,7 +428,7 @@ def cmd_cache_list(args: argparse.Namespace) -> None:
 
 
 def cmd_cache_clear(args: argparse.Namespace) -> None:
-    from taft.cache import cache_dir
+    from taft.paths import cache_dir
     from taft.cache_entries import clear_cache, human_size, parse_age
 
     removed = clear_cache(parse_age(args.older_than) if args.older_than is not None else None)
@@ -455,7 +455,7 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     """Train a model store: K shards in parallel on one trunk-feature cache entry, composed."""
     from taft.privacy import dp_config_from_args
     from taft.store import ModelStore, create_store
-    from taft.store.train import check_dp
+    from taft.store.create import check_dp
     from taft.train import TrainConfig, cache_features
 
     device = compute_device(args)
@@ -496,7 +496,8 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
 
 def _shards_plan_from(path: Path, data_ids):
     """A shard plan from a plan JSON file or a store directory, restricted to the ids present in the data."""
-    from taft.store import ShardPlan, load_manifest
+    from taft.store import ShardPlan
+    from taft.store.manifest import load_manifest
     from taft.store.layout import StoreLayout, read_json
 
     if path.is_dir():

@@ -19,7 +19,7 @@ from taft.backbones import dinov2_onnx
 from taft.backbones.base import Backbone, ImagePreprocess, Preprocess, TextPreprocess, TokenBatch, preprocess_from_dict
 from taft.backbones.bert import BertConfig, BertEncoder
 from taft.backbones.vit import ViT, ViTConfig
-from taft.cache import cache_dir
+from taft.paths import cache_dir
 from taft.errors import TaftError
 from taft.fileio import atomic_write
 

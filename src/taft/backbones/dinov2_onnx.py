@@ -3,7 +3,7 @@
 The file holds a Hugging Face Dinov2 encoder (plus a saliency decoder we ignore). Named initializers carry HF names;
 the six weight matrices per block are anonymous constants stored transposed (in, out), identified here by the
 MatMul node that consumes them. Position embeddings are split into the CLS one (fed to a Concat) and the 37×37 grid
-(fed to a Reshape). See docs/DESIGN notes in `../shared/DESIGN.md` §3.
+(fed to a Reshape).
 """
 
 from __future__ import annotations

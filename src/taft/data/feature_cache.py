@@ -1,7 +1,7 @@
 """On-disk cache of frozen-trunk features, one entry per (key, data content, preprocessing, dtype).
 
 The trunk is frozen and its input does not depend on the tangent parameters, so its output for an example
-can be computed once and reused by every epoch, shard and run (see DESIGN.md). An entry lives in
+can be computed once and reused by every epoch, shard and run. An entry lives in
 `<root>/<sha256 of the entry key>/` (root: `cache_dir()/"features"`), where the entry key is the caller's
 `key` (backbone fingerprint, tangent blocks, ...) plus `dataset.content_hash()`, the dataset's
 `transform_id()` (preprocessing) and the storage dtype. Any change there is a different directory, i.e. a
@@ -20,9 +20,6 @@ Files of an entry:
 Builds of one entry by several processes are serialised with a file lock (POSIX). With a CUDA `device` the loader
 pins its batches and copies them asynchronously. A trunk run under autocast gives other features: its callers
 (`taft.train.cache_features`) put the autocast setting into `key`; the stored dtype is always `dtype`.
-
-Augmented data is random and cannot be cached: `build_or_load` refuses a dataset whose transform augments;
-the caller runs the trunk on every batch instead.
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from taft.cache import cache_dir
+from taft.paths import cache_dir
 from taft.errors import TaftError
 from taft.fileio import atomic_write
 from taft.progress import progress_bar
@@ -90,12 +87,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def entry_key(dataset: LabelledDataset, key: dict, dtype: torch.dtype = torch.float32) -> dict:
-    """The full key of `dataset`'s entry. Raises `TaftError` if the transform augments, or if it has no
-    `cache_id` (not an `ImageTransform`) and `key` has no "preprocess" entry naming the preprocessing."""
+    """The full key of `dataset`'s entry. Raises `TaftError` if the transform has no `cache_id` (not an
+    `ImageTransform`) and `key` has no "preprocess" entry naming the preprocessing."""
     transform_id = getattr(dataset, "transform_id", lambda: None)()
-    if transform_id is not None and transform_id.get("augment"):
-        raise TaftError("cannot cache trunk features of augmented images (they change every epoch); run the "
-                        "trunk on each batch instead, or cache the dataset without augmentation")
     if transform_id is None and "preprocess" not in key:
         raise TaftError("the dataset's transform has no cache_id(); name its preprocessing in "
                         "key['preprocess'] so that a change of preprocessing invalidates the cache")
@@ -275,7 +269,7 @@ class FeatureCache:
                       device: torch.device | str | None = None, progress: bool = True) -> CachedFeatures:
         """Load the entry, or compute it with `trunk` (batches (B, C, H, W) -> features (B, ...), called under
         `torch.no_grad()`, batches moved to `device` if given) and store it; resumes a partial build.
-        Raises `TaftError` for a bad key or dtype, an augmenting transform, or trunk outputs of the wrong
+        Raises `TaftError` for a bad key or dtype, or trunk outputs of the wrong
         batch size, inconsistent shape or non-finite values (e.g. float16 overflow)."""
         if batch_size <= 0:
             raise TaftError(f"batch_size must be positive, got {batch_size}")

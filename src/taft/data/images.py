@@ -114,7 +114,7 @@ class ImageDataset(Dataset):
     """Records + class names + transform. `dataset[i] -> (transform(image), label, id)`.
 
     `transform` is an `ImageTransform` (from an `ImagePreprocess`, which is converted) or any callable
-    `PIL.Image -> Tensor`; an `ImageTransform` also receives the example id (keyed augmentation).
+    `PIL.Image -> Tensor`.
     `source_digest` names content shared by all records (e.g. IDX file digests); a callable is called lazily.
     Raises `TaftError` on duplicate ids or labels outside [0, len(class_names)).
     """
@@ -157,12 +157,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         r = self.records[i]
-        image = r.source.load()
-        if isinstance(self.transform, ImageTransform):
-            x = self.transform(image, key=r.id)
-        else:
-            x = self.transform(image)
-        return x, int(r.label), r.id
+        return self.transform(r.source.load()), int(r.label), r.id
 
     def transform_id(self) -> dict | None:
         """`cache_id()` of the transform when it has one (an `ImageTransform` does), else None."""
@@ -186,7 +181,7 @@ class ImageDataset(Dataset):
                             self._source_digest)
 
     def with_transform(self, transform: ImagePreprocess | Transform) -> ImageDataset:
-        """The same records with another transform (e.g. an augmenting one for training)."""
+        """The same records with another transform (e.g. another image size)."""
         out = self._derived(self.records, transform)
         out._content_hash = self._content_hash
         return out

@@ -8,18 +8,14 @@
 Layout and the commit protocol: `taft.store.layout`, `taft.store.commit`; manifest keys: `taft.store.manifest`.
 """
 
-from taft.store.checkpoints import DeltaFile, ModelInfo, read_checkpoint, write_checkpoint
-from taft.store.compose import WEIGHTINGS, compose_checkpoints, compose_tensors, composition_weights
+from taft.store.compose import compose_checkpoints, compose_store
+from taft.store.create import create_store
+from taft.store.delta_sum import WEIGHTINGS
 from taft.store.forget import MODES, ForgetResult, forget, read_ids
-from taft.store.layout import CRASH_ENV, CRASH_EXIT, StoreLayout
-from taft.store.manifest import load_manifest
-from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan, shard_seed
-from taft.store.recompose import compose_store
+from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan
 from taft.store.store import ModelStore, resume
-from taft.store.train import create_store
 from taft.store.verify import VerifyReport, verify
 
-__all__ = ["CRASH_ENV", "CRASH_EXIT", "MODES", "PLAN_KINDS", "WEIGHTINGS", "DeltaFile", "ForgetResult", "ModelInfo",
-           "ModelStore", "ShardPlan", "StoreLayout", "VerifyReport", "compose_checkpoints", "compose_store",
-           "compose_tensors", "composition_weights", "create_store", "forget", "load_manifest", "make_plan",
-           "read_checkpoint", "read_ids", "resume", "shard_seed", "verify", "write_checkpoint"]
+__all__ = ["MODES", "PLAN_KINDS", "WEIGHTINGS", "ForgetResult", "ModelStore", "ShardPlan", "VerifyReport",
+           "compose_checkpoints", "compose_store", "create_store", "forget", "make_plan", "read_ids", "resume",
+           "verify"]

@@ -7,7 +7,7 @@
   scratch on the plan without those ids (`ShardPlan.without`). A shard left with no ids becomes "empty".
 Then the store is recomposed and committed (`taft.store.commit`). Forgotten ids are never trained on again.
 
-In a DP store (`taft.store.train`) the guarantee follows: after "drop" it is recomputed over the remaining
+In a DP store (`taft.store.create`) the guarantee follows: after "drop" it is recomputed over the remaining
 composed shards (never larger); "retrain" trains with the store's DPConfig (a new seed per release), and since the
 old model of the shard, trained on a superset of its remaining data, may already be public, the shard's ledger
 becomes the sequential composition of all its releases (Σ ε, Σ δ: `sequential_composition`); the store's
@@ -35,7 +35,7 @@ from taft.store.commit import begin, commit
 from taft.store.journal import audit_noop, new_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import Manifest, config_of, info_of, load_manifest, plan_of
-from taft.store.train import ExecutorArg, connected, train_into
+from taft.store.create import ExecutorArg, connected, train_into
 
 MODES = ("drop", "retrain")
 _MAX_LISTED = 10

@@ -29,8 +29,8 @@ from typing import Any
 from taft.errors import TaftError
 from taft.privacy import parallel_composition
 from taft.store.checkpoints import ModelInfo
-from taft.store.compose import composition_weights
-from taft.store.layout import StoreLayout, canonical_json, read_json, write_json
+from taft.store.delta_sum import composition_weights
+from taft.store.layout import StoreLayout, read_json, write_json
 from taft.store.plan import ShardPlan
 from taft.train import TrainConfig
 
@@ -69,10 +69,6 @@ def save_manifest(layout: StoreLayout, m: Manifest) -> None:
     if problems:  # a bug, never user input: refuse to commit an inconsistent state
         raise TaftError(f"refusing to commit an inconsistent manifest: {problems[:3]}")
     write_json(layout.manifest, m)
-
-
-def manifest_text(m: Manifest) -> str:
-    return canonical_json(m)
 
 
 def plan_of(m: Mapping[str, Any]) -> ShardPlan:
@@ -119,8 +115,8 @@ def check_manifest(m: Mapping[str, Any]) -> list[str]:
         plan = plan_of(m)
         shards = m["shards"]
         forgotten = set(m["forgotten"])
-        if len(shards) != plan.k:
-            return [f"{len(shards)} shard entries for a plan of {plan.k} shards"]
+        if len(shards) != plan.num_shards:
+            return [f"{len(shards)} shard entries for a plan of {plan.num_shards} shards"]
         for i, (s, planned) in enumerate(zip(shards, plan.shards)):
             if s.get("index") != i:
                 out.append(f"shard entry {i} has index {s.get('index')}")

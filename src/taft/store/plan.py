@@ -55,15 +55,12 @@ class ShardPlan:
             raise TaftError(f"shard plan lists ids in more than one place: {dup[:_MAX_LISTED]}")
 
     @property
-    def k(self) -> int:
+    def num_shards(self) -> int:
         return len(self.shards)
 
     @property
     def ids(self) -> list[str]:
         return [i for s in self.shards for i in s]
-
-    def shard_of(self) -> dict[str, int]:
-        return {i: s for s, ids in enumerate(self.shards) for i in ids}
 
     def without(self, ids: Iterable[str]) -> ShardPlan:
         """The same plan with `ids` removed; every other id stays in its shard (shards may become empty)."""
@@ -71,7 +68,8 @@ class ShardPlan:
         return ShardPlan(self.kind, self.seed, tuple(tuple(i for i in s if i not in drop) for s in self.shards))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "seed": self.seed, "k": self.k, "shards": [list(s) for s in self.shards]}
+        """The manifest's `plan` entry; its key "k" (the number of shards) is the store format's name."""
+        return {"kind": self.kind, "seed": self.seed, "k": self.num_shards, "shards": [list(s) for s in self.shards]}
 
     @classmethod
     def from_dict(cls, d: Any) -> ShardPlan:
@@ -79,8 +77,8 @@ class ShardPlan:
             plan = cls(str(d["kind"]), int(d["seed"]), tuple(tuple(str(i) for i in s) for s in d["shards"]))
         except (KeyError, TypeError, ValueError) as e:
             raise TaftError(f"malformed shard plan ({type(e).__name__}: {e})") from e
-        if "k" in d and d["k"] != plan.k:
-            raise TaftError(f"malformed shard plan: k={d['k']} but {plan.k} shards listed")
+        if "k" in d and d["k"] != plan.num_shards:
+            raise TaftError(f"malformed shard plan: k={d['k']} but {plan.num_shards} shards listed")
         return plan
 
 

@@ -21,8 +21,8 @@ from taft.store.journal import describe, read_audit, read_pending
 from taft.store.layout import StoreLayout
 from taft.store.manifest import Manifest, load_manifest, members
 from taft.store.plan import ShardPlan
-from taft.store.recompose import compose_store
-from taft.store.train import ExecutorArg, create_store
+from taft.store.compose import compose_store
+from taft.store.create import ExecutorArg, create_store
 from taft.train import TrainConfig
 
 

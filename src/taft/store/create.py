@@ -39,7 +39,7 @@ from taft.privacy import DPConfig, PrivacyLedger, sequential_composition
 from taft.privacy.config import expected_batch_size
 from taft.store.checkpoints import ModelInfo
 from taft.store.commit import commit, finish, record_shard, reusable, write_shard
-from taft.store.compose import LINEAR_METHODS, WEIGHTINGS
+from taft.store.delta_sum import LINEAR_METHODS, WEIGHTINGS
 from taft.store.journal import Pending, new_pending, read_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
@@ -238,8 +238,8 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
             raise TaftError("give the number of shards or a shard plan")
         plan = make_plan(ids, labels, shards, base.seed, plan_kind)
     else:
-        if shards is not None and shards != plan.k:
-            raise TaftError(f"{shards} shards asked for, but the given plan has {plan.k}")
+        if shards is not None and shards != plan.num_shards:
+            raise TaftError(f"{shards} shards asked for, but the given plan has {plan.num_shards}")
         have, want = set(ids), set(plan.ids)
         if have != want:
             raise TaftError(f"the shard plan's ids differ from the data's: {len(want - have)} planned ids are not in "
