@@ -31,7 +31,8 @@ from common import median_time, pyplot, run_and_save, soup, top1
 from taft import load_backbone
 from taft.data import rotten_tomatoes
 from taft.store import ModelStore, create_store, make_plan
-from taft.train import Examples, TrainConfig, cache_features, fit
+from taft.train import TrainConfig, cache_features, fit
+from taft.train.trainer import Examples
 
 Batches = list[tuple[torch.Tensor, torch.Tensor | None]]
 

@@ -22,7 +22,9 @@ from taft.privacy import (MECHANISM, DPConfig, PrivacyLedger, describe, dp_confi
 from taft.privacy.dpsgd import (clip_factors, clipped_sum, dp_train_loop, manual_attention, noisy_gradient,
                                 per_example_gradients, poisson_batches)
 from taft.tangent.layers import TangentAttention
-from taft.train import Prepared, TrainConfig, build_classifier, classification_loss, fit, train_loop
+from taft.train import TrainConfig, build_classifier, fit
+from taft.train.losses import classification_loss
+from taft.train.trainer import Prepared, train_loop
 from taft.train.trainer import Examples
 
 CFG = ViTConfig(dim=16, depth=3, heads=2, mlp_hidden=32, patch_size=4, pos_grid=3)

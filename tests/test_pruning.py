@@ -22,7 +22,8 @@ from taft.backbones.bert import BertConfig
 from taft.backbones.vit import ViTConfig
 from taft.model import TangentModel
 from taft.privacy.dpsgd import per_example_gradients
-from taft.train import PlainTail, TrainConfig, build_classifier
+from taft.train import TrainConfig, build_classifier
+from taft.train.classifier import PlainTail
 
 TOL = 1e-11
 VIT = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3, layerscale=True)

@@ -19,7 +19,8 @@ from taft.backbones.assets import minilm_dir
 from taft.data import TextDataset
 from taft.privacy.dpsgd import per_example_gradients
 from taft.store import ModelStore, create_store
-from taft.train import TrainConfig, build_classifier, cache_features, classification_loss, evaluate, fit
+from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
+from taft.train.losses import classification_loss
 from taft.train.trainer import Examples
 
 CFG = BertConfig(dim=24, depth=3, heads=4, mlp_hidden=48, vocab_size=30522, max_positions=64)

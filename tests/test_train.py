@@ -16,9 +16,10 @@ from taft import TaftError
 from taft.backbones.vit import ViTConfig
 from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
-from taft.train import (Examples, TrainConfig, build_classifier, cache_features, classification_loss, evaluate, fit,
-                        lr_factor)
+from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
 from taft.train.config import DP_RECIPE, recipe
+from taft.train.losses import classification_loss
+from taft.train.trainer import Examples, lr_factor
 
 CFG = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3)
 CLASSES = ["a", "b", "c", "d"]

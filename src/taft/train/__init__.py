@@ -11,13 +11,9 @@ Default learning rates (AdamW, weight_decay = 0, cosine schedule, batch 32, κ =
 `DEFAULT_LR`; see `taft.train.config` for how they were chosen.
 """
 
-from taft.train.classifier import Classifier, PlainTail, build_classifier, cache_features, feature_key
-from taft.train.config import DEFAULT_LR, HEAD_INITS, LOSSES, METHODS, SCHEDULES, TrainConfig
-from taft.train.losses import classification_loss, proximity
-from taft.train.trainer import (CHECKPOINT_NAME, Evaluation, Examples, FitResult, Prepared, evaluate, fit,
-                                lr_factor, train_loop)
+from taft.train.classifier import Classifier, build_classifier, cache_features
+from taft.train.config import DEFAULT_LR, TrainConfig
+from taft.train.trainer import Evaluation, FitResult, evaluate, fit
 
-__all__ = ["CHECKPOINT_NAME", "DEFAULT_LR", "HEAD_INITS", "LOSSES", "METHODS", "SCHEDULES", "Classifier",
-           "Evaluation", "Examples", "FitResult", "PlainTail", "Prepared", "TrainConfig", "build_classifier",
-           "cache_features", "classification_loss", "evaluate", "feature_key", "fit", "lr_factor", "proximity",
-           "train_loop"]
+__all__ = ["DEFAULT_LR", "Classifier", "Evaluation", "FitResult", "TrainConfig", "build_classifier", "cache_features",
+           "evaluate", "fit"]
