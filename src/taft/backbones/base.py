@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import nn
 
+from taft.errors import TaftError
 from taft.fingerprint import hash_tensors
 
 if TYPE_CHECKING:
@@ -69,8 +70,8 @@ class TokenBatch:
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 2 or self.ids.shape != self.mask.shape:
-            raise ValueError(f"token ids {tuple(self.ids.shape)} and mask {tuple(self.mask.shape)} must be equal "
-                             "(batch, length) shapes")
+            raise TaftError(f"token ids {tuple(self.ids.shape)} and mask {tuple(self.mask.shape)} must be equal "
+                            "(batch, length) shapes")
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])

@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from taft.errors import TaftError
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "mse", kappa: float = 15.0,
+DEFAULT_KAPPA = 15.0  # κ: the squared loss's target scale, κ·onehot(y)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "mse", kappa: float = DEFAULT_KAPPA,
                         reduction: str = "mean") -> torch.Tensor:
     """Per-example loss reduced by `reduction` ("mean", "sum" or "none").
 
@@ -19,7 +23,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = 
     elif kind == "ce":
         per_example = F.cross_entropy(logits, labels, reduction="none")
     else:
-        raise ValueError(f"unknown loss {kind!r}")
+        raise TaftError(f"unknown loss {kind!r}; use mse or ce")
     if reduction == "none":
         return per_example
     return per_example.sum() if reduction == "sum" else per_example.mean()
