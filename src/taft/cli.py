@@ -16,11 +16,10 @@ from pathlib import Path
 import taft
 from taft.cli_types import (OneLineParser, fraction, nonnegative_float, nonnegative_int, positive_float,
                             positive_int, probability)
+from taft.backbones.registry import BUNDLED, CLI_IMAGE_SIZE, DEFAULT_BACKBONE, DEFAULT_MAX_LENGTH
 from taft.errors import TaftError
 
-DEFAULT_BACKBONE = "dinov2-vits14"
 SHARD_MIN_STEPS = 0
-DEFAULT_IMAGE_SIZE = 112
 
 
 # ----------------------------------------------------------------------------------------------- data arguments
@@ -79,11 +78,11 @@ def open_dataset(args: argparse.Namespace, model, split: str | None = None):
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                   help=f"registry name (dinov2-vits14, minilm-l6) or local weights path (default {DEFAULT_BACKBONE})")
+                   help=f"registry name ({', '.join(BUNDLED)}) or local weights path (default {DEFAULT_BACKBONE})")
     p.add_argument("--image-size", type=positive_int, help="vision: input side in pixels, a multiple of the patch size "
-                                                  f"(default {DEFAULT_IMAGE_SIZE})")
+                                                  f"(default {CLI_IMAGE_SIZE})")
     p.add_argument("--max-length", type=positive_int, help="text: most tokens per text, [CLS] and [SEP] included; longer "
-                                                  "texts are truncated with a warning (default 256)")
+                                                  f"texts are truncated with a warning (default {DEFAULT_MAX_LENGTH})")
     p.add_argument("--pooling", choices=["cls", "mean"],
                    help="token pooling (default: cls for vision, mean over real tokens for text)")
 
@@ -98,7 +97,7 @@ def load_backbone_from(args: argparse.Namespace):
         return load_backbone(args.backbone, max_length=args.max_length)
     if args.max_length is not None:
         raise TaftError(f"--max-length does not apply to the vision backbone {args.backbone}")
-    return load_backbone(args.backbone, image_size=args.image_size or DEFAULT_IMAGE_SIZE)
+    return load_backbone(args.backbone, image_size=args.image_size or CLI_IMAGE_SIZE)
 
 
 def pooling_for(args: argparse.Namespace, backbone) -> str:
@@ -437,17 +436,13 @@ def cmd_cache_clear(args: argparse.Namespace) -> None:
 
 def cmd_backbones(args: argparse.Namespace) -> None:
     """List the bundled backbones and whether their asset package is installed."""
-    from taft.backbones import BUNDLED, dinov2_onnx
-    from taft.backbones.assets import minilm_dir
-
-    locate = {"dinov2-vits14": dinov2_onnx.onnx_file, "minilm-l6": minilm_dir}
-    for name, what in BUNDLED.items():
+    for name, entry in BUNDLED.items():
         try:
-            locate[name]()
+            entry.locate()
             state = "installed"
         except TaftError as e:
             state = f"missing ({e})"
-        print(f"{name}: {what} [{state}]")
+        print(f"{name}: {entry.description} [{state}]")
 
 
 # ------------------------------------------------------------------------------------------- shards and store

