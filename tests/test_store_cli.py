@@ -14,7 +14,7 @@ import pytest
 
 from helpers import bad
 from taft.cli import main
-from taft.store.layout import StoreLayout
+from taft.store.layout import StoreLayout, write_json
 from taft.store.manifest import load_manifest
 from test_cli import make_classes
 
@@ -87,6 +87,26 @@ def test_forget_retrain_recomputes_features_from_the_recorded_source(store, caps
     (tmp_path / "ids.txt").write_text(m["shards"][1]["ids"][0])
     assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
     assert "retrained shards [1]" in capsys.readouterr().out
+
+
+def test_a_store_with_the_first_source_layout_still_rebuilds_its_features(store, capsys, tmp_path):
+    """Stores made before the text columns and autocast were recorded: their data source still opens."""
+    data, root = store
+    layout = StoreLayout(root)
+    m = load_manifest(layout)
+    m["data"]["source"] = {"data": str(data.resolve()), "dataset": None, "data_dir": None, "split": "train",
+                           "per_class": None, "skip_corrupt": False, "cache_dtype": "float32"}
+    write_json(layout.manifest, m)
+    shutil.rmtree(m["data"]["features"]["path"])
+    (tmp_path / "ids.txt").write_text(m["shards"][0]["ids"][0])
+    assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
+    assert "retrained shards [0]" in capsys.readouterr().out
+
+
+def test_store_resume_with_a_corrupt_journal_is_one_line(store, capsys):
+    _, root = store
+    (root / "pending.json").write_text('{"op": "forget",')
+    bad(capsys, ["store", "resume", str(root), "--executor", "inline", "--quiet"], "operation journal")
 
 
 def test_store_errors_are_one_line(store, capsys, tmp_path):

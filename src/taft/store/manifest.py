@@ -5,7 +5,7 @@ committed change), created, updated; the model: method, backbone, backbone_finge
 tangent_blocks, pooling, class_names, preprocess, dtype; train_config (resolved; its seed is the store seed),
 threads (torch threads per shard task: part of the recipe, since it changes float summation order);
 plan (`ShardPlan.to_dict()`, as made at creation); data {"features": {"path", "entry"} of the trunk-feature cache
-entry or null, "source": how the CLI read the data, or null}; shards: one entry per plan shard
+entry or null, "source": `DataSource.to_dict()` of the training data, or null}; shards: one entry per plan shard
 {index, status ("trained" | "dropped" | "empty"), file (relative path or null), sha256, ids (sorted, forgotten ones
 removed), n, seed}; composition {weighting, subset (shard indices or null = all trained)}; composed
 {file, sha256, created, shards, alphas, n} or null; forgotten (sorted ids).

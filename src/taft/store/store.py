@@ -3,6 +3,7 @@
     store = ModelStore("stores/cifar")
     store.info()                     # a JSON-able summary
     clf, meta = store.load_composed()   # the composed model (an ordinary checkpoint)
+    store.training_features()        # its training data's trunk features (cached, or rebuilt from its data source)
 """
 
 from __future__ import annotations
@@ -10,20 +11,43 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from taft.backbones import load_backbone_like
 from taft.backbones.base import Backbone
 from taft.checkpoint import LoadedCheckpoint, load_checkpoint
+from taft.data.source import DataSource
 from taft.errors import TaftError
 from taft.parallel.shards import BackboneSpec, FeatureData
 from taft.privacy import DPConfig
 from taft.store.commit import finish
-from taft.store.forget import ForgetResult, forget
-from taft.store.journal import describe, read_audit, read_pending
-from taft.store.layout import StoreLayout
-from taft.store.manifest import Manifest, load_manifest, members
-from taft.store.plan import ShardPlan
 from taft.store.compose import compose_store
 from taft.store.create import ExecutorArg, create_store
-from taft.train import TrainConfig
+from taft.store.forget import ForgetResult, forget, training_features
+from taft.store.journal import describe, read_audit, read_pending
+from taft.store.layout import StoreLayout, read_json
+from taft.store.manifest import Manifest, load_manifest, members
+from taft.store.plan import ShardPlan
+from taft.train import TrainConfig, cache_features
+
+
+def is_store(root: str | Path) -> bool:
+    """Whether `root` is a store directory (it has a manifest, readable or not)."""
+    return StoreLayout(root).manifest.exists()
+
+
+def reused_plan(path: str | Path, ids: list[str]) -> tuple[ShardPlan, int | None]:
+    """The shard plan of a store directory or a plan JSON file (a store manifest, `{"plan": ...}` or the plan
+    itself), restricted to `ids`; and the store's torch threads per shard (None for a plan file): part of the
+    recipe, since they fix the float summation order."""
+    path = Path(path)
+    if path.is_dir():
+        m = load_manifest(StoreLayout(path))
+        plan, threads = ShardPlan.from_dict(m["plan"]), m["threads"]
+    else:
+        d = read_json(path, "shard plan file")
+        plan, threads = ShardPlan.from_dict(d.get("plan", d) if isinstance(d, dict) else d), None
+    return plan.without(set(plan.ids) - set(ids)), threads
 
 
 class ModelStore:
@@ -49,6 +73,38 @@ class ModelStore:
     @property
     def forgotten(self) -> list[str]:
         return list(self.manifest["forgotten"])
+
+    @property
+    def data_source(self) -> DataSource | None:
+        """Where the training data came from, if the store was given it (`taft shards train` records it)."""
+        src = (self.manifest["data"] or {}).get("source")
+        return DataSource.from_dict(src) if src else None
+
+    def training_features(self, *, device=None, progress: bool = True):
+        """The training data's trunk features: the store's cache entry if it is still there, else rebuilt from
+        its data source with the store's backbone (checked to have the same weights). `TaftError` when neither
+        is available."""
+        m = self.manifest
+        try:
+            return training_features(m, None)
+        except TaftError:
+            source = self.data_source
+            if source is None:
+                raise
+        backbone = load_backbone_like(m["backbone"], m["preprocess"])
+        if backbone.fingerprint != m["backbone_fingerprint"]:
+            raise TaftError(f"backbone {m['backbone']!r} now has other weights than the store was trained with")
+        dtype = {"float32": torch.float32, "float16": torch.float16}[source.cache_dtype]
+        return cache_features(source.open(backbone), backbone, m["tangent_blocks"], dtype=dtype, device=device,
+                              autocast=source.autocast, progress=progress)
+
+    def resume_retrains(self) -> bool:
+        """Whether completing the store's interrupted operation trains shards on the store's data (a forget in
+        retrain mode: `resume` then needs the training features)."""
+        if not self.layout.manifest.exists():
+            return False
+        pending = read_pending(self.layout)
+        return pending is not None and pending["op"] == "forget" and pending["request"].get("mode") == "retrain"
 
     def audit(self) -> list[dict[str, Any]]:
         return read_audit(self.layout)[0]
