@@ -1,3 +1,6 @@
+"""Fixtures shared by the test modules: the bundled backbones (real weights) and tiny random ones. Helpers and
+tiny data builders are in helpers.py."""
+
 import os
 import tempfile
 
@@ -24,3 +27,31 @@ def minilm():
     from taft import load_backbone
 
     return load_backbone("minilm-l6")
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    """A random pre-norm ViT (helpers.TINY_VIT: width 32, 3 blocks) at 12 px, float32, seed 0."""
+    import torch
+
+    from helpers import TINY_VIT
+    from reference import random_backbone
+
+    return random_backbone(TINY_VIT, 12, seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    """A random post-norm BERT (helpers.TINY_BERT: width 24, 3 blocks; float64) with MiniLM's tokenizer at 32
+    tokens."""
+    import torch
+
+    from helpers import TINY_BERT
+    from reference import random_text_backbone
+    from taft.backbones.assets import minilm_dir
+    from taft.backbones.base import Backbone
+    from taft.backbones.tokenizer import TextTokenizer
+
+    random = random_text_backbone(TINY_BERT, seed=0, dtype=torch.float64)
+    tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", 32)
+    return Backbone(name=random.name, model=random.model, preprocess=tokenizer.preprocess, tokenizer=tokenizer)

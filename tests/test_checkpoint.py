@@ -15,15 +15,16 @@ from taft import FingerprintMismatchError, TaftError
 from taft.checkpoint import FORMAT_VERSION, META_KEY, load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from taft.train import TrainConfig, build_classifier, fit
 
-from test_train import CFG, CLASSES, backbone, config, separable  # noqa: F401  (fixture)
+from helpers import CLASSES, TINY_VIT
+from test_train import config, separable
 
 
 @pytest.fixture(scope="module")
-def trained(backbone, tmp_path_factory):
+def trained(tiny_vit, tmp_path_factory):
     """A short TAFT run (k = 1) with its checkpoint."""
     run = tmp_path_factory.mktemp("run")
     feats, labels, ids = separable(4)
-    return fit(config("taft", epochs=2), backbone, (feats, labels, ids), class_names=CLASSES, run_dir=run,
+    return fit(config("taft", epochs=2), tiny_vit, (feats, labels, ids), class_names=CLASSES, run_dir=run,
                progress=False)
 
 
@@ -42,11 +43,11 @@ def rewrite(src, dst, edit_tensors=None, edit_meta=None):
 
 @pytest.mark.parametrize("method, head_init", [("taft", "random"), ("nlft", "random"), ("probe", "random"),
                                                ("taft", "probe")])
-def test_round_trip_gives_identical_predictions(backbone, tmp_path, method, head_init):
+def test_round_trip_gives_identical_predictions(tiny_vit, tmp_path, method, head_init):
     feats, labels, ids = separable(4)
-    result = fit(config(method, epochs=2, head_init=head_init), backbone, (feats, labels, ids), class_names=CLASSES,
+    result = fit(config(method, epochs=2, head_init=head_init), tiny_vit, (feats, labels, ids), class_names=CLASSES,
                  run_dir=tmp_path, progress=False)
-    clf, meta = load_checkpoint(result.checkpoint, backbone)
+    clf, meta = load_checkpoint(result.checkpoint, tiny_vit)
     images = torch.randn(5, 3, 12, 12)
     with torch.no_grad():
         assert torch.equal(clf(images), result.classifier(images))
@@ -54,19 +55,19 @@ def test_round_trip_gives_identical_predictions(backbone, tmp_path, method, head
     assert clf.method == method and clf.class_names == CLASSES and clf.fingerprint == result.classifier.fingerprint
     assert meta["method"] == method and meta["format_version"] == FORMAT_VERSION
     assert meta["data"]["ids"] == ids and meta["data"]["count"] == len(ids) and len(meta["data"]["ids_sha256"]) == 64
-    assert meta["preprocess"]["image_size"] == [12, 12] and meta["backbone"] == backbone.name
+    assert meta["preprocess"]["image_size"] == [12, 12] and meta["backbone"] == tiny_vit.name
     assert TrainConfig.from_dict(meta["train_config"]) == result.config
     assert {"taft", "torch"} <= set(meta["versions"]) and meta["created"]
     assert meta["metrics"]["top1"] == result.metrics["top1"]
     assert read_checkpoint_metadata(result.checkpoint)["fingerprint"] == clf.fingerprint
 
 
-def test_checkpoint_holds_only_what_was_trained(trained, backbone):
+def test_checkpoint_holds_only_what_was_trained(trained, tiny_vit):
     with safe_open(str(trained.checkpoint), framework="pt") as f:
         names = set(f.keys())
     assert names == set(trained.classifier.trained_state_dict()) | {"w0.head.weight", "w0.head.bias"}
     assert not any(n.startswith(("blocks.0.", "blocks.1.", "patch_embed", "pos_embed")) for n in names)
-    backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
+    backbone_bytes = sum(t.numel() * t.element_size() for t in tiny_vit.model.state_dict().values())
     assert trained.checkpoint.stat().st_size < 0.5 * backbone_bytes  # k = 1 of 3 blocks
 
 
@@ -84,30 +85,30 @@ def test_corrupt_and_truncated_files(trained, tmp_path):
         load_checkpoint(tmp_path / "absent.safetensors")
 
 
-def test_not_a_taft_checkpoint_and_unknown_version(trained, backbone, tmp_path):
+def test_not_a_taft_checkpoint_and_unknown_version(trained, tiny_vit, tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(2)}, str(plain))
     with pytest.raises(TaftError, match="is not a taft checkpoint"):
-        load_checkpoint(plain, backbone)
+        load_checkpoint(plain, tiny_vit)
     future = rewrite(trained.checkpoint, tmp_path / "v99.safetensors",
                      edit_meta=lambda m: m.update(format_version=99))
     with pytest.raises(TaftError, match="format version 99; this taft .* reads version 1"):
-        load_checkpoint(future, backbone)
+        load_checkpoint(future, tiny_vit)
 
 
 def test_other_backbone_is_refused_naming_the_wanted_one(trained, tmp_path):
-    other = random_backbone(CFG, 12, seed=1, dtype=torch.float32)
+    other = random_backbone(TINY_VIT, 12, seed=1, dtype=torch.float32)
     with pytest.raises(FingerprintMismatchError, match="trained on backbone 'random-0' .* not on 'random-1'"):
         load_checkpoint(trained.checkpoint, other)
     with pytest.raises(TaftError, match="needs backbone 'random-0', which cannot be loaded"):
         load_checkpoint(trained.checkpoint)  # the name is not a registry name or a file
 
 
-def test_changed_base_head_is_a_fingerprint_mismatch(trained, backbone, tmp_path):
+def test_changed_base_head_is_a_fingerprint_mismatch(trained, tiny_vit, tmp_path):
     bad = rewrite(trained.checkpoint, tmp_path / "w0.safetensors",
                   edit_tensors=lambda t: t["w0.head.weight"].mul_(2))
     with pytest.raises(FingerprintMismatchError, match="other base weights"):
-        load_checkpoint(bad, backbone)
+        load_checkpoint(bad, tiny_vit)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -117,23 +118,23 @@ def test_changed_base_head_is_a_fingerprint_mismatch(trained, backbone, tmp_path
     (lambda t: t["head.weight"].view(-1).__setitem__(3, float("nan")), r"NaN or infinite values in \['head.weight'\]"),
     (lambda t: t.pop("w0.head.bias"), r"missing tensors \['w0.head.bias'\]"),
 ])
-def test_bad_tensors_are_named(trained, backbone, tmp_path, edit, match):
+def test_bad_tensors_are_named(trained, tiny_vit, tmp_path, edit, match):
     bad = rewrite(trained.checkpoint, tmp_path / "bad.safetensors", edit_tensors=edit)
     with pytest.raises(TaftError, match=match):
-        load_checkpoint(bad, backbone)
+        load_checkpoint(bad, tiny_vit)
 
 
-def test_errors_are_one_line(trained, backbone, tmp_path):
+def test_errors_are_one_line(trained, tiny_vit, tmp_path):
     bad = rewrite(trained.checkpoint, tmp_path / "bad.safetensors", edit_tensors=lambda t: t.pop("head.bias"))
     with pytest.raises(TaftError) as info:
-        load_checkpoint(bad, backbone)
+        load_checkpoint(bad, tiny_vit)
     assert "\n" not in str(info.value)
 
 
-def test_save_without_ids_and_preprocess_from_checkpoint(backbone, tmp_path):
-    clf = build_classifier(TrainConfig(method="probe"), backbone, CLASSES)
+def test_save_without_ids_and_preprocess_from_checkpoint(tiny_vit, tmp_path):
+    clf = build_classifier(TrainConfig(method="probe"), tiny_vit, CLASSES)
     path = save_checkpoint(tmp_path / "c.safetensors", clf, train_ids=None, n_train=17)
     meta = read_checkpoint_metadata(path)
     assert meta["data"] == {"count": 17, "ids_sha256": None, "ids": None}
-    loaded, _ = load_checkpoint(path, backbone)
-    assert loaded.preprocess == backbone.preprocess
+    loaded, _ = load_checkpoint(path, tiny_vit)
+    assert loaded.preprocess == tiny_vit.preprocess

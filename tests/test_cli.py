@@ -5,22 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import bad
+from helpers import bad, make_classes, make_idx
 from taft.cli import main
-from test_data import make_idx, write_image
 
 FAST = ["--image-size", "28", "--epochs", "2", "--quiet"]
-
-
-def make_classes(root: Path, classes=("ant", "bee"), per_class: int = 6) -> Path:
-    for c, name in enumerate(classes):
-        for i in range(per_class):
-            write_image(root / name / f"{i}.png", seed=100 * c + i, size=(20 + c, 20))
-    return root
 
 
 @pytest.fixture(scope="module")

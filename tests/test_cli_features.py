@@ -14,7 +14,8 @@ import pytest
 
 from helpers import _cache_env, bad  # noqa: F401  (fixture)
 from taft.cli import main
-from test_cli import FAST, make_classes
+from helpers import make_classes
+from test_cli import FAST
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@ forgetting, DP, and the one-line errors for bad text input."""
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
 
 import pytest
 
-from helpers import _cache_env, _one_thread, bad  # noqa: F401  (fixtures)
+from helpers import _cache_env, _one_thread, bad, write_csv, write_jsonl  # noqa: F401  (fixtures)
 from taft.checkpoint import read_checkpoint_metadata
 from taft.cli import main
 
@@ -18,19 +16,6 @@ POS = ["a gripping, beautifully shot film", "warm, witty and wise", "one of the 
 NEG = ["dull", "tedious from start to finish", "I wanted my two hours back", "flat and lifeless",
        "mediocre at best", "far too long"]
 TEXT = ["--backbone", "minilm-l6", "--epochs", "2", "--quiet"]
-
-
-def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

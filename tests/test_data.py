@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import random
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import CIFAR_MINI, make_idx, write_idx, write_image
 from taft.backbones.base import ImagePreprocess
 from taft.data import (
     FASHION_MNIST_CLASSES,
@@ -26,14 +25,6 @@ from taft.data import (
 from taft.errors import AssetMissingError, TaftError
 
 PP = ImagePreprocess(image_size=(14, 14), patch_size=7)
-CIFAR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
-
-
-def write_image(path: Path, seed: int, size: tuple[int, int] = (10, 8), grey: bool = False) -> None:
-    rng = np.random.default_rng(seed)
-    shape = (size[1], size[0]) if grey else (size[1], size[0], 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
 
 
 def make_folder(root: Path) -> Path:
@@ -202,24 +193,6 @@ def test_select_per_class_and_with_transform(tmp_path):
 
 
 # --- Fashion-MNIST IDX ----------------------------------------------------------------------------------------
-
-def write_idx(path: Path, magic: int, array: np.ndarray, compress: bool = True, dims=None) -> None:
-    dims = array.shape if dims is None else dims
-    data = struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims) + array.astype(np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
-
-
-def make_idx(root: Path, split: str = "train", n_per_class: int = 3, compress: bool = True) -> Path:
-    prefix = "train" if split == "train" else "t10k"
-    rng = np.random.default_rng(0)
-    labels = np.tile(np.arange(10), n_per_class)
-    images = rng.integers(0, 256, (len(labels), 28, 28))
-    sfx = ".gz" if compress else ""
-    write_idx(root / f"{prefix}-images-idx3-ubyte{sfx}", 0x803, images, compress)
-    write_idx(root / f"{prefix}-labels-idx1-ubyte{sfx}", 0x801, labels, compress)
-    return root
-
 
 @pytest.mark.parametrize("compress", [True, False])
 def test_fashion_mnist_from_idx(tmp_path, compress):

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers import _cache_env  # noqa: F401  (fixture)
+from helpers import _cache_env, write_image  # noqa: F401  (fixture)
 from taft.backbones.base import ImagePreprocess
 from taft.data import (
     CachedFeatures,
@@ -28,18 +27,12 @@ KEY = {"backbone": "fake-fingerprint", "tangent_blocks": 1}
 N_IMAGES = 13  # 3 classes; batch_size 4 -> 4 chunks, the last one short
 
 
-def write_image(path: Path, seed: int, grey: bool = False) -> None:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (9, 11) if grey else (9, 11, 3), dtype=np.uint8)).save(path)
-
-
 @pytest.fixture
 def folder(tmp_path) -> Path:
     root = tmp_path / "images"
     for i in range(N_IMAGES):
         ext = "png" if i % 2 else "jpg"
-        write_image(root / f"class{i % 3}" / f"img{i:02d}.{ext}", i, grey=i % 4 == 0)
+        write_image(root / f"class{i % 3}" / f"img{i:02d}.{ext}", i, size=(11, 9), grey=i % 4 == 0)
     return root
 
 
@@ -100,9 +93,9 @@ def test_miss_on_different_key(folder, tmp_path):
 def test_invalidated_when_data_changes(folder, tmp_path, change):
     first = FeatureCache().build_or_load(image_folder(folder, PP), Trunk(), KEY, progress=False)
     if change == "rewrite":
-        write_image(folder / "class1" / "img01.png", 999)  # same name, same size, new pixels
+        write_image(folder / "class1" / "img01.png", 999, size=(11, 9))  # same name, same size, new pixels
     elif change == "add":
-        write_image(folder / "class2" / "new.png", 1000)
+        write_image(folder / "class2" / "new.png", 1000, size=(11, 9))
     else:
         (folder / "class0" / "img03.png").unlink()
     trunk = Trunk()

@@ -9,7 +9,7 @@ import pytest
 from taft.backbones.base import ImagePreprocess
 from taft.data.source import DataSource
 from taft.errors import TaftError
-from test_cli import make_classes
+from helpers import make_classes
 
 
 class ImageModel:

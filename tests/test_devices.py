@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import _cache_env, _one_thread, bad  # noqa: F401  (fixtures)
-from reference import random_backbone
+from helpers import CLASSES, _cache_env, _one_thread, bad  # noqa: F401  (fixtures)
 from taft import TaftError
 from taft.checkpoint import load_checkpoint, save_checkpoint
 from taft.cli import main
@@ -26,10 +25,10 @@ from taft.train import TrainConfig, build_classifier, cache_features, evaluate, 
 from taft.train.compiled import CompiledStep
 from taft.train.feeding import DEVICE_FRACTION, choose_feed, streamed
 from taft.train.trainer import Examples, Prepared, train_loop
-from test_cli import FAST, make_classes
+from helpers import make_classes
+from test_cli import FAST
 from test_text_train import dataset as text_dataset
-from test_text_train import text_bb  # noqa: F401  (fixture)
-from test_train import CFG, CLASSES, synthetic_images
+from test_train import synthetic_images
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
@@ -37,14 +36,9 @@ no_cuda = pytest.mark.skipif(HAS_CUDA, reason="checks the error for an absent GP
 
 
 @pytest.fixture(scope="module")
-def backbone():
-    return random_backbone(CFG, 12, seed=0, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def cached(backbone, tmp_path_factory):
+def cached(tiny_vit, tmp_path_factory):
     """Cached trunk features (a memmap entry) of 24 synthetic images for k=2."""
-    return cache_features(synthetic_images(), backbone, 2, root=tmp_path_factory.mktemp("cache"), progress=False)
+    return cache_features(synthetic_images(), tiny_vit, 2, root=tmp_path_factory.mktemp("cache"), progress=False)
 
 
 def config(method: str = "taft", **kw) -> TrainConfig:
@@ -133,19 +127,19 @@ def test_saved_tensors_are_contiguous_cpu_copies_and_meta_or_half_tensors_are_re
         device_free({"a": torch.zeros(2, dtype=torch.bfloat16)})
 
 
-def test_checkpoint_round_trip_through_meta_and_back(backbone, cached, tmp_path):
-    result = fit(config(), backbone, cached, progress=False)
+def test_checkpoint_round_trip_through_meta_and_back(tiny_vit, cached, tmp_path):
+    result = fit(config(), tiny_vit, cached, progress=False)
     path = save_checkpoint(tmp_path / "c.safetensors", result.classifier, train_ids=cached.ids)
     with safe_open(str(path), framework="pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     assert all(t.dtype == torch.float32 and t.is_contiguous() for t in stored.values())
-    on_meta, _ = load_checkpoint(path, backbone, device="meta")  # loads anywhere, even without data
+    on_meta, _ = load_checkpoint(path, tiny_vit, device="meta")  # loads anywhere, even without data
     assert on_meta.device.type == "meta"
     before = path.read_bytes()
     with pytest.raises(TaftError, match="meta device"):
         save_checkpoint(path, on_meta, train_ids=cached.ids)
     assert path.read_bytes() == before  # the refused save left the file alone
-    back, _ = load_checkpoint(path, backbone, device="cpu")
+    back, _ = load_checkpoint(path, tiny_vit, device="cpu")
     assert_same_tensors(trained_tensors(result), trained_tensors(type("R", (), {"classifier": back})))
     with pytest.raises(TaftError, match="float16; checkpoints hold float32"):
         save_checkpoint(tmp_path / "half.safetensors", back.to(torch.float16), train_ids=cached.ids)
@@ -164,10 +158,10 @@ def test_autocast_names_and_devices():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_autocast_feature_build_keeps_the_stored_dtype_and_has_its_own_cache_entry(backbone, tmp_path, dtype):
+def test_autocast_feature_build_keeps_the_stored_dtype_and_has_its_own_cache_entry(tiny_vit, tmp_path, dtype):
     ds = synthetic_images(2)
-    plain = cache_features(ds, backbone, 2, root=tmp_path, dtype=dtype, progress=False)
-    bf16 = cache_features(ds, backbone, 2, root=tmp_path, dtype=dtype, autocast="bf16", progress=False)
+    plain = cache_features(ds, tiny_vit, 2, root=tmp_path, dtype=dtype, progress=False)
+    bf16 = cache_features(ds, tiny_vit, 2, root=tmp_path, dtype=dtype, autocast="bf16", progress=False)
     assert plain.path != bf16.path and bf16.meta["key"]["key"]["autocast"] == "bf16"
     assert "autocast" not in plain.meta["key"]["key"]  # entries made before autocast existed stay valid
     assert np.load(bf16.path / "features.npy", mmap_mode="r").dtype == np.dtype(str(dtype).removeprefix("torch."))
@@ -176,9 +170,9 @@ def test_autocast_feature_build_keeps_the_stored_dtype_and_has_its_own_cache_ent
     torch.testing.assert_close(b, a, rtol=0.1, atol=0.1)  # bf16 keeps ~3 significant digits through 1 block
 
 
-def test_autocast_training_keeps_float32_weights_and_optimizer_state(backbone, cached, tmp_path):
-    eager = fit(config(), backbone, cached, progress=False)
-    mixed = fit(config(), backbone, cached, progress=False, autocast="bf16", run_dir=tmp_path / "run")
+def test_autocast_training_keeps_float32_weights_and_optimizer_state(tiny_vit, cached, tmp_path):
+    eager = fit(config(), tiny_vit, cached, progress=False)
+    mixed = fit(config(), tiny_vit, cached, progress=False, autocast="bf16", run_dir=tmp_path / "run")
     assert mixed.metrics["compute"]["autocast"] == "bf16"
     trained = trained_tensors(mixed)
     assert all(t.dtype == torch.float32 for t in trained.values())
@@ -186,7 +180,7 @@ def test_autocast_training_keeps_float32_weights_and_optimizer_state(backbone, c
     with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
     # the optimizer state of a bf16-autocast loop is float32 too
-    clf = build_classifier(config(), backbone, CLASSES)
+    clf = build_classifier(config(), tiny_vit, CLASSES)
     prepared = Prepared(clf, Examples(cached))
     captured = {}
     real = torch.optim.AdamW
@@ -205,14 +199,14 @@ def test_autocast_training_keeps_float32_weights_and_optimizer_state(backbone, c
     assert states and {t.dtype for t in states if t.numel() > 1} == {torch.float32}
 
 
-def test_dp_refuses_autocast_and_compile(backbone, cached):
+def test_dp_refuses_autocast_and_compile(tiny_vit, cached):
     from taft.privacy import DPConfig
 
     dp = DPConfig(delta=1e-3, noise_multiplier=1.0)
     with pytest.raises(TaftError, match="autocast and compile are not supported with dp"):
-        fit(config(), backbone, cached, progress=False, dp=dp, autocast="bf16")
+        fit(config(), tiny_vit, cached, progress=False, dp=dp, autocast="bf16")
     with pytest.raises(TaftError, match="autocast and compile are not supported with dp"):
-        fit(config(), backbone, cached, progress=False, dp=dp, compile=True)
+        fit(config(), tiny_vit, cached, progress=False, dp=dp, compile=True)
 
 
 # ----------------------------------------------------------------------------------------- feature placement
@@ -235,8 +229,8 @@ def test_feed_choice():
 
 
 @pytest.mark.parametrize("method", ["taft", "nlft", "probe"])
-def test_resident_and_streamed_features_train_exactly_like_the_memmap(backbone, cached, method):
-    results = {feed: fit(config(method), backbone, cached, val=cached, progress=False, feed=feed)
+def test_resident_and_streamed_features_train_exactly_like_the_memmap(tiny_vit, cached, method):
+    results = {feed: fit(config(method), tiny_vit, cached, val=cached, progress=False, feed=feed)
                for feed in ("host", "resident", "stream")}
     assert results["stream"].metrics["compute"]["feed"]["train"] == ("resident" if method == "probe" else "stream")
     for feed in ("resident", "stream"):
@@ -245,12 +239,12 @@ def test_resident_and_streamed_features_train_exactly_like_the_memmap(backbone, 
         assert results[feed].history[-1]["val_loss"] == results["host"].history[-1]["val_loss"]
 
 
-def test_streamed_text_features_equal_the_memmap(text_bb):  # noqa: F811
-    cf = cache_features(text_dataset(text_bb), text_bb, 1, progress=False, dtype=torch.float16)
+def test_streamed_text_features_equal_the_memmap(tiny_bert):
+    cf = cache_features(text_dataset(tiny_bert), tiny_bert, 1, progress=False, dtype=torch.float16)
     cfg = TrainConfig(method="taft", tangent_blocks=1, lr=1e-2, epochs=2, batch_size=5, pooling="mean")
-    host = fit(cfg, text_bb, cf, progress=False, feed="host")
+    host = fit(cfg, tiny_bert, cf, progress=False, feed="host")
     for feed in ("resident", "stream"):
-        assert_same_tensors(trained_tensors(host), trained_tensors(fit(cfg, text_bb, cf, progress=False, feed=feed)))
+        assert_same_tensors(trained_tensors(host), trained_tensors(fit(cfg, tiny_bert, cf, progress=False, feed=feed)))
     assert evaluate(host.classifier, cf, feed="stream").loss == evaluate(host.classifier, cf, feed="host").loss
 
 
@@ -272,8 +266,8 @@ def test_streaming_stops_early_and_passes_errors_on():
 
 
 # --------------------------------------------------------------------------------------------- compiled step
-def test_compile_falls_back_to_eager_with_one_warning(backbone, cached):
-    clf = build_classifier(config(), backbone, CLASSES)
+def test_compile_falls_back_to_eager_with_one_warning(tiny_vit, cached):
+    clf = build_classifier(config(), tiny_vit, CLASSES)
 
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no compiler here")
@@ -289,13 +283,13 @@ def test_compile_falls_back_to_eager_with_one_warning(backbone, cached):
     assert not CompiledStep(clf.train_logits).active  # eager is the default
 
 
-def test_compiled_training_equals_eager(backbone, cached):
+def test_compiled_training_equals_eager(tiny_vit, cached):
     """torch.compile's graph capture and autograd (backend aot_eager: the inductor backend needs about a minute
     per graph on 2 CPU cores) train the same weights as eager, to float32 rounding."""
     cfg = config("taft", epochs=1)
     weights = {}
     for name, enabled in (("eager", False), ("compiled", True)):
-        clf = build_classifier(cfg, backbone, CLASSES)
+        clf = build_classifier(cfg, tiny_vit, CLASSES)
         step = CompiledStep(clf.train_logits, enabled=enabled, backend="aot_eager")
         train_loop(clf, cfg, Prepared(clf, Examples(cached)), progress=False, forward=step)
         assert step.active == enabled
@@ -328,43 +322,43 @@ def test_shard_workers_one_per_gpu_and_pinning():
 
 # ------------------------------------------------------------------------------------------------------- CUDA
 @cuda
-def test_cuda_training_saves_cpu_tensors_that_load_on_the_cpu(backbone, cached, tmp_path):
-    result = fit(config(), backbone, cached, val=cached, progress=False, device="cuda", run_dir=tmp_path / "run")
+def test_cuda_training_saves_cpu_tensors_that_load_on_the_cpu(tiny_vit, cached, tmp_path):
+    result = fit(config(), tiny_vit, cached, val=cached, progress=False, device="cuda", run_dir=tmp_path / "run")
     assert result.classifier.device.type == "cuda" and result.metrics["compute"]["device"] == "cuda:0"
-    on_cpu, _ = load_checkpoint(result.checkpoint, backbone, device="cpu")
+    on_cpu, _ = load_checkpoint(result.checkpoint, tiny_vit, device="cpu")
     assert_same_tensors(trained_tensors(result), trained_tensors(type("R", (), {"classifier": on_cpu})))
     x = torch.from_numpy(np.array(cached.features[:8], dtype=np.float32))
     with torch.no_grad():
         torch.testing.assert_close(on_cpu.logits(x), result.classifier.logits(x).cpu(), rtol=1e-4, atol=1e-4)
-    cpu_run = fit(config(), backbone, cached, progress=False, device="cpu")
+    cpu_run = fit(config(), tiny_vit, cached, progress=False, device="cpu")
     for n, t in trained_tensors(cpu_run).items():  # same training on another device: float rounding only
         torch.testing.assert_close(trained_tensors(result)[n], t, rtol=1e-3, atol=1e-4)
 
 
 @cuda
-def test_cuda_resident_and_streamed_features_train_identically(backbone, cached):
-    host = fit(config(), backbone, cached, progress=False, device="cuda", feed="host")
+def test_cuda_resident_and_streamed_features_train_identically(tiny_vit, cached):
+    host = fit(config(), tiny_vit, cached, progress=False, device="cuda", feed="host")
     for feed in ("resident", "stream"):
-        other = fit(config(), backbone, cached, progress=False, device="cuda", feed=feed)
+        other = fit(config(), tiny_vit, cached, progress=False, device="cuda", feed=feed)
         assert other.metrics["compute"]["feed"]["train"] == feed
         assert_same_tensors(trained_tensors(host), trained_tensors(other))
 
 
 @cuda
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
-def test_cuda_autocast_build_and_training_keep_float32(backbone, tmp_path, name):
-    cf = cache_features(synthetic_images(), backbone, 2, root=tmp_path, device="cuda", autocast=name, progress=False)
+def test_cuda_autocast_build_and_training_keep_float32(tiny_vit, tmp_path, name):
+    cf = cache_features(synthetic_images(), tiny_vit, 2, root=tmp_path, device="cuda", autocast=name, progress=False)
     assert np.load(cf.path / "features.npy", mmap_mode="r").dtype == np.float32
-    result = fit(config(), backbone, cf, progress=False, device="cuda", autocast=name)
+    result = fit(config(), tiny_vit, cf, progress=False, device="cuda", autocast=name)
     assert {t.dtype for t in result.classifier.trained_state_dict().values()} == {torch.float32}
 
 
 @cuda
-def test_cuda_compiled_training_equals_eager(backbone, cached):
+def test_cuda_compiled_training_equals_eager(tiny_vit, cached):
     cfg = config("taft", epochs=1)
     weights = {}
     for name, enabled in (("eager", False), ("compiled", True)):
-        clf = build_classifier(cfg, backbone, CLASSES).to("cuda")
+        clf = build_classifier(cfg, tiny_vit, CLASSES).to("cuda")
         step = CompiledStep(clf.train_logits, enabled=enabled)
         prepared = Prepared(clf, Examples(cached))
         prepared.place(clf.device)

@@ -21,7 +21,8 @@ from reference import random_backbone
 from taft.backbones.vit import ViTConfig
 from taft.cli import main
 from taft.train import TrainConfig, fit
-from test_cli import FAST, make_classes
+from helpers import make_classes
+from test_cli import FAST
 
 
 def run_cli(*argv: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import TINY_VIT
 from reference import random_backbone, randomize_delta
 from taft import FingerprintMismatchError, TaftError, TangentModel, load_backbone
-from taft.backbones.vit import ViTConfig
 
-CFG = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3)
 
 
 def small_model(seed: int = 0, k: int = 2, backbone_seed: int = 0) -> TangentModel:
-    return TangentModel(random_backbone(CFG, 12, seed=backbone_seed, dtype=torch.float32), 4, tangent_blocks=k,
+    return TangentModel(random_backbone(TINY_VIT, 12, seed=backbone_seed, dtype=torch.float32), 4, tangent_blocks=k,
                         seed=seed)
 
 
@@ -79,12 +78,12 @@ def test_bad_delta_is_rejected_before_anything_changes():
 def test_bad_construction_arguments(kwargs, message):
     args = {"num_classes": 4, "tangent_blocks": 2, **kwargs}
     with pytest.raises(TaftError, match=message):
-        TangentModel(random_backbone(CFG, 12, dtype=torch.float32), **args)
+        TangentModel(random_backbone(TINY_VIT, 12, dtype=torch.float32), **args)
 
 
 def test_given_head_is_used():
     weight = torch.randn(4, 32)
-    model = TangentModel(random_backbone(CFG, 12, dtype=torch.float32), 4, head_weight=weight)
+    model = TangentModel(random_backbone(TINY_VIT, 12, dtype=torch.float32), 4, head_weight=weight)
     assert torch.equal(model.tail.head.weight_0, weight) and torch.count_nonzero(model.tail.head.bias_0) == 0
 
 

@@ -20,8 +20,9 @@ from taft.store import ModelStore, create_store, resume
 from taft.store.checkpoints import read_checkpoint
 from taft.store.layout import StoreLayout
 from taft.store.journal import read_pending
-from test_cli import make_classes
-from test_store import CLASSES, CONFIG, K, same_tensors, tiny_features
+from helpers import make_classes
+from helpers import CLASSES
+from test_store import CONFIG, K, same_tensors, tiny_features
 
 
 @pytest.fixture(scope="module")

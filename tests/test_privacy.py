@@ -335,7 +335,7 @@ def test_cli_train_dp_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_train_with_dp_end_to_end(tmp_path, capsys):
-    from test_cli import make_classes
+    from helpers import make_classes
 
     data = make_classes(tmp_path / "data")
     out = tmp_path / "run"

@@ -28,7 +28,7 @@ from taft.parallel.ray_cluster import NodeFeatures
 from taft.store import ModelStore, create_store, forget, verify
 from taft.store.layout import StoreLayout
 from taft.store.layout import CRASH_ENV, CRASH_EXIT
-from test_cli import make_classes
+from helpers import make_classes
 from test_parallel import shard_tensors, tasks
 from test_store import CONFIG, K, composed_delta, same_tensors, tiny_features
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from readme_shim import tiny
 from taft.cli import main
-from test_cli import make_classes
-from test_data import make_idx
+from helpers import make_classes
+from helpers import make_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip:\s*(.+?)\s*-->")

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import CLASSES, TINY_VIT
 from reference import random_backbone
 from taft import FingerprintMismatchError, TaftError
 from taft.backbones.base import Backbone
-from taft.backbones.vit import ViTConfig
 from taft.checkpoint import load_checkpoint, read_checkpoint_metadata
 from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
@@ -33,14 +33,12 @@ from taft.store.manifest import load_manifest
 from taft.store.plan import shard_seed
 from taft.train import TrainConfig, cache_features
 
-CFG = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3)
-CLASSES = ["a", "b", "c", "d"]
 CONFIG = TrainConfig(lr=1e-2, epochs=2, batch_size=4)
 K = 3
 
 
 def tiny_backbone(dtype: torch.dtype = torch.float32):
-    return random_backbone(CFG, 12, seed=0, dtype=dtype)
+    return random_backbone(TINY_VIT, 12, seed=0, dtype=dtype)
 
 
 def tiny_images(n_per_class: int = 9) -> ImageDataset:
@@ -373,5 +371,5 @@ def test_create_refuses_bad_settings(data, tmp_path, store):
     with pytest.raises(TaftError, match="plan's ids differ"):
         create_store(tmp_path / "y", cf, bb, CONFIG, plan=plan, executor="inline", progress=False)
     with pytest.raises(FingerprintMismatchError):
-        forget(store, [cf.ids[0]], "retrain", backbone=random_backbone(CFG, 12, seed=3, dtype=torch.float32),
+        forget(store, [cf.ids[0]], "retrain", backbone=random_backbone(TINY_VIT, 12, seed=3, dtype=torch.float32),
                executor="inline", progress=False)

@@ -16,7 +16,7 @@ from helpers import bad
 from taft.cli import main
 from taft.store.layout import StoreLayout, write_json
 from taft.store.manifest import load_manifest
-from test_cli import make_classes
+from helpers import make_classes
 
 FAST = ["--image-size", "28", "--epochs", "1", "--quiet", "--lr", "1e-3"]
 

@@ -26,7 +26,7 @@ from taft.store.layout import StoreLayout
 from taft.store.report import write_report
 from taft.store.create import dp_shard_seed, releases, shard_dp
 from taft.train import TrainConfig
-from test_cli import make_classes
+from helpers import make_classes
 from test_store import CONFIG, tiny_features
 
 DP = DPConfig(noise_multiplier=1.0, delta=1e-3, clip=1.0, accountant="rdp", seed=11)

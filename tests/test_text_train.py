@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import _cache_env, _one_thread  # noqa: F401  (fixtures)
-from reference import random_text_backbone
+from helpers import TINY_BERT, _cache_env, _one_thread  # noqa: F401  (fixtures)
 from taft.backbones.base import Backbone
-from taft.backbones.bert import BertConfig
 from taft.backbones.tokenizer import TextTokenizer
 from taft.backbones.assets import minilm_dir
 from taft.data import TextDataset
@@ -23,7 +21,6 @@ from taft.train import TrainConfig, build_classifier, cache_features, evaluate, 
 from taft.train.losses import classification_loss
 from taft.train.trainer import Examples
 
-CFG = BertConfig(dim=24, depth=3, heads=4, mlp_hidden=48, vocab_size=30522, max_positions=64)
 TEXTS = ["a gripping, beautifully shot film", "dull", "not as funny as it thinks it is, and far too long",
          "a small gem", "tedious from start to finish", "warm, witty and wise", "I wanted my two hours back",
          "one of the year's best", "flat", "an utter delight from its first frame to its very last scene",
@@ -31,45 +28,38 @@ TEXTS = ["a gripping, beautifully shot film", "dull", "not as funny as it thinks
 LABELS = [1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
 
 
-@pytest.fixture(scope="module")
-def text_bb() -> Backbone:
-    random = random_text_backbone(CFG, seed=0, dtype=torch.float64)
-    tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", 32)
-    return Backbone(name=random.name, model=random.model, preprocess=tokenizer.preprocess, tokenizer=tokenizer)
-
-
 def dataset(bb: Backbone, n: int = len(TEXTS)) -> TextDataset:
     return TextDataset(TEXTS[:n], LABELS[:n], [f"t{i:02d}" for i in range(n)], ["neg", "pos"], bb.tokenizer, "test")
 
 
-def test_cache_stores_lengths_and_batches_are_cut_to_their_longest_text(text_bb):
-    ds = dataset(text_bb)
-    cf = cache_features(ds, text_bb, 1, progress=False, batch_size=5)
-    assert cf.lengths == ds.lengths and cf.feature_shape == (ds.width, CFG.dim)
+def test_cache_stores_lengths_and_batches_are_cut_to_their_longest_text(tiny_bert):
+    ds = dataset(tiny_bert)
+    cf = cache_features(ds, tiny_bert, 1, progress=False, batch_size=5)
+    assert cf.lengths == ds.lengths and cf.feature_shape == (ds.width, TINY_BERT.dim)
     stored = torch.from_numpy(np.asarray(cf.features, dtype=np.float64))
     for i, n in enumerate(ds.lengths):  # each text alone (no padding at all) gives the stored row; zeros after it
-        alone = text_bb.tokenizer.batch([TEXTS[i]])
-        trunk = build_classifier(TrainConfig(tangent_blocks=1), text_bb, ds.class_names).trunk
+        alone = tiny_bert.tokenizer.batch([TEXTS[i]])
+        trunk = build_classifier(TrainConfig(tangent_blocks=1), tiny_bert, ds.class_names).trunk
         torch.testing.assert_close(stored[i, :n], trunk(alone)[0].float().double(), rtol=0, atol=0)
         assert not stored[i, n:].any()
     ex = Examples(cf)
     x, mask = ex.rows(torch.tensor([1, 8]))  # "dull", "flat": 3 tokens each
-    assert x.shape == (2, 3, CFG.dim) and mask.all()
+    assert x.shape == (2, 3, TINY_BERT.dim) and mask.all()
     x, mask = ex.rows(torch.tensor([1, 2]))
     assert x.shape[1] == ds.lengths[2] and mask.sum(1).tolist() == [ds.lengths[1], ds.lengths[2]]
 
 
 @pytest.mark.parametrize("method", ["taft", "nlft", "probe"])
-def test_cached_training_path_equals_the_whole_model_on_raw_text(text_bb, method):
+def test_cached_training_path_equals_the_whole_model_on_raw_text(tiny_bert, method):
     """Logits from cached, per-batch padded features equal the classifier run on freshly tokenized text."""
-    ds = dataset(text_bb)
-    cf = cache_features(ds, text_bb, 2, progress=False)
+    ds = dataset(tiny_bert)
+    cf = cache_features(ds, tiny_bert, 2, progress=False)
     cfg = TrainConfig(method=method, tangent_blocks=2, epochs=3, batch_size=4, lr=1e-2, pooling="mean")
-    result = fit(cfg, text_bb, cf, progress=False)
+    result = fit(cfg, tiny_bert, cf, progress=False)
     clf = result.classifier
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     with torch.no_grad():
-        direct = clf(text_bb.tokenizer.batch(TEXTS))
+        direct = clf(tiny_bert.tokenizer.batch(TEXTS))
     ex = Examples(cf)
     x, mask = ex.rows(torch.arange(len(ds)))
     with torch.no_grad():
@@ -81,29 +71,29 @@ def test_cached_training_path_equals_the_whole_model_on_raw_text(text_bb, method
     assert ev.top1 == float((direct.argmax(-1) == torch.tensor(LABELS)).double().mean())
 
 
-def test_composed_text_store_equals_the_mean_of_its_shards(text_bb, tmp_path):
-    ds = dataset(text_bb)
-    cf = cache_features(ds, text_bb, 1, progress=False)
+def test_composed_text_store_equals_the_mean_of_its_shards(tiny_bert, tmp_path):
+    ds = dataset(tiny_bert)
+    cf = cache_features(ds, tiny_bert, 1, progress=False)
     cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=2, batch_size=3, lr=1e-2, pooling="mean")
-    store = ModelStore(create_store(tmp_path / "s", cf, text_bb, cfg, shards=3, executor="inline", progress=False))
-    batch = text_bb.tokenizer.batch(TEXTS)
+    store = ModelStore(create_store(tmp_path / "s", cf, tiny_bert, cfg, shards=3, executor="inline", progress=False))
+    batch = tiny_bert.tokenizer.batch(TEXTS)
     with torch.no_grad():
-        composed = store.load_composed(text_bb).classifier(batch)
-        shards = torch.stack([store.load_shard(i, text_bb).classifier(batch) for i in range(3)])
+        composed = store.load_composed(tiny_bert).classifier(batch)
+        shards = torch.stack([store.load_shard(i, tiny_bert).classifier(batch) for i in range(3)])
     torch.testing.assert_close(composed, shards.mean(0), rtol=1e-10, atol=1e-10)
     assert (shards[0] - shards[1]).abs().max() > 1e-3  # the shards differ: the check is not vacuous
 
 
 @pytest.mark.parametrize("method", ["taft", "nlft"])
-def test_per_example_gradients_with_padding_equal_each_text_alone(text_bb, method):
+def test_per_example_gradients_with_padding_equal_each_text_alone(tiny_bert, method):
     """vmap per-example gradients on a padded batch = ordinary backward on each text cut to its own length."""
-    ds = dataset(text_bb, 5)
-    clf = build_classifier(TrainConfig(method=method, tangent_blocks=2, pooling="mean"), text_bb, ds.class_names)
+    ds = dataset(tiny_bert, 5)
+    clf = build_classifier(TrainConfig(method=method, tangent_blocks=2, pooling="mean"), tiny_bert, ds.class_names)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in clf.tail.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    cf = cache_features(ds, text_bb, 2, progress=False)
+    cf = cache_features(ds, tiny_bert, 2, progress=False)
     x, mask, y = Examples(cf).batch(torch.arange(5), torch.device("cpu"), torch.float64)
     grads, losses = per_example_gradients(clf, x, y, mask=mask, chunk_size=2)
     params = dict(clf.tail.named_parameters())
@@ -116,21 +106,21 @@ def test_per_example_gradients_with_padding_equal_each_text_alone(text_bb, metho
             torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_text_features_are_cached_per_tokenization(text_bb):
+def test_text_features_are_cached_per_tokenization(tiny_bert):
     """Another max_length is another cache entry (the key names the tokenization)."""
-    ds = dataset(text_bb)
+    ds = dataset(tiny_bert)
     short = TextTokenizer(minilm_dir() / "tokenizer.json", 6)
     with pytest.warns(UserWarning, match="truncated"):
         ds_short = TextDataset(TEXTS, LABELS, ds.ids, ds.class_names, short, "test")
-    a = cache_features(ds, text_bb, 1, progress=False)
-    b = cache_features(ds_short, text_bb, 1, progress=False)
+    a = cache_features(ds, tiny_bert, 1, progress=False)
+    b = cache_features(ds_short, tiny_bert, 1, progress=False)
     assert a.path != b.path and max(b.lengths) == 6 and np.asarray(b.features).shape[1] == 6
 
 
-def test_text_backbones_default_to_the_text_learning_rates(text_bb):
-    cf = cache_features(dataset(text_bb), text_bb, 1, progress=False)
+def test_text_backbones_default_to_the_text_learning_rates(tiny_bert):
+    cf = cache_features(dataset(tiny_bert), tiny_bert, 1, progress=False)
     for method, lr in (("taft", 1e-3), ("nlft", 1e-4), ("probe", 1e-2)):
-        result = fit(TrainConfig(method=method, tangent_blocks=1, epochs=1), text_bb, cf, progress=False)
+        result = fit(TrainConfig(method=method, tangent_blocks=1, epochs=1), tiny_bert, cf, progress=False)
         assert result.config.lr == lr and result.metrics["lr"] == lr
-    explicit = fit(TrainConfig(method="taft", tangent_blocks=1, epochs=1, lr=3e-4), text_bb, cf, progress=False)
+    explicit = fit(TrainConfig(method="taft", tangent_blocks=1, epochs=1, lr=3e-4), tiny_bert, cf, progress=False)
     assert explicit.config.lr == 3e-4

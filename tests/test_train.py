@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import _cache_env  # noqa: F401  (fixture)
+from helpers import CLASSES, TINY_VIT, _cache_env  # noqa: F401  (fixture)
 from reference import random_backbone
 from taft import TaftError
-from taft.backbones.vit import ViTConfig
 from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
 from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
@@ -21,22 +20,15 @@ from taft.train.config import DP_RECIPE, recipe
 from taft.train.losses import classification_loss
 from taft.train.trainer import Examples, lr_factor
 
-CFG = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3)
-CLASSES = ["a", "b", "c", "d"]
 LR = {"taft": 1e-2, "nlft": 1e-2, "probe": 3e-2}  # the tiny random backbone takes larger steps than ViT-S
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return random_backbone(CFG, 12, seed=0, dtype=torch.float32)
 
 
 def separable(n_per_class: int = 12, seed: int = 0, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Trunk-feature-like tokens: a class-specific mean pattern plus small noise."""
     gen = torch.Generator().manual_seed(seed)
-    centres = 2.0 * torch.randn(len(CLASSES), tokens, CFG.dim, generator=torch.Generator().manual_seed(123))
+    centres = 2.0 * torch.randn(len(CLASSES), tokens, TINY_VIT.dim, generator=torch.Generator().manual_seed(123))
     labels = torch.arange(len(CLASSES)).repeat_interleave(n_per_class)
-    feats = centres[labels] + 0.3 * torch.randn(len(labels), tokens, CFG.dim, generator=gen)
+    feats = centres[labels] + 0.3 * torch.randn(len(labels), tokens, TINY_VIT.dim, generator=gen)
     return feats, labels, [f"ex{i:03d}" for i in range(len(labels))]
 
 
@@ -75,19 +67,19 @@ def test_config_rejects_unknown_keys_and_bad_json():
 
 
 @pytest.mark.parametrize("method", ["taft", "nlft", "probe"])
-def test_each_method_decreases_the_loss(backbone, method):
+def test_each_method_decreases_the_loss(tiny_vit, method):
     feats, labels, ids = separable()
-    result = fit(config(method, epochs=8), backbone, (feats, labels, ids), class_names=CLASSES, progress=False)
+    result = fit(config(method, epochs=8), tiny_vit, (feats, labels, ids), class_names=CLASSES, progress=False)
     losses = [r["train_loss"] for r in result.history]
     assert losses[-1] < 0.5 * losses[0], losses
     assert result.metrics["eval_split"] == "train" and result.metrics["top1"] >= 0.9
     assert result.train_ids == ids
 
 
-def test_methods_share_w0_and_start_from_the_same_function(backbone):
+def test_methods_share_w0_and_start_from_the_same_function(tiny_vit):
     feats, _, _ = separable(2)
     cfg = TrainConfig(head_seed=5)
-    clfs = {m: build_classifier(replace(cfg, method=m), backbone, CLASSES) for m in ("taft", "nlft", "probe")}
+    clfs = {m: build_classifier(replace(cfg, method=m), tiny_vit, CLASSES) for m in ("taft", "nlft", "probe")}
     w0 = clfs["taft"].head_weight0
     assert torch.count_nonzero(w0) == w0.numel()  # a random head, never zero
     with torch.no_grad():
@@ -105,7 +97,7 @@ def test_methods_share_w0_and_start_from_the_same_function(backbone):
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_taft_loss_is_convex_along_random_lines(loss):
-    bb = random_backbone(CFG, 12, seed=1, dtype=torch.float64)
+    bb = random_backbone(TINY_VIT, 12, seed=1, dtype=torch.float64)
     clf = build_classifier(TrainConfig(method="taft", tangent_blocks=2, loss=loss), bb, CLASSES)
     feats, labels, _ = separable(3, seed=1)
     feats = feats.double()
@@ -126,30 +118,30 @@ def test_taft_loss_is_convex_along_random_lines(loss):
             assert mid <= (1 - t) * l1 + t * l2 + 1e-9 * max(1.0, l1, l2), (t, mid, l1, l2)
 
 
-def test_same_seed_is_bitwise_identical_and_another_seed_differs(backbone):
+def test_same_seed_is_bitwise_identical_and_another_seed_differs(tiny_vit):
     data = separable()[:2]
     cfg = config("taft", epochs=2)
-    a = fit(cfg, backbone, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
-    b = fit(cfg, backbone, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
-    c = fit(replace(cfg, seed=1), backbone, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
+    a = fit(cfg, tiny_vit, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
+    b = fit(cfg, tiny_vit, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
+    c = fit(replace(cfg, seed=1), tiny_vit, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
-def test_regularizer_pulls_towards_the_start(backbone):
+def test_regularizer_pulls_towards_the_start(tiny_vit):
     data = separable()[:2]
     norms = {}
     for reg in (0.0, 10.0):
-        sd = fit(config("taft", epochs=3, reg=reg), backbone, data, class_names=CLASSES,
+        sd = fit(config("taft", epochs=3, reg=reg), tiny_vit, data, class_names=CLASSES,
                  progress=False).classifier.trained_state_dict()
         norms[reg] = sum(float(t.pow(2).sum()) for t in sd.values())
     assert norms[10.0] < norms[0.0]
 
 
-def test_divergence_stops_with_a_clear_error(backbone):
+def test_divergence_stops_with_a_clear_error(tiny_vit):
     data = separable()[:2]
     with pytest.raises(TaftError, match=r"training diverged: .* lower learning rate"):
-        fit(config("taft", lr=1e30, epochs=3), backbone, data, class_names=CLASSES, progress=False)
+        fit(config("taft", lr=1e30, epochs=3), tiny_vit, data, class_names=CLASSES, progress=False)
 
 
 def test_schedules():
@@ -167,12 +159,12 @@ def test_warmup_rises_linearly_then_the_schedule_runs_over_the_remaining_steps()
     assert lr_factor("constant", 100, warmup_steps=4)(1) == 0.5 and lr_factor("constant", 100, 4)(4) == 1.0
 
 
-def test_warmup_and_head_lr_reach_the_optimizer(backbone):
+def test_warmup_and_head_lr_reach_the_optimizer(tiny_vit):
     """Two groups (head at head_lr); the rate after epoch 1 of 2 (6 steps each) under a 9-step warm-up is 7/9 lr."""
     cfg = config("taft", lr=1e-3, head_lr=1e-2, warmup=0.75, schedule="constant", epochs=2).resolved()
     from taft.train.trainer import Prepared, make_optimizer, train_loop
 
-    clf = build_classifier(cfg, backbone, CLASSES)
+    clf = build_classifier(cfg, tiny_vit, CLASSES)
     opt = make_optimizer(cfg, dict(clf.tail.named_parameters()))
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
     assert len(opt.param_groups[1]["params"]) == 2  # the head's weight and bias Δw
@@ -183,10 +175,10 @@ def test_warmup_and_head_lr_reach_the_optimizer(backbone):
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
 
 
-def test_min_steps_raises_the_epochs_of_small_data(backbone):
+def test_min_steps_raises_the_epochs_of_small_data(tiny_vit):
     cfg = config("taft", epochs=2, min_steps=30)  # batch 8
     assert cfg.epochs_for(48) == 5 and cfg.epochs_for(480) == 2 and cfg.epochs_for(48, batch_size=48) == 30
-    res = fit(cfg, backbone, separable()[:2], class_names=CLASSES, progress=False)
+    res = fit(cfg, tiny_vit, separable()[:2], class_names=CLASSES, progress=False)
     assert res.config.epochs == 5 and len(res.history) == 5 and res.metrics["steps"] == 30
 
 
@@ -205,11 +197,11 @@ def test_defaults_come_from_the_recipe_of_the_kind_and_privacy():
     assert (old.optimizer, old.warmup, old.head_lr) == ("adamw", 0.0, old.lr) and old.resolved() == old
 
 
-def test_evaluation_per_class_accuracy_on_a_hand_made_example(backbone):
-    clf = build_classifier(TrainConfig(method="taft"), backbone, CLASSES)
+def test_evaluation_per_class_accuracy_on_a_hand_made_example(tiny_vit):
+    clf = build_classifier(TrainConfig(method="taft"), tiny_vit, CLASSES)
     labels = torch.tensor([0, 0, 0, 1, 1, 2])
     preds = torch.tensor([0, 0, 1, 1, 0, 2])
-    feats = torch.zeros(6, 10, CFG.dim)
+    feats = torch.zeros(6, 10, TINY_VIT.dim)
     feats[:, 0, 0] = preds.float()  # the fake tail below reads its prediction from here
     clf.train_logits = lambda x, mask=None: 10.0 * torch.nn.functional.one_hot(x[:, 0, 0].long(), 4).float()
     ev = evaluate(clf, (feats, labels), batch_size=4)
@@ -229,14 +221,14 @@ def synthetic_images(n_per_class: int = 6) -> ImageDataset:
     arr = np.clip(colours[labels][:, None, None, :] + rng.integers(-20, 20, (len(labels), 12, 12, 3)), 0, 255)
     arr = arr.astype(np.uint8)
     records = [ImageRecord(f"img/{i:03d}", int(y), ArrayImage(arr, i)) for i, y in enumerate(labels)]
-    return ImageDataset(records, CLASSES, random_backbone(CFG, 12).preprocess, source_digest="synthetic-v1")
+    return ImageDataset(records, CLASSES, random_backbone(TINY_VIT, 12).preprocess, source_digest="synthetic-v1")
 
 
-def test_fit_on_cached_features_writes_the_run_files(backbone, tmp_path):
+def test_fit_on_cached_features_writes_the_run_files(tiny_vit, tmp_path):
     ds = synthetic_images()
-    cf = cache_features(ds, backbone, 1, progress=False)
+    cf = cache_features(ds, tiny_vit, 1, progress=False)
     cfg = config("taft", epochs=3)
-    result = fit(cfg, backbone, cf, val=cf, run_dir=tmp_path / "run", progress=False)
+    result = fit(cfg, tiny_vit, cf, val=cf, run_dir=tmp_path / "run", progress=False)
     run = tmp_path / "run"
     assert TrainConfig.from_json((run / "config.json").read_text()) == cfg.resolved()
     lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
@@ -253,34 +245,34 @@ def test_fit_on_cached_features_writes_the_run_files(backbone, tmp_path):
         torch.testing.assert_close(result.classifier(images), result.classifier.logits(cf.as_tensors()[0][:4]))
 
 
-def test_features_cached_for_another_trunk_are_refused(backbone):
-    cf = cache_features(synthetic_images(2), backbone, 2, progress=False)
+def test_features_cached_for_another_trunk_are_refused(tiny_vit):
+    cf = cache_features(synthetic_images(2), tiny_vit, 2, progress=False)
     with pytest.raises(TaftError, match="cached features are for k=2 .* this run uses k=1"):
-        fit(config("taft"), backbone, cf, progress=False)
-    other = random_backbone(CFG, 12, seed=3, dtype=torch.float32)
+        fit(config("taft"), tiny_vit, cf, progress=False)
+    other = random_backbone(TINY_VIT, 12, seed=3, dtype=torch.float32)
     with pytest.raises(TaftError, match="another backbone"):
         fit(config("taft", tangent_blocks=2), other, cf, progress=False)
 
 
-def test_bad_training_data_is_named(backbone):
+def test_bad_training_data_is_named(tiny_vit):
     feats, labels, _ = separable(2)
     with pytest.raises(TaftError, match="labels must be in \\[0, 4\\)"):
-        fit(config("taft"), backbone, (feats, labels + 1), class_names=CLASSES, progress=False)
+        fit(config("taft"), tiny_vit, (feats, labels + 1), class_names=CLASSES, progress=False)
     with pytest.raises(TaftError, match="width 16"):
-        fit(config("taft"), backbone, (feats[..., :16], labels), class_names=CLASSES, progress=False)
+        fit(config("taft"), tiny_vit, (feats[..., :16], labels), class_names=CLASSES, progress=False)
     with pytest.raises(TaftError, match="8 feature rows but 7 labels"):
         Examples((feats, labels[:7]))
     with pytest.raises(TaftError, match="class_names are required"):
-        fit(config("taft"), backbone, (feats, labels), progress=False)
-    clf = build_classifier(TrainConfig(), backbone, CLASSES)
+        fit(config("taft"), tiny_vit, (feats, labels), progress=False)
+    clf = build_classifier(TrainConfig(), tiny_vit, CLASSES)
     with pytest.raises(TaftError, match="evaluation data: labels must be in"):
         evaluate(clf, (feats, labels + 4))
 
 
-def test_head_init_probe(backbone):
+def test_head_init_probe(tiny_vit):
     feats, labels, ids = separable()
-    result = fit(config("taft", head_init="probe", epochs=3), backbone, (feats, labels, ids), class_names=CLASSES,
+    result = fit(config("taft", head_init="probe", epochs=3), tiny_vit, (feats, labels, ids), class_names=CLASSES,
                  progress=False)
-    random_w0 = build_classifier(TrainConfig(), backbone, CLASSES).head_weight0
+    random_w0 = build_classifier(TrainConfig(), tiny_vit, CLASSES).head_weight0
     assert not torch.equal(result.classifier.head_weight0, random_w0)
     assert result.metrics["head_probe"]["lr"] == 1e-2

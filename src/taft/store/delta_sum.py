@@ -17,7 +17,7 @@ import torch
 
 from taft.errors import FingerprintMismatchError, TaftError
 from taft.fileio import atomic_write
-from taft.store.checkpoints import DeltaFile, ModelInfo, read_checkpoint, write_checkpoint
+from taft.store.checkpoints import DeltaFile, ModelInfo, write_checkpoint
 
 WEIGHTINGS = ("uniform", "size")
 LINEAR_METHODS = ("taft", "probe")
