@@ -6,6 +6,9 @@ Rewrites, applied to every README command (nothing else changes; the data files 
 - a known dataset (`--dataset`, and the demo): `--per-class N` becomes 6 (added when absent, for the demo
   `--train-per-class 6 --test-per-class 3`); Fashion-MNIST is read from `$README_TEST_FASHION_MNIST` (a tiny IDX
   folder). Bundled backbones and Rotten Tomatoes are the real ones.
+
+For the README's Python blocks (`tiny_python`): the known datasets of `taft.data` keep the first 6 examples per
+class, Fashion-MNIST from `$README_TEST_FASHION_MNIST`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ def tiny(argv: list[str]) -> list[str]:
         if _value(argv, "--dataset") == "fashion-mnist" and "--data-dir" not in argv:
             argv += ["--data-dir", fashion]
     return argv
+
+
+def tiny_python(monkeypatch) -> None:
+    """Patch `taft.data`'s known datasets to their first `PER_CLASS` examples per class (see the module doc)."""
+    import taft.data
+
+    rotten_tomatoes, fashion_mnist = taft.data.rotten_tomatoes, taft.data.fashion_mnist
+    monkeypatch.setattr(taft.data, "rotten_tomatoes",
+                        lambda *a, **kw: rotten_tomatoes(*a, **kw).per_class(int(PER_CLASS)))
+    monkeypatch.setattr(taft.data, "fashion_mnist", lambda data_dir=None, *a, **kw: fashion_mnist(
+        data_dir or os.environ["README_TEST_FASHION_MNIST"], *a, **kw).per_class(int(PER_CLASS)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Every shell block of README.md runs as written, in order, in one fresh directory (issue 14, defect 4).
+"""Every shell block of README.md runs as written, in order, in one fresh directory (issue 14, defect 4); so does
+every Python block, in order, in one namespace (as a reader pastes them into one session), in another directory.
 
 The blocks are the README's ```bash fences, run line by line in one directory: a plain `taft ...` (or
 `.venv/bin/taft ...`) command runs in this process (no interpreter start per command) as the real command line at
@@ -7,7 +8,9 @@ tiny sizes (`tests/readme_shim.py` lists its rewrites), and any other line, or o
 tiny stand-ins for the README's data: `my_images/`, `my_test_images/`, `photo1.jpg`, `photo2.png`, `reviews.csv`,
 `reviews_test.jsonl`, `ids.txt` and a Fashion-MNIST IDX folder. A block that cannot run here is marked in the
 README by the line `<!-- readme-test: skip: <reason> -->` right before its fence (setup that installs system
-packages, the test suite itself, benchmarks with their own smoke tests); anything else must run.
+packages, the test suite itself, benchmarks with their own smoke tests); anything else must run. The Python blocks
+read `my_images/train/` and `my_images/test/` (tiny class folders) and the known datasets at 6 examples per class
+(`readme_shim.tiny_python`).
 """
 
 from __future__ import annotations
@@ -20,20 +23,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from readme_shim import tiny
+from helpers import make_classes, make_idx
+from readme_shim import tiny, tiny_python
 from taft.cli import main
-from helpers import make_classes
-from helpers import make_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip:\s*(.+?)\s*-->")
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.M | re.S)
+PYTHON_FENCE = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
 
 
-def readme_blocks(text: str) -> list[tuple[int, str, str | None]]:
-    """(line number, code, skip reason or None) of each ```bash block, in order."""
+def readme_blocks(text: str, fence: re.Pattern = FENCE) -> list[tuple[int, str, str | None]]:
+    """(line number, code, skip reason or None) of each ```bash block (or `fence`'s), in order."""
     blocks = []
-    for m in FENCE.finditer(text):
+    for m in fence.finditer(text):
         before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         skip = SKIP.search(before)
         blocks.append((text[:m.start()].count("\n") + 1, m.group(1), skip.group(1) if skip else None))
@@ -109,3 +112,29 @@ def test_readme_shell_blocks_run_in_order(tmp_path, monkeypatch, capsys):
             assert status == 0, f"README.md block at line {start}: `{line}` failed:\n{err[-3000:]}"
             ran += 1
     assert ran >= 15
+
+
+def test_python_blocks_are_found():
+    blocks = readme_blocks((ROOT / "README.md").read_text(), PYTHON_FENCE)
+    assert len(blocks) >= 4 and all(skip is None for *_, skip in blocks)
+    sample = "<!-- readme-test: skip: needs a GPU -->\n```python\nx = 1\n```\n```bash\ny\n```\n"
+    assert readme_blocks(sample, PYTHON_FENCE) == [(2, "x = 1\n", "needs a GPU")]
+
+
+def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
+    make_classes(tmp_path / "my_images" / "train", classes=("ant", "bee", "cow"), per_class=4)
+    make_classes(tmp_path / "my_images" / "test", classes=("ant", "bee", "cow"), per_class=2)
+    monkeypatch.setenv("README_TEST_FASHION_MNIST", str(make_idx(make_idx(tmp_path / "fm", "train", 6), "test", 3)))
+    monkeypatch.chdir(tmp_path)
+    tiny_python(monkeypatch)
+    namespace: dict = {"__name__": "__readme__"}
+    ran = 0
+    for start, code, skip in readme_blocks((ROOT / "README.md").read_text(), PYTHON_FENCE):
+        if skip is not None:
+            continue
+        exec(compile(code, f"README.md block at line {start}", "exec"), namespace)
+        ran += 1
+    assert ran >= 4
+    assert (tmp_path / "runs" / "mine" / "checkpoint.safetensors").is_file()  # the last block's run directory
+    printed = [float(line) for line in capsys.readouterr().out.split()]
+    assert len(printed) == 2 and all(0.0 <= top1 <= 1.0 for top1 in printed)  # the two evaluate(...).top1
