@@ -95,7 +95,28 @@ def test_bad_inputs_give_one_clear_line(tmp_path, trained, capsys):
     bad(capsys, ["train", "--data", str(data), "--dataset", "fashion-mnist", *FAST], "exactly one")
 
 
-def test_console_script_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "taft.cli", "info", str(tmp_path / "absent.safetensors")],
+@pytest.mark.parametrize("module", ["taft", "taft.cli"])
+def test_console_script_prints_no_traceback(tmp_path, module):
+    proc = subprocess.run([sys.executable, "-m", module, "info", str(tmp_path / "absent.safetensors")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no checkpoint file" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["train", "--data", "x"], ["shards", "train", "--data", "x", "--store", "s"]])
+def test_training_option_defaults_are_the_dataclass_defaults(argv):
+    """`train` and `shards train` share one definition of the training options; left out, each gives the
+    TrainConfig / DPConfig default."""
+    from dataclasses import fields
+
+    from taft.cli import build_parser
+    from taft.cli.parser import train_config
+    from taft.privacy import DPConfig
+    from taft.train import TrainConfig
+
+    class ImageBackbone:
+        is_text = False
+
+    args = build_parser().parse_args(argv)
+    assert train_config(args, ImageBackbone()) == TrainConfig()
+    dp = {f.name: f.default for f in fields(DPConfig)}
+    assert (args.clip, args.accountant, args.dp_chunk_size) == (dp["clip"], dp["accountant"], dp["chunk_size"])

