@@ -59,6 +59,14 @@ def open_dataset(args: argparse.Namespace, model):
     return data_source(args).open(model)
 
 
+def add_evaluation_args(p: argparse.ArgumentParser) -> None:
+    """The labelled data a trained model is evaluated on (default split test), --quiet, and the compute options of
+    its trunk-feature build (`eval`, `report`)."""
+    add_data_args(p, "test")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_compute_args(p, autocast=True)
+
+
 # ------------------------------------------------------------------------------------------- backbone arguments
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,

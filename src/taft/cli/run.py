@@ -9,9 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from taft.backbones.registry import BUNDLED
-from taft.cli.parser import (add_backbone_args, add_compute_args, add_data_args, add_log_arg, add_training_args,
-                             cache_dtype, compute_device, data_source, load_backbone_from, open_dataset,
-                             train_config)
+from taft.cli.parser import (add_backbone_args, add_compute_args, add_data_args, add_evaluation_args, add_log_arg,
+                             add_training_args, cache_dtype, compute_device, data_source, load_backbone_from,
+                             open_dataset, train_config)
 from taft.cli.types import fraction, positive_int
 from taft.errors import TaftError
 
@@ -43,10 +43,8 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("eval", help="accuracy of a checkpoint on labelled data")
     p.add_argument("checkpoint", type=Path)
-    add_data_args(p, "test")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_compute_args(p, autocast=True)
+    add_evaluation_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="class and score for each image (or text, for a text model)")

@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from taft.cli.parser import (SHARD_MIN_STEPS, add_backbone_args, add_compute_args, add_data_args, add_executor_args,
-                             add_log_arg, add_training_args, cache_dtype, check_executor_options, compute_device,
-                             load_backbone_from, open_dataset, train_config, data_source)
+from taft.cli.parser import (SHARD_MIN_STEPS, add_backbone_args, add_compute_args, add_data_args, add_evaluation_args,
+                             add_executor_args, add_log_arg, add_training_args, cache_dtype, check_executor_options,
+                             compute_device, data_source, load_backbone_from, open_dataset, train_config)
 from taft.cli.run import check_classes
 from taft.cli.types import nonnegative_int, positive_int
 from taft.errors import TaftError
@@ -98,10 +98,8 @@ def add_parsers(sub) -> None:
                        description="Shard sizes, per-shard and composed accuracy on labelled data (when --data or "
                                    "--dataset is given), and the audit log, as report.md plus PNG plots.")
     p.add_argument("store", type=Path)
-    add_data_args(p, "test")
     p.add_argument("--out", type=Path, help="report directory (default: <store>-report beside the store)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_compute_args(p, autocast=True)
+    add_evaluation_args(p)
     p.set_defaults(func=cmd_report)
 
 
