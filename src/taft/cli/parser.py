@@ -24,8 +24,9 @@ def dataclass_defaults(cls: type) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- data arguments
 def add_data_args(p: argparse.ArgumentParser, split_default: str) -> None:
-    from taft.data.source import DATASETS, SPLITS
+    from taft.data.source import DATASETS, SPLITS, DataSource
 
+    d = dataclass_defaults(DataSource)
     g = p.add_argument_group("data (one of --data or --dataset)")
     g.add_argument("--data", type=Path, help="image folder (one sub-folder of images per class), or for a text "
                                              "backbone a .csv / .jsonl table with text and label columns")
@@ -39,8 +40,10 @@ def add_data_args(p: argparse.ArgumentParser, split_default: str) -> None:
     g.add_argument("--per-class", type=positive_int, metavar="N", help="use at most N examples per class (first N)")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="skip unreadable images with a warning listing them (default: fail, listing them)")
-    g.add_argument("--text-column", default="text", help="text column of a --data table (default text)")
-    g.add_argument("--label-column", default="label", help="label column of a --data table (default label)")
+    g.add_argument("--text-column", default=d["text_column"],
+                   help=f"text column of a --data table (default {d['text_column']})")
+    g.add_argument("--label-column", default=d["label_column"],
+                   help=f"label column of a --data table (default {d['label_column']})")
     g.add_argument("--id-column", help="example-id column of a --data table (default: <file stem>:<row number>)")
 
 
@@ -160,6 +163,7 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     """The training options of `taft train` (`shards=False`) and `taft shards train` (`shards=True`: no
     --head-init, every shard starts from the shared random head), read back by `train_config`; then the
     optimizer recipe and the DP-SGD options. Defaults: `TrainConfig`'s (`min_steps` overrides its --min-steps)."""
+    from taft.data.source import FEATURE_DTYPES, DataSource
     from taft.train.config import DEFAULT_LR, LOSSES, OPTIMIZERS, SCHEDULES, TEXT_DEFAULT_LR, TrainConfig
 
     d = dataclass_defaults(TrainConfig)
@@ -187,8 +191,9 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     if not shards:
         p.add_argument("--head-init", choices=["random", "probe"], default=d["head_init"],
                        help="base head: seeded random (default) or a linear probe fitted first")
-    p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
-                   help="precision of the on-disk trunk-feature cache (default float32)")
+    cache = dataclass_defaults(DataSource)["cache_dtype"]
+    p.add_argument("--cache-dtype", choices=FEATURE_DTYPES, default=cache,
+                   help=f"precision of the on-disk trunk-feature cache (default {cache})")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="adamw (no weight decay) or sgd with --momentum (default: adamw; with --dp: sgd)")
