@@ -164,11 +164,16 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     --head-init, every shard starts from the shared random head), read back by `train_config`; then the
     optimizer recipe and the DP-SGD options. Defaults: `TrainConfig`'s (`min_steps` overrides its --min-steps)."""
     from taft.data.source import FEATURE_DTYPES, DataSource
-    from taft.train.config import DEFAULT_LR, LOSSES, OPTIMIZERS, SCHEDULES, TEXT_DEFAULT_LR, TrainConfig
+    from taft.train.config import DEFAULT_LR, LOSSES, OPTIMIZERS, RECIPES, SCHEDULES, TEXT_DEFAULT_LR, TrainConfig
 
     d = dataclass_defaults(TrainConfig)
     which = int(shards)
     lr_help = lambda rates: ", ".join(f"{m} {lr:g}" for m, lr in rates.items() if m in methods)  # noqa: E731
+
+    def recipes(key: str) -> str:
+        """Where the default recipes set `key`, e.g. "image taft 0.1, image nlft 0.1"."""
+        return ", ".join(f"{kind} {m} {row[key]:g}" for (kind, private), rows in RECIPES.items() if not private
+                         for m, row in rows.items() if m in methods and key in row) or "none"
     p.add_argument("--method", choices=methods, default=d["method"], help=TRAIN_HELP["method"][which])
     p.add_argument("-k", "--k", type=positive_int, default=d["tangent_blocks"],
                    help=f"number of last blocks fine-tuned (default {d['tangent_blocks']})")
@@ -198,10 +203,12 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     g.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="adamw (no weight decay) or sgd with --momentum (default: adamw; with --dp: sgd)")
     g.add_argument("--momentum", type=fraction, default=d["momentum"], help=f"sgd momentum (default {d['momentum']:g})")
-    g.add_argument("--head-lr", type=positive_float,
-                   help="learning rate of the head (taft: its Δw; nlft: its weights); default: --lr")
+    g.add_argument("--head-lr", type=positive_float, default=d["head_lr"],
+                   help="learning rate of the head (taft: its Δw; nlft: its weights); default: the method's recipe "
+                        f"({recipes('head_lr')}; else --lr)")
     g.add_argument("--warmup", type=fraction, default=d["warmup"], metavar="FRACTION",
-                   help=f"linear warm-up over this fraction of all steps before the schedule (default {d['warmup']:g})")
+                   help="linear warm-up over this fraction of all steps before the schedule (default: the method's "
+                        f"recipe: {recipes('warmup')}; else 0)")
     steps = d["min_steps"] if min_steps is None else min_steps
     g.add_argument("--min-steps", type=nonnegative_int, default=steps, metavar="N",
                    help=f"train at least N optimizer steps: more epochs on small data (default {steps})")
