@@ -3,6 +3,7 @@
 Rewrites, applied to every README command (nothing else changes; the data files are the test's tiny stand-ins):
 - train, shards train, demo: one epoch, `--quiet`; vision backbones at 28 px (`--image-size 28`).
 - shards train, forget, store resume: in this process (`--executor inline`; the executors have their own tests).
+- shards train: `--min-steps 0` (the one epoch is all a tiny shard trains).
 - a known dataset (`--dataset`, and the demo): `--per-class N` becomes 6 (added when absent, for the demo
   `--train-per-class 6 --test-per-class 3`); Fashion-MNIST is read from `$README_TEST_FASHION_MNIST` (a tiny IDX
   folder). Bundled backbones and Rotten Tomatoes are the real ones.
@@ -35,6 +36,8 @@ def tiny(argv: list[str]) -> list[str]:
         argv += ["--epochs", "1", "--quiet"] + ([] if text else ["--image-size", "28"])
     if command in (["shards", "train"], ["forget"], ["store", "resume"]) or argv[:2] == ["store", "resume"]:
         argv += ["--executor", "inline"]
+    if command == ["shards", "train"]:
+        argv += ["--min-steps", "0"]
     if command == ["demo"]:
         argv += ["--train-per-class", PER_CLASS, "--test-per-class", "3", "--epochs", "1"]
         argv += [] if text else ["--image-size", "28", "--data-dir", fashion]

@@ -102,10 +102,11 @@ def test_console_script_prints_no_traceback(tmp_path, module):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no checkpoint file" in proc.stderr
 
 
-@pytest.mark.parametrize("argv", [["train", "--data", "x"], ["shards", "train", "--data", "x", "--store", "s"]])
-def test_training_option_defaults_are_the_dataclass_defaults(argv):
+@pytest.mark.parametrize("argv, min_steps", [(["train", "--data", "x"], 0),
+                                             (["shards", "train", "--data", "x", "--store", "s"], 300)])
+def test_training_option_defaults_are_the_dataclass_defaults(argv, min_steps):
     """`train` and `shards train` share one definition of the training options; left out, each gives the
-    TrainConfig / DPConfig default."""
+    TrainConfig / DPConfig default, except that a shard trains at least SHARD_MIN_STEPS steps."""
     from dataclasses import fields
 
     from taft.cli import build_parser
@@ -117,6 +118,6 @@ def test_training_option_defaults_are_the_dataclass_defaults(argv):
         is_text = False
 
     args = build_parser().parse_args(argv)
-    assert train_config(args, ImageBackbone()) == TrainConfig()
+    assert train_config(args, ImageBackbone()) == TrainConfig(min_steps=min_steps)
     dp = {f.name: f.default for f in fields(DPConfig)}
     assert (args.clip, args.accountant, args.dp_chunk_size) == (dp["clip"], dp["accountant"], dp["chunk_size"])

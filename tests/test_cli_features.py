@@ -23,7 +23,7 @@ def small_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("ids")
     data = make_classes(root / "data", per_class=4)
     store = root / "store"
-    assert main(["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
                  str(store), *FAST]) == 0
     return data, store
 
@@ -39,7 +39,7 @@ def test_store_ids_lists_each_shards_ids(small_store, capsys, tmp_path):
     assert capsys.readouterr().out.splitlines() == manifest["shards"][1]["ids"]
     bad(capsys, ["store", "ids", str(store), "--shard", "2"], "no shard 2")
     copy = tmp_path / "copy"
-    assert main(["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
                  str(copy), *FAST]) == 0
     (tmp_path / "ids.txt").write_text(every[0] + "\n")  # the listing is what forget --ids reads
     assert main(["forget", str(copy), "--ids", str(tmp_path / "ids.txt"), "--mode", "drop", "--quiet"]) == 0

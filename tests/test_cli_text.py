@@ -91,7 +91,7 @@ def test_long_texts_are_truncated_with_a_warning(capsys, tmp_path):
 def test_text_store_compose_forget_and_dp(capsys, tmp_path):
     data = write_csv(tmp_path / "d.csv", [(t, "pos") for t in POS] + [(t, "neg") for t in NEG])
     store = tmp_path / "store"
-    assert main(["shards", "train", "--data", str(data), "--store", str(store), "--shards", "3",
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(data), "--store", str(store), "--shards", "3",
                  "--executor", "inline", *TEXT]) == 0
     manifest = json.loads((store / "manifest.json").read_text())
     victim = manifest["plan"]["shards"][1][0]

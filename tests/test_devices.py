@@ -86,7 +86,7 @@ def test_unavailable_device_on_the_command_line_exits_2_and_writes_nothing(tmp_p
     monkeypatch.setenv("TAFT_CACHE", str(cache))
     out = tmp_path / "run"
     bad(capsys, ["train", "--data", str(data), "--out", str(out), "--device", "cuda", *FAST], "device cuda is not")
-    bad(capsys, ["shards", "train", "--data", str(data), "--store", str(tmp_path / "store"), "--device", "cuda:0",
+    bad(capsys, ["shards", "train", "--min-steps", "0", "--data", str(data), "--store", str(tmp_path / "store"), "--device", "cuda:0",
                  "--image-size", "28", "--quiet"], "device cuda:0 is not")
     bad(capsys, ["train", "--data", str(data), "--out", str(out), "--device", "tpu", *FAST], "unknown device 'tpu'")
     bad(capsys, ["train", "--data", str(data), "--out", str(out), "--autocast", "fp16", "--device", "cpu", *FAST],
@@ -374,7 +374,7 @@ def test_cuda_cli_train_and_shards(tmp_path, capsys):
     data = make_classes(tmp_path / "data")
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--device", "cuda", *FAST]) == 0
     assert "on cuda:0" in capsys.readouterr().out
-    assert main(["shards", "train", "--data", str(data), "--store", str(tmp_path / "store"), "--shards", "2",
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(data), "--store", str(tmp_path / "store"), "--shards", "2",
                  "--device", "cuda", "--image-size", "28", "--epochs", "1", "--quiet"]) == 0
     assert main(["eval", str(tmp_path / "store" / "composed.safetensors"), "--data", str(data), "--device", "cpu",
                  "--quiet"]) == 0

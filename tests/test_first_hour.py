@@ -156,7 +156,7 @@ def test_identical_runs_have_the_same_content_hash(tmp_path, three_class_run):
 
 def test_identical_stores_have_the_same_composed_content_hash(tmp_path, capsys):
     data = make_classes(tmp_path / "data", per_class=4)
-    argv = ["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline", *FAST]
+    argv = ["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline", *FAST]
     assert main([*argv, "--store", str(tmp_path / "a")]) == 0
     time.sleep(1.1)
     assert main([*argv, "--store", str(tmp_path / "b")]) == 0
@@ -174,7 +174,7 @@ def test_files_respect_the_umask(tmp_path, capsys):
     old = os.umask(0o022)
     try:
         assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *FAST]) == 0
-        assert main(["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline",
+        assert main(["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline",
                      "--store", str(tmp_path / "store"), *FAST]) == 0
         assert main(["report", str(tmp_path / "store"), "--out", str(tmp_path / "report")]) == 0
     finally:

@@ -154,6 +154,6 @@ def test_ray_not_installed_names_the_install_command(monkeypatch, tmp_path, caps
     with pytest.raises(TaftError, match=r"needs Ray, which is not installed: pip install 'taft-torch\[ray\]'"):
         RayExecutor()
     images = make_classes(tmp_path / "data", per_class=2)
-    bad(capsys, ["shards", "train", "--data", str(images), "--store", str(tmp_path / "s"), "--executor", "ray",
+    bad(capsys, ["shards", "train", "--min-steps", "0", "--data", str(images), "--store", str(tmp_path / "s"), "--executor", "ray",
                  "--quiet"], "pip install 'taft-torch[ray]'")
     assert not (tmp_path / "s").exists()

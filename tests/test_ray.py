@@ -191,11 +191,11 @@ def drivers() -> int:
 def test_cli_on_ray_address_killed_driver_resumes_on_ray_or_locally(cluster, tmp_path, capsys):
     images = make_classes(tmp_path / "data", classes=("ant", "bee", "cow"), per_class=4)
     inline = tmp_path / "inline"
-    assert main(["shards", "train", "--data", str(images), "--store", str(inline), "--executor", "inline", "--quiet",
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(images), "--store", str(inline), "--executor", "inline", "--quiet",
                  *TINY]) == 0
     root = tmp_path / "store"
     before = drivers()
-    r = taft("shards", "train", "--data", str(images), "--store", str(root), "--executor", "ray", "--ray-address",
+    r = taft("shards", "train", "--min-steps", "0", "--data", str(images), "--store", str(root), "--executor", "ray", "--ray-address",
              cluster, *TINY, env={CRASH_ENV: "after-shard-file"})  # the driver dies after its first shard
     assert r.returncode == CRASH_EXIT, r.stderr
     assert drivers() == before + 1  # it attached to this cluster instead of starting its own
@@ -213,15 +213,15 @@ def test_unreachable_ray_address_fails_before_the_store_is_touched(tmp_path, cap
     images = make_classes(tmp_path / "data", per_class=2)
     store = tmp_path / "store"
     with socket_nobody_listens_on() as port:
-        bad(capsys, ["shards", "train", "--data", str(images), "--store", str(store), "--executor", "ray",
+        bad(capsys, ["shards", "train", "--min-steps", "0", "--data", str(images), "--store", str(store), "--executor", "ray",
                      "--ray-address", f"127.0.0.1:{port}", "--quiet"],
             f"cannot reach the Ray cluster at 127.0.0.1:{port}")
     assert not store.exists()
-    bad(capsys, ["shards", "train", "--data", str(images), "--store", str(store), "--executor", "ray",
+    bad(capsys, ["shards", "train", "--min-steps", "0", "--data", str(images), "--store", str(store), "--executor", "ray",
                  "--ray-address", "nowhere", "--quiet"], "is not host:port")
-    bad(capsys, ["shards", "train", "--data", str(images), "--store", str(store), "--ray-address", "127.0.0.1:1",
+    bad(capsys, ["shards", "train", "--min-steps", "0", "--data", str(images), "--store", str(store), "--ray-address", "127.0.0.1:1",
                  "--quiet"], "--ray-address applies to the ray executor only")
-    bad(capsys, ["shards", "train", "--data", str(images), "--store", str(store), "--executor", "ray",
+    bad(capsys, ["shards", "train", "--min-steps", "0", "--data", str(images), "--store", str(store), "--executor", "ray",
                  "--ray-gpus-per-shard", "-1", "--quiet"], "--ray-gpus-per-shard must be ≥ 0")
     assert not store.exists()
 

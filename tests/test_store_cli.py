@@ -26,7 +26,7 @@ def cli_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-store")
     data = make_classes(root / "data", classes=("ant", "bee", "cow"), per_class=4)
     store = root / "store"
-    assert main(["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
                  str(store), *FAST]) == 0
     return data, store
 
@@ -119,9 +119,9 @@ def test_store_errors_are_one_line(store, capsys, tmp_path):
     bad(capsys, ["forget", str(root), "--ids", str(tmp_path / "missing.txt"), "--mode", "drop"], "cannot read ids")
     bad(capsys, ["compose", str(root), "--shards", "0,x"], "--shards takes shard indices")
     bad(capsys, ["compose", str(tmp_path)], "not a model store")
-    bad(capsys, ["shards", "train", "--data", str(data), "--store", str(root), "--executor", "inline", *FAST],
+    bad(capsys, ["shards", "train", "--min-steps", "0", "--data", str(data), "--store", str(root), "--executor", "inline", *FAST],
         "already holds a model store")
-    bad(capsys, ["shards", "train", "--data", str(data), "--store", str(tmp_path / "n"), "--shards", "20",
+    bad(capsys, ["shards", "train", "--min-steps", "0", "--data", str(data), "--store", str(tmp_path / "n"), "--shards", "20",
                  "--executor", "inline", *FAST], "cannot split 12 examples into 20 shards")
     shard = next((root / "shards").glob("shard-000-*"))
     shard.write_bytes(b"garbage")
@@ -164,7 +164,7 @@ def test_plan_from_rebuilds_a_store_without_forgotten_ids(store, capsys, tmp_pat
     smaller = Path(shutil.copytree(data, tmp_path / "data"))
     (smaller / gone).unlink()
     scratch = tmp_path / "scratch"
-    assert main(["shards", "train", "--data", str(smaller), "--plan-from", str(root), "--executor", "inline",
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(smaller), "--plan-from", str(root), "--executor", "inline",
                  "--store", str(scratch), *FAST]) == 0
     a, b = load_manifest(StoreLayout(root)), load_manifest(StoreLayout(scratch))
     assert [s["ids"] for s in a["shards"]] == [s["ids"] for s in b["shards"]] and b["threads"] == a["threads"]

@@ -206,10 +206,10 @@ def test_cli_shards_train_with_dp(tmp_path, capsys):
     store = tmp_path / "store"
     dp_args = ["--dp", "--noise-multiplier", "1.0", "--delta", "1e-2", "--accountant", "rdp",
                "--expected-batch-size", "3"]
-    assert main(["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
                  str(tmp_path / "size"), "--weighting", "size", *FAST, *dp_args]) == 2
     assert "size weighting is not allowed with DP" in capsys.readouterr().err
-    assert main(["shards", "train", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline", "--store",
                  str(store), *FAST, *dp_args]) == 0
     assert "privacy: (ε=" in capsys.readouterr().out
     m = manifest(store)

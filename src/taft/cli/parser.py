@@ -14,7 +14,11 @@ from taft.backbones.registry import BUNDLED, CLI_IMAGE_SIZE, DEFAULT_BACKBONE, D
 from taft.cli.types import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int, probability
 from taft.errors import TaftError
 
-SHARD_MIN_STEPS = 0  # the --min-steps default of `shards train`
+# The --min-steps default of `shards train`: each shard trains at least this many optimizer steps, whatever its size
+# (more epochs on small shards), so composing K small shards does not compose K under-trained models. 300 is 3× the
+# run length below which `fit` warns that training is likely too short, and a third of the 940 steps at which the
+# image recipe was chosen (docs/results.md); shards with ≥ 300 steps in --epochs train exactly --epochs.
+SHARD_MIN_STEPS = 300
 
 
 def dataclass_defaults(cls: type) -> dict[str, Any]:
