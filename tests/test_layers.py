@@ -1,5 +1,6 @@
 """The package's imports point one way, layer by layer (docs/ARCHITECTURE.md), with no cycles and no private
-`_name` imported from another module. Parses the source (ast), so function-level (lazy) imports count too."""
+`_name` imported from another module. Parses the source (ast), so function-level (lazy) imports count too;
+imports under `if TYPE_CHECKING:` (annotations only, never run) do not."""
 
 import ast
 import subprocess
@@ -55,9 +56,12 @@ def modules() -> dict[str, Path]:
 def imports(path: Path, name: str, known: set[str]) -> list[tuple[str, list[str], int]]:
     """(imported taft module, names taken from it, line) for every import statement in the file."""
     tree = ast.parse(path.read_text(), str(path))
+    skip = type_checking_lines(tree)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
+        if getattr(node, "lineno", None) in skip:
+            continue
         if isinstance(node, ast.Import):
             found += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] == "taft"]
         elif isinstance(node, ast.ImportFrom):
@@ -72,8 +76,20 @@ def imports(path: Path, name: str, known: set[str]) -> list[tuple[str, list[str]
             names = [a.name for a in node.names]
             submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in known]
             found += [(s, [], node.lineno) for s in submodules]
-            found.append((target, [n for n in names if f"{target}.{n}" not in known], node.lineno))
+            taken = [n for n in names if f"{target}.{n}" not in known]
+            if taken or not submodules:
+                found.append((target, taken, node.lineno))
     return found
+
+
+def type_checking_lines(tree: ast.AST) -> set[int]:
+    """Lines of `if TYPE_CHECKING:` blocks: imports for annotations only, never executed."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for sub in node.body:
+                lines.update(range(sub.lineno, (sub.end_lineno or sub.lineno) + 1))
+    return lines
 
 
 def graph() -> tuple[dict[str, set[str]], list[str], list[str]]:
@@ -89,6 +105,12 @@ def graph() -> tuple[dict[str, set[str]], list[str], list[str]]:
             if target == name:
                 continue
             edges[name].add(target)
+            # importing taft.a.b first runs taft/a/__init__.py: an edge to it, unless `name` lives inside taft.a
+            parts = target.split(".")
+            for i in range(2, len(parts)):
+                parent = ".".join(parts[:i])
+                if parent in known and not (name == parent or name.startswith(parent + ".")):
+                    edges[name].add(parent)
             if layer_of(target) > layer_of(name):
                 upward.append(f"{name}:{line} ({LAYERS[layer_of(name)][0]}) imports {target} "
                               f"({LAYERS[layer_of(target)][0]})")
