@@ -25,7 +25,7 @@ from taft.backbones.base import Backbone, ImagePreprocess
 from taft.backbones.vit import ViT, ViTConfig
 from taft.privacy.dpsgd import noisy_gradient
 from taft.train import TrainConfig, build_classifier
-from taft.train.losses import classification_loss
+from taft.losses import classification_loss
 
 VIT_S = ViTConfig(dim=384, depth=12, heads=6, mlp_hidden=1536, patch_size=14, pos_grid=37, layerscale=True)
 

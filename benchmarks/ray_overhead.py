@@ -29,7 +29,7 @@ from taft import load_backbone
 from taft.data import ImageDataset, ImageRecord, image_folder
 from taft.data.images import ArrayImage
 from taft.store import ModelStore, create_store
-from taft.store.checkpoints import read_checkpoint
+from taft.checkpoint import read_checkpoint
 from taft.train import TrainConfig, cache_features
 
 EXECUTORS = ("inline", "process", "ray")

@@ -52,8 +52,8 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def soup(models):
     """Uniform weight average of NLFT tails (all start from the same w0 and head), loaded into models[0]."""
     souped = models[0]
-    avg = {n: torch.stack([m.trained_state_dict()[n] for m in models]).mean(0) for n in models[0].trained_state_dict()}
-    souped.load_trained_state_dict(avg)
+    avg = {n: torch.stack([m.trainable_state_dict()[n] for m in models]).mean(0) for n in models[0].trainable_state_dict()}
+    souped.load_delta_state_dict(avg)
     return souped
 
 

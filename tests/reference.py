@@ -38,7 +38,7 @@ class PlainTail(nn.Module):
 def base_and_delta(model: TangentModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """w0 and Δw of the tail, keyed by the plain tail's parameter names."""
     base = {n: model.tail.get_buffer(f"{n}_0") for n, _ in model.tail.named_parameters()}
-    return base, model.delta_state_dict()
+    return base, model.trainable_state_dict()
 
 
 def reference_linearized(model: TangentModel, features: torch.Tensor,

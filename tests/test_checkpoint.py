@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from helpers import _cache_env  # noqa: F401  (fixture)
 from reference import random_backbone
 from taft import FingerprintMismatchError, TaftError
-from taft.checkpoint import FORMAT_VERSION, META_KEY, load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from taft.checkpoint import FORMAT_VERSION, META_KEY, read_checkpoint_metadata
+from taft.model import load_checkpoint
 from taft.train import TrainConfig, build_classifier, fit
 
 from helpers import CLASSES, TINY_VIT
@@ -65,7 +66,7 @@ def test_round_trip_gives_identical_predictions(tiny_vit, tmp_path, method, head
 def test_checkpoint_holds_only_what_was_trained(trained, tiny_vit):
     with safe_open(str(trained.checkpoint), framework="pt") as f:
         names = set(f.keys())
-    assert names == set(trained.classifier.trained_state_dict()) | {"w0.head.weight", "w0.head.bias"}
+    assert names == set(trained.classifier.trainable_state_dict()) | {"w0.head.weight", "w0.head.bias"}
     assert not any(n.startswith(("blocks.0.", "blocks.1.", "patch_embed", "pos_embed")) for n in names)
     backbone_bytes = sum(t.numel() * t.element_size() for t in tiny_vit.model.state_dict().values())
     assert trained.checkpoint.stat().st_size < 0.5 * backbone_bytes  # k = 1 of 3 blocks
@@ -133,7 +134,7 @@ def test_errors_are_one_line(trained, tiny_vit, tmp_path):
 
 def test_save_without_ids_and_preprocess_from_checkpoint(tiny_vit, tmp_path):
     clf = build_classifier(TrainConfig(method="probe"), tiny_vit, CLASSES)
-    path = save_checkpoint(tmp_path / "c.safetensors", clf, train_ids=None, n_train=17)
+    path = clf.save(tmp_path / "c.safetensors", train_ids=None, n_train=17)
     meta = read_checkpoint_metadata(path)
     assert meta["data"] == {"count": 17, "ids_sha256": None, "ids": None}
     loaded, _ = load_checkpoint(path, tiny_vit)

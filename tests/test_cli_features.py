@@ -124,21 +124,21 @@ def test_resume_a_finished_constant_schedule_run_equals_the_longer_run(resume_da
 
 
 def test_resume_an_interrupted_cosine_run_equals_the_uninterrupted_one(resume_data, tmp_path, monkeypatch, capsys):
-    import taft.train.trainer as trainer
+    import taft.train.loop as loop
 
     common = ["train", "--data", str(resume_data), "--image-size", "28", "--quiet", "--batch-size", "4",
               "--epochs", "3"]
     assert main([*common, "--out", str(tmp_path / "whole")]) == 0
-    finish = trainer._finish_epoch
+    finish = loop.finish_epoch
 
     def interrupted(classifier, config, val, record, *args, **kw):
         finish(classifier, config, val, record, *args, **kw)
         if record["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "_finish_epoch", interrupted)
+    monkeypatch.setattr(loop, "finish_epoch", interrupted)
     assert main([*common, "--out", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(trainer, "_finish_epoch", finish)
+    monkeypatch.setattr(loop, "finish_epoch", finish)
     assert not (tmp_path / "cut" / "checkpoint.safetensors").exists()
     assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0  # to the run's own 3 epochs
     assert _content(tmp_path / "cut") == _content(tmp_path / "whole")

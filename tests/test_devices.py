@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from helpers import CLASSES, _cache_env, _one_thread, bad  # noqa: F401  (fixtures)
 from taft import TaftError
-from taft.checkpoint import load_checkpoint, save_checkpoint
+from taft.model import load_checkpoint
 from taft.cli import main
 from taft.devices import pin_process, resolve_device, shard_devices, worker_device
 from taft.parallel.executors import default_workers
@@ -46,7 +46,7 @@ def config(method: str = "taft", **kw) -> TrainConfig:
 
 
 def trained_tensors(result) -> dict[str, torch.Tensor]:
-    return {n: t.detach().cpu() for n, t in result.classifier.trained_state_dict().items()}
+    return {n: t.detach().cpu() for n, t in result.classifier.trainable_state_dict().items()}
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -129,7 +129,7 @@ def test_saved_tensors_are_contiguous_cpu_copies_and_meta_or_half_tensors_are_re
 
 def test_checkpoint_round_trip_through_meta_and_back(tiny_vit, cached, tmp_path):
     result = fit(config(), tiny_vit, cached, progress=False)
-    path = save_checkpoint(tmp_path / "c.safetensors", result.classifier, train_ids=cached.ids)
+    path = result.classifier.save(tmp_path / "c.safetensors", train_ids=cached.ids)
     with safe_open(str(path), framework="pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     assert all(t.dtype == torch.float32 and t.is_contiguous() for t in stored.values())
@@ -137,12 +137,12 @@ def test_checkpoint_round_trip_through_meta_and_back(tiny_vit, cached, tmp_path)
     assert on_meta.device.type == "meta"
     before = path.read_bytes()
     with pytest.raises(TaftError, match="meta device"):
-        save_checkpoint(path, on_meta, train_ids=cached.ids)
+        on_meta.save(path, train_ids=cached.ids)
     assert path.read_bytes() == before  # the refused save left the file alone
     back, _ = load_checkpoint(path, tiny_vit, device="cpu")
     assert_same_tensors(trained_tensors(result), trained_tensors(type("R", (), {"classifier": back})))
     with pytest.raises(TaftError, match="float16; checkpoints hold float32"):
-        save_checkpoint(tmp_path / "half.safetensors", back.to(torch.float16), train_ids=cached.ids)
+        back.to(torch.float16).save(tmp_path / "half.safetensors", train_ids=cached.ids)
     assert not (tmp_path / "half.safetensors").exists()
 
 
@@ -293,7 +293,7 @@ def test_compiled_training_equals_eager(tiny_vit, cached):
         step = CompiledStep(clf.train_logits, enabled=enabled, backend="aot_eager")
         train_loop(clf, cfg, Prepared(clf, Examples(cached)), progress=False, forward=step)
         assert step.active == enabled
-        weights[name] = {n: t.detach().clone() for n, t in clf.trained_state_dict().items()}
+        weights[name] = {n: t.detach().clone() for n, t in clf.trainable_state_dict().items()}
     for n, w in weights["eager"].items():
         torch.testing.assert_close(weights["compiled"][n], w, rtol=1e-5, atol=1e-6)
 
@@ -350,7 +350,7 @@ def test_cuda_autocast_build_and_training_keep_float32(tiny_vit, tmp_path, name)
     cf = cache_features(synthetic_images(), tiny_vit, 2, root=tmp_path, device="cuda", autocast=name, progress=False)
     assert np.load(cf.path / "features.npy", mmap_mode="r").dtype == np.float32
     result = fit(config(), tiny_vit, cf, progress=False, device="cuda", autocast=name)
-    assert {t.dtype for t in result.classifier.trained_state_dict().values()} == {torch.float32}
+    assert {t.dtype for t in result.classifier.trainable_state_dict().values()} == {torch.float32}
 
 
 @cuda
@@ -364,7 +364,7 @@ def test_cuda_compiled_training_equals_eager(tiny_vit, cached):
         prepared.place(clf.device)
         train_loop(clf, cfg, prepared, progress=False, forward=step)
         assert step.active == enabled
-        weights[name] = {n: t.detach().cpu() for n, t in clf.trained_state_dict().items()}
+        weights[name] = {n: t.detach().cpu() for n, t in clf.trainable_state_dict().items()}
     for n, w in weights["eager"].items():
         torch.testing.assert_close(weights["compiled"][n], w, rtol=1e-4, atol=1e-5)
 

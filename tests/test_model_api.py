@@ -19,7 +19,7 @@ def small_model(seed: int = 0, k: int = 2, backbone_seed: int = 0) -> TangentMod
 def test_parameters_are_exactly_delta_and_start_at_zero():
     model = small_model()
     names = {n.removeprefix("tail.") for n, _ in model.named_parameters()}
-    assert names == set(model.delta_state_dict())
+    assert names == set(model.trainable_state_dict())
     assert "head.weight" in names and "blocks.2.attn.qkv.weight" in names and "blocks.0.norm1.weight" not in names
     assert all(torch.count_nonzero(p) == 0 for p in model.parameters())
 
@@ -40,22 +40,22 @@ def test_fingerprint_is_stable_and_names_w0_and_k():
 def test_delta_round_trip_and_fingerprint_mismatch():
     model = small_model()
     randomize_delta(model, 0.1)
-    delta = model.delta_state_dict()
+    delta = model.trainable_state_dict()
     other = small_model()
     other.load_delta_state_dict(delta, fingerprint=model.fingerprint)
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
     foreign = small_model(seed=1)
-    before = foreign.delta_state_dict()
+    before = foreign.trainable_state_dict()
     with pytest.raises(FingerprintMismatchError, match="other base weights"):
         foreign.load_delta_state_dict(delta, fingerprint=model.fingerprint)
-    assert all(torch.equal(before[n], p) for n, p in foreign.delta_state_dict().items())  # nothing changed
+    assert all(torch.equal(before[n], p) for n, p in foreign.trainable_state_dict().items())  # nothing changed
 
 
 def test_bad_delta_is_rejected_before_anything_changes():
     model = small_model()
-    delta = model.delta_state_dict()
+    delta = model.trainable_state_dict()
     wrong_shape = dict(delta, **{"head.weight": torch.zeros(5, 32)})
     with pytest.raises(TaftError, match="wrong shapes"):
         model.load_delta_state_dict(wrong_shape, fingerprint=model.fingerprint)
@@ -116,6 +116,6 @@ def test_readme_quickstart_runs(dinov2_56):
     opt.step()
     with torch.no_grad():
         assert ((model.tail(model.trunk_features(images)) - target) ** 2).mean() < loss
-    model.load_delta_state_dict(model.delta_state_dict(), fingerprint=model.fingerprint)
+    model.load_delta_state_dict(model.trainable_state_dict(), fingerprint=model.fingerprint)
     with torch.no_grad():
         assert model.materialize()(images).shape == (4, 10)

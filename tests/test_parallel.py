@@ -17,7 +17,7 @@ from taft import TaftError
 from taft.parallel import (InlineExecutor, RayExecutor, ShardTask, ShardTrainingError, make_executor, run_shards,
                            shard_data, train_shard)
 from taft.store import ModelStore, create_store, resume
-from taft.store.checkpoints import read_checkpoint
+from taft.checkpoint import read_checkpoint
 from taft.store.layout import StoreLayout
 from taft.store.journal import read_pending
 from helpers import make_classes

@@ -15,16 +15,18 @@ from helpers import _cache_env, _one_thread  # noqa: F401  (fixtures)
 from reference import random_backbone
 from taft import TaftError
 from taft.backbones.vit import ViTConfig
-from taft.checkpoint import load_checkpoint, read_checkpoint_metadata
+from taft.checkpoint import read_checkpoint_metadata
+from taft.model import load_checkpoint
 from taft.cli import main
 from taft.cli.parser import add_dp_args
 from taft.privacy import (MECHANISM, DPConfig, PrivacyLedger, describe, dp_config_from_args, parallel_composition,
                           plan_dp)
-from taft.privacy.dpsgd import (clip_factors, clipped_sum, dp_train_loop, manual_attention, noisy_gradient,
-                                per_example_gradients, poisson_batches)
+from taft.privacy.dpsgd import (clip_factors, clipped_sum, manual_attention, noisy_gradient, per_example_gradients,
+                                poisson_batches)
 from taft.tangent.layers import TangentAttention
 from taft.train import TrainConfig, build_classifier, fit
-from taft.train.losses import classification_loss
+from taft.losses import classification_loss
+from taft.train.loop import dp_train_loop
 from taft.train.trainer import Prepared, train_loop
 from taft.train.trainer import Examples
 
@@ -165,7 +167,7 @@ def test_no_noise_and_no_clipping_is_ordinary_training(bb64, method, reg, loss):
     clf = build_classifier(cfg, bb64, CLASSES)
     history, ledger = dp_train_loop(clf, cfg, plan, Prepared(clf, ex), progress=False, batches=batches)
     assert not ledger.private and len(history) == epochs
-    start = build_classifier(cfg, bb64, CLASSES).trained_state_dict()
+    start = build_classifier(cfg, bb64, CLASSES).trainable_state_dict()
     for (name, p), q in zip(clf.tail.named_parameters(), ref.tail.parameters()):
         assert not torch.equal(p.detach(), start[name]), name  # training moved it
         if name.endswith("attn.qkv.bias"):
@@ -186,7 +188,7 @@ def test_dp_training_is_reproducible_with_a_seed_and_moves_with_noise(bb32):
         dp = DPConfig(noise_multiplier=1.0, clip=1.0, delta=1e-3, seed=seed, expected_batch_size=12)
         clf = build_classifier(cfg, bb32, CLASSES)
         hist, ledger = dp_train_loop(clf, cfg, plan_dp(dp, 24, 1, 12), Prepared(clf, ex), progress=False)
-        return clf.trained_state_dict(), hist, ledger
+        return clf.trainable_state_dict(), hist, ledger
 
     a, hist, ledger = run(7)
     b, _, _ = run(7)
@@ -215,8 +217,8 @@ def test_fit_with_dp_writes_the_ledger_into_the_checkpoint(bb32, tmp_path, capsy
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["privacy"]["epsilon"] == led.epsilon and saved["steps"] == 6
     loaded, _ = load_checkpoint(res.checkpoint, bb32)
-    for n, t in res.classifier.trained_state_dict().items():
-        torch.testing.assert_close(loaded.trained_state_dict()[n], t)
+    for n, t in res.classifier.trainable_state_dict().items():
+        torch.testing.assert_close(loaded.trainable_state_dict()[n], t)
     assert main(["info", str(res.checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "privacy      (ε=" in out and "DP-SGD (Poisson, Gaussian)" in out and "rdp accountant" in out

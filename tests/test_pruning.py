@@ -23,7 +23,7 @@ from taft.backbones.vit import ViTConfig
 from taft.model import TangentModel
 from taft.privacy.dpsgd import per_example_gradients
 from taft.train import TrainConfig, build_classifier
-from taft.train.classifier import PlainTail
+from taft.model import PlainTail
 
 TOL = 1e-11
 VIT = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3, layerscale=True)
@@ -57,7 +57,7 @@ def tangent_pair(kind: str, k: int) -> tuple[TangentModel, TangentModel]:
     pruned, full = (TangentModel(bb, CLASSES, tangent_blocks=k, seed=4, prune_last_block=p).double()
                     for p in (True, False))
     randomize_delta(pruned, 0.05)
-    full.load_delta_state_dict(pruned.delta_state_dict(), pruned.fingerprint)
+    full.load_delta_state_dict(pruned.trainable_state_dict(), fingerprint=pruned.fingerprint)
     return pruned, full
 
 

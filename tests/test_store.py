@@ -21,12 +21,13 @@ from helpers import CLASSES, TINY_VIT
 from reference import random_backbone
 from taft import FingerprintMismatchError, TaftError
 from taft.backbones.base import Backbone
-from taft.checkpoint import load_checkpoint, read_checkpoint_metadata
+from taft.checkpoint import read_checkpoint_metadata
 from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
 from taft.store import (ModelStore, ShardPlan, compose_checkpoints, compose_store, create_store, forget, make_plan,
                         read_ids, verify)
-from taft.store.checkpoints import read_checkpoint
+from taft.checkpoint import read_checkpoint
+from taft.model import load_checkpoint
 from taft.store.delta_sum import composition_weights
 from taft.store.layout import StoreLayout
 from taft.store.manifest import load_manifest

@@ -155,7 +155,7 @@ def test_plan_from_rebuilds_a_store_without_forgotten_ids(store, capsys, tmp_pat
     import torch
 
     from taft.store import ModelStore
-    from taft.store.checkpoints import read_checkpoint
+    from taft.checkpoint import read_checkpoint
 
     data, root = store
     gone = load_manifest(StoreLayout(root))["shards"][0]["ids"][1]

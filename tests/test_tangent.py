@@ -104,11 +104,11 @@ def test_first_order_error_shrinks_as_t_squared(kind):
     """|f(w0 + tΔ) - f_lin(tΔ)| = O(t²): halving t divides the error by ~4."""
     model = model_of(kind, k=3)
     randomize_delta(model, 1.0)
-    delta = model.delta_state_dict()
+    delta = model.trainable_state_dict()
     x = inputs(kind, batch=3)
     errors = []
     for t in [1e-2, 5e-3, 2.5e-3, 1.25e-3]:
-        model.load_delta_state_dict({n: t * d for n, d in delta.items()}, model.fingerprint)
+        model.load_delta_state_dict({n: t * d for n, d in delta.items()}, fingerprint=model.fingerprint)
         with torch.no_grad():
             errors.append((model.materialize()(x) - model(x)).abs().max().item())
     ratios = [a / b for a, b in zip(errors, errors[1:])]
@@ -121,14 +121,14 @@ def test_linearity_in_delta(kind):
     x = inputs(kind, batch=3)
     h = model.trunk_features(x)
     randomize_delta(model, 0.1, seed=1)
-    d1 = model.delta_state_dict()
+    d1 = model.trainable_state_dict()
     randomize_delta(model, 0.1, seed=2)
-    d2 = model.delta_state_dict()
+    d2 = model.trainable_state_dict()
     a = 0.3
     outs = []
     with torch.no_grad():
         for d in (d1, d2, {n: a * d1[n] + (1 - a) * d2[n] for n in d1}):
-            model.load_delta_state_dict(d, model.fingerprint)
+            model.load_delta_state_dict(d, fingerprint=model.fingerprint)
             outs.append(model.tail(h, mask_of(x)))
     torch.testing.assert_close(outs[2], a * outs[0] + (1 - a) * outs[1], rtol=0, atol=TOL)
 
@@ -216,7 +216,7 @@ def test_tail_blocks_are_post_norm_and_there_is_no_final_norm():
     model = make_text_model(k=2)
     assert all(isinstance(b, TangentPostNormBlock) for b in model.tail.blocks.values())
     assert model.tail.norm is None
-    assert sorted(n for n in model.delta_state_dict() if n.startswith("blocks.1.")) == [
+    assert sorted(n for n in model.trainable_state_dict() if n.startswith("blocks.1.")) == [
         f"blocks.1.{m}.{p}" for m in ("attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2", "norm1", "norm2")
         for p in ("bias", "weight")]
 

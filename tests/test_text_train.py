@@ -18,7 +18,7 @@ from taft.data import TextDataset
 from taft.privacy.dpsgd import per_example_gradients
 from taft.store import ModelStore, create_store
 from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
-from taft.train.losses import classification_loss
+from taft.losses import classification_loss
 from taft.train.trainer import Examples
 
 TEXTS = ["a gripping, beautifully shot film", "dull", "not as funny as it thinks it is, and far too long",

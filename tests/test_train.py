@@ -17,7 +17,7 @@ from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
 from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
 from taft.train.config import DP_RECIPE, recipe
-from taft.train.losses import classification_loss
+from taft.losses import classification_loss
 from taft.train.trainer import Examples, lr_factor
 
 LR = {"taft": 1e-2, "nlft": 1e-2, "probe": 3e-2}  # the tiny random backbone takes larger steps than ViT-S
@@ -88,11 +88,11 @@ def test_methods_share_w0_and_start_from_the_same_function(tiny_vit):
             assert torch.equal(clfs[m].head_weight0, w0)
             torch.testing.assert_close(clfs[m].logits(feats), ref, rtol=1e-5, atol=1e-5)
     # parameters are exactly what each method trains
-    names = {m: set(c.trained_state_dict()) for m, c in clfs.items()}
+    names = {m: set(c.trainable_state_dict()) for m, c in clfs.items()}
     assert names["probe"] == {"head.weight", "head.bias"}
     assert names["taft"] == names["nlft"] and "blocks.2.attn.qkv.weight" in names["taft"]
     assert not any(n.startswith("blocks.1.") for n in names["taft"])
-    assert all(torch.count_nonzero(t) == 0 for t in clfs["taft"].trained_state_dict().values())  # Δw = 0
+    assert all(torch.count_nonzero(t) == 0 for t in clfs["taft"].trainable_state_dict().values())  # Δw = 0
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
@@ -102,10 +102,10 @@ def test_taft_loss_is_convex_along_random_lines(loss):
     feats, labels, _ = separable(3, seed=1)
     feats = feats.double()
     gen = torch.Generator().manual_seed(7)
-    shapes = {n: t.shape for n, t in clf.trained_state_dict().items()}
+    shapes = {n: t.shape for n, t in clf.trainable_state_dict().items()}
 
     def objective(delta: dict[str, torch.Tensor]) -> float:
-        clf.load_trained_state_dict(delta)
+        clf.load_delta_state_dict(delta)
         with torch.no_grad():
             return float(classification_loss(clf.logits(feats), labels, loss, 15.0))
 
@@ -121,9 +121,9 @@ def test_taft_loss_is_convex_along_random_lines(loss):
 def test_same_seed_is_bitwise_identical_and_another_seed_differs(tiny_vit):
     data = separable()[:2]
     cfg = config("taft", epochs=2)
-    a = fit(cfg, tiny_vit, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
-    b = fit(cfg, tiny_vit, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
-    c = fit(replace(cfg, seed=1), tiny_vit, data, class_names=CLASSES, progress=False).classifier.trained_state_dict()
+    a = fit(cfg, tiny_vit, data, class_names=CLASSES, progress=False).classifier.trainable_state_dict()
+    b = fit(cfg, tiny_vit, data, class_names=CLASSES, progress=False).classifier.trainable_state_dict()
+    c = fit(replace(cfg, seed=1), tiny_vit, data, class_names=CLASSES, progress=False).classifier.trainable_state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
@@ -133,7 +133,7 @@ def test_regularizer_pulls_towards_the_start(tiny_vit):
     norms = {}
     for reg in (0.0, 10.0):
         sd = fit(config("taft", epochs=3, reg=reg), tiny_vit, data, class_names=CLASSES,
-                 progress=False).classifier.trained_state_dict()
+                 progress=False).classifier.trainable_state_dict()
         norms[reg] = sum(float(t.pow(2).sum()) for t in sd.values())
     assert norms[10.0] < norms[0.0]
 

@@ -7,8 +7,7 @@ pass by hand-written tangent layers. See README.md.
 from taft.backbones import Backbone, load_backbone
 from taft.errors import AssetMissingError, FingerprintMismatchError, TaftError
 from taft.model import TangentModel
-
-__version__ = "0.1.0"
+from taft.version import __version__
 
 __all__ = ["AssetMissingError", "Backbone", "FingerprintMismatchError", "TaftError", "TangentModel", "load_backbone",
            "__version__"]

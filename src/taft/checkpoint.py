@@ -1,4 +1,8 @@
-"""Checkpoints: only what was trained, as safetensors, with everything needed to rebuild and check the model.
+"""Checkpoint files: only what was trained, as safetensors, with everything needed to rebuild and check the model.
+
+One writer (`write_checkpoint`) and one reader with one validator (`read_checkpoint`) serve run checkpoints, shard
+files and composed stores; they work on tensors and metadata alone (no backbone, no model), so composition and
+stores need no training code. Building a model from a file is `taft.model.load_checkpoint` / `Classifier.load`.
 
 Tensors: the trained ones under their plain-model names (taft: Δw, e.g. `blocks.11.attn.qkv.weight`,
 `head.weight`; nlft: the trained tail weights w; probe: `head.weight`, `head.bias`), plus the base head
@@ -7,16 +11,17 @@ random head is drawn and carries a linear-probe head init).
 
 Metadata: one JSON object under the safetensors metadata key "taft":
     format ("taft-checkpoint"), format_version, method, backbone (name), backbone_fingerprint, fingerprint
-    (the model's: `TangentModel.fingerprint` for taft, a hash of backbone + k + pooling + w0_head for nlft and
-    probe), tangent_blocks, pooling, class_names, preprocess (`ImagePreprocess` or `TextPreprocess` `.to_dict()`), train_config,
-    data {count, ids_sha256, ids} (the training example ids, in training-data order), metrics (optional),
-    versions {taft, torch, safetensors}, created (ISO time: so two files of equal models differ in their bytes;
-    `content_sha256` hashes the tensors alone and is what `taft info` and stores show as a model's identity), and for a DP-SGD run privacy (the privacy ledger,
-    `taft.privacy.PrivacyLedger.to_dict()`: mechanism, ε, δ, σ, q, steps, C, accountant, n, library versions,
-    notes on what the guarantee does not cover).
+    (the model's, `Classifier.fingerprint`: a hash of backbone fingerprint, method, k, pooling and w0_head; files
+    written before it record an older formula, still accepted: `Classifier.accepts_fingerprint`), tangent_blocks,
+    pooling, class_names, preprocess (`ImagePreprocess` or `TextPreprocess` `.to_dict()`), train_config, data
+    {count, ids_sha256, ids} (the training example ids, in training-data order), metrics (optional), versions
+    {taft, torch, safetensors}, created (ISO time: so two files of equal models differ in their bytes;
+    `content_sha256` hashes the tensors alone and is what `taft info` and stores show as a model's identity), and
+    for a DP-SGD run privacy (the privacy ledger, `taft.privacy.PrivacyLedger.to_dict()`: mechanism, ε, δ, σ, q,
+    steps, C, accountant, n, library versions, notes on what the guarantee does not cover); shard files add
+    "shard", composed files "composition".
 
-`load_checkpoint` checks everything and names any problem in a one-line `TaftError`
-(`FingerprintMismatchError` when the backbone or base weights differ).
+`read_checkpoint` checks everything it can without a model and names any problem in a one-line `TaftError`.
 """
 
 from __future__ import annotations
@@ -25,35 +30,65 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import safetensors
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import taft
-from taft.backbones import load_backbone_like
-from taft.backbones.base import Backbone, Preprocess, TextPreprocess, preprocess_from_dict
-from taft.errors import FingerprintMismatchError, TaftError
+from taft.errors import TaftError
 from taft.fileio import atomic_write
 from taft.tensors import device_free
-from taft.train.classifier import Classifier, build_classifier
-from taft.train.config import TrainConfig
+from taft.version import __version__
 
 FORMAT = "taft-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "taft"
 BASE_PREFIX = "w0."
+HEAD_W0 = f"{BASE_PREFIX}head.weight"
+HEAD_B0 = f"{BASE_PREFIX}head.bias"
 MAX_IDS_JSON = 64 * 2**20  # safetensors headers are limited to 100 MB; past this only the ids' hash is kept
-REQUIRED = ("method", "backbone", "backbone_fingerprint", "fingerprint", "class_names", "preprocess",
-            "train_config", "data")
+REQUIRED = ("method", "backbone", "backbone_fingerprint", "fingerprint", "tangent_blocks", "pooling", "class_names",
+            "preprocess", "train_config", "data")
 
 
-class LoadedCheckpoint(NamedTuple):
-    classifier: Classifier
-    metadata: dict[str, Any]
+@dataclass(frozen=True)
+class ModelInfo:
+    """What identifies a model apart from its trained tensors (the checkpoint metadata fields of that name)."""
+
+    method: str
+    backbone: str
+    backbone_fingerprint: str
+    fingerprint: str
+    tangent_blocks: int
+    pooling: str
+    class_names: tuple[str, ...]
+    preprocess: dict[str, Any]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelInfo:
+        try:
+            return cls(str(d["method"]), str(d["backbone"]), str(d["backbone_fingerprint"]), str(d["fingerprint"]),
+                       int(d["tangent_blocks"]), str(d["pooling"]), tuple(str(c) for c in d["class_names"]),
+                       dict(d["preprocess"]), str(d["dtype"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TaftError(f"malformed model description ({type(e).__name__}: {e})") from e
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dt = getattr(torch, self.dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise TaftError(f"unknown dtype {self.dtype!r}")
+        return dt
 
 
 def ids_digest(ids: Sequence[str]) -> str:
@@ -77,47 +112,85 @@ def checkpoint_content_sha256(path: str | Path) -> str:
     return content_sha256(read_safetensors(Path(path))[1])
 
 
-def save_checkpoint(path: str | Path, classifier: Classifier, *, train_ids: Sequence[str] | None,
-                    n_train: int | None = None, metrics: dict[str, Any] | None = None,
-                    privacy: dict[str, Any] | None = None) -> Path:
-    """Write `classifier`'s trained tensors and metadata to `path` atomically; returns the path.
+def data_record(ids: Sequence[str] | None, count: int | None = None) -> dict[str, Any]:
+    """The metadata's "data": {count, ids_sha256, ids}; without ids (unknown) only `count`. Ids too large for a
+    safetensors header keep their count and hash only."""
+    if ids is None:
+        return {"count": count, "ids_sha256": None, "ids": None}
+    ids = [str(i) for i in ids]
+    too_large = len(json.dumps(ids, ensure_ascii=False).encode()) > MAX_IDS_JSON
+    return {"count": len(ids), "ids_sha256": ids_digest(ids), "ids": None if too_large else ids}
 
-    `train_ids`: the ids of the training examples (kept for forgetting); None when unknown, then `n_train`
-    gives the count. `privacy`: the privacy ledger of a private run (stored under the metadata key "privacy")."""
+
+def now() -> str:
+    """The local time as checkpoints record it (`created`)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def write_checkpoint(path: str | Path, info: ModelInfo, tensors: Mapping[str, torch.Tensor],
+                     head_weight0: torch.Tensor, head_bias0: torch.Tensor, *, train_config: Mapping[str, Any],
+                     ids: Sequence[str] | None, count: int | None = None, created: str | None = None,
+                     metrics: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
+                     atomic: bool = True) -> Path:
+    """Write a checkpoint to `path`; returns the path. The bytes are a pure function of the arguments when
+    `created` is given (default: now). `ids`: the training example ids (None when unknown; `count` then gives
+    their number). `extra`: more top-level metadata keys ("privacy", "shard", "composition"). `atomic=False`
+    writes in place, for callers that write to a temporary name themselves."""
     path = Path(path)
-    ids = None if train_ids is None else [str(i) for i in train_ids]
-    data: dict[str, Any] = {"count": len(ids) if ids is not None else n_train,
-                            "ids_sha256": ids_digest(ids) if ids is not None else None, "ids": ids}
-    if ids is not None and len(json.dumps(ids, ensure_ascii=False).encode()) > MAX_IDS_JSON:
-        data["ids"] = None  # too large for a safetensors header: keep count and hash
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "method": classifier.method,
-        "backbone": classifier.backbone_name, "backbone_fingerprint": classifier.backbone_fingerprint,
-        "fingerprint": classifier.fingerprint, "tangent_blocks": classifier.tangent_blocks,
-        "pooling": classifier.pooling, "class_names": list(classifier.class_names),
-        "preprocess": classifier.preprocess.to_dict(), "train_config": classifier.train_config.to_dict(),
-        "data": data, "metrics": metrics,
-        "versions": {"taft": taft.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    meta: dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "method": info.method, "backbone": info.backbone,
+        "backbone_fingerprint": info.backbone_fingerprint, "fingerprint": info.fingerprint,
+        "tangent_blocks": info.tangent_blocks, "pooling": info.pooling, "class_names": list(info.class_names),
+        "preprocess": info.preprocess, "train_config": dict(train_config), "data": data_record(ids, count),
+        "metrics": dict(metrics) if metrics is not None else None,
+        "versions": {"taft": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__},
+        "created": created if created is not None else now(), **(dict(extra) if extra else {}),
     }
-    if privacy is not None:
-        meta["privacy"] = privacy
-    tensors = {name: t.detach() for name, t in classifier.trained_state_dict().items()}
-    tensors[f"{BASE_PREFIX}head.weight"] = classifier.head_weight0.detach()
-    tensors[f"{BASE_PREFIX}head.bias"] = classifier.head_bias0.detach()
-    tensors = device_free(tensors)
-    header = {META_KEY: json.dumps(meta, ensure_ascii=False, allow_nan=False)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    out = device_free({**{name: t.detach() for name, t in tensors.items()}, HEAD_W0: head_weight0.detach(),
+                       HEAD_B0: head_bias0.detach()})
+    header = {META_KEY: json.dumps(meta, ensure_ascii=False, allow_nan=False, sort_keys=True)}
+    if atomic:
+        atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=header))
+    else:
+        save_file(out, str(path), metadata=header)
     return path
 
 
-def _first_line(e: BaseException) -> str:
+@dataclass
+class CheckpointFile:
+    """A checkpoint read without a model: its checked metadata, trained tensors and base head."""
+
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    head_weight0: torch.Tensor
+    head_bias0: torch.Tensor
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    @property
+    def ids(self) -> list[str] | None:
+        ids = self.meta.get("data", {}).get("ids")
+        return None if ids is None else [str(i) for i in ids]
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model description, with the dtype of the trained tensors (float32 when there are none)."""
+        first = next(iter(self.tensors.values()), None)
+        dtype = str(first.dtype).removeprefix("torch.") if first is not None else "float32"
+        return ModelInfo.from_dict({**self.meta, "dtype": dtype})
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): for one-line errors."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
 
 def read_safetensors(path: Path, *, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(header metadata, tensors) of the checkpoint file at `path`, unchecked; the tensors are {} when `tensors`
+    """(header metadata, tensors) of the safetensors file at `path`, unchecked; the tensors are {} when `tensors`
     is False. `TaftError` if the file is missing, not a safetensors file, corrupt or truncated."""
     if not path.is_file():
         raise TaftError(f"no checkpoint file at {path}")
@@ -127,28 +200,24 @@ def read_safetensors(path: Path, *, tensors: bool = True) -> tuple[dict[str, str
             found = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (no iterator)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise TaftError(f"cannot read checkpoint {path}: not a valid safetensors file, corrupt or truncated "
-                        f"({_first_line(e)})") from e
+                        f"({first_line(e)})") from e
     return header, found
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    header, tensors = read_safetensors(path)
-    return _metadata(path, header), tensors
-
-
-def _metadata(path: Path, header: dict[str, str]) -> dict[str, Any]:
+def check_metadata(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
+    """The taft metadata of a safetensors header, checked for format, version and the required keys."""
     if META_KEY not in header:
         raise TaftError(f"{path} is not a taft checkpoint (a safetensors file without taft metadata)")
     try:
         meta = json.loads(header[META_KEY])
     except ValueError as e:
-        raise TaftError(f"{path}: the taft metadata is corrupt ({_first_line(e)})") from e
+        raise TaftError(f"{path}: the taft metadata is corrupt ({first_line(e)})") from e
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != FORMAT:
         raise TaftError(f"{path} is not a taft checkpoint (metadata format {fmt!r}, expected {FORMAT!r})")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise TaftError(f"{path} has checkpoint format version {version!r}; this taft ({taft.__version__}) reads "
+        raise TaftError(f"{path} has checkpoint format version {version!r}; this taft ({__version__}) reads "
                         f"version {FORMAT_VERSION} (a newer taft may read it)")
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
@@ -156,76 +225,33 @@ def _metadata(path: Path, header: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of a checkpoint (checked for format and version), without building a model."""
-    path = Path(path)
-    header, _ = read_safetensors(path, tensors=False)
-    return _metadata(path, header)
-
-
-def _preprocess(path: Path, d: Any) -> Preprocess:
-    try:
-        return preprocess_from_dict(d)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise TaftError(f"{path}: the preprocessing in the metadata is malformed ({_first_line(e)})") from e
-
-
-def _tokenizer(path: Path, backbone: Backbone, preprocess: TextPreprocess):
-    """The backbone's tokenizer with the checkpoint's max_length; TaftError when it is another tokenizer."""
-    from taft.backbones.tokenizer import TextTokenizer
-
-    tok = backbone.tokenizer
-    if tok is None or tok.sha256 != preprocess.tokenizer:
-        have = "none" if tok is None else f"{tok.sha256[:12]}…"
-        raise TaftError(f"{path} was trained with tokenizer {preprocess.tokenizer[:12]}…, backbone "
-                        f"{backbone.name!r} has {have}")
-    return tok if tok.max_length == preprocess.max_length else TextTokenizer(tok.path, preprocess.max_length)
-
-
-def load_checkpoint(path: str | Path, backbone: Backbone | None = None, *,
-                    device: torch.device | str | None = None) -> LoadedCheckpoint:
-    """(ready classifier, metadata) from a checkpoint. Without `backbone`, loads the one the checkpoint names
-    (`load_backbone_like(name, preprocess)`). The classifier uses the checkpoint's preprocessing (image size;
-    text: the same tokenizer, checked, with the checkpoint's max_length)."""
-    path = Path(path)
-    meta, tensors = _read(path)
-    config = TrainConfig.from_dict(meta["train_config"])
-    preprocess = _preprocess(path, meta["preprocess"])
-    want_fp = str(meta["backbone_fingerprint"])
-    if backbone is None:
-        try:
-            backbone = load_backbone_like(meta["backbone"], preprocess)
-        except TaftError as e:
-            raise TaftError(f"{path} needs backbone {meta['backbone']!r}, which cannot be loaded: {e}") from e
-    if backbone.fingerprint != want_fp:
-        raise FingerprintMismatchError(
-            f"{path} was trained on backbone {meta['backbone']!r} (fingerprint {want_fp[:12]}…), not on "
-            f"{backbone.name!r} ({backbone.fingerprint[:12]}…); load it with that backbone")
-    base_keys = [f"{BASE_PREFIX}head.weight", f"{BASE_PREFIX}head.bias"]
-    absent = [k for k in base_keys if k not in tensors]
+def check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pops and returns the base head (w0_head, b0_head) after checking that it is there and finite and that
+    every tensor is floating point."""
+    absent = [k for k in (HEAD_W0, HEAD_B0) if k not in tensors]
     if absent:
         raise TaftError(f"{path}: checkpoint is missing tensors {absent}")
     nonfloat = sorted(k for k, t in tensors.items() if not t.is_floating_point())
     if nonfloat:
         raise TaftError(f"{path}: tensors {nonfloat[:5]} are not floating point")
-    w0, b0 = (tensors.pop(k) for k in base_keys)
+    w0, b0 = tensors.pop(HEAD_W0), tensors.pop(HEAD_B0)
     if not (torch.isfinite(w0).all() and torch.isfinite(b0).all()):
         raise TaftError(f"{path}: the base head holds NaN or infinite values")
-    try:
-        classifier = build_classifier(config, backbone, meta["class_names"], head_weight=w0, head_bias=b0)
-    except TaftError as e:
-        raise TaftError(f"{path}: cannot rebuild the model: {e}") from e
-    if classifier.fingerprint != meta["fingerprint"]:
-        raise FingerprintMismatchError(
-            f"{path} was trained around other base weights (model fingerprint {str(meta['fingerprint'])[:12]}…) "
-            f"than backbone {backbone.name!r} with k={config.tangent_blocks} gives ({classifier.fingerprint[:12]}…)")
-    try:
-        classifier.load_trained_state_dict({k: t.to(classifier.dtype) for k, t in tensors.items()})
-    except TaftError as e:
-        raise TaftError(f"{path}: {e}") from e
-    classifier.preprocess = preprocess
-    if isinstance(preprocess, TextPreprocess):
-        classifier.tokenizer = _tokenizer(path, backbone, preprocess)
-    if device is not None:
-        classifier = classifier.to(device)
-    return LoadedCheckpoint(classifier.eval(), meta)
+    return w0, b0
+
+
+def read_checkpoint(path: str | Path) -> CheckpointFile:
+    """Read and check any taft checkpoint (run, shard or composed file); `TaftError` naming the problem if it is
+    missing, corrupt, not taft's, of another format version, or lacks metadata or the base head."""
+    path = Path(path)
+    header, tensors = read_safetensors(path)
+    meta = check_metadata(path, header)
+    w0, b0 = check_tensors(path, tensors)
+    return CheckpointFile(path, meta, tensors, w0, b0)
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint (checked for format, version and required keys), without reading tensors."""
+    path = Path(path)
+    header, _ = read_safetensors(path, tensors=False)
+    return check_metadata(path, header)

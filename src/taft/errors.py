@@ -11,3 +11,12 @@ class AssetMissingError(TaftError):
 
 class FingerprintMismatchError(TaftError):
     """A Δw (or checkpoint) was made for a different base model than the one it is loaded into."""
+
+
+class NonFiniteError(TaftError):
+    """A training quantity (a batch loss, a noisy gradient, a trained weight) is NaN or infinite; `what` names it
+    and `value` is its value (NaN for a tensor). The training loop turns it into a "training diverged" error."""
+
+    def __init__(self, what: str, value: float = float("nan")):
+        super().__init__(f"{what} is {value}")
+        self.what, self.value = what, value

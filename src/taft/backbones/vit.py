@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taft.errors import TaftError
+from taft.tangent.functional import key_padding_bias
 
 
 def check_block_shape(dim: int, heads: int, gelu: str) -> None:
@@ -49,14 +50,6 @@ class ViTConfig:
 
 def gelu(x: torch.Tensor, kind: str) -> torch.Tensor:
     return F.gelu(x, approximate="tanh" if kind == "tanh" else "none")
-
-
-def key_padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(B, N) bool mask, True = real token, to an additive (B, 1, 1, N) bias: 0 where kept, -inf where padded."""
-    if mask is None:
-        return None
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    return bias[:, None, None, :]
 
 
 def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

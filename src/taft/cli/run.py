@@ -170,14 +170,15 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
 
 # -------------------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> None:
-    from taft.checkpoint import load_checkpoint
+    from taft.model import load_checkpoint
+    from taft.data import model_features
     from taft.train import evaluate
 
     device = compute_device(args)
     classifier, _ = load_checkpoint(args.checkpoint, device=device)
     dataset = open_dataset(args, classifier)
     check_classes(dataset.class_names, classifier.class_names)
-    features = classifier.cached_features(dataset, autocast=args.autocast, progress=not args.quiet)
+    features = model_features(classifier, dataset, autocast=args.autocast, progress=not args.quiet)
     ev = evaluate(classifier, features)
     result = ev.to_dict()
     print(f"top-1 {100 * ev.top1:.2f}% on {ev.n} examples (loss {ev.loss:.4g})")
@@ -199,7 +200,7 @@ def check_classes(data_classes, model_classes) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     import torch
 
-    from taft.checkpoint import load_checkpoint
+    from taft.model import load_checkpoint
 
     device = compute_device(args)
     classifier, _ = load_checkpoint(args.checkpoint, device=device)

@@ -259,6 +259,7 @@ def cmd_store_resume(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from taft.data import model_features
     from taft.store import ModelStore
     from taft.store.report import write_report
 
@@ -268,6 +269,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         classifier, _ = ModelStore(args.store).load_composed()
         dataset = open_dataset(args, classifier)
         check_classes(dataset.class_names, classifier.class_names)
-        features = classifier.to(device).cached_features(dataset, autocast=args.autocast, progress=not args.quiet)
+        features = model_features(classifier.to(device), dataset, autocast=args.autocast,
+                                  progress=not args.quiet)
     out = args.out or args.store.with_name(args.store.name + "-report")
     print(f"report: {write_report(args.store, out, features, device=device)}")

@@ -1,4 +1,5 @@
-"""Data: labelled image datasets, deterministic preprocessing, id-based splits and the trunk-feature cache."""
+"""Data: labelled image and text datasets, deterministic preprocessing, id-based splits, the trunk-feature cache
+and `cache_features` (a backbone's trunk features through it)."""
 
 from taft.data.feature_cache import CachedFeatures, FeatureCache, build_or_load_features, entry_key
 from taft.data.images import (
@@ -14,10 +15,12 @@ from taft.data.images import (
 from taft.data.split import split_dataset, train_val_split
 from taft.data.text import TextDataset, rotten_tomatoes, text_table
 from taft.data.transforms import ImageTransform, preprocess_id
+from taft.data.trunk_features import cache_features, feature_key, model_features
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_EXTENSIONS", "CachedFeatures", "FeatureCache",
-    "ImageDataset", "ImageRecord", "ImageTransform", "TextDataset", "build_or_load_features", "entry_key",
+    "ImageDataset", "ImageRecord", "ImageTransform", "TextDataset", "build_or_load_features", "cache_features",
+    "entry_key", "feature_key", "model_features",
     "fashion_mnist", "image_folder", "preprocess_id", "read_idx", "rotten_tomatoes", "split_dataset", "text_table",
     "train_val_split",
 ]

@@ -19,7 +19,7 @@ Files of an entry:
                  complete. Its "device" (where the trunk ran) is information only: entries load anywhere.
 Builds of one entry by several processes are serialised with a file lock (POSIX). With a CUDA `device` the loader
 pins its batches and copies them asynchronously. A trunk run under autocast gives other features: its callers
-(`taft.train.cache_features`) put the autocast setting into `key`; the stored dtype is always `dtype`.
+(`taft.data.cache_features`) put the autocast setting into `key`; the stored dtype is always `dtype`.
 """
 
 from __future__ import annotations

@@ -182,12 +182,12 @@ def train_shard(task: ShardTask) -> ShardResult:
     finally:
         torch.set_num_threads(previous)
     clf = result.classifier
-    if clf.fingerprint != task.fingerprint:
+    if not clf.accepts_fingerprint(task.fingerprint):
         raise TaftError(f"shard {task.index} trained around other base weights (fingerprint "
                         f"{clf.fingerprint[:12]}…) than the store's ({task.fingerprint[:12]}…)")
     keep = DETERMINISTIC_METRICS if task.dp is None else PUBLIC_METRICS
     metrics = {k: result.metrics[k] for k in keep if k in result.metrics}
-    saved = device_free({**clf.trained_state_dict(), "head_weight0": clf.head_weight0,
+    saved = device_free({**clf.trainable_state_dict(), "head_weight0": clf.head_weight0,
                          "head_bias0": clf.head_bias0})  # CPU tensors: results cross process boundaries
     head_weight0, head_bias0 = saved.pop("head_weight0"), saved.pop("head_bias0")
     return ShardResult(index=task.index, tensors=saved, head_weight0=head_weight0, head_bias0=head_bias0,

@@ -9,7 +9,9 @@
 - `accounting`: ε of (σ, q, steps) at δ by Opacus' PRV (default) or RDP accountant; σ calibration for a target ε;
   an independent cross-check with Google's dp_accounting.
 - `config`: `DPConfig`, `plan_dp` (q = B/n, steps = epochs·⌈n/B⌉, σ or ε), the CLI options' translation.
-- `dpsgd`: per-example gradients (vmap over grad), clipping, Poisson sampling, the DP-SGD training loop.
+- `dpsgd`: per-example gradients (vmap over grad), clipping, noise, Poisson sampling, and `DPStep`: the gradient
+  step that `fit`'s training loop plugs in for private runs.
+- `private`: `make_private(model, optimizer, data, ...)`: the same step and sampling for your own loop.
 - `ledger`: `PrivacyLedger`, `parallel_composition` for disjoint shards, `sequential_composition` for repeated
   releases on the same data (a retrained store shard).
 
@@ -21,8 +23,10 @@ noise) is refused under DP.
 from taft.privacy.accounting import (ACCOUNTANTS, MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, calibrate_noise,
                                      compute_epsilon, epsilon_dp_accounting)
 from taft.privacy.config import DPConfig, DPPlan, dp_config_from_args, plan_dp
+from taft.privacy.dpsgd import DPStep, PoissonSampler
 from taft.privacy.ledger import MECHANISM, PrivacyLedger, describe, parallel_composition, sequential_composition
+from taft.privacy.private import PoissonLoader, PrivateTraining, make_private
 
 __all__ = ["ACCOUNTANTS", "MAX_NOISE_MULTIPLIER", "MECHANISM", "MIN_NOISE_MULTIPLIER", "DPConfig", "DPPlan",
-           "PrivacyLedger", "calibrate_noise", "compute_epsilon", "describe", "dp_config_from_args",
-           "epsilon_dp_accounting", "parallel_composition", "plan_dp", "sequential_composition"]
+           "DPStep", "PoissonLoader", "PoissonSampler", "PrivacyLedger", "PrivateTraining", "calibrate_noise", "compute_epsilon", "describe", "dp_config_from_args",
+           "epsilon_dp_accounting", "make_private", "parallel_composition", "plan_dp", "sequential_composition"]

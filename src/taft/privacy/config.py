@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-import taft
 from taft.errors import TaftError
 from taft.privacy.accounting import (ACCOUNTANTS, MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, calibrate_noise,
                                      check_accountant, compute_epsilon, library_versions)
 from taft.privacy.ledger import PrivacyLedger
+from taft.version import __version__
 
 DEFAULT_CHUNK = 32
 # The default expected batch size of DP-SGD: a tenth of the data, at most DP_MAX_DEFAULT_BATCH (see `expected_batch_size`).
@@ -114,7 +114,7 @@ class DPPlan:
             epsilon=self.epsilon, delta=float(c.delta), n=self.n, noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate, steps=self.steps, clip=float(c.clip), accountant=c.accountant,
             expected_batch_size=self.expected_batch_size, target_epsilon=c.epsilon, seeded=c.seed is not None,
-            libraries={"opacus": library_versions().get("opacus", "not installed"), "taft": taft.__version__,
+            libraries={"opacus": library_versions().get("opacus", "not installed"), "taft": __version__,
                        "torch": torch.__version__},
             notes=[*NOTES, *([SEEDED_NOTE] if c.seed is not None else [])])
 

@@ -1,11 +1,12 @@
-"""DP-SGD for the three methods (taft, nlft, probe) on cached trunk features.
+"""DP-SGD for the three methods (taft, nlft, probe) on cached trunk features: the gradient step that the training
+loop (`taft.train.loop.train_loop`) plugs in for private runs, and its parts.
 
-One step: a Poisson-sampled batch (each training example joins independently with probability q, so the batch
+One step (`DPStep`): a Poisson-sampled batch (each training example joins independently with probability q, so the batch
 size varies and may be 0); per-example gradients g_i of the trainable tensors (taft: Δw; nlft: the tail weights;
 probe: the head); each clipped to global L2 norm C, g_i · min(1, C/‖g_i‖); summed; Gaussian noise N(0, σ²C²) added
 to every coordinate; divided by the expected batch size B = q·n; then the gradient of the (data-independent)
-proximity term λ‖θ − θ0‖² is added and AdamW (weight_decay = 0) steps with the configured schedule over the
-planned steps.
+proximity term λ‖θ − θ0‖² is added and the optimizer steps (the loop applies the configured schedule over the
+planned steps). `PoissonSampler` draws the batches; `taft.privacy.make_private` wraps both for a user's own loop.
 
 Per-example gradients: `torch.func.vmap` over `torch.func.grad` of a `torch.func.functional_call` of the method's
 trainable module, in chunks of `chunk_size` examples (memory ∝ chunk_size × parameters). For taft this works
@@ -18,34 +19,22 @@ fall back to a per-example loop. With CLS pooling the tail's last block is prune
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from taft.errors import TaftError
-from taft.privacy.config import DPPlan
-from taft.privacy.ledger import PrivacyLedger
-from taft.progress import progress_bar
-from taft.train.classifier import Classifier
-from taft.train.config import TrainConfig
-from taft.train.trainer import Prepared, _diverged, _finish_epoch, lr_factor, make_optimizer, warmup_steps
-
-
-def trainable_module(classifier: Classifier) -> tuple[nn.Module, str]:
-    """(module whose forward maps `Classifier.train_inputs` to logits, prefix of its parameters' names in
-    `classifier.tail`)."""
-    if classifier.method == "probe":
-        return classifier.tail.head, "head."
-    return classifier.tail, ""
+from taft.errors import NonFiniteError, TaftError
+from taft.losses import DEFAULT_KAPPA
+from taft.model import Classifier
+from taft.privacy.config import DEFAULT_CHUNK
 
 
 @contextmanager
@@ -78,7 +67,7 @@ def _example_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torc
 
 def _grad_fn(classifier: Classifier, loss: str) -> tuple[Callable, dict[str, torch.Tensor], str]:
     """(fn(params, x, target, mask) → per-example (grads, losses), params, prefix); `mask` (b, N) or None."""
-    module, prefix = trainable_module(classifier)
+    module, prefix = classifier.trainable_module()
 
     def example_loss(params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor,
                      mask: torch.Tensor | None) -> torch.Tensor:
@@ -117,7 +106,7 @@ def _chunks(inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | No
 
 
 def per_example_gradients(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, *,
-                          mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = 15.0,
+                          mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = DEFAULT_KAPPA,
                           chunk_size: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({name: (b, *shape)} per-example gradients of the per-example training loss (no regularizer) with respect
     to every trainable tensor of `classifier.tail` (names as in `tail.named_parameters()`), per-example losses
@@ -146,8 +135,8 @@ def clip_factors(grads: dict[str, torch.Tensor], clip: float) -> tuple[torch.Ten
 
 
 def clipped_sum(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, clip: float, *,
-                mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = 15.0,
-                chunk_size: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = DEFAULT_KAPPA,
+                chunk_size: int = DEFAULT_CHUNK) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """(Σ_i clip_C(g_i) per trainable tensor, per-example losses, per-example gradient norms before clipping),
     computed `chunk_size` examples at a time (the per-example gradients of one chunk live at once)."""
     fn, params, prefix = _grad_fn(classifier, loss)
@@ -169,8 +158,8 @@ def clipped_sum(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tens
 
 def noisy_gradient(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, *, clip: float,
                    noise_multiplier: float, expected_batch_size: int, generator: torch.Generator | None,
-                   mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = 15.0,
-                   chunk_size: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                   mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = DEFAULT_KAPPA,
+                   chunk_size: int = DEFAULT_CHUNK) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The DP-SGD gradient of one batch, (Σ_i clip_C(g_i) + N(0, σ²C² I)) / B, per trainable tensor (names as in
     `classifier.tail.named_parameters()`), and the per-example losses. σ = 0 adds no noise."""
     total, losses, _ = clipped_sum(classifier, inputs, labels, clip, mask=mask, loss=loss, kappa=kappa,
@@ -183,79 +172,82 @@ def noisy_gradient(classifier: Classifier, inputs: torch.Tensor, labels: torch.T
     return total, losses
 
 
-def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """`steps` batches of indices into range(n): each index joins each batch independently with probability q."""
-    for _ in range(steps):
+def poisson_batches(n: int, sample_rate: float, steps: int | None,
+                    generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """`steps` batches (endless for None) of indices into range(n): each index joins each batch independently with
+    probability q."""
+    for _ in range(steps) if steps is not None else itertools.count():
         yield torch.nonzero(torch.rand(n, generator=generator) < sample_rate).squeeze(1)
 
 
-def dp_train_loop(classifier: Classifier, config: TrainConfig, plan: DPPlan, train: Prepared,
-                  val: Prepared | None = None, *, progress: bool = True,
-                  on_epoch: Callable[[dict[str, Any]], None] | None = None, desc: str | None = None,
-                  batches: Sequence[torch.Tensor] | None = None) -> tuple[list[dict[str, Any]], PrivacyLedger]:
-    """Train `classifier` in place with DP-SGD as `plan` says; returns (per-epoch records, privacy ledger).
+def dp_generators(seed: int | None, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(sampling generator on the CPU seeded `seed`, noise generator on `device` seeded `seed` + 1); a fresh random
+    seed, stored nowhere, when `seed` is None."""
+    seed = seed if seed is not None else secrets.randbits(62)
+    return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed + 1)
 
-    Records hold the same keys as `train_loop`'s plus `mean_batch_size`; `train_loss` is the mean per-example loss
-    of the examples sampled in the epoch, before their step (a diagnostic on private data, outside the guarantee).
-    `batches` replaces Poisson sampling by a fixed schedule of index batches (one per planned step) for checks;
-    the guarantee (and the ledger) assume Poisson sampling. Raises TaftError when the noisy gradient or a trained
-    weight is not finite (both functions of the released values, so the check spends no privacy)."""
-    dp = plan.config
-    if len(train) != plan.n:
-        raise TaftError(f"the DP plan is for {plan.n} training examples, the data has {len(train)}")
-    if batches is not None and len(batches) != plan.steps:
-        raise TaftError(f"a fixed batch schedule needs {plan.steps} batches, got {len(batches)}")
-    params = dict(classifier.tail.named_parameters())
-    start = {n: p.detach().clone() for n, p in params.items()} if config.reg > 0 else {}
-    opt = make_optimizer(config, params)
-    factor = lr_factor(config.schedule, plan.steps, warmup_steps(config, plan.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    device, dtype = classifier.device, classifier.dtype
-    seed = dp.seed if dp.seed is not None else secrets.randbits(62)
-    sample_gen = torch.Generator().manual_seed(seed)
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    schedule = iter(batches) if batches is not None else poisson_batches(plan.n, plan.sample_rate, plan.steps,
-                                                                         sample_gen)
-    sigma, clip, B = plan.noise_multiplier, float(dp.clip), plan.expected_batch_size
-    history: list[dict[str, Any]] = []
-    bar = progress_bar(total=plan.steps, disable=not progress, unit="step",
-                       desc=desc or f"{config.method} k={config.tangent_blocks} DP-SGD")
-    try:
-        for epoch in range(1, config.epochs + 1):
-            classifier.train()
-            t0 = time.perf_counter()
-            loss_sum, seen = 0.0, 0
-            for step in range(plan.steps_per_epoch):
-                idx = next(schedule)
-                x, mask, y = train.batch(idx, device, dtype)
-                grads, losses = noisy_gradient(classifier, x, y, mask=mask, clip=clip, noise_multiplier=sigma,
-                                               expected_batch_size=B, generator=noise_gen, loss=config.loss,
-                                               kappa=config.kappa, chunk_size=dp.chunk_size)
-                if not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
-                    bad = next(n for n, g in grads.items() if not torch.isfinite(g).all())
-                    raise _diverged(config, math.nan, f"the noisy gradient of {bad} at epoch {epoch}, step {step + 1}")
-                for name, p in params.items():
-                    if config.reg > 0:  # the proximity term does not depend on the data: no clipping, no noise
-                        grads[name].add_(p.detach() - start[name], alpha=2 * config.reg)
-                    p.grad = grads[name]
-                opt.step()
-                sched.step()
-                loss_sum += float(losses.sum())
-                seen += len(idx)
-                bar.update(1)
-            train_time = time.perf_counter() - t0
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen if seen else None,
-                                      "lr": opt.param_groups[0]["lr"], "train_time_s": train_time,
-                                      "examples_per_s": seen / train_time if train_time > 0 else None,
-                                      "mean_batch_size": seen / plan.steps_per_epoch,
-                                      "val_top1": None, "val_loss": None}
-            _finish_epoch(classifier, config, val, record, t0, bar, history, on_epoch)
-    finally:
-        bar.close()
-        classifier.eval()
-        for p in params.values():
+
+class PoissonSampler:
+    """The index batches of DP-SGD, one epoch at a time: `steps_per_epoch` Poisson batches of range(n) at rate q
+    (`poisson_batches`), or, for checks, the next batches of a fixed schedule `batches` (the guarantee and the
+    ledger assume Poisson sampling)."""
+
+    def __init__(self, n: int, sample_rate: float, steps_per_epoch: int, generator: torch.Generator,
+                 batches: Sequence[torch.Tensor] | None = None):
+        self.n, self.steps_per_epoch = n, steps_per_epoch
+        self.generator = generator
+        self._draws = iter(batches) if batches is not None else poisson_batches(n, sample_rate, None, generator)
+
+    def epoch(self) -> list[torch.Tensor]:
+        return [next(self._draws) for _ in range(self.steps_per_epoch)]
+
+
+class DPStep:
+    """One DP-SGD update of `model`'s trainable tensors by `optimizer` (built over them): the noisy gradient
+    (Σ_i clip_C(g_i) + N(0, σ²C² I)) / B of a batch (`noisy_gradient`), plus the gradient 2λ(θ − θ0) of the
+    data-independent proximity term when `reg` = λ > 0 (θ0: the weights at construction), then `optimizer.step()`.
+
+    `step(x, y, mask)` is that update for a user's loop; calling the object, `(x, mask, y) → (Σ loss, batch size)`,
+    is the same update in the form `taft.train.loop.train_loop` plugs in. Raises `NonFiniteError` when the noisy
+    gradient is not finite (a function of the released values: the check spends no privacy)."""
+
+    private = True
+
+    def __init__(self, model: Classifier, optimizer: torch.optim.Optimizer, *, clip: float, noise_multiplier: float,
+                 expected_batch_size: int, generator: torch.Generator | None, loss: str = "mse",
+                 kappa: float = DEFAULT_KAPPA, chunk_size: int = DEFAULT_CHUNK, reg: float = 0.0):
+        self.model, self.optimizer = model, optimizer
+        self.clip, self.noise_multiplier, self.expected_batch_size = float(clip), noise_multiplier, expected_batch_size
+        self.generator, self.loss, self.kappa, self.chunk_size, self.reg = generator, loss, kappa, chunk_size, reg
+        self.params = dict(model.tail.named_parameters())
+        self.start = {n: p.detach().clone() for n, p in self.params.items()} if reg > 0 else {}
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Set every trainable tensor's `.grad` to its DP-SGD gradient for the batch (x = `train_inputs`, labels
+        y, text mask); returns the per-example losses (diagnostics on private data, outside the guarantee)."""
+        grads, losses = noisy_gradient(self.model, x, y, mask=mask, clip=self.clip,
+                                       noise_multiplier=self.noise_multiplier,
+                                       expected_batch_size=self.expected_batch_size, generator=self.generator,
+                                       loss=self.loss, kappa=self.kappa, chunk_size=self.chunk_size)
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
+            bad = next(n for n, g in grads.items() if not torch.isfinite(g).all())
+            raise NonFiniteError(f"the noisy gradient of {bad}")
+        for name, p in self.params.items():
+            if self.reg > 0:  # the proximity term does not depend on the data: no clipping, no noise
+                grads[name].add_(p.detach() - self.start[name], alpha=2 * self.reg)
+            p.grad = grads[name]
+        return losses
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`backward`, then `optimizer.step()`; returns the per-example losses."""
+        losses = self.backward(x, y, mask)
+        self.optimizer.step()
+        return losses
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor) -> tuple[float, int]:
+        return float(self.step(x, y, mask).sum()), len(y)
+
+    def release(self) -> None:
+        """Drop the gradients (they are not part of the trained model)."""
+        for p in self.params.values():
             p.grad = None
-    bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
-    if bad:
-        raise _diverged(config, math.nan, f"a trained weight ({bad[0]})")
-    return history, plan.ledger()

@@ -26,9 +26,8 @@ from typing import Any
 
 from taft.errors import TaftError
 from taft.parallel.shards import ShardResult
-from taft.checkpoint import checkpoint_content_sha256
 from taft.fileio import finish_file, temp_file
-from taft.store.checkpoints import DeltaFile, ModelInfo, read_checkpoint, write_checkpoint
+from taft.checkpoint import CheckpointFile, ModelInfo, checkpoint_content_sha256, read_checkpoint, write_checkpoint
 from taft.store.delta_sum import write_composed
 from taft.store.journal import Pending, append_audit, clear_pending, describe, read_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint, fsync_dir, sha256_file, shard_file_name, write_json
@@ -45,7 +44,7 @@ def write_shard(layout: StoreLayout, info: ModelInfo, result: ShardResult, *, cr
         write_checkpoint(tmp, info, result.tensors, result.head_weight0, result.head_bias0,
                          train_config=result.config, ids=result.ids, created=created, metrics=result.metrics,
                          extra={"shard": {"index": result.index, "store_seed": store_seed, "plan": plan_kind},
-                                **({"privacy": dict(privacy)} if privacy else {})})
+                                **({"privacy": dict(privacy)} if privacy else {})}, atomic=False)
         finish_file(tmp)
         sha = sha256_file(tmp)
         final = layout.shards_dir / shard_file_name(result.index, sha)
@@ -80,7 +79,7 @@ def reusable(layout: StoreLayout, pending: Pending, index: int, ids: list[str]) 
     return dict(entry)
 
 
-def shard_files(layout: StoreLayout, m: Manifest, shards: Iterable[int]) -> list[DeltaFile]:
+def shard_files(layout: StoreLayout, m: Manifest, shards: Iterable[int]) -> list[CheckpointFile]:
     """The checkpoints of `shards`, each checked against the manifest's hash."""
     files = []
     for i in shards:

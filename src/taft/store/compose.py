@@ -16,7 +16,7 @@ from pathlib import Path
 from taft.errors import TaftError
 from taft.privacy import DPConfig
 from taft.store.commit import begin, commit, shard_files
-from taft.store.checkpoints import read_checkpoint
+from taft.checkpoint import read_checkpoint
 from taft.store.create import check_dp
 from taft.store.delta_sum import WEIGHTINGS, check_same_base, composition_weights, write_composed
 from taft.store.journal import append_audit, new_pending, now, write_pending

@@ -38,7 +38,7 @@ from taft.parallel.shards import (BackboneSpec, FeatureData, ShardResult, ShardT
                                   shard_data)
 from taft.privacy import DPConfig, PrivacyLedger, sequential_composition
 from taft.privacy.config import expected_batch_size
-from taft.store.checkpoints import ModelInfo
+from taft.checkpoint import ModelInfo
 from taft.store.commit import commit, finish, record_shard, reusable, write_shard
 from taft.store.delta_sum import LINEAR_METHODS, WEIGHTINGS
 from taft.store.journal import Pending, new_pending, read_pending, write_pending
@@ -249,7 +249,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
                             f"the data (e.g. {sorted(want - have)[:10]}), {len(have - want)} data ids are not "
                             f"planned (e.g. {sorted(have - want)[:10]})")
     check_dp(dp, weighting, [len(s) for s in plan.shards], base.batch_size)
-    info = ModelInfo.of(build_classifier(base, backbone, class_names))
+    info = build_classifier(base, backbone, class_names).info()
     todo = {i: list(s) for i, s in enumerate(plan.shards) if s}
     if threads is None:
         threads = default_threads(workers or default_workers(len(todo), pinned))

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
+from taft.checkpoint import CheckpointFile, write_checkpoint
 from taft.errors import FingerprintMismatchError, TaftError
-from taft.fileio import atomic_write
-from taft.store.checkpoints import DeltaFile, ModelInfo, write_checkpoint
 
 WEIGHTINGS = ("uniform", "size")
 LINEAR_METHODS = ("taft", "probe")
@@ -60,7 +59,7 @@ def compose_tensors(deltas: Sequence[Mapping[str, torch.Tensor]], alphas: Sequen
     return out
 
 
-def check_same_base(files: Sequence[DeltaFile]) -> None:
+def check_same_base(files: Sequence[CheckpointFile]) -> None:
     """`FingerprintMismatchError` unless every file has the first one's fingerprint, base head, method and classes;
     `TaftError` for a method whose composition is not exact (nlft)."""
     first = files[0]
@@ -80,7 +79,7 @@ def check_same_base(files: Sequence[DeltaFile]) -> None:
                 raise TaftError(f"cannot compose {first.path} and {f.path}: their {key} differ")
 
 
-def write_composed(path: Path, files: Sequence[DeltaFile], alphas: Sequence[float], *, train_config: Mapping,
+def write_composed(path: Path, files: Sequence[CheckpointFile], alphas: Sequence[float], *, train_config: Mapping,
                    created: str, composition: Mapping, privacy: Mapping | None = None) -> None:
     """Compose `files` with `alphas` into an ordinary checkpoint at `path` (atomically: temp name + rename).
     Its data ids are the union of the files' ids, in file order. `privacy`: the composed model's privacy ledger
@@ -95,9 +94,6 @@ def write_composed(path: Path, files: Sequence[DeltaFile], alphas: Sequence[floa
     if len(set(ids)) != len(ids):
         raise TaftError("the checkpoints to compose share training ids; compose models of disjoint shards")
     first = files[0]
-    dtype = str(next(iter(first.tensors.values())).dtype).removeprefix("torch.") if first.tensors else "float32"
-    info = ModelInfo.from_dict({**first.meta, "dtype": dtype})
-    atomic_write(path, lambda tmp: write_checkpoint(tmp, info, tensors, first.head_weight0, first.head_bias0,
-                                                    train_config=train_config, ids=ids, created=created,
-                                                    extra={"composition": dict(composition),
-                                                           **({"privacy": dict(privacy)} if privacy else {})}))
+    write_checkpoint(path, first.info, tensors, first.head_weight0, first.head_bias0, train_config=train_config,
+                     ids=ids, created=created,
+                     extra={"composition": dict(composition), **({"privacy": dict(privacy)} if privacy else {})})

@@ -28,7 +28,7 @@ from typing import Any
 
 from taft.errors import TaftError
 from taft.privacy import parallel_composition
-from taft.store.checkpoints import ModelInfo
+from taft.checkpoint import ModelInfo
 from taft.store.delta_sum import composition_weights
 from taft.store.layout import StoreLayout, read_json, write_json
 from taft.store.plan import ShardPlan

@@ -15,7 +15,7 @@ import torch
 
 from taft.backbones import load_backbone_like
 from taft.backbones.base import Backbone
-from taft.checkpoint import LoadedCheckpoint, load_checkpoint
+from taft.model import LoadedCheckpoint, load_checkpoint
 from taft.data.source import DataSource
 from taft.errors import TaftError
 from taft.parallel.shards import BackboneSpec, FeatureData

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from taft.errors import TaftError
-from taft.store.checkpoints import read_checkpoint
+from taft.checkpoint import read_checkpoint
 from taft.store.commit import collect_garbage, compose_into, finish, unreferenced, write_forgotten
 from taft.store.journal import describe, read_audit, read_pending, truncate_audit
 from taft.store.layout import StoreLayout, sha256_file

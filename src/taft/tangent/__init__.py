@@ -1,8 +1,9 @@
 """Tangent layers and the tangent tail: pure math, no I/O."""
 
 from taft.tangent.layers import (TangentAttention, TangentBlock, TangentLayerNorm, TangentLayerScale, TangentLinear,
-                                 TangentMlp, TangentPostNormBlock, pool, tangent_block)
+                                 TangentMlp, TangentPostNormBlock, tangent_block)
+from taft.tangent.functional import key_padding_bias, pool
 from taft.tangent.tail import TangentTail
 
 __all__ = ["TangentAttention", "TangentBlock", "TangentLayerNorm", "TangentLayerScale", "TangentLinear", "TangentMlp",
-           "TangentPostNormBlock", "TangentTail", "pool", "tangent_block"]
+           "TangentPostNormBlock", "TangentTail", "key_padding_bias", "pool", "tangent_block"]

@@ -1,4 +1,5 @@
-"""Closed-form Jacobian-vector products of the transformer's non-linear pieces (pure math, no parameters).
+"""Closed-form Jacobian-vector products of the transformer's non-linear pieces (pure math, no parameters), and
+the masking and pooling that plain and tangent layers share (`key_padding_bias`, `pool`).
 
 Every function takes primal values (detached, no gradient needed) and tangents, and returns the tangent of the
 output. `None` stands for a tangent known to be zero. The GELU tangent gelu'(u) u̇ uses PyTorch's fused derivative
@@ -49,3 +50,21 @@ def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torc
         pv = probs @ v_dot
         out = pv if out is None else out.add_(pv)
     return out
+
+
+def key_padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, N) bool mask, True = real token, to an additive (B, 1, 1, N) bias: 0 where kept, -inf where padded."""
+    if mask is None:
+        return None
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return bias[:, None, None, :]
+
+
+def pool(tokens: torch.Tensor, how: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """CLS pooling (token 0) or mean over real tokens (mask True = real); linear, so it applies to tangents too."""
+    if how == "cls":
+        return tokens[:, 0]
+    if mask is None:
+        return tokens.mean(1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1)

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taft.backbones.vit import key_padding_bias
-from taft.tangent.functional import attention_jvp, attention_probs, layer_norm_jvp
+from taft.tangent.functional import attention_jvp, attention_probs, key_padding_bias, layer_norm_jvp
 
 Tangent = torch.Tensor | None
 
@@ -234,13 +233,3 @@ def tangent_block(block: nn.Module, attn_impl: str = "sdpa") -> TangentBlock | T
     if getattr(block, "post_norm", False):
         return TangentPostNormBlock(block, attn_impl)
     return TangentBlock(block, attn_impl)
-
-
-def pool(tokens: torch.Tensor, how: str, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """CLS pooling (token 0) or mean over real tokens (mask True = real); linear, so it applies to tangents too."""
-    if how == "cls":
-        return tokens[:, 0]
-    if mask is None:
-        return tokens.mean(1)
-    weights = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * weights).sum(1) / weights.sum(1)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from taft.tangent.layers import TangentLayerNorm, TangentLinear, pool, tangent_block
+from taft.tangent.functional import pool
+from taft.tangent.layers import TangentLayerNorm, TangentLinear, tangent_block
 
 
 class TangentTail(nn.Module):

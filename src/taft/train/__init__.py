@@ -11,9 +11,11 @@ Default learning rates (AdamW, weight_decay = 0, cosine schedule, batch 32, κ =
 `DEFAULT_LR`; see `taft.train.config` for how they were chosen.
 """
 
-from taft.train.classifier import Classifier, build_classifier, cache_features
+from taft.data.trunk_features import cache_features
+from taft.model import Classifier
 from taft.train.config import DEFAULT_LR, TrainConfig
-from taft.train.trainer import Evaluation, FitResult, evaluate, fit
+from taft.train.evaluation import Evaluation, evaluate
+from taft.train.trainer import FitResult, build_classifier, fit
 
 __all__ = ["DEFAULT_LR", "Classifier", "Evaluation", "FitResult", "TrainConfig", "build_classifier", "cache_features",
            "evaluate", "fit"]

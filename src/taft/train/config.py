@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from taft.errors import TaftError
+from taft.losses import DEFAULT_KAPPA
 
 METHODS = ("taft", "nlft", "probe")
 LOSSES = ("mse", "ce")
@@ -89,7 +90,7 @@ class TrainConfig:
     method: str = "taft"
     tangent_blocks: int = 1
     loss: str = "mse"
-    kappa: float = 15.0
+    kappa: float = DEFAULT_KAPPA
     reg: float = 0.0
     lr: float | None = None
     head_lr: float | None = None
