@@ -19,8 +19,8 @@ from taft.checkpoint import read_checkpoint_metadata
 from taft.model import load_checkpoint
 from taft.cli import main
 from taft.cli.parser import add_dp_args
-from taft.privacy import (MECHANISM, DPConfig, PrivacyLedger, describe, dp_config_from_args, parallel_composition,
-                          plan_dp)
+from taft.privacy import (MECHANISM, DPConfig, PrivacyLedger, describe, dp_config_from_args, make_private,
+                          parallel_composition, plan_dp)
 from taft.privacy.dpsgd import (clip_factors, clipped_sum, manual_attention, noisy_gradient, per_example_gradients,
                                 poisson_batches)
 from taft.tangent.layers import TangentAttention
@@ -197,6 +197,57 @@ def test_dp_training_is_reproducible_with_a_seed_and_moves_with_noise(bb32):
     assert any(not torch.equal(a[n], c[n]) for n in a)
     assert ledger.seeded and ledger.private and ledger.steps == 2 and ledger.sample_rate == 0.5
     assert hist[0]["mean_batch_size"] >= 0 and {"train_loss", "val_top1", "lr"} <= set(hist[0])
+
+
+@pytest.mark.parametrize("method", ["taft", "probe"])
+def test_make_private_in_a_user_loop_equals_fit_with_dp(bb32, method):
+    """A user's own loop over `make_private`'s loader and step trains bit-identically the tensors
+    `fit(dp=...)` trains with the same seed (same Poisson batches, clipping, noise and optimizer), and its ledger
+    is fit's."""
+    n, epochs = 24, 2
+    x, y, ids = data(n, dtype=torch.float32)
+    cfg = TrainConfig(method=method, lr=0.05, optimizer="sgd", momentum=0.5, schedule="constant", batch_size=6,
+                      epochs=epochs)
+    dp = DPConfig(noise_multiplier=1.0, clip=1.0, delta=1e-3, seed=11, expected_batch_size=6, chunk_size=4)
+    with pytest.warns(UserWarning, match="optimizer steps"):
+        result = fit(cfg, bb32, (x, y, ids), class_names=CLASSES, dp=dp, progress=False)
+
+    model = build_classifier(result.config, bb32, CLASSES)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    private = make_private(model, optimizer, (model.train_inputs(x), y), noise_multiplier=1.0, clip=1.0,
+                           delta=1e-3, expected_batch_size=6, epochs=epochs, seed=11, chunk_size=4)
+    steps = 0
+    for _ in range(epochs):
+        for xb, yb, mask in private.loader:
+            private.step.step(xb, yb, mask)
+            steps += 1
+    assert steps == len(private.loader) * epochs == result.privacy["steps"]
+    trained = model.trainable_state_dict()
+    start = build_classifier(result.config, bb32, CLASSES).trainable_state_dict()
+    assert all(not torch.equal(trained[name], t) for name, t in start.items())  # training moved every tensor
+    for name, t in result.classifier.trainable_state_dict().items():
+        assert torch.equal(trained[name], t), name
+    assert private.ledger().to_dict() == result.privacy
+    other = build_classifier(result.config, bb32, CLASSES)
+    again = make_private(other, torch.optim.SGD(other.parameters(), lr=0.05, momentum=0.5),
+                         (other.train_inputs(x), y), noise_multiplier=1.0, clip=1.0, delta=1e-3,
+                         expected_batch_size=6, epochs=epochs, seed=12, chunk_size=4)
+    for _ in range(epochs):
+        for xb, yb, mask in again.loader:
+            again.step.step(xb, yb, mask)
+    assert any(not torch.equal(other.trainable_state_dict()[k], v) for k, v in trained.items())  # another seed
+
+
+def test_make_private_checks_its_input(bb32):
+    model = build_classifier(TrainConfig(), bb32, CLASSES)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y, _ = data(10, dtype=torch.float32)
+    with pytest.raises(TaftError, match="different numbers of rows"):
+        make_private(model, opt, (x, y[:5]), noise_multiplier=1.0, delta=1e-3, epochs=1)
+    with pytest.raises(TaftError, match="delta"):
+        make_private(model, opt, (x, y), noise_multiplier=1.0, delta=0.5, epochs=1)
+    with pytest.raises(TaftError, match="exactly one"):
+        make_private(model, opt, (x, y), delta=1e-3, epochs=1)
 
 
 # ---------------------------------------------------------------------------------- fit, checkpoint, refusals
