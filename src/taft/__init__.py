@@ -6,8 +6,8 @@ pass by hand-written tangent layers. See README.md.
 
 from taft.backbones import Backbone, load_backbone
 from taft.errors import AssetMissingError, FingerprintMismatchError, TaftError
-from taft.model import TangentModel
+from taft.model import Classifier, TangentModel
 from taft.version import __version__
 
-__all__ = ["AssetMissingError", "Backbone", "FingerprintMismatchError", "TaftError", "TangentModel", "load_backbone",
-           "__version__"]
+__all__ = ["AssetMissingError", "Backbone", "Classifier", "FingerprintMismatchError", "TaftError", "TangentModel",
+           "load_backbone", "__version__"]
