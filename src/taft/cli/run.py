@@ -170,8 +170,8 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
 
 # -------------------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> None:
-    from taft.model import load_checkpoint
     from taft.data import model_features
+    from taft.model import load_checkpoint
     from taft.train import evaluate
 
     device = compute_device(args)
