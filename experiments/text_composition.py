@@ -32,7 +32,7 @@ from taft import load_backbone
 from taft.data import rotten_tomatoes
 from taft.store import ModelStore, create_store, make_plan
 from taft.train import TrainConfig, cache_features, fit
-from taft.train.trainer import Examples
+from taft.train.examples import Examples
 
 Batches = list[tuple[torch.Tensor, torch.Tensor | None]]
 

@@ -24,7 +24,8 @@ from taft.tensors import device_free
 from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
 from taft.train.compiled import CompiledStep
 from taft.train.feeding import DEVICE_FRACTION, choose_feed, streamed
-from taft.train.trainer import Examples, Prepared, train_loop
+from taft.train.examples import Examples, Prepared
+from taft.train.loop import train_loop
 from helpers import make_classes
 from test_cli import FAST
 from test_text_train import dataset as text_dataset

@@ -26,9 +26,8 @@ from taft.privacy.dpsgd import (clip_factors, clipped_sum, manual_attention, noi
 from taft.tangent.layers import TangentAttention
 from taft.train import TrainConfig, build_classifier, fit
 from taft.losses import classification_loss
-from taft.train.loop import dp_train_loop
-from taft.train.trainer import Prepared, train_loop
-from taft.train.trainer import Examples
+from taft.train.examples import Examples, Prepared
+from taft.train.loop import dp_train_loop, train_loop
 
 CFG = ViTConfig(dim=16, depth=3, heads=2, mlp_hidden=32, patch_size=4, pos_grid=3)
 CLASSES = ["a", "b", "c"]

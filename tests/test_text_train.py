@@ -19,7 +19,7 @@ from taft.privacy.dpsgd import per_example_gradients
 from taft.store import ModelStore, create_store
 from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
 from taft.losses import classification_loss
-from taft.train.trainer import Examples
+from taft.train.examples import Examples
 
 TEXTS = ["a gripping, beautifully shot film", "dull", "not as funny as it thinks it is, and far too long",
          "a small gem", "tedious from start to finish", "warm, witty and wise", "I wanted my two hours back",

@@ -12,13 +12,14 @@ import torch
 
 from helpers import CLASSES, TINY_VIT, _cache_env  # noqa: F401  (fixture)
 from reference import random_backbone
-from taft import TaftError
+from taft import Classifier, TaftError
 from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
 from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
 from taft.train.config import DP_RECIPE, recipe
 from taft.losses import classification_loss
-from taft.train.trainer import Examples, lr_factor
+from taft.train.examples import Examples
+from taft.train.loop import lr_factor
 
 LR = {"taft": 1e-2, "nlft": 1e-2, "probe": 3e-2}  # the tiny random backbone takes larger steps than ViT-S
 
@@ -128,6 +129,29 @@ def test_same_seed_is_bitwise_identical_and_another_seed_differs(tiny_vit):
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
+@pytest.mark.parametrize("method", ["taft", "probe"])
+def test_fit_takes_and_returns_a_model(tiny_vit, tmp_path, method):
+    """fit(model=...) trains that model in place, exactly as it trains the fresh model it would build."""
+    data = separable()[:2]
+    cfg = config(method, epochs=2)
+    fresh = fit(cfg, tiny_vit, data, class_names=CLASSES, progress=False).classifier
+    model = Classifier(tiny_vit, class_names=CLASSES, method=method)
+    result = fit(cfg, tiny_vit, data, class_names=CLASSES, progress=False, model=model, run_dir=tmp_path)
+    assert result.classifier is model and model.train_config == result.config.to_dict()
+    assert all(torch.equal(t, fresh.trainable_state_dict()[n]) for n, t in model.trainable_state_dict().items())
+    loaded = Classifier.load(result.checkpoint, tiny_vit)
+    assert loaded.fingerprint == model.fingerprint and loaded.train_config == model.train_config
+    run = tmp_path / "refused"
+    for bad, match in [(Classifier(tiny_vit, class_names=CLASSES, method=method, tangent_blocks=2),
+                        "tangent_blocks"),
+                       (Classifier(tiny_vit, class_names=["x", "y", "z"], method=method), "classes"),
+                       (Classifier(random_backbone(TINY_VIT, 12, seed=1, dtype=torch.float32), class_names=CLASSES,
+                                     method=method), "built around backbone")]:
+        with pytest.raises(TaftError, match=match):
+            fit(cfg, tiny_vit, data, class_names=CLASSES, progress=False, model=bad, run_dir=run)
+    assert not run.exists()  # refused before anything is written
+
+
 def test_regularizer_pulls_towards_the_start(tiny_vit):
     data = separable()[:2]
     norms = {}
@@ -162,7 +186,8 @@ def test_warmup_rises_linearly_then_the_schedule_runs_over_the_remaining_steps()
 def test_warmup_and_head_lr_reach_the_optimizer(tiny_vit):
     """Two groups (head at head_lr); the rate after epoch 1 of 2 (6 steps each) under a 9-step warm-up is 7/9 lr."""
     cfg = config("taft", lr=1e-3, head_lr=1e-2, warmup=0.75, schedule="constant", epochs=2).resolved()
-    from taft.train.trainer import Prepared, make_optimizer, train_loop
+    from taft.train.examples import Prepared
+    from taft.train.loop import make_optimizer, train_loop
 
     clf = build_classifier(cfg, tiny_vit, CLASSES)
     opt = make_optimizer(cfg, dict(clf.tail.named_parameters()))

@@ -40,7 +40,7 @@ import torch
 
 from taft.backbones.base import Backbone
 from taft.devices import resolve_device
-from taft.errors import TaftError
+from taft.errors import FingerprintMismatchError, TaftError
 from taft.fileio import atomic_write
 from taft.model import Classifier
 from taft.precision import check_autocast
@@ -280,10 +280,27 @@ def released_metrics(metrics: dict[str, Any], private: bool, has_val: bool) -> d
     return {k: v for k, v in metrics.items() if k != "final_train_loss"} if has_val else None
 
 
+def check_model(model: Classifier, config: TrainConfig, backbone: Backbone, names: list[str], resume: bool) -> None:
+    """`TaftError` unless `model` (given to `fit`) is `config`'s model around `backbone` for the classes `names`."""
+    if model.backbone_fingerprint != backbone.fingerprint:
+        raise FingerprintMismatchError(f"the model was built around backbone {model.backbone_name!r}, not "
+                                       f"{backbone.name!r}: give fit the backbone it was built with")
+    have = {"method": model.method, "tangent_blocks": model.tangent_blocks, "pooling": model.pooling}
+    differ = sorted(k for k, v in have.items() if getattr(config, k) != v)
+    if differ:
+        raise TaftError(f"the model's {', '.join(f'{k}={have[k]!r}' for k in differ)} differ from the config's; "
+                        "train it with a config of its own settings")
+    if model.class_names != names:
+        raise TaftError(f"the model's classes {model.class_names[:10]} differ from the data's {names[:10]}")
+    if config.head_init == "probe" or resume:
+        raise TaftError("a given model keeps its own base head and tensors: not with head_init='probe' or resume")
+
+
 def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: FeatureData | None = None,
         class_names: Sequence[str] | None = None, run_dir: str | Path | None = None,
         device: torch.device | str | None = None, progress: bool = True, dp: DPConfig | None = None,
-        resume: bool = False, autocast: str = "none", compile: bool = False, feed: str = "auto") -> FitResult:
+        resume: bool = False, autocast: str = "none", compile: bool = False, feed: str = "auto",
+        model: Classifier | None = None) -> FitResult:
     """Train `config.method` on cached trunk features of (backbone, config.tangent_blocks) (see
     `cache_features`). `train`/`val`: CachedFeatures or (features (n, N, D), labels (n,)[, ids]); class names
     come from the CachedFeatures unless given. Text needs CachedFeatures: they carry each example's token count
@@ -303,7 +320,10 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
     information): `device` ("auto", "cpu", "cuda[:N]", "mps"; default the backbone's), `autocast` ("none", "bf16",
     "fp16": the training forward's precision, `taft.precision`; not with `dp`), `compile` (`torch.compile` the
     training forward, eager fallback: `taft.train.compiled`; not with `dp`), `feed` (how cached features reach the
-    device: "auto", "resident", "stream", "host", `taft.train.feeding`)."""
+    device: "auto", "resident", "stream", "host", `taft.train.feeding`).
+
+    `model`: train this `Classifier` (built around `backbone` with the config's method, k and pooling) in place,
+    from its current tensors and base head, instead of a fresh one; `FitResult.classifier` is that model."""
     t_start = time.perf_counter()
     where = check_compute(backbone, device, autocast, compile, feed, dp)
     tr = Examples(train, "training data")
@@ -314,6 +334,8 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
         if ex is not None:
             ex.check(backbone, config.tangent_blocks, names)
     warn_if_few_steps(config, len(tr), plan)
+    if model is not None:
+        check_model(model, config, backbone, names, resume)
     run = RunDir(run_dir)
     state = resume_state(run.out, config, tr, dp) if resume else None
     run.start(config, state)
@@ -324,7 +346,12 @@ def fit(config: TrainConfig, backbone: Backbone, train: FeatureData, *, val: Fea
         head_weight, head_bias, extra = state["head_weight0"], state["head_bias0"], dict(state["extra"])
     elif config.head_init == "probe":
         head_weight, head_bias, extra = probe_head(config, backbone, names, tr, where, feed, progress)
-    classifier = build_classifier(config, backbone, names, head_weight=head_weight, head_bias=head_bias).to(where)
+    if model is not None:
+        model.train_config = config.to_dict()
+        classifier = model.to(where)
+    else:
+        classifier = build_classifier(config, backbone, names, head_weight=head_weight,
+                                      head_bias=head_bias).to(where)
     tr_in = Prepared(classifier, tr)
     va_in = Prepared(classifier, va) if va is not None else None
     placement = {"train": tr_in.place(where, feed)}
