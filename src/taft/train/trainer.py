@@ -49,18 +49,14 @@ from taft.privacy.config import expected_batch_size
 from taft.train.compiled import CompiledStep
 from taft.train.config import TrainConfig
 from taft.train.curves import CURVE_NAME, plot_training_curve
-from taft.train.evaluation import Evaluation, evaluate, evaluate_prepared
-from taft.train.examples import EVAL_BATCH, Examples, FeatureData, Prepared
+from taft.train.evaluation import Evaluation, evaluate_prepared
+from taft.train.examples import Examples, FeatureData, Prepared
 from taft.train.feeding import FEEDS
-from taft.train.loop import dp_train_loop, lr_factor, make_optimizer, train_loop
+from taft.train.loop import dp_train_loop, train_loop
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RESUME_NAME = "resume_state.pt"
 FEW_STEPS = 100
-
-__all__ = ["CHECKPOINT_NAME", "EVAL_BATCH", "Evaluation", "Examples", "FitResult", "Prepared", "build_classifier",
-           "evaluate", "fit", "lr_factor", "make_optimizer", "train_loop"]
-
 
 def build_classifier(config: TrainConfig, backbone: Backbone, class_names: Sequence[str], *,
                      head_weight: torch.Tensor | None = None,
