@@ -246,8 +246,3 @@ class DPStep:
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor) -> tuple[float, int]:
         return float(self.step(x, y, mask).sum()), len(y)
-
-    def release(self) -> None:
-        """Drop the gradients (they are not part of the trained model)."""
-        for p in self.params.values():
-            p.grad = None
