@@ -68,8 +68,9 @@ def lr_factor(schedule: str, total_steps: int, warmup_steps: int = 0) -> Callabl
 
 
 def warmup_steps(config: TrainConfig, total_steps: int) -> int:
-    """W, the number of warm-up steps: `config.warmup` of `total_steps`, rounded."""
-    return round(config.warmup * total_steps)
+    """W, the number of warm-up steps: `config.warmup` of `total_steps`, rounded; none for a config whose warmup
+    is not resolved (None), as such a config's head rate falls back to its rate and its optimizer to AdamW."""
+    return round((config.warmup or 0.0) * total_steps)
 
 
 def make_optimizer(config: TrainConfig, params: dict[str, nn.Parameter]) -> torch.optim.Optimizer:
