@@ -29,17 +29,18 @@ OPTIMIZERS = ("adamw", "sgd")
 # - text: `python experiments/text_lr.py` (Rotten Tomatoes, minilm-l6, 4 epochs, 10 % validation split): taft k=1
 #   1e-4: 71.2, 1e-3: 75.8, 3e-3: 75.8; k=2 1e-4: 73.5, 1e-3: 76.6, 3e-3: 75.8; nlft 1e-4 ≥ 3e-4 at k=1 and 2;
 #   probe 1e-2: 73.5, 3e-2: 74.3. Head rates and warm-up were not studied for text (so: none).
-# - private (DP-SGD, either kind): see docs/results.md, "DP defaults".
+# - private (DP-SGD, either kind): see docs/results.md, "DP-SGD defaults that learn".
+DP_RECIPE: dict[str, dict[str, Any]] = {"taft": {"lr": 1.0, "optimizer": "sgd"},
+                                        "nlft": {"lr": 1.0, "optimizer": "sgd"},
+                                        "probe": {"lr": 1.0, "optimizer": "sgd"}}
 RECIPES: dict[tuple[str, bool], dict[str, dict[str, Any]]] = {
     ("image", False): {"taft": {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.1},
                        "nlft": {"lr": 1e-4, "head_lr": 1e-2, "warmup": 0.1},
                        "probe": {"lr": 1e-2}},
     ("text", False): {"taft": {"lr": 1e-3}, "nlft": {"lr": 1e-4}, "probe": {"lr": 1e-2}},
+    ("image", True): DP_RECIPE,
+    ("text", True): DP_RECIPE,
 }
-DP_RECIPE: dict[str, dict[str, Any]] = {"taft": {"lr": 1.0, "optimizer": "sgd"},
-                                        "nlft": {"lr": 1.0, "optimizer": "sgd"},
-                                        "probe": {"lr": 1.0, "optimizer": "sgd"}}
-RECIPES[("image", True)] = RECIPES[("text", True)] = DP_RECIPE
 DEFAULT_LR = {m: r["lr"] for m, r in RECIPES[("image", False)].items()}
 TEXT_DEFAULT_LR = {m: r["lr"] for m, r in RECIPES[("text", False)].items()}
 
@@ -153,9 +154,9 @@ class TrainConfig:
 
     def resolved(self, text: bool = False, private: bool = False, n: int | None = None,
                  batch_size: int | None = None) -> TrainConfig:
-        """A copy with the defaults filled in (what a run records): `lr` and `optimizer` for an image or a text
-        backbone, ordinary or DP-SGD (`private`) training; with `n` (the number of training examples), `epochs`
-        raised to `epochs_for(n, batch_size)`."""
+        """A copy with the defaults filled in (what a run records): `lr`, `head_lr`, `optimizer` and `warmup` from
+        the `recipe` for an image or a text backbone, ordinary or DP-SGD (`private`) training; with `n` (the number
+        of training examples), `epochs` raised to `epochs_for(n, batch_size)`."""
         defaults = recipe(self.method, text, private)
         lr = defaults["lr"] if self.lr is None else float(self.lr)
         head_lr = defaults["head_lr"] if self.head_lr is None and self.method != "probe" else self.head_lr

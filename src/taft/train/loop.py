@@ -79,9 +79,9 @@ def make_optimizer(config: TrainConfig, params: dict[str, nn.Parameter]) -> torc
     `config.learning_rate` (a probe's only group is its head, at `learning_rate`)."""
     head = [p for n, p in params.items() if n.startswith("head.")]
     body = [p for n, p in params.items() if not n.startswith("head.")]
-    groups = ([{"params": body, "lr": config.learning_rate}, {"params": head, "lr": config.head_learning_rate}]
-              if body else [{"params": head, "lr": config.learning_rate}])
-    groups = [g for g in groups if g["params"]]
+    head_rate = config.head_learning_rate if body else config.learning_rate
+    groups = [g for g in ({"params": body, "lr": config.learning_rate}, {"params": head, "lr": head_rate})
+              if g["params"]]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
     return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0)
