@@ -12,7 +12,7 @@ import torch
 
 from taft import load_backbone
 from taft.backbones.base import Backbone
-from taft.data import ImageDataset, image_folder
+from taft.data import ImageDataset, image_folder, split_dataset
 
 
 def cifar_parser(doc: str, out: str) -> argparse.ArgumentParser:
@@ -22,17 +22,25 @@ def cifar_parser(doc: str, out: str) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--train-per-class", type=int, default=100, help="the first N training images per class")
     parser.add_argument("--test-per-class", type=int, default=50, help="the first N test images per class")
+    parser.add_argument("--validation", action="store_true",
+                        help="score on a held-out 20 %% of the training folder (seeded, class-balanced) instead of the "
+                             "test folder, to choose settings without reading test data")
     parser.add_argument("--out", default=out)
     return parser
 
 
 def load_cifar(args: argparse.Namespace) -> tuple[Backbone, ImageDataset, ImageDataset]:
-    """The bundled DINOv2 ViT-S/14 at --image-size and the CIFAR-10 mini train / test subsets."""
+    """The bundled DINOv2 ViT-S/14 at --image-size and the CIFAR-10 mini (train, evaluation) subsets: the first
+    --train-per-class / --test-per-class of each class of the train and test folders, or with --validation of the
+    training and held-out parts of the train folder."""
     backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
     root = Path(args.data)
-    train = image_folder(root / "train", backbone.preprocess).per_class(args.train_per_class)
-    test = image_folder(root / "test", backbone.preprocess).per_class(args.test_per_class)
-    return backbone, train, test
+    train = image_folder(root / "train", backbone.preprocess)
+    if args.validation:
+        train, held_out = split_dataset(train, 0.2, seed=0)
+    else:
+        held_out = image_folder(root / "test", backbone.preprocess)
+    return backbone, train.per_class(args.train_per_class), held_out.per_class(args.test_per_class)
 
 
 def run_and_save(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict],

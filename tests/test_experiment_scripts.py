@@ -71,6 +71,20 @@ def cifar_args(data: Path, out: Path, train_per_class: int = 4) -> list[str]:
             "--test-per-class", "2", "--out", str(out)]
 
 
+def test_validation_split_reads_no_test_data(tiny_images, tmp_path, monkeypatch):
+    """--validation: training and held-out parts are disjoint, both from train/, the first N of each class."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    from common import cifar_parser, load_cifar
+
+    args = cifar_parser("", str(tmp_path)).parse_args(cifar_args(tiny_images, tmp_path, 3) + ["--validation"])
+    _, train, held_out = load_cifar(args)
+    assert not set(train.ids) & set(held_out.ids)
+    assert {r.source.path.parents[1].name for r in [*train.records, *held_out.records]} == {"train"}
+    assert sorted(np.bincount(train.labels)) == [3, 3, 3] and sorted(np.bincount(held_out.labels)) == [2, 2, 2]
+    test_args = cifar_parser("", str(tmp_path)).parse_args(cifar_args(tiny_images, tmp_path, 3))
+    assert {r.source.path.parents[1].name for r in load_cifar(test_args)[2].records} == {"test"}
+
+
 def test_cifar_methods_smoke(tiny_images, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_script(EXPERIMENTS / "cifar_methods.py", cifar_args(tiny_images, out) + [
