@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from common import cifar_parser, load_cifar, pyplot, run_and_save
+from common import image_parser, load_images, pyplot, run_and_save
 from taft.model import Trunk
 from taft.train import TrainConfig, cache_features, evaluate, fit
 
 
 def run(args: argparse.Namespace) -> dict:
-    backbone, train_ds, test_ds = load_cifar(args)
+    backbone, train_ds, test_ds = load_images(args)
     runs = []
     for k in args.ks:
         t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def plot(groups: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = cifar_parser(__doc__, "docs/experiments/cifar_methods")
+    parser = image_parser(__doc__, "docs/experiments/cifar_methods")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=5)

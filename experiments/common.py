@@ -1,4 +1,5 @@
-"""What the experiment scripts share: the CIFAR-10 mini arguments and data, running and saving, plotting."""
+"""What the experiment scripts share: the image data sets' arguments and loading, running and saving (resumable),
+plotting."""
 
 from __future__ import annotations
 
@@ -12,35 +13,62 @@ import torch
 
 from taft import load_backbone
 from taft.backbones.base import Backbone
-from taft.data import ImageDataset, image_folder, split_dataset
+from taft.data import ImageDataset, fashion_mnist, image_folder, split_dataset
 
 
-def cifar_parser(doc: str, out: str) -> argparse.ArgumentParser:
-    """A parser with --data, --image-size, --train-per-class, --test-per-class and --out (default `out`)."""
+def image_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """A parser with --dataset, --data, --image-size, --train-per-class, --test-per-class, --validation and --out
+    (default `out`)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["cifar10-mini", "fashion-mnist"], default="cifar10-mini",
+                        help="cifar10-mini: the train/ and test/ folders under --data; fashion-mnist: Debian's copy")
     parser.add_argument("--data", default="../shared/data/cifar10-mini")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--train-per-class", type=int, default=100, help="the first N training images per class")
     parser.add_argument("--test-per-class", type=int, default=50, help="the first N test images per class")
     parser.add_argument("--validation", action="store_true",
-                        help="score on a held-out 20 %% of the training folder (seeded, class-balanced) instead of the "
-                             "test folder, to choose settings without reading test data")
+                        help="score on a held-out 20 %% of the training data (seeded, class-balanced) instead of the "
+                             "test data, to choose settings without reading test data")
     parser.add_argument("--out", default=out)
     return parser
 
 
-def load_cifar(args: argparse.Namespace) -> tuple[Backbone, ImageDataset, ImageDataset]:
-    """The bundled DINOv2 ViT-S/14 at --image-size and the CIFAR-10 mini (train, evaluation) subsets: the first
-    --train-per-class / --test-per-class of each class of the train and test folders, or with --validation of the
-    training and held-out parts of the train folder."""
+def load_images(args: argparse.Namespace) -> tuple[Backbone, ImageDataset, ImageDataset]:
+    """The bundled DINOv2 ViT-S/14 at --image-size and the (train, evaluation) subsets of --dataset: the first
+    --train-per-class / --test-per-class of each class of the training and test data, or with --validation of the
+    training and held-out parts of the training data."""
     backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
-    root = Path(args.data)
-    train = image_folder(root / "train", backbone.preprocess)
-    if args.validation:
-        train, held_out = split_dataset(train, 0.2, seed=0)
+    if args.dataset == "fashion-mnist":
+        train, test = (fashion_mnist(None, split, transform=backbone.preprocess) for split in ("train", "test"))
     else:
-        held_out = image_folder(root / "test", backbone.preprocess)
-    return backbone, train.per_class(args.train_per_class), held_out.per_class(args.test_per_class)
+        root = Path(args.data)
+        train, test = (image_folder(root / split, backbone.preprocess) for split in ("train", "test"))
+    if args.validation:
+        train, test = split_dataset(train, 0.2, seed=0)
+    return backbone, train.per_class(args.train_per_class), test.per_class(args.test_per_class)
+
+
+class RunLog:
+    """Finished runs (dicts), saved to `out/results.json` with the arguments after each one, so that a rerun with
+    the same --out skips them and an interrupted experiment continues where it stopped."""
+
+    def __init__(self, out: Path, args: argparse.Namespace) -> None:
+        self.path = out / "results.json"
+        self.args = vars(args)
+        self.runs: list[dict] = json.loads(self.path.read_text())["runs"] if self.path.is_file() else []
+
+    def has(self, **key: object) -> bool:
+        return any(all(r.get(k) == v for k, v in key.items()) for r in self.runs)
+
+    def add(self, row: dict) -> None:
+        self.runs.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.result(), indent=1))
+        tmp.replace(self.path)
+
+    def result(self) -> dict:
+        return {"runs": self.runs, "args": self.args}
 
 
 def run_and_save(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict],

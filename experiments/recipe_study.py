@@ -15,13 +15,13 @@ runs already there (so an interrupted study continues).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common import RunLog
 from taft import load_backbone
 from taft.data import fashion_mnist, image_folder, split_dataset
 from taft.data.split import per_class_positions
@@ -90,10 +90,7 @@ def run_one(variant: dict[str, Any], seed: int, args: argparse.Namespace, backbo
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-    runs = previous["runs"]
-    done = {(r["variant"], r["seed"]) for r in runs}
+    log = RunLog(out, args)
     variants = [parse_variant(v) for v in args.variant]
     backbone, features = load_split(args, sorted({int(v.get("tangent_blocks", 1)) for v in variants}))
     train_f, val_f = next(iter(features.values()))
@@ -101,15 +98,9 @@ def run(args: argparse.Namespace) -> dict:
           flush=True)
     for variant in variants:
         for seed in args.seeds:
-            if (variant_name(variant), seed) in done:
-                continue
-            row = run_one(variant, seed, args, backbone, features)
-            runs.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-            path.write_text(json.dumps({"runs": runs, "args": vars(args)}, indent=1))
-    result = {"runs": runs, "args": vars(args)}
-    path.write_text(json.dumps(result, indent=1))
-    return result
+            if not log.has(variant=variant_name(variant), seed=seed):
+                log.add(run_one(variant, seed, args, backbone, features))
+    return log.result()
 
 
 def summarise(result: dict, out: Path) -> str:

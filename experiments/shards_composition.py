@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import cifar_parser, load_cifar, median_time, pyplot, run_and_save, soup, top1
+from common import image_parser, load_images, median_time, pyplot, run_and_save, soup, top1
 from taft.store import ModelStore, create_store, forget, make_plan
 from taft.train import TrainConfig, cache_features, evaluate, fit
 
@@ -41,7 +41,7 @@ def shard_min_steps(option: str, epochs: int, n: int, batch_size: int = 32) -> i
 
 
 def run(args: argparse.Namespace) -> dict:
-    backbone, train_ds, test_ds = load_cifar(args)
+    backbone, train_ds, test_ds = load_images(args)
     train_f, test_f = cache_features(train_ds, backbone, 1), cache_features(test_ds, backbone, 1)
     x_test, y_test = test_f.as_tensors()
     work = Path(tempfile.mkdtemp(prefix="taft-shards-"))
@@ -139,7 +139,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = cifar_parser(__doc__, "docs/experiments/shards")
+    parser = image_parser(__doc__, "docs/experiments/shards")
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 5, 10, 20])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--min-steps", default="0", help="each shard trains at least this many steps (more epochs on "

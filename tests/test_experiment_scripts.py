@@ -74,15 +74,15 @@ def cifar_args(data: Path, out: Path, train_per_class: int = 4) -> list[str]:
 def test_validation_split_reads_no_test_data(tiny_images, tmp_path, monkeypatch):
     """--validation: training and held-out parts are disjoint, both from train/, the first N of each class."""
     monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    from common import cifar_parser, load_cifar
+    from common import image_parser, load_images
 
-    args = cifar_parser("", str(tmp_path)).parse_args(cifar_args(tiny_images, tmp_path, 3) + ["--validation"])
-    _, train, held_out = load_cifar(args)
+    args = image_parser("", str(tmp_path)).parse_args(cifar_args(tiny_images, tmp_path, 3) + ["--validation"])
+    _, train, held_out = load_images(args)
     assert not set(train.ids) & set(held_out.ids)
     assert {r.source.path.parents[1].name for r in [*train.records, *held_out.records]} == {"train"}
     assert sorted(np.bincount(train.labels)) == [3, 3, 3] and sorted(np.bincount(held_out.labels)) == [2, 2, 2]
-    test_args = cifar_parser("", str(tmp_path)).parse_args(cifar_args(tiny_images, tmp_path, 3))
-    assert {r.source.path.parents[1].name for r in load_cifar(test_args)[2].records} == {"test"}
+    test_args = image_parser("", str(tmp_path)).parse_args(cifar_args(tiny_images, tmp_path, 3))
+    assert {r.source.path.parents[1].name for r in load_images(test_args)[2].records} == {"test"}
 
 
 def test_cifar_methods_smoke(tiny_images, tmp_path, monkeypatch):
@@ -118,6 +118,13 @@ def test_dp_accuracy_smoke(tiny_images, tmp_path, monkeypatch):
     assert table.splitlines()[0] == "| method | ε = 8 | ε = inf |"
     assert all(f"| DP-{m} |" in table for m in METHODS)
     assert (out / "accuracy_vs_epsilon.png").stat().st_size > 0
+    # a rerun with one more ε trains only the new runs (the finished ones are read back, not retrained)
+    run_script(EXPERIMENTS / "dp_accuracy.py", cifar_args(tiny_images, out, train_per_class=11) + [
+        "--epsilons", "8", "inf", "3", "--seeds", "0", "--epochs", "1", "--methods", "probe"], monkeypatch)
+    again, table = results(out)
+    assert again["runs"][:len(saved["runs"])] == saved["runs"]
+    assert [(r["method"], r["epsilon_target"]) for r in again["runs"][len(saved["runs"]):]] == [("probe", 3.0)]
+    assert table.splitlines()[0] == "| method | ε = 3 | ε = 8 | ε = inf |" and "| DP-taft |" not in table
 
 
 def test_shards_composition_smoke(tiny_images, tmp_path, monkeypatch):
