@@ -19,7 +19,8 @@ from taft.privacy.dpsgd import per_example_gradients
 from taft.store import ModelStore, create_store
 from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
 from taft.losses import classification_loss
-from taft.train.examples import Examples
+from taft.train.examples import Examples, Prepared
+from taft.train.loop import train_loop
 
 TEXTS = ["a gripping, beautifully shot film", "dull", "not as funny as it thinks it is, and far too long",
          "a small gem", "tedious from start to finish", "warm, witty and wise", "I wanted my two hours back",
@@ -124,3 +125,12 @@ def test_text_backbones_default_to_the_text_learning_rates(tiny_bert):
         assert result.config.lr == lr and result.metrics["lr"] == lr
     explicit = fit(TrainConfig(method="taft", tangent_blocks=1, epochs=1, lr=3e-4), tiny_bert, cf, progress=False)
     assert explicit.config.lr == 3e-4
+    # a user's own loop fills in the same text recipe (not the image one, whose head rate and warm-up differ)
+    cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=1, batch_size=4)
+    deltas = []
+    for c in (cfg, cfg.resolved(text=True), cfg.resolved(text=False)):
+        clf = build_classifier(c, tiny_bert, cf.class_names)
+        train_loop(clf, c, Prepared(clf, Examples(cf)), progress=False)
+        deltas.append(clf.trainable_state_dict())
+    assert all(torch.equal(deltas[0][n], deltas[1][n]) for n in deltas[0])
+    assert not all(torch.equal(deltas[0][n], deltas[2][n]) for n in deltas[0])

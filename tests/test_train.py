@@ -200,6 +200,25 @@ def test_warmup_and_head_lr_reach_the_optimizer(tiny_vit):
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
 
 
+def test_a_users_loop_gets_the_recipe_fit_uses(tiny_vit):
+    """train_loop fills in an unresolved config from the default image recipe (head rate, warm-up) exactly as
+    `resolved()` does; the recipe matters (without it Δw differs); make_optimizer refuses an unresolved config."""
+    from taft.train.examples import Prepared
+    from taft.train.loop import make_optimizer, train_loop
+
+    cfg = TrainConfig(method="taft", epochs=2, batch_size=8)
+    plain = replace(cfg.resolved(), warmup=0.0, head_lr=cfg.resolved().lr)
+    deltas = []
+    for c in (cfg, cfg.resolved(), plain):
+        clf = build_classifier(c, tiny_vit, CLASSES)
+        train_loop(clf, c, Prepared(clf, Examples(separable())), progress=False)
+        deltas.append(clf.trainable_state_dict())
+    assert all(torch.equal(deltas[0][n], deltas[1][n]) for n in deltas[0])
+    assert not all(torch.equal(deltas[0][n], deltas[2][n]) for n in deltas[0])
+    with pytest.raises(TaftError, match=r"needs a resolved training config \(lr, optimizer, warmup unset\)"):
+        make_optimizer(cfg, dict(clf.tail.named_parameters()))
+
+
 def test_min_steps_raises_the_epochs_of_small_data(tiny_vit):
     cfg = config("taft", epochs=2, min_steps=30)  # batch 8
     assert cfg.epochs_for(48) == 5 and cfg.epochs_for(480) == 2 and cfg.epochs_for(48, batch_size=48) == 30

@@ -265,6 +265,11 @@ class Classifier(nn.Module):
         return self.head_weight0.dtype
 
     @property
+    def is_text(self) -> bool:
+        """A text (BERT) backbone's model, whose inputs are token batches; else an image (ViT) one's."""
+        return isinstance(self.preprocess, TextPreprocess)
+
+    @property
     def device(self) -> torch.device:
         return self.head_weight0.device
 

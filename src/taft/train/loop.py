@@ -67,16 +67,26 @@ def lr_factor(schedule: str, total_steps: int, warmup_steps: int = 0) -> Callabl
     return factor
 
 
+def require_resolved(config: TrainConfig, where: str) -> None:
+    """Raise `TaftError` unless the recipe of `config` is filled in (lr, optimizer, warmup: `config.resolved`)."""
+    missing = [name for name in ("lr", "optimizer", "warmup") if getattr(config, name) is None]
+    if missing:
+        raise TaftError(f"{where} needs a resolved training config ({', '.join(missing)} unset): use "
+                        f"config.resolved(text=..., private=...), which fills in the default recipe")
+
+
 def warmup_steps(config: TrainConfig, total_steps: int) -> int:
-    """W, the number of warm-up steps: `config.warmup` of `total_steps`, rounded; none for a config whose warmup
-    is not resolved (None), as such a config's head rate falls back to its rate and its optimizer to AdamW."""
-    return round((config.warmup or 0.0) * total_steps)
+    """W, the number of warm-up steps: `config.warmup` of `total_steps`, rounded (a resolved config)."""
+    require_resolved(config, "warmup_steps")
+    return round(config.warmup * total_steps)
 
 
 def make_optimizer(config: TrainConfig, params: dict[str, nn.Parameter]) -> torch.optim.Optimizer:
     """`config.optimizer` ("adamw" without weight decay, or "sgd" with `config.momentum`) over `params`, in two
     groups: the head's tensors (names starting "head.") at `config.head_learning_rate`, the rest at
-    `config.learning_rate` (a probe's only group is its head, at `learning_rate`)."""
+    `config.learning_rate` (a probe's only group is its head, at `learning_rate`). `config` must be resolved
+    (`TrainConfig.resolved`), so that a user's loop gets the same recipe as `fit`."""
+    require_resolved(config, "make_optimizer")
     head = [p for n, p in params.items() if n.startswith("head.")]
     body = [p for n, p in params.items() if not n.startswith("head.")]
     head_rate = config.head_learning_rate if body else config.learning_rate
@@ -192,7 +202,10 @@ def train_loop(classifier: Classifier, config: TrainConfig, train: Prepared, val
     must update through the given optimizer, whose rate the loop schedules over all the sampler's steps).
     After each epoch `on_state` gets the resumable state of plain training (epoch, trained parameters, optimizer,
     scheduler, data order generator, history); `resume=` such a state continues from it: the same steps as an
-    uninterrupted run of `config.epochs` epochs whose schedule is defined over that total."""
+    uninterrupted run of `config.epochs` epochs whose schedule is defined over that total.
+    Settings `config` leaves None come from the default recipe of ordinary training for `classifier`'s backbone
+    kind (`TrainConfig.resolved`; `dp_train_loop` resolves DP-SGD's)."""
+    config = config.resolved(text=classifier.is_text)
     params = dict(classifier.tail.named_parameters())
     opt = optimizer or make_optimizer(config, params)
     n = len(train)
@@ -261,6 +274,7 @@ def dp_train_loop(classifier: Classifier, config: TrainConfig, plan: DPPlan, tra
     replaces Poisson sampling by a fixed schedule of index batches (one per planned step) for checks; the
     guarantee (and the ledger) assume Poisson sampling."""
     dp = plan.config
+    config = config.resolved(text=classifier.is_text, private=True)
     if len(train) != plan.n:
         raise TaftError(f"the DP plan is for {plan.n} training examples, the data has {len(train)}")
     if batches is not None and len(batches) != plan.steps:
