@@ -232,6 +232,9 @@ def test_defaults_come_from_the_recipe_of_the_kind_and_privacy():
     assert (image.optimizer, image.lr, image.head_lr, image.warmup) == ("adamw", 1e-3, 1e-2, 0.1)
     assert (text.optimizer, text.lr, text.head_lr, text.warmup) == ("adamw", 1e-3, None, 0.0)
     assert (private.optimizer, private.lr) == (DP_RECIPE["taft"]["optimizer"], DP_RECIPE["taft"]["lr"])
+    assert (image.epochs, text.epochs, private.epochs) == (10, 10, 5)  # DP-SGD: fewer epochs by default
+    assert TrainConfig(epochs=3).resolved(private=True).epochs == 3
+    assert TrainConfig(min_steps=100).resolved(private=True, n=1000, batch_size=100).epochs == 10  # 10 steps/epoch
     assert recipe("probe")["head_lr"] is None and TrainConfig(method="probe").resolved().head_lr is None
     given = TrainConfig(method="taft", lr=0.3, optimizer="adamw", warmup=0.0, head_lr=0.5).resolved(private=True)
     assert (given.optimizer, given.lr, given.warmup, given.head_lr) == ("adamw", 0.3, 0.0, 0.5)  # given: kept

@@ -153,8 +153,9 @@ def compute_device(args: argparse.Namespace):
 TRAIN_HELP = {  # the command-specific wording of a few training options: (taft train, taft shards train)
     "method": ("taft: linearized tail; nlft: same tail trained non-linearly; probe: head only (default taft)",
                "taft (default) or probe: composition is exact only for models linear in their weights"),
-    "epochs": ("passes over the training data (default {epochs}; with --resume: the total to reach, default the "
-               "run's)", "passes over each shard's data (default {epochs})"),
+    "epochs": ("passes over the training data (default {epochs}, with --dp {dp_epochs}; with --resume: the total "
+               "to reach, default the run's)", "passes over each shard's data (default {epochs}, with --dp "
+                                                "{dp_epochs})"),
     "seed": ("seed of the data order and validation split (default {seed})",
              "store seed: shard plan and each shard's data order (default {seed})"),
     "head_seed": ("seed of the random base head w0_head (default {head_seed})",
@@ -168,7 +169,8 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     --head-init, every shard starts from the shared random head), read back by `train_config`; then the
     optimizer recipe and the DP-SGD options. Defaults: `TrainConfig`'s (`min_steps` overrides its --min-steps)."""
     from taft.data.source import FEATURE_DTYPES, DataSource
-    from taft.train.config import DEFAULT_LR, LOSSES, OPTIMIZERS, RECIPES, SCHEDULES, TEXT_DEFAULT_LR, TrainConfig
+    from taft.train.config import (DEFAULT_EPOCHS, DEFAULT_LR, DP_EPOCHS, LOSSES, OPTIMIZERS, RECIPES, SCHEDULES,
+                                   TEXT_DEFAULT_LR, TrainConfig)
 
     d = dataclass_defaults(TrainConfig)
     which = int(shards)
@@ -181,7 +183,8 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     p.add_argument("--method", choices=methods, default=d["method"], help=TRAIN_HELP["method"][which])
     p.add_argument("-k", "--k", type=positive_int, default=d["tangent_blocks"],
                    help=f"number of last blocks fine-tuned (default {d['tangent_blocks']})")
-    p.add_argument("--epochs", type=positive_int, help=TRAIN_HELP["epochs"][which].format(**d))
+    p.add_argument("--epochs", type=positive_int, help=TRAIN_HELP["epochs"][which].format(
+        **{**d, "epochs": DEFAULT_EPOCHS, "dp_epochs": DP_EPOCHS}))
     p.add_argument("--lr", type=positive_float, help=f"learning rate (default: {lr_help(DEFAULT_LR)}; text: "
                                                      f"{lr_help(TEXT_DEFAULT_LR)})")
     p.add_argument("--batch-size", type=positive_int, default=d["batch_size"],
@@ -226,7 +229,7 @@ def train_config(args: argparse.Namespace, backbone):
     d = dataclass_defaults(TrainConfig)
     return TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
                        lr=args.lr, schedule=args.schedule, batch_size=args.batch_size,
-                       epochs=args.epochs or d["epochs"], seed=args.seed, head_seed=args.head_seed,
+                       epochs=args.epochs, seed=args.seed, head_seed=args.head_seed,
                        head_init=getattr(args, "head_init", d["head_init"]), pooling=pooling_for(args, backbone),
                        optimizer=args.optimizer, momentum=args.momentum, head_lr=args.head_lr, warmup=args.warmup,
                        min_steps=args.min_steps)

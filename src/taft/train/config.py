@@ -29,10 +29,11 @@ OPTIMIZERS = ("adamw", "sgd")
 # - text: `python experiments/text_lr.py` (Rotten Tomatoes, minilm-l6, 4 epochs, 10 % validation split): taft k=1
 #   1e-4: 71.2, 1e-3: 75.8, 3e-3: 75.8; k=2 1e-4: 73.5, 1e-3: 76.6, 3e-3: 75.8; nlft 1e-4 ≥ 3e-4 at k=1 and 2;
 #   probe 1e-2: 73.5, 3e-2: 74.3. Head rates and warm-up were not studied for text (so: none).
-# - private (DP-SGD, either kind): see docs/results.md, "DP-SGD defaults that learn".
-DP_RECIPE: dict[str, dict[str, Any]] = {"taft": {"lr": 1.0, "optimizer": "sgd"},
-                                        "nlft": {"lr": 1.0, "optimizer": "sgd"},
-                                        "probe": {"lr": 1.0, "optimizer": "sgd"}}
+# - private (DP-SGD, either kind): see docs/results.md, "DP-SGD defaults that learn": SGD with momentum at lr 1.0
+#   over 5 epochs (fewer steps at a fixed ε need less noise per step), with a large expected batch
+#   (`taft.privacy.config.expected_batch_size`).
+DEFAULT_EPOCHS, DP_EPOCHS = 10, 5
+DP_RECIPE: dict[str, dict[str, Any]] = {m: {"lr": 1.0, "optimizer": "sgd", "epochs": DP_EPOCHS} for m in METHODS}
 RECIPES: dict[tuple[str, bool], dict[str, dict[str, Any]]] = {
     ("image", False): {"taft": {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.1},
                        "nlft": {"lr": 1e-4, "head_lr": 1e-2, "warmup": 0.1},
@@ -47,9 +48,9 @@ TEXT_DEFAULT_LR = {m: r["lr"] for m, r in RECIPES[("text", False)].items()}
 
 def recipe(method: str, text: bool = False, private: bool = False) -> dict[str, Any]:
     """The default settings of `method` for an image (ViT) or text (BERT) backbone, ordinary or DP-SGD training:
-    lr, optimizer, warmup, head_lr (None: the same as lr)."""
+    lr, optimizer, warmup, head_lr (None: the same as lr), epochs."""
     row = RECIPES[("text" if text else "image", private)][method]
-    return {"optimizer": "adamw", "warmup": 0.0, "head_lr": None, **row}
+    return {"optimizer": "adamw", "warmup": 0.0, "head_lr": None, "epochs": DEFAULT_EPOCHS, **row}
 
 
 def default_lr(method: str, text: bool = False, private: bool = False) -> float:
@@ -67,8 +68,8 @@ class TrainConfig:
     loss: "mse" (rescaled squared loss, mean over batch and classes of (logits − κ·onehot)²) or "ce".
     kappa: κ of the rescaled squared loss (ignored by "ce").
     reg: λ of the proximity term λ‖θ − θ0‖² (θ0: Δw = 0 for taft, w0 for nlft, the initial head for probe).
-    lr, head_lr, optimizer, warmup: None means the default `recipe` of the method for the backbone's kind and for
-        ordinary or DP training, filled in by `resolved(...)` (which `fit` and stores call).
+    lr, head_lr, optimizer, warmup, epochs: None means the default `recipe` of the method for the backbone's kind
+        and for ordinary or DP training, filled in by `resolved(...)` (which `fit`, the loops and stores call).
     lr: the learning rate.
     head_lr: the head's learning rate (taft: Δw_head, nlft: the head weights); None after `resolved`: `lr`. Not
         for probes (their `lr` is the head's).
@@ -77,7 +78,7 @@ class TrainConfig:
         before the schedule; 0: none.
     schedule: per-step "cosine" (from lr after the warm-up to 0 at the last step), "step" (×0.1 at 50 % and
         75 % of the steps) or "constant".
-    batch_size, epochs: as usual; the last batch of an epoch may be short.
+    batch_size, epochs: as usual (epochs default: 10, DP-SGD 5); the last batch of an epoch may be short.
     min_steps: at least this many optimizer steps: `epochs` is raised to ⌈min_steps / steps per epoch⌉ when
         that is more (`epochs_for(n)`), so small data sets (and small shards) are not under-trained.
     seed: data order (a seeded permutation per epoch).
@@ -100,7 +101,7 @@ class TrainConfig:
     warmup: float | None = None
     schedule: str = "cosine"
     batch_size: int = 32
-    epochs: int = 10
+    epochs: int | None = None
     min_steps: int = 0
     seed: int = 0
     head_seed: int = 0
@@ -114,7 +115,8 @@ class TrainConfig:
         _choice("head_init", self.head_init, HEAD_INITS)
         _choice("pooling", self.pooling, POOLINGS)
         for name in ("tangent_blocks", "batch_size", "epochs"):
-            _integer(name, getattr(self, name), minimum=1)
+            if name != "epochs" or self.epochs is not None:
+                _integer(name, getattr(self, name), minimum=1)
         for name in ("seed", "head_seed", "min_steps"):
             _integer(name, getattr(self, name), minimum=0)
         _number("kappa", self.kappa, positive=True)
@@ -147,22 +149,23 @@ class TrainConfig:
         return self.learning_rate if self.head_lr is None else float(self.head_lr)
 
     def epochs_for(self, n: int, batch_size: int | None = None) -> int:
-        """The epochs a run on n examples trains: `epochs`, or more to reach `min_steps` steps of ⌈n/B⌉ per
-        epoch (B: `batch_size`, or the expected batch size of a DP run)."""
+        """The epochs a run on n examples trains: `epochs` (None: the ordinary default), or more to reach
+        `min_steps` steps of ⌈n/B⌉ per epoch (B: `batch_size`, or the expected batch size of a DP run)."""
         per_epoch = math.ceil(n / (batch_size or self.batch_size))
-        return max(self.epochs, math.ceil(self.min_steps / per_epoch))
+        return max(self.epochs or DEFAULT_EPOCHS, math.ceil(self.min_steps / per_epoch))
 
     def resolved(self, text: bool = False, private: bool = False, n: int | None = None,
                  batch_size: int | None = None) -> TrainConfig:
-        """A copy with the defaults filled in (what a run records): `lr`, `head_lr`, `optimizer` and `warmup` from
-        the `recipe` for an image or a text backbone, ordinary or DP-SGD (`private`) training; with `n` (the number
-        of training examples), `epochs` raised to `epochs_for(n, batch_size)`."""
+        """A copy with the defaults filled in (what a run records): `lr`, `head_lr`, `optimizer`, `warmup` and
+        `epochs` from the `recipe` for an image or a text backbone, ordinary or DP-SGD (`private`) training; with `n`
+        (the number of training examples), `epochs` raised to `epochs_for(n, batch_size)`."""
         defaults = recipe(self.method, text, private)
         lr = defaults["lr"] if self.lr is None else float(self.lr)
         head_lr = defaults["head_lr"] if self.head_lr is None and self.method != "probe" else self.head_lr
-        epochs = self.epochs if n is None else self.epochs_for(n, batch_size)
-        return replace(self, lr=lr, head_lr=head_lr, optimizer=self.optimizer or defaults["optimizer"],
-                       warmup=defaults["warmup"] if self.warmup is None else self.warmup, epochs=epochs)
+        filled = replace(self, lr=lr, head_lr=head_lr, optimizer=self.optimizer or defaults["optimizer"],
+                         warmup=defaults["warmup"] if self.warmup is None else self.warmup,
+                         epochs=self.epochs or defaults["epochs"])
+        return filled if n is None else replace(filled, epochs=filled.epochs_for(n, batch_size))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

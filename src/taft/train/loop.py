@@ -68,8 +68,9 @@ def lr_factor(schedule: str, total_steps: int, warmup_steps: int = 0) -> Callabl
 
 
 def require_resolved(config: TrainConfig, where: str) -> None:
-    """Raise `TaftError` unless the recipe of `config` is filled in (lr, optimizer, warmup: `config.resolved`)."""
-    missing = [name for name in ("lr", "optimizer", "warmup") if getattr(config, name) is None]
+    """Raise `TaftError` unless the recipe of `config` is filled in (lr, optimizer, warmup, epochs:
+    `config.resolved`)."""
+    missing = [name for name in ("lr", "optimizer", "warmup", "epochs") if getattr(config, name) is None]
     if missing:
         raise TaftError(f"{where} needs a resolved training config ({', '.join(missing)} unset): use "
                         f"config.resolved(text=..., private=...), which fills in the default recipe")
