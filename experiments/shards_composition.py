@@ -103,7 +103,9 @@ def forget_costs(store_dir: Path, train_f, test_f, backbone, cfg: TrainConfig) -
 
 
 def summarise(result: dict, out: Path) -> str:
-    lines = ["| K | TAFT composed | NLFT ensemble | NLFT soup | TAFT train s | NLFT train s | "
+    split = "validation" if result["args"].get("validation") else "test"
+    lines = [f"{split} top-1 %:", "",
+             "| K | TAFT composed | NLFT ensemble | NLFT soup | TAFT train s | NLFT train s | "
              "inference: ensemble / composed |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['K']} | {100 * r['taft_composed']:.1f} | {100 * r['nlft_ensemble']:.1f} | "
@@ -112,17 +114,17 @@ def summarise(result: dict, out: Path) -> str:
                      f"{r['infer_composed_s']:.2f} s) |")
     f = result["forgetting"]
     lines += ["", f"Forgetting one example (`{f['id']}`) from the {f['store']} store:", "",
-              "| how | seconds | test top-1 after |", "|---|---|---|",
+              f"| how | seconds | {split} top-1 after |", "|---|---|---|",
               f"| drop its shard | {f['drop_s']:.1f} | {100 * f['drop_top1']:.1f} |",
               f"| retrain its shard | {f['retrain_s']:.1f} | {100 * f['retrain_top1']:.1f} |",
               f"| full retrain (one model) | {f['full_retrain_s']:.1f} | {100 * f['full_retrain_top1']:.1f} |"]
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
-    plot(result["rows"], out / "accuracy_vs_shards.png")
+    plot(result["rows"], split, out / "accuracy_vs_shards.png")
     return table
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], split: str, path: Path) -> None:
     plt = pyplot()
     ks = [r["K"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -132,7 +134,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("shards K (K = 1: paragon, one model on all data)")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(f"{split} top-1 (%)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
