@@ -14,6 +14,9 @@ import torch
 from taft import load_backbone
 from taft.backbones.base import Backbone
 from taft.data import ImageDataset, fashion_mnist, image_folder, split_dataset
+from taft.data.feature_cache import CachedFeatures
+from taft.data.split import per_class_positions
+from taft.train import cache_features
 
 
 def image_parser(doc: str, out: str) -> argparse.ArgumentParser:
@@ -33,11 +36,12 @@ def image_parser(doc: str, out: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_images(args: argparse.Namespace) -> tuple[Backbone, ImageDataset, ImageDataset]:
-    """The bundled DINOv2 ViT-S/14 at --image-size and the (train, evaluation) subsets of --dataset: the first
-    --train-per-class / --test-per-class of each class of the training and test data, or with --validation of the
-    training and held-out parts of the training data."""
-    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
+def load_images(args: argparse.Namespace,
+                backbone: Backbone | None = None) -> tuple[Backbone, ImageDataset, ImageDataset]:
+    """The bundled DINOv2 ViT-S/14 at --image-size (unless given) and the (train, evaluation) subsets of --dataset:
+    the first --train-per-class / --test-per-class of each class (None: all) of the training and test data, or
+    with --validation of the training and held-out parts of the training data."""
+    backbone = backbone or load_backbone("dinov2-vits14", image_size=args.image_size)
     if args.dataset == "fashion-mnist":
         train, test = (fashion_mnist(None, split, transform=backbone.preprocess) for split in ("train", "test"))
     else:
@@ -45,7 +49,30 @@ def load_images(args: argparse.Namespace) -> tuple[Backbone, ImageDataset, Image
         train, test = (image_folder(root / split, backbone.preprocess) for split in ("train", "test"))
     if args.validation:
         train, test = split_dataset(train, 0.2, seed=0)
-    return backbone, train.per_class(args.train_per_class), test.per_class(args.test_per_class)
+    return backbone, cut(train, args.train_per_class), cut(test, args.test_per_class)
+
+
+def cut(dataset: ImageDataset, per_class: int | None) -> ImageDataset:
+    return dataset.per_class(per_class) if per_class else dataset
+
+
+def first_per_class(features: CachedFeatures, n: int | None) -> CachedFeatures:
+    """The first n examples of each class of cached features (all of them for n None)."""
+    if not n:
+        return features
+    return features.select([features.ids[i] for i in per_class_positions(features.ids, features.labels, n)])
+
+
+def load_features(args: argparse.Namespace, k: int = 1) -> tuple[Backbone, CachedFeatures, CachedFeatures]:
+    """`load_images`, as cached k-trunk features: the whole training and test sets are cached once (one cache entry
+    each, shared by every subset and by --validation), then split and cut to the first N per class."""
+    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
+    whole = vars(args) | {"train_per_class": None, "test_per_class": None, "validation": False}
+    _, train, test = load_images(argparse.Namespace(**whole), backbone)
+    train_f, test_f = cache_features(train, backbone, k), cache_features(test, backbone, k)
+    if args.validation:
+        train_f, test_f = split_dataset(train_f, 0.2, seed=0)
+    return backbone, first_per_class(train_f, args.train_per_class), first_per_class(test_f, args.test_per_class)
 
 
 class RunLog:

@@ -19,16 +19,15 @@ from pathlib import Path
 
 import torch
 
-from common import RunLog, image_parser, load_images, pyplot, run_and_save
+from common import RunLog, image_parser, load_features, pyplot, run_and_save
 from taft.privacy import DPConfig
-from taft.train import TrainConfig, cache_features, evaluate, fit
+from taft.train import TrainConfig, evaluate, fit
 
 METHODS = ("taft", "nlft", "probe")
 
 
 def run(args: argparse.Namespace) -> dict:
-    backbone, train_ds, test_ds = load_images(args)
-    train_f, test_f = cache_features(train_ds, backbone, 1), cache_features(test_ds, backbone, 1)
+    backbone, train_f, test_f = load_features(args)
     log = RunLog(Path(args.out), args)
     for eps in args.epsilons:
         for seed in args.seeds:

@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
-from common import RunLog
+from common import RunLog, first_per_class
 from taft import load_backbone
 from taft.data import fashion_mnist, image_folder, split_dataset
-from taft.data.split import per_class_positions
 from taft.privacy import DPConfig
 from taft.train import TrainConfig, cache_features, fit
 
@@ -46,13 +45,6 @@ def variant_name(variant: dict[str, Any]) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in variant.items())
 
 
-def per_class(features, n: int | None):
-    """The first n examples of each class of cached features (all of them for n None)."""
-    if not n:
-        return features
-    return features.select([features.ids[i] for i in per_class_positions(features.ids, features.labels, n)])
-
-
 def load_split(args: argparse.Namespace, ks: list[int]):
     """The backbone and {k: (train part, validation part)} of the training data's cached trunk features: a seeded
     class-balanced split (`--val-fraction`, seed 0), then the first --train-per-class / --val-per-class of each
@@ -65,7 +57,7 @@ def load_split(args: argparse.Namespace, ks: list[int]):
     features = {}
     for k in ks:
         train, val = split_dataset(cache_features(full, backbone, k, progress=False), args.val_fraction, seed=0)
-        features[k] = (per_class(train, args.train_per_class), per_class(val, args.val_per_class))
+        features[k] = (first_per_class(train, args.train_per_class), first_per_class(val, args.val_per_class))
     return backbone, features
 
 
