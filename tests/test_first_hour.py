@@ -209,6 +209,22 @@ def test_few_steps_and_chance_accuracy_are_warned_about(private):
     assert any("chance" in m and "validation top-1 33.3%" in m for m in messages), messages
 
 
+def test_the_dp_defaults_few_large_steps_are_not_warned_about():
+    """DP-SGD's defaults take 50 steps (5 epochs of n/10): no "too few steps" warning; 3 epochs (30) neither; 2
+    epochs (20 < 25) is warned about."""
+    from taft.privacy import DPConfig
+
+    backbone = random_backbone(TINY, 3, seed=0, dtype=torch.float32)
+    train = (torch.randn(400, 5, TINY.dim, generator=torch.Generator().manual_seed(0)), torch.arange(3).repeat(134)[:400])
+    for epochs, warned in ((None, False), (3, False), (2, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fit(TrainConfig(epochs=epochs, method="probe"), backbone, train, class_names=["a", "b", "c"],
+                         progress=False, dp=DPConfig(noise_multiplier=1.0, delta=1e-3, seed=0))
+        assert result.privacy["steps"] == 10 * (epochs or 5)
+        assert any("optimizer steps" in str(w.message) for w in caught) == warned, [str(w.message) for w in caught]
+
+
 # ------------------------------------------------------------------------- 11. progress bars when redirected
 def test_redirected_progress_is_one_plain_line_per_bar(tmp_path):
     data = make_classes(tmp_path / "data", per_class=4)

@@ -57,6 +57,7 @@ from taft.train.loop import dp_train_loop, train_loop
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RESUME_NAME = "resume_state.pt"
 FEW_STEPS = 100
+FEW_DP_STEPS = 25  # half the 50 large steps of the DP-SGD defaults (n/10 per step, 5 epochs), which train well
 
 def build_classifier(config: TrainConfig, backbone: Backbone, class_names: Sequence[str], *,
                      head_weight: torch.Tensor | None = None,
@@ -131,11 +132,12 @@ def class_names_of(given: Sequence[str] | None, train: Examples) -> list[str]:
 
 
 def warn_if_few_steps(config: TrainConfig, n: int, plan: DPPlan | None) -> None:
-    """Warn when the run has fewer than FEW_STEPS optimizer steps: too few for the defaults to train reliably."""
+    """Warn when the run has fewer than FEW_STEPS optimizer steps (DP-SGD: FEW_DP_STEPS, as its large batches take
+    few steps by design): too few for the defaults to train reliably."""
     batch = plan.expected_batch_size if plan is not None else config.batch_size
     per_epoch = math.ceil(n / batch)
     steps = config.epochs * per_epoch
-    if steps < FEW_STEPS:
+    if steps < (FEW_STEPS if plan is None else FEW_DP_STEPS):
         more = "more epochs (--epochs)" + (" or a smaller --expected-batch-size" if plan is not None
                                            else " or a smaller batch (--batch-size)")
         warnings.warn(f"only {steps} optimizer steps ({config.epochs} epochs of ~{per_epoch} batches of {batch} on "
