@@ -167,6 +167,28 @@ def test_recipe_study_smoke(tiny_images, tmp_path, monkeypatch, capsys):
     assert len(results(out)[0]["runs"]) == 2 and "{" not in capsys.readouterr().out  # nothing retrained
 
 
+def test_solver_study_smoke(tiny_images, tmp_path, monkeypatch, capsys):
+    """CG at two λ for 2 iterations on a validation split, with the Adam row read from the committed recipe study;
+    a rerun skips the finished runs."""
+    out = tmp_path / "out"
+    argv = ["--data", str(tiny_images / "train"), "--image-size", "28", "--val-fraction", "0.3", "--iterations", "2",
+            "--regs", "0", "1e-3", "--report-at", "1", "--threads", "1", "--out", str(out),
+            "--adam-results", str(ROOT / "docs/experiments/recipe/cifar-k1/results.json")]
+    run_script(EXPERIMENTS / "solver_study.py", argv, monkeypatch)
+    saved, table = results(out)
+    assert [r["reg"] for r in saved["runs"]] == [0.0, 1e-3]
+    for r in saved["runs"]:
+        assert [h["passes"] for h in r["history"]] == [1, 2, 3]
+        assert all(is_accuracy(h["val_top1"]) for h in r["history"]) and r["history"][0]["grad_norm"] == 1.0
+        assert r["history"][0]["objective"] > r["history"][1]["objective"] > r["history"][2]["objective"]
+    assert saved["adam"]["passes"] == 10 and is_accuracy(saved["adam"]["val_top1"])
+    assert len(table.splitlines()) == 2 + 2 * 2 + 1 and "| CG | 0.001 | 2 | 3 |" in table and "| Adam (" in table
+    assert (out / "convergence.png").stat().st_size > 0
+    capsys.readouterr()
+    run_script(EXPERIMENTS / "solver_study.py", argv, monkeypatch)
+    assert len(results(out)[0]["runs"]) == 2 and '{"reg"' not in capsys.readouterr().out  # nothing retrained
+
+
 def test_text_methods_smoke(tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_script(EXPERIMENTS / "text_methods.py", ["--ks", "1", "--seeds", "0", "--epochs", "1", "--threads", "1",
