@@ -12,10 +12,12 @@ over the training data: u = f(θ0 + p) − f(θ0) = Jp, then the gradient of Σ�
 come from one more pass, so k iterations take k + 1 passes. With r = b − Ax the objective is
 L(x) = L(0) − bᵀx − rᵀx and its gradient ∇L = −2r, so neither needs a pass of its own.
 
-    history = conjugate_gradient(classifier, config, Prepared(classifier, train), Prepared(classifier, val),
-                                 iterations=30, tol=1e-3)
+    train, val = (Prepared(classifier, Examples(f)) for f in (train_features, val_features))
+    history = conjugate_gradient(classifier, config, train, val, iterations=30, tol=1e-3)
 
-The study against Adam at equal passes is `experiments/solver_study.py` (docs/results.md, "Conjugate gradient").
+Measured against Adam at equal passes (`experiments/solver_study.py`; docs/results.md, "Conjugate gradient vs
+Adam at equal passes"): on CIFAR-10 mini validation data TAFT k=1 reached 58.8 % after 10 passes where the default
+Adam recipe reached 74.9 %, so it is not offered as a training option; it stays a library function.
 """
 
 from __future__ import annotations
