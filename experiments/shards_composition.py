@@ -41,6 +41,7 @@ def shard_min_steps(option: str, epochs: int, n: int, batch_size: int = 32) -> i
 
 
 def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)  # the NLFT runs here; TAFT shards run with --threads in their worker
     backbone, train_ds, test_ds = load_images(args)
     train_f, test_f = cache_features(train_ds, backbone, 1), cache_features(test_ds, backbone, 1)
     x_test, y_test = test_f.as_tensors()
@@ -146,7 +147,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--min-steps", default="0", help="each shard trains at least this many steps (more epochs on "
                                                        "small shards); 'full': the steps of one model on all the data")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each inference timing (median)")
     parser.add_argument("--forget-k", type=int, default=10, help="which store the forgetting costs are measured on")
     run_and_save(parser.parse_args(), run, summarise)
