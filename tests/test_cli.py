@@ -10,6 +10,7 @@ import pytest
 
 from helpers import bad, make_classes, make_idx
 from taft.cli import main
+from taft.cli.parser import SHARD_MIN_STEPS
 
 FAST = ["--image-size", "28", "--epochs", "2", "--quiet"]
 
@@ -103,7 +104,7 @@ def test_console_script_prints_no_traceback(tmp_path, module):
 
 
 @pytest.mark.parametrize("argv, min_steps", [(["train", "--data", "x"], 0),
-                                             (["shards", "train", "--data", "x", "--store", "s"], 300)])
+                                             (["shards", "train", "--data", "x", "--store", "s"], SHARD_MIN_STEPS)])
 def test_training_option_defaults_are_the_dataclass_defaults(argv, min_steps):
     """`train` and `shards train` share one definition of the training options; left out, each gives the
     TrainConfig / DPConfig default, except that a shard trains at least SHARD_MIN_STEPS steps."""
