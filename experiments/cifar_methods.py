@@ -5,27 +5,26 @@ epoch. Also measures what the feature cache buys: one TAFT epoch from cached fea
 recomputes the trunk for every batch. Writes a JSON with every run, a Markdown table and a PNG plot.
 
     python experiments/cifar_methods.py --data ../shared/data/cifar10-mini --train-per-class 100 \
-        --test-per-class 50 --ks 1 4 --seeds 0 1 2 --epochs 5 --out docs/experiments/cifar_methods
+        --test-per-class 50 --ks 1 4 --seeds 0 1 2 --epochs 10 --threads 1 --out docs/experiments/cifar_methods
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from common import image_parser, load_images, pyplot, run_and_save
+from common import RunLog, image_parser, load_images, pyplot, run_and_save
 from taft.model import Trunk
 from taft.train import TrainConfig, cache_features, evaluate, fit
 
 
 def run(args: argparse.Namespace) -> dict:
     backbone, train_ds, test_ds = load_images(args)
-    runs = []
+    log = RunLog(Path(args.out), args)
     for k in args.ks:
         t0 = time.perf_counter()
         train_f = cache_features(train_ds, backbone, k)
@@ -34,14 +33,14 @@ def run(args: argparse.Namespace) -> dict:
         methods = ["taft", "nlft"] + (["probe"] if k == args.ks[0] else [])
         for seed in args.seeds:
             for method in methods:
+                if log.has(method=method, k=k, seed=seed):
+                    continue
                 cfg = TrainConfig(method=method, tangent_blocks=k, epochs=args.epochs, seed=seed, head_seed=seed)
                 result = fit(cfg, backbone, train_f, progress=False)
-                test = evaluate(result.classifier, test_f)
-                row = {"method": method, "k": k, "seed": seed, "top1": test.top1,
-                       "epoch_s": result.metrics["train_time_s"] / args.epochs, "lr": cfg.learning_rate}
-                runs.append(row)
-                print(json.dumps(row), flush=True)
-    return {"runs": runs, "cache": cache_speedup(backbone, train_ds, args), "args": vars(args)}
+                log.add({"method": method, "k": k, "seed": seed, "top1": evaluate(result.classifier, test_f).top1,
+                         "epoch_s": result.metrics["train_time_s"] / args.epochs, "lr": result.config.lr})
+    cache = cache_speedup(backbone, train_ds, args) if args.cache_probe else None
+    return {**log.result(), "cache": cache}
 
 
 def cache_speedup(backbone, dataset, args: argparse.Namespace) -> dict:
@@ -75,11 +74,12 @@ def summarise(result: dict, out: Path) -> str:
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         epoch = statistics.mean(r["epoch_s"] for r in rows)
         lines.append(f"| {method} | {k or '-'} | {statistics.mean(accs):.1f} ± {std:.1f} | {len(rows)} | {epoch:.1f} |")
-    c = result["cache"]
-    lines.append("")
-    lines.append(f"Feature cache: one TAFT epoch over {c['images']} images takes {c['epoch_from_cache_s']:.1f} s from "
-                 f"cached features and {c['epoch_recomputing_trunk_s']:.1f} s when the trunk is recomputed "
-                 f"({c['speedup']:.1f}× speedup).")
+    c = result.get("cache")
+    if c:
+        lines.append("")
+        lines.append(f"Feature cache: one TAFT epoch over {c['images']} images takes {c['epoch_from_cache_s']:.1f} s "
+                     f"from cached features and {c['epoch_recomputing_trunk_s']:.1f} s when the trunk is recomputed "
+                     f"({c['speedup']:.1f}× speedup).")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     plot(groups, out / "accuracy.png")
@@ -107,9 +107,14 @@ def main() -> None:
     parser = image_parser(__doc__, "docs/experiments/cifar_methods")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--cache-probe", type=int, default=200, help="images for the cache speedup measurement")
-    run_and_save(parser.parse_args(), run, summarise)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--cache-probe", type=int, default=200,
+                        help="images for the cache speedup measurement (0: not measured)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_and_save(args, run, summarise)
 
 
 if __name__ == "__main__":
