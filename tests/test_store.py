@@ -374,3 +374,26 @@ def test_create_refuses_bad_settings(data, tmp_path, store):
     with pytest.raises(FingerprintMismatchError):
         forget(store, [cf.ids[0]], "retrain", backbone=random_backbone(TINY_VIT, 12, seed=3, dtype=torch.float32),
                executor="inline", progress=False)
+
+
+def test_forget_retrain_with_size_dependent_schedules_is_bit_identical(data, tmp_path):
+    """With min_steps a shard's epochs depend on its size: forgetting shrinks shard 0, which then trains more
+    epochs, and the store still equals one built from scratch without the ids."""
+    bb, cf = data
+    cfg = replace(CONFIG, min_steps=25)
+    store = create_store(tmp_path / "s", cf, bb, cfg, shards=K, executor="inline", progress=False)
+    m = load_manifest(StoreLayout(store))
+    gone = m["shards"][0]["ids"][:4]
+    before = shard_epochs(store)
+    forget(store, gone, "retrain", backbone=bb, executor="inline", progress=False)
+    scratch = create_store(tmp_path / "scratch", cf.select([i for i in cf.ids if i not in gone]), bb, cfg,
+                           plan=ShardPlan.from_dict(m["plan"]).without(gone), executor="inline", progress=False)
+    assert same_tensors(composed_delta(store), composed_delta(scratch))
+    sizes = [len(s["ids"]) for s in load_manifest(StoreLayout(store))["shards"]]
+    epochs = shard_epochs(store)
+    assert epochs == [cfg.epochs_for(n) for n in sizes] and epochs[0] > before[0] and epochs[1:] == before[1:]
+
+
+def shard_epochs(store: Path) -> list[int]:
+    """The epochs each shard of `store` trained (its checkpoint's metrics)."""
+    return [read_checkpoint_metadata(ModelStore(store).shard_path(i))["metrics"]["epochs"] for i in range(K)]
