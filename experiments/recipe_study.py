@@ -79,6 +79,19 @@ def run_one(variant: dict[str, Any], seed: int, args: argparse.Namespace, backbo
     return row
 
 
+def split_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the arguments of `load_split`: --data or --dataset, --image-size, --val-fraction,
+    --train-per-class, --val-per-class."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/cifar10-mini/train", help="training image folder")
+    parser.add_argument("--dataset", choices=["fashion-mnist"], help="a known dataset instead of --data")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="of each class, held out for validation")
+    parser.add_argument("--train-per-class", type=int, help="the first N of each class of the training part")
+    parser.add_argument("--val-per-class", type=int, help="the first N of each class of the validation part")
+    return parser
+
+
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,13 +129,7 @@ def summarise(result: dict, out: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/cifar10-mini/train", help="training image folder")
-    parser.add_argument("--dataset", choices=["fashion-mnist"], help="a known dataset instead of --data")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="of each class, held out for validation")
-    parser.add_argument("--train-per-class", type=int, help="the first N of each class of the training part")
-    parser.add_argument("--val-per-class", type=int, help="the first N of each class of the validation part")
+    parser = split_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=10, help="unless a variant sets epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variant", action="append", required=True, help="TrainConfig (and dp.) overrides")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import RunLog, pyplot
-from recipe_study import load_split
+from recipe_study import load_split, split_parser
 from taft.train import TrainConfig, build_classifier
 from taft.train.examples import Examples, Prepared
 from taft.train.solver import conjugate_gradient
@@ -109,13 +109,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/cifar10-mini/train", help="training image folder")
-    parser.add_argument("--dataset", choices=["fashion-mnist"], help="a known dataset instead of --data")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="of each class, held out for validation")
-    parser.add_argument("--train-per-class", type=int, help="the first N of each class of the training part")
-    parser.add_argument("--val-per-class", type=int, help="the first N of each class of the validation part")
+    parser = split_parser(__doc__)
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--report-at", type=int, nargs="+", default=[9, 10, 30],
                         help="iterations shown in the table (and the last one)")
