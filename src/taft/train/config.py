@@ -114,9 +114,10 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("head_init", self.head_init, HEAD_INITS)
         _choice("pooling", self.pooling, POOLINGS)
-        for name in ("tangent_blocks", "batch_size", "epochs"):
-            if name != "epochs" or self.epochs is not None:
-                _integer(name, getattr(self, name), minimum=1)
+        for name in ("tangent_blocks", "batch_size"):
+            _integer(name, getattr(self, name), minimum=1)
+        if self.epochs is not None:
+            _integer("epochs", self.epochs, minimum=1)
         for name in ("seed", "head_seed", "min_steps"):
             _integer(name, getattr(self, name), minimum=0)
         _number("kappa", self.kappa, positive=True)
