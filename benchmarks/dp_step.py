@@ -1,13 +1,16 @@
-"""Cost of a DP-SGD step relative to an ordinary training step, taft k = 1 at ViT-S width.
+"""Cost of a DP-SGD step relative to an ordinary training step (taft, nlft or probe, k = 1 by default) at ViT-S width.
 
 Both steps start from the tail's inputs (cached trunk features: batch × tokens × 384) and end with an AdamW step:
   plain : mean squared loss of the batch, one backward, AdamW;
-  dp    : per-example gradients (vmap over grad, in chunks of --chunk examples), clipping to C, Gaussian noise,
-          division by the batch size, AdamW (`taft.privacy.dpsgd.noisy_gradient`).
+  ghost : the DP-SGD step taft takes (`taft.privacy.dpsgd.noisy_gradient`): per-example gradient norms and the
+          clipped sum by ghost clipping (`taft.privacy.ghost`, in chunks of --chunk examples), Gaussian noise,
+          division by the batch size, AdamW;
+  vmap  : the same step with the per-example gradients formed (vmap over grad, `via="vmap"`), the reference.
 The DP step gets a batch of exactly --batch examples (the expected size of a Poisson batch) so both do the same
 work. Times are medians of interleaved repeats (plain, dp, plain, dp, ...) after one warm-up of each.
 
-    python benchmarks/dp_step.py                      # ViT-S width, 65 tokens (112 px), batch 32, k = 1
+    python benchmarks/dp_step.py                      # ViT-S width, 65 tokens (112 px), batch 32, taft k = 1
+    python benchmarks/dp_step.py --method nlft --tokens 17 --batch 256 --chunk 64
     python benchmarks/dp_step.py --device cuda --repeats 20 --json dp_step.json
 """
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,7 +34,8 @@ from taft.losses import classification_loss
 VIT_S = ViTConfig(dim=384, depth=12, heads=6, mlp_hidden=1536, patch_size=14, pos_grid=37, layerscale=True)
 
 
-def make_steps(k: int, batch: int, tokens: int, classes: int, chunk: int, device: str, seed: int = 0):
+def make_steps(k: int, batch: int, tokens: int, classes: int, chunk: int, device: str, seed: int = 0,
+               method: str = "taft") -> dict[str, Callable[[], None]]:
     torch.manual_seed(seed)
     vit = ViT(VIT_S)
     for p in vit.parameters():
@@ -38,8 +43,8 @@ def make_steps(k: int, batch: int, tokens: int, classes: int, chunk: int, device
             nn.init.normal_(p, std=p.shape[-1] ** -0.5)
     backbone = Backbone("random-vit-s", vit.eval().requires_grad_(False), ImagePreprocess((112, 112), 14))
     names = [str(c) for c in range(classes)]
-    cfg = TrainConfig(method="taft", tangent_blocks=k, lr=1e-4)
-    models = {m: build_classifier(cfg, backbone, names).to(device) for m in ("plain", "dp")}
+    cfg = TrainConfig(method=method, tangent_blocks=k, lr=1e-4)
+    models = {m: build_classifier(cfg, backbone, names).to(device) for m in ("plain", "ghost", "vmap")}
     h = torch.randn(batch, tokens, VIT_S.dim, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -47,22 +52,27 @@ def make_steps(k: int, batch: int, tokens: int, classes: int, chunk: int, device
     def plain_step(clf=models["plain"], opt=torch.optim.AdamW(models["plain"].tail.parameters(), lr=1e-4,
                                                                 weight_decay=0.0)):
         opt.zero_grad(set_to_none=True)
-        classification_loss(clf.train_logits(h), y).backward()
+        classification_loss(clf.train_logits(clf.train_inputs(h)), y).backward()
         opt.step()
 
-    def dp_step(clf=models["dp"], opt=torch.optim.AdamW(models["dp"].tail.parameters(), lr=1e-4,
-                                                          weight_decay=0.0)):
-        grads, _ = noisy_gradient(clf, h, y, clip=1.0, noise_multiplier=1.0, expected_batch_size=batch,
-                                  generator=gen, chunk_size=chunk)
-        for name, p in clf.tail.named_parameters():
-            p.grad = grads[name]
-        opt.step()
+    def dp_step(via: str) -> Callable[[], None]:
+        clf = models[via]
+        opt = torch.optim.AdamW(clf.tail.parameters(), lr=1e-4, weight_decay=0.0)
 
-    return {"plain": plain_step, "dp": dp_step}
+        def step() -> None:
+            grads, _ = noisy_gradient(clf, clf.train_inputs(h), y, clip=1.0, noise_multiplier=1.0, expected_batch_size=batch,
+                                      generator=gen, chunk_size=chunk, via=via)
+            for name, p in clf.tail.named_parameters():
+                p.grad = grads[name]
+            opt.step()
+        return step
+
+    return {"plain": plain_step, "ghost": dp_step("ghost"), "vmap": dp_step("vmap")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=["taft", "nlft", "probe"], default="taft")
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=65)
@@ -75,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = make_steps(args.k, args.batch, args.tokens, args.classes, args.chunk, args.device)
+    steps = make_steps(args.k, args.batch, args.tokens, args.classes, args.chunk, args.device, method=args.method)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {m: [] for m in steps}
     for m, step in steps.items():  # warm-up
@@ -88,15 +98,16 @@ def main() -> None:
             sync()
             times[m].append(time.perf_counter() - t0)
     med = {m: statistics.median(t) for m, t in times.items()}
-    ratio = med["dp"] / med["plain"]
-    print(f"taft k={args.k}, width {VIT_S.dim}, {args.tokens} tokens, batch {args.batch}, chunk {args.chunk}, "
+    ratios = {"ghost/plain": med["ghost"] / med["plain"], "vmap/plain": med["vmap"] / med["plain"],
+              "vmap/ghost": med["vmap"] / med["ghost"]}
+    print(f"{args.method} k={args.k}, width {VIT_S.dim}, {args.tokens} tokens, batch {args.batch}, chunk {args.chunk}, "
           f"{args.device}, {args.repeats} repeats")
     for m in steps:
         print(f"  {m:>5}: median {1000 * med[m]:8.1f} ms/step")
-    print(f"  DP step / plain step: {ratio:.2f}x")
+    print("  " + "   ".join(f"{name} {r:.2f}x" for name, r in ratios.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "median_s": med, "ratio": ratio, "times_s": times}, f, indent=1)
+            json.dump({"args": vars(args), "median_s": med, "ratios": ratios, "times_s": times}, f, indent=1)
 
 
 if __name__ == "__main__":

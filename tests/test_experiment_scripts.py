@@ -240,14 +240,17 @@ def test_text_composition_smoke(tmp_path, monkeypatch):
     assert (out / "accuracy.png").stat().st_size > 0
 
 
-def test_dp_step_smoke(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["taft", "nlft"])
+def test_dp_step_smoke(tmp_path, monkeypatch, capsys, method):
     out_json = tmp_path / "dp_step.json"
     run_script(ROOT / "benchmarks" / "dp_step.py", [
-        "--batch", "2", "--tokens", "5", "--classes", "2", "--chunk", "2", "--repeats", "1", "--threads", "1",
-        "--json", str(out_json)], monkeypatch)
+        "--method", method, "--batch", "2", "--tokens", "5", "--classes", "2", "--chunk", "2", "--repeats", "1",
+        "--threads", "1", "--json", str(out_json)], monkeypatch)
     printed = capsys.readouterr().out
-    assert "taft k=1, width 384, 5 tokens, batch 2, chunk 2, cpu, 1 repeats" in printed
+    assert f"{method} k=1, width 384, 5 tokens, batch 2, chunk 2, cpu, 1 repeats" in printed
     saved = json.loads(out_json.read_text())
-    assert set(saved["median_s"]) == {"plain", "dp"} and all(len(t) == 1 for t in saved["times_s"].values())
-    assert saved["ratio"] == pytest.approx(saved["median_s"]["dp"] / saved["median_s"]["plain"])
-    assert f"DP step / plain step: {saved['ratio']:.2f}x" in printed
+    med = saved["median_s"]
+    assert set(med) == {"plain", "ghost", "vmap"} and all(len(t) == 1 for t in saved["times_s"].values())
+    assert saved["ratios"]["ghost/plain"] == pytest.approx(med["ghost"] / med["plain"])
+    assert saved["ratios"]["vmap/ghost"] == pytest.approx(med["vmap"] / med["ghost"])
+    assert f"ghost/plain {saved['ratios']['ghost/plain']:.2f}x" in printed

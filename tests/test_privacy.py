@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 
 from helpers import _cache_env, _one_thread  # noqa: F401  (fixtures)
 from reference import random_backbone
@@ -21,6 +22,7 @@ from taft.cli import main
 from taft.cli.parser import add_dp_args
 from taft.privacy import (MECHANISM, DPConfig, PrivacyLedger, describe, dp_config_from_args, make_private,
                           parallel_composition, plan_dp)
+from taft.privacy import ghost
 from taft.privacy.dpsgd import (clip_factors, clipped_sum, manual_attention, noisy_gradient, per_example_gradients,
                                 poisson_batches)
 from taft.tangent.layers import TangentAttention
@@ -124,6 +126,52 @@ def test_clipped_contributions_are_bounded_and_chunking_does_not_matter(bb64):
         torch.testing.assert_close(big[n], g.sum(0), rtol=1e-10, atol=1e-12)
     empty, losses, _ = clipped_sum(clf, x[:0], y[:0], clip)
     assert len(losses) == 0 and all(float(v.abs().max()) == 0 for v in empty.values())
+
+
+@pytest.mark.parametrize("tokens", [5, 25])  # Gram form (5 tokens) and formed gradients (25) in ghost._outer_sq_norms
+@pytest.mark.parametrize("method, loss, k, prune", [("taft", "mse", 1, True), ("taft", "ce", 2, True),
+                                                    ("taft", "mse", 2, False), ("nlft", "mse", 1, True),
+                                                    ("nlft", "ce", 2, False), ("probe", "mse", 1, True)])
+def test_ghost_clipping_equals_clipping_formed_per_example_gradients(bb64, method, loss, k, prune, tokens):
+    """Ghost clipping (the default) against the clipped sum of vmap's per-example gradients (themselves checked
+    against a loop above), with C at the median norm so that some examples are clipped and some are not. Both are
+    float64 sums of the same products in another order: they agree to rounding (1e-15 observed; 1e-10 allowed)."""
+    clf = moved(build_classifier(TrainConfig(method=method, tangent_blocks=k, loss=loss), bb64, CLASSES), scale=0.2)
+    clf.tail.prune_last_block = prune
+    x, y, _ = data(9)
+    x = x.repeat(1, tokens // TOKENS, 1)
+    inputs = clf.train_inputs(x)
+    grads, _ = per_example_gradients(clf, inputs, y, loss=loss, chunk_size=4)
+    clip = float(clip_factors(grads, 1.0)[1].median())
+    expected, expected_losses, expected_norms = clipped_sum(clf, inputs, y, clip, loss=loss, chunk_size=4, via="vmap")
+    total, losses, norms = clipped_sum(clf, inputs, y, clip, loss=loss, chunk_size=4)
+    assert 0 < int((norms > clip).sum()) < len(y)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=0)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-10, atol=1e-12)
+    assert set(total) == set(expected)
+    for n in expected:
+        torch.testing.assert_close(total[n], expected[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_ghost_clipping_covers_the_tails_and_refuses_what_it_cannot_do(bb64):
+    for method in ("taft", "nlft", "probe"):
+        clf = build_classifier(TrainConfig(method=method, tangent_blocks=2), bb64, CLASSES)
+        module, _ = clf.trainable_module()
+        layers = ghost.trained_layers(module)
+        assert layers is not None
+        covered = {prefix + n for prefix, layer in layers.items() for n, _ in layer.named_parameters(recurse=False)}
+        assert covered == {n for n, _ in module.named_parameters()}
+    assert ghost.trained_layers(nn.Sequential(nn.Linear(3, 3), nn.Conv1d(3, 3, 1))) is None  # → vmap
+    twice = nn.Linear(3, 3)
+    layers = ghost.trained_layers(twice)
+    with pytest.raises(TaftError, match="used twice on the same rows"):
+        ghost.clipped_sum_chunk(lambda h: twice(twice(h)).sum(-1, keepdim=True), layers, (torch.randn(2, 3),),
+                                torch.zeros(2, 1), lambda z, t: (z - t).pow(2).sum(-1), 1.0,
+                                dict(twice.named_parameters()))
+    clf = build_classifier(TrainConfig(method="probe"), bb64, CLASSES)
+    x, y, _ = data(3)
+    with pytest.raises(TaftError, match="via must be one of"):
+        clipped_sum(clf, clf.train_inputs(x), y, 1.0, via="loop")
 
 
 def test_noise_has_the_planned_scale(bb32):

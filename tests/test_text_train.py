@@ -15,7 +15,7 @@ from taft.backbones.base import Backbone
 from taft.backbones.tokenizer import TextTokenizer
 from taft.backbones.assets import minilm_dir
 from taft.data import TextDataset
-from taft.privacy.dpsgd import per_example_gradients
+from taft.privacy.dpsgd import clipped_sum, per_example_gradients
 from taft.store import ModelStore, create_store
 from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
 from taft.losses import classification_loss
@@ -105,6 +105,33 @@ def test_per_example_gradients_with_padding_equal_each_text_alone(tiny_bert, met
         assert float(losses[i]) == pytest.approx(alone.item(), rel=1e-10)
         for name, p in params.items():
             torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("method, pooling", [("taft", "mean"), ("taft", "cls"), ("nlft", "cls")])
+def test_ghost_clipping_with_padding_equals_clipping_each_text_alone(tiny_bert, method, pooling):
+    """DP's clipped sum on a padded batch (ghost clipping) = Σ_i min(1, C/‖g_i‖) g_i with g_i from an ordinary
+    backward on each text cut to its own length; C at the median norm (some clipped, some not)."""
+    ds = dataset(tiny_bert, 5)
+    clf = build_classifier(TrainConfig(method=method, tangent_blocks=2, pooling=pooling), tiny_bert, ds.class_names)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in clf.tail.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    cf = cache_features(ds, tiny_bert, 2, progress=False)
+    x, mask, y = Examples(cf).batch(torch.arange(5), torch.device("cpu"), torch.float64)
+    params = dict(clf.tail.named_parameters())
+    alone = []
+    for i, n in enumerate(cf.lengths):
+        clf.zero_grad(set_to_none=True)
+        classification_loss(clf.train_logits(x[i:i + 1, :n]), y[i:i + 1]).backward()
+        alone.append({name: p.grad.clone() for name, p in params.items()})
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in grads.values())) for grads in alone])
+    clip = float(norms.median())
+    total, _, got_norms = clipped_sum(clf, x, y, clip, mask=mask, chunk_size=2)
+    torch.testing.assert_close(got_norms, norms, rtol=1e-9, atol=0)
+    for name in params:
+        expected = sum(min(1.0, clip / float(nrm)) * grads[name] for nrm, grads in zip(norms, alone))
+        torch.testing.assert_close(total[name], expected, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_text_features_are_cached_per_tokenization(tiny_bert):

@@ -60,12 +60,20 @@ def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return torch.softmax(scores, dim=-1) @ v
 
 
+class FusedLinear(nn.Linear):
+    """`nn.Linear` whose outputs can be cut to rows R of W and b, y = x W[R]ᵀ + b[R] (the query, or the keys and
+    values, of a fused qkv projection), through the module so that module hooks see every use."""
+
+    def forward(self, x: torch.Tensor, *, rows: slice = slice(None)) -> torch.Tensor:
+        return F.linear(x, self.weight[rows], None if self.bias is None else self.bias[rows])
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, impl: str = "sdpa"):
         super().__init__()
         self.heads = heads
         self.impl = impl
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = FusedLinear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cls_only: bool = False) -> torch.Tensor:
@@ -74,9 +82,8 @@ class Attention(nn.Module):
         B, N, D = x.shape
         H = self.heads
         if cls_only:  # split the fused weight: one query row, keys and values of all tokens
-            w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(x[:, :1], w[:D], b[:D]).view(B, 1, H, D // H).transpose(1, 2)
-            k, v = F.linear(x, w[D:], b[D:]).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)
+            q = self.qkv(x[:, :1], rows=slice(0, D)).view(B, 1, H, D // H).transpose(1, 2)
+            k, v = self.qkv(x, rows=slice(D, None)).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)
         else:
             q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
         bias = key_padding_bias(mask, x.dtype)

@@ -8,6 +8,11 @@ to every coordinate; divided by the expected batch size B = q·n; then the gradi
 proximity term λ‖θ − θ0‖² is added and the optimizer steps (the loop applies the configured schedule over the
 planned steps). `PoissonSampler` draws the batches; `taft.privacy.make_private` wraps both for a user's own loop.
 
+The clipped sum Σ_i clip_C(g_i) comes from `taft.privacy.ghost` (`via="ghost"`, the default): per-example norms and
+the weighted sum from each layer's inputs and output gradients, without forming per-example gradients; about the
+cost of one ordinary step. `via="vmap"` forms them (the reference, and the fallback for layers ghost clipping does
+not cover), as `per_example_gradients` does.
+
 Per-example gradients: `torch.func.vmap` over `torch.func.grad` of a `torch.func.functional_call` of the method's
 trainable module, in chunks of `chunk_size` examples (memory ∝ chunk_size × parameters). For taft this works
 through the tangent layers: their tangent path runs under `torch.no_grad()` (respected by torch.func.grad), and
@@ -24,7 +29,7 @@ import math
 import secrets
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +39,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from taft.errors import NonFiniteError, TaftError
 from taft.losses import DEFAULT_KAPPA
 from taft.model import Classifier
+from taft.privacy import ghost
 from taft.privacy.config import DEFAULT_CHUNK
 
 
@@ -57,11 +63,12 @@ def _targets(labels: torch.Tensor, num_classes: int, loss: str, kappa: float, dt
 
 
 def _example_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """`classification_loss` of one example from its target row: mse mean((z − κ e_y)²), ce −log softmax(z)_y."""
+    """`classification_loss` of each example (over the last dimension) from its target row: mse mean((z − κ e_y)²),
+    ce −log softmax(z)_y."""
     if loss == "mse":
-        return (logits - target).pow(2).mean()
+        return (logits - target).pow(2).mean(-1)
     if loss == "ce":
-        return -(logits.log_softmax(-1) * target).sum()
+        return -(logits.log_softmax(-1) * target).sum(-1)
     raise TaftError(f"unknown loss {loss!r}")
 
 
@@ -134,21 +141,36 @@ def clip_factors(grads: dict[str, torch.Tensor], clip: float) -> tuple[torch.Ten
     return (clip / norms).clamp(max=1.0), norms  # ‖g‖ = 0 gives C/0 = inf → 1
 
 
+VIAS = ("ghost", "vmap")
+
+
 def clipped_sum(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, clip: float, *,
                 mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = DEFAULT_KAPPA,
-                chunk_size: int = DEFAULT_CHUNK) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+                chunk_size: int = DEFAULT_CHUNK,
+                via: str = "ghost") -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """(Σ_i clip_C(g_i) per trainable tensor, per-example losses, per-example gradient norms before clipping),
-    computed `chunk_size` examples at a time (the per-example gradients of one chunk live at once)."""
+    computed `chunk_size` examples at a time: by ghost clipping (`taft.privacy.ghost`), or with `via="vmap"` (or
+    for a layer ghost clipping does not cover) from the per-example gradients of each chunk, formed at once."""
+    if via not in VIAS:
+        raise TaftError(f"via must be one of {VIAS}, got {via!r}")
+    module, _ = classifier.trainable_module()
+    layers = ghost.trained_layers(module) if via == "ghost" else None
     fn, params, prefix = _grad_fn(classifier, loss)
     targets = _targets(labels.to(inputs.device), classifier.num_classes, loss, kappa, inputs.dtype)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     losses, norms = [], []
-    with _per_example_context(classifier):
+    with _per_example_context(classifier) if layers is None else nullcontext():
         for x, t, m in _chunks(inputs, targets, _mask_for(classifier, mask), chunk_size):
-            g, value = fn(params, x, t, m)
-            factor, norm = clip_factors(g, clip)
+            if layers is not None:
+                sums, value, norm = ghost.clipped_sum_chunk(
+                    module, layers, (x,) if m is None else (x, m), t,
+                    lambda z, target: _example_loss(z, target, loss), clip, params)
+            else:
+                g, value = fn(params, x, t, m)
+                factor, norm = clip_factors(g, clip)
+                sums = {n: torch.tensordot(factor.to(g[n].dtype), g[n], dims=1) for n in total}
             for n in total:
-                total[n].add_(torch.tensordot(factor.to(g[n].dtype), g[n], dims=1))
+                total[n].add_(sums[n])
             losses.append(value)
             norms.append(norm)
     empty = inputs.new_zeros(0)
@@ -159,11 +181,12 @@ def clipped_sum(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tens
 def noisy_gradient(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tensor, *, clip: float,
                    noise_multiplier: float, expected_batch_size: int, generator: torch.Generator | None,
                    mask: torch.Tensor | None = None, loss: str = "mse", kappa: float = DEFAULT_KAPPA,
-                   chunk_size: int = DEFAULT_CHUNK) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                   chunk_size: int = DEFAULT_CHUNK, via: str = "ghost") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The DP-SGD gradient of one batch, (Σ_i clip_C(g_i) + N(0, σ²C² I)) / B, per trainable tensor (names as in
-    `classifier.tail.named_parameters()`), and the per-example losses. σ = 0 adds no noise."""
+    `classifier.tail.named_parameters()`), and the per-example losses. σ = 0 adds no noise. `via`: see
+    `clipped_sum`."""
     total, losses, _ = clipped_sum(classifier, inputs, labels, clip, mask=mask, loss=loss, kappa=kappa,
-                                   chunk_size=chunk_size)
+                                   chunk_size=chunk_size, via=via)
     for g in total.values():
         if noise_multiplier > 0:
             g.add_(torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype),

@@ -65,7 +65,7 @@ class TangentLinear(TangentModule):
         self.add_weight("weight", linear.weight)
         self.add_weight("bias", linear.bias)
 
-    def forward(self, x: torch.Tensor, x_dot: Tangent,
+    def forward(self, x: torch.Tensor, x_dot: Tangent, *,
                 rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         y = F.linear(x, self.primal_weight("weight", rows), self.primal_weight("bias", rows))
         with torch.no_grad():
