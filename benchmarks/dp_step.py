@@ -60,8 +60,8 @@ def make_steps(k: int, batch: int, tokens: int, classes: int, chunk: int, device
         opt = torch.optim.AdamW(clf.tail.parameters(), lr=1e-4, weight_decay=0.0)
 
         def step() -> None:
-            grads, _ = noisy_gradient(clf, clf.train_inputs(h), y, clip=1.0, noise_multiplier=1.0, expected_batch_size=batch,
-                                      generator=gen, chunk_size=chunk, via=via)
+            grads, _ = noisy_gradient(clf, clf.train_inputs(h), y, clip=1.0, noise_multiplier=1.0,
+                                      expected_batch_size=batch, generator=gen, chunk_size=chunk, via=via)
             for name, p in clf.tail.named_parameters():
                 p.grad = grads[name]
             opt.step()

@@ -23,6 +23,7 @@ from taft.backbones.bert import BertConfig
 from taft.backbones.vit import ViTConfig
 from taft.model import TangentModel
 from taft.tangent import TangentPostNormBlock
+from taft.tangent.layers import NormTangent, TangentLayerNorm, TangentLinear, first_token
 
 TOL = 1e-9
 SMALL = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, in_chans=3, pos_grid=3, layerscale=True,
@@ -276,3 +277,27 @@ def test_minilm_tail_matches_jvp_reference(minilm):
         ours = model.tail(h, batch.mask)
     assert jd.abs().max() > 1e-2
     torch.testing.assert_close(ours, f0 + jd, rtol=0, atol=TOL)
+
+
+def test_an_unexpanded_norm_tangent_through_a_linear_equals_the_expanded_one():
+    """The first block's fold: a linear layer reading a layer norm's output (no input tangent) gives, in one GEMM,
+    the tangent W0 ṅ + ΔW y + Δb of the two-GEMM path, for all rows and for a row slice, and for token 0 alone."""
+    gen = torch.Generator().manual_seed(0)
+    def randomized(module: torch.nn.Module) -> torch.nn.Module:
+        with torch.no_grad():
+            for p in module.parameters():  # the base weights w0, then (for a tangent layer) Δw
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        return module
+
+    tnorm = randomized(TangentLayerNorm(randomized(torch.nn.LayerNorm(8).double())))
+    tlin = randomized(TangentLinear(randomized(torch.nn.Linear(8, 12).double())))
+    x = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64)
+    y, lazy = tnorm(x, None, lazy=True)
+    y_full, expanded = tnorm(x, None)
+    assert isinstance(lazy, NormTangent) and isinstance(expanded, torch.Tensor)
+    torch.testing.assert_close(y, y_full, rtol=0, atol=0)
+    for rows in (slice(None), slice(4, None)):
+        for inputs, tangent in ((y, lazy), (y[:, :1], first_token(lazy))):
+            _, folded = tlin(inputs, tangent, rows=rows)
+            _, reference = tlin(inputs, expanded if inputs is y else expanded[:, :1], rows=rows)
+            torch.testing.assert_close(folded, reference, rtol=1e-12, atol=1e-12)

@@ -12,13 +12,37 @@ forward adds two more (W ẋ and ΔW x). The output of a tail is differentiable 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from taft.tangent.functional import attention_jvp, attention_probs, key_padding_bias, layer_norm_jvp
 
-Tangent = torch.Tensor | None
+@dataclass(frozen=True)
+class NormTangent:
+    """ṅ = Δγ ⊙ n + Δβ, the tangent of a layer norm's output y = γ0 ⊙ n + β0 when its input has none (the first tail
+    block), kept unexpanded: a linear layer W reading y then needs one GEMM for its tangent, not two, since
+    ΔW y + W0 ṅ = (ΔW diag(γ0) + W0 diag(Δγ)) n + ΔW β0 + W0 Δβ."""
+
+    n: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    weight_0: torch.Tensor
+    bias_0: torch.Tensor
+
+    def first_token(self) -> NormTangent:
+        return replace(self, n=self.n[:, :1])
+
+    def through_linear(self, d_weight: torch.Tensor, d_bias: torch.Tensor, weight_0: torch.Tensor) -> torch.Tensor:
+        """ΔW y + W0 ṅ + Δb for a linear layer (W0, ΔW, Δb) applied to y, as one GEMM over the tokens."""
+        weight = torch.addcmul(d_weight * self.weight_0, weight_0, self.weight)
+        bias = d_bias + d_weight @ self.bias_0 + weight_0 @ self.bias
+        return F.linear(self.n, weight, bias)
+
+
+Tangent = torch.Tensor | NormTangent | None
 
 
 def at_base(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -30,6 +54,8 @@ def at_base(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def first_token(t: Tangent) -> Tangent:
     """Token 0 of (B, N, D) tokens or their tangent, kept as (B, 1, D); None stays None."""
+    if isinstance(t, NormTangent):
+        return t.first_token()
     return None if t is None else t[:, :1]
 
 
@@ -57,8 +83,9 @@ class TangentModule(nn.Module):
 
 
 class TangentLinear(TangentModule):
-    """y = W0 x + b0;  ẏ = W0 ẋ + ΔW x + Δb (W0 ẋ skipped when ẋ is zero). `rows` restricts the outputs to
-    those rows of W and b (e.g. the keys and values of a fused qkv layer)."""
+    """y = W0 x + b0;  ẏ = W0 ẋ + ΔW x + Δb (W0 ẋ skipped when ẋ is zero; folded into one GEMM when ẋ is a
+    `NormTangent`). `rows` restricts the outputs to those rows of W and b (e.g. the keys and values of a fused qkv
+    layer)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -69,6 +96,8 @@ class TangentLinear(TangentModule):
                 rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         y = F.linear(x, self.primal_weight("weight", rows), self.primal_weight("bias", rows))
         with torch.no_grad():
+            if isinstance(x_dot, NormTangent):
+                return y, x_dot.through_linear(self.weight[rows], self.bias[rows], self.weight_0[rows])
             y_dot = F.linear(x.detach(), self.weight[rows], self.bias[rows])
             if x_dot is not None:  # accumulate W0 ẋ in place (one GEMM with beta = 1, no extra pass); in-place
                 # ops are not autocast: under it y_dot is in the low precision and the operands follow it
@@ -79,7 +108,8 @@ class TangentLinear(TangentModule):
 
 
 class TangentLayerNorm(TangentModule):
-    """y = γ0 n + β0;  ẏ = γ0 ṅ + Δγ n + Δβ with ṅ from `layer_norm_jvp`."""
+    """y = γ0 n + β0;  ẏ = γ0 ṅ + Δγ n + Δβ with ṅ from `layer_norm_jvp`. With `lazy` and no input tangent, ẏ is
+    returned unexpanded as a `NormTangent` (for a consumer that is a `TangentLinear`, or `first_token` of one)."""
 
     def __init__(self, norm: nn.LayerNorm):
         super().__init__()
@@ -87,12 +117,14 @@ class TangentLayerNorm(TangentModule):
         self.add_weight("weight", norm.weight)
         self.add_weight("bias", norm.bias)
 
-    def forward(self, x: torch.Tensor, x_dot: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, x_dot: Tangent, *, lazy: bool = False) -> tuple[torch.Tensor, Tangent]:
         y, mean, inv_std = torch.native_layer_norm(x, x.shape[-1:], self.primal_weight("weight"),
                                                    self.primal_weight("bias"), self.eps)
         with torch.no_grad():
             inv_std = inv_std.detach()
             n = (x.detach() - mean.detach()).mul_(inv_std)
+            if lazy and x_dot is None:
+                return y, NormTangent(n, self.weight, self.bias, self.weight_0, self.bias_0)
             y_dot = torch.addcmul(self.bias, n, self.weight)
             if x_dot is not None:
                 y_dot.add_(layer_norm_jvp(n, inv_std, x_dot).mul_(self.weight_0))
@@ -195,7 +227,7 @@ class TangentBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, x_dot: Tangent, mask: torch.Tensor | None = None,
                 cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        a, a_dot = self.attn(*self.norm1(x, x_dot), mask, cls_only)
+        a, a_dot = self.attn(*self.norm1(x, x_dot, lazy=True), mask, cls_only)  # attention reads it via qkv
         if self.ls1 is not None:
             a, a_dot = self.ls1(a, a_dot)
         if cls_only:
