@@ -85,20 +85,26 @@ def test_composed_text_store_equals_the_mean_of_its_shards(tiny_bert, tmp_path):
     assert (shards[0] - shards[1]).abs().max() > 1e-3  # the shards differ: the check is not vacuous
 
 
-@pytest.mark.parametrize("method", ["taft", "nlft"])
-def test_per_example_gradients_with_padding_equal_each_text_alone(tiny_bert, method):
-    """vmap per-example gradients on a padded batch = ordinary backward on each text cut to its own length."""
-    ds = dataset(tiny_bert, 5)
-    clf = build_classifier(TrainConfig(method=method, tangent_blocks=2, pooling="mean"), tiny_bert, ds.class_names)
+def moved_and_padded(bb: Backbone, method: str, pooling: str):
+    """A k = 2 classifier with non-zero trained tensors, and a padded batch of 5 texts: (clf, x, mask, y, lengths)."""
+    ds = dataset(bb, 5)
+    clf = build_classifier(TrainConfig(method=method, tangent_blocks=2, pooling=pooling), bb, ds.class_names)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in clf.tail.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    cf = cache_features(ds, tiny_bert, 2, progress=False)
+    cf = cache_features(ds, bb, 2, progress=False)
     x, mask, y = Examples(cf).batch(torch.arange(5), torch.device("cpu"), torch.float64)
+    return clf, x, mask, y, cf.lengths
+
+
+@pytest.mark.parametrize("method", ["taft", "nlft"])
+def test_per_example_gradients_with_padding_equal_each_text_alone(tiny_bert, method):
+    """vmap per-example gradients on a padded batch = ordinary backward on each text cut to its own length."""
+    clf, x, mask, y, lengths = moved_and_padded(tiny_bert, method, "mean")
     grads, losses = per_example_gradients(clf, x, y, mask=mask, chunk_size=2)
     params = dict(clf.tail.named_parameters())
-    for i, n in enumerate(cf.lengths):
+    for i, n in enumerate(lengths):
         clf.zero_grad(set_to_none=True)
         alone = classification_loss(clf.train_logits(x[i:i + 1, :n]), y[i:i + 1])
         alone.backward()
@@ -111,17 +117,10 @@ def test_per_example_gradients_with_padding_equal_each_text_alone(tiny_bert, met
 def test_ghost_clipping_with_padding_equals_clipping_each_text_alone(tiny_bert, method, pooling):
     """DP's clipped sum on a padded batch (ghost clipping) = Σ_i min(1, C/‖g_i‖) g_i with g_i from an ordinary
     backward on each text cut to its own length; C at the median norm (some clipped, some not)."""
-    ds = dataset(tiny_bert, 5)
-    clf = build_classifier(TrainConfig(method=method, tangent_blocks=2, pooling=pooling), tiny_bert, ds.class_names)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in clf.tail.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    cf = cache_features(ds, tiny_bert, 2, progress=False)
-    x, mask, y = Examples(cf).batch(torch.arange(5), torch.device("cpu"), torch.float64)
+    clf, x, mask, y, lengths = moved_and_padded(tiny_bert, method, pooling)
     params = dict(clf.tail.named_parameters())
     alone = []
-    for i, n in enumerate(cf.lengths):
+    for i, n in enumerate(lengths):
         clf.zero_grad(set_to_none=True)
         classification_loss(clf.train_logits(x[i:i + 1, :n]), y[i:i + 1]).backward()
         alone.append({name: p.grad.clone() for name, p in params.items()})
