@@ -267,7 +267,7 @@ def add_dp_args(p: argparse.ArgumentParser) -> None:
                    help=f"expected Poisson batch size, sample rate q = B/n (default: {DP_BATCH_FRACTION:g} n, at "
                         f"most {DP_MAX_DEFAULT_BATCH}, at least --batch-size)")
     g.add_argument("--dp-chunk-size", type=positive_int, default=d["chunk_size"], metavar="N",
-                   help=f"examples per per-example-gradient pass; bounds memory (default {d['chunk_size']})")
+                   help=f"examples per pass of DP-SGD's clipped sum; bounds memory (default {d['chunk_size']})")
     g.add_argument("--dp-seed", type=nonnegative_int, help="seed the sampling and the noise (reproducible runs; anyone "
                                                            "who knows it can undo the noise; default: a fresh secret "
                                                            "seed)")

@@ -16,7 +16,9 @@ from taft.privacy.accounting import (ACCOUNTANTS, MAX_NOISE_MULTIPLIER, MIN_NOIS
 from taft.privacy.ledger import PrivacyLedger
 from taft.version import __version__
 
-DEFAULT_CHUNK = 32
+# Examples per pass of DP-SGD's clipped sum. Ghost clipping holds the tail's activations of a chunk (a batch of 1,024
+# at 56 px, taft k = 1: 3.9 s at 32, 3.2 s at 128, 2.8 s at 512 per batch on one CPU thread).
+DEFAULT_CHUNK = 128
 # The default expected batch size of DP-SGD: a tenth of the data, at most DP_MAX_DEFAULT_BATCH (see `expected_batch_size`).
 DP_BATCH_FRACTION = 0.1
 DP_MAX_DEFAULT_BATCH = 1024
@@ -48,7 +50,8 @@ class DPConfig:
     expected_batch_size: B; every example joins each step's batch with probability q = B/n. Default
         (`expected_batch_size(...)`): ⌊DP_BATCH_FRACTION · n⌋ capped at DP_MAX_DEFAULT_BATCH, at least the training
         config's batch_size, at most n: large batches shrink the noise per step (σC/B). One epoch is ⌈n/B⌉ steps.
-    chunk_size: examples per vectorised per-example-gradient pass (bounds memory; not part of the guarantee).
+    chunk_size: examples per pass of the clipped sum (bounds memory: the tail's activations of that many
+        examples; not part of the guarantee).
     seed: seeds the Poisson sampling and the noise (reproducible runs, tests). None (default): a fresh random
         seed that is not stored anywhere; with a known seed the noise can be undone.
     """
