@@ -9,8 +9,9 @@
 - `accounting`: ε of (σ, q, steps) at δ by Opacus' PRV (default) or RDP accountant; σ calibration for a target ε;
   an independent cross-check with Google's dp_accounting.
 - `config`: `DPConfig`, `plan_dp` (q = B/n, steps = epochs·⌈n/B⌉, σ or ε), the CLI options' translation.
-- `dpsgd`: per-example gradients (vmap over grad), clipping, noise, Poisson sampling, and `DPStep`: the gradient
-  step that `fit`'s training loop plugs in for private runs.
+- `dpsgd`: the clipped sum of per-example gradients, noise, Poisson sampling, and `DPStep`: the gradient step that
+  `fit`'s training loop plugs in for private runs; per-example gradients themselves (vmap over grad).
+- `ghost`: the clipped sum without forming per-example gradients, from each layer's inputs and output gradients.
 - `private`: `make_private(model, optimizer, data, ...)`: the same step and sampling for your own loop.
 - `ledger`: `PrivacyLedger`, `parallel_composition` for disjoint shards, `sequential_composition` for repeated
   releases on the same data (a retrained store shard).
