@@ -3,8 +3,8 @@
 Each `--variant` is a list of TrainConfig overrides (`method=taft,lr=1e-3,warmup=0.1,head_lr=1e-2`), optionally
 with DP-SGD settings prefixed `dp.` (`dp.epsilon=8,dp.expected_batch_size=1000`; δ defaults to 1e-5). Every
 variant is trained for each seed on the training part and scored on the held-out validation part; the table ranks
-variants by mean validation top-1. Results are written after every run, and a rerun with the same --out skips the
-runs already there (so an interrupted study continues).
+variants by mean validation top-1 (a variant whose training diverged is listed as such). Results are written after
+every run, and a rerun with the same --out skips the runs already there (so an interrupted study continues).
 
     python experiments/recipe_study.py --data ../shared/data/cifar10-mini/train --image-size 112 \
         --train-per-class 200 --val-per-class 100 --epochs 10 --out docs/experiments/recipe/cifar-k1 \
@@ -23,6 +23,7 @@ import torch
 
 from common import RunLog, first_per_class
 from taft import load_backbone
+from taft.errors import DivergedError
 from taft.data import fashion_mnist, image_folder, split_dataset
 from taft.privacy import DPConfig
 from taft.train import TrainConfig, cache_features, fit
@@ -104,7 +105,11 @@ def run(args: argparse.Namespace) -> dict:
     for variant in variants:
         for seed in args.seeds:
             if not log.has(variant=variant_name(variant), seed=seed):
-                log.add(run_one(variant, seed, args, backbone, features))
+                try:
+                    row = run_one(variant, seed, args, backbone, features)
+                except DivergedError as e:  # a diverged variant is a result; the study goes on
+                    row = {"variant": variant_name(variant), "seed": seed, "val_top1": None, "diverged": str(e)}
+                log.add(row)
     return log.result()
 
 
@@ -112,8 +117,11 @@ def summarise(result: dict, out: Path) -> str:
     groups: dict[str, list[dict]] = {}
     for r in result["runs"]:
         groups.setdefault(r["variant"], []).append(r)
-    rows = []
+    rows, diverged = [], []
     for name, rs in groups.items():
+        if any(r["val_top1"] is None for r in rs):
+            diverged.append(f"| {name} | diverged | {len(rs)} | | | | |")
+            continue
         accs = [100 * r["val_top1"] for r in rs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         rows.append((statistics.mean(accs), std, len(rs), name, rs[0]["epochs"], rs[0]["steps"],
@@ -123,7 +131,7 @@ def summarise(result: dict, out: Path) -> str:
     for mean, std, n, name, epochs, steps, secs, eps in sorted(rows, reverse=True):
         eps_text = "-" if eps is None else f"{eps:.2f}"
         lines.append(f"| {name} | {mean:.1f} ± {std:.1f} | {n} | {epochs} | {steps} | {secs:.0f} | {eps_text} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines + diverged)
     (out / "table.md").write_text(table + "\n")
     return table
 

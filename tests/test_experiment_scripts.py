@@ -152,19 +152,22 @@ def test_recipe_study_smoke(tiny_images, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     argv = ["--data", str(tiny_images / "train"), "--image-size", "28", "--val-fraction", "0.3", "--epochs", "1",
             "--threads", "1", "--out", str(out), "--variant", "method=taft,lr=1e-3,warmup=0.5,head_lr=1e-2",
-            "--variant", "method=probe,dp.noise_multiplier=1.0,dp.expected_batch_size=4,dp.delta=1e-3"]
+            "--variant", "method=probe,dp.noise_multiplier=1.0,dp.expected_batch_size=4,dp.delta=1e-3",
+            "--variant", "method=probe,optimizer=sgd,lr=1e30,epochs=3"]
     run_script(EXPERIMENTS / "recipe_study.py", argv, monkeypatch)
     saved, table = results(out)
     assert [r["variant"] for r in saved["runs"]] == ["method=taft,lr=0.001,warmup=0.5,head_lr=0.01",
                                                     "method=probe,dp.noise_multiplier=1,dp.expected_batch_size=4,"
-                                                    "dp.delta=0.001"]
-    taft, dp = saved["runs"]
+                                                    "dp.delta=0.001", "method=probe,optimizer=sgd,lr=1e+30,epochs=3"]
+    taft, dp, blown = saved["runs"]
     assert is_accuracy(taft["val_top1"]) and taft["optimizer"] == "adamw" and "epsilon" not in taft
     assert dp["optimizer"] == "sgd" and dp["expected_batch_size"] == 4 and 0 < dp["epsilon"] < math.inf
-    assert len(table.splitlines()) == 4 and "| method=taft,lr=0.001" in table
+    assert blown["val_top1"] is None and blown["diverged"].startswith("training diverged")  # the study went on
+    assert len(table.splitlines()) == 5 and "| method=taft,lr=0.001" in table
+    assert table.splitlines()[-1].startswith("| method=probe,optimizer=sgd,lr=1e+30,epochs=3 | diverged |")
     capsys.readouterr()
     run_script(EXPERIMENTS / "recipe_study.py", argv, monkeypatch)
-    assert len(results(out)[0]["runs"]) == 2 and "{" not in capsys.readouterr().out  # nothing retrained
+    assert len(results(out)[0]["runs"]) == 3 and "{" not in capsys.readouterr().out  # nothing retrained
 
 
 def test_solver_study_smoke(tiny_images, tmp_path, monkeypatch, capsys):

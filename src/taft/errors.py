@@ -15,8 +15,12 @@ class FingerprintMismatchError(TaftError):
 
 class NonFiniteError(TaftError):
     """A training quantity (a batch loss, a noisy gradient, a trained weight) is NaN or infinite; `what` names it
-    and `value` is its value (NaN for a tensor). The training loop turns it into a "training diverged" error."""
+    and `value` is its value (NaN for a tensor). The training loop turns it into a `DivergedError`."""
 
     def __init__(self, what: str, value: float = float("nan")):
         super().__init__(f"{what} is {value}")
         self.what, self.value = what, value
+
+
+class DivergedError(TaftError):
+    """Training diverged (a non-finite loss, gradient or weight); the message suggests a lower learning rate."""

@@ -11,7 +11,7 @@ epoch.
 A step is any callable `(inputs, mask, labels) → (sum of the batch's example losses, examples)` that updates the
 trainable tensors, with an attribute `private` (a private step's losses stay out of the progress bar);
 a sampler has `steps_per_epoch` and `epoch() → [index batch, ...]`. A loss, gradient or weight that is not finite
-stops training with a one-line "training diverged" `TaftError`.
+stops training with a one-line "training diverged" `DivergedError` (a `TaftError`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from taft.errors import NonFiniteError, TaftError
+from taft.errors import DivergedError, NonFiniteError, TaftError
 from taft.losses import classification_loss, proximity
 from taft.model import Classifier
 from taft.precision import autocast as autocast_context
@@ -98,10 +98,10 @@ def make_optimizer(config: TrainConfig, params: dict[str, nn.Parameter]) -> torc
     return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0)
 
 
-def diverged(config: TrainConfig, value: float, where: str) -> TaftError:
+def diverged(config: TrainConfig, value: float, where: str) -> DivergedError:
     """The one-line error for a non-finite loss, gradient or weight at `where`, suggesting a lower rate."""
     lr = config.learning_rate
-    return TaftError(f"training diverged: {where} is {value} (method {config.method}, lr {lr:g}); "
+    return DivergedError(f"training diverged: {where} is {value} (method {config.method}, lr {lr:g}); "
                      f"use a lower learning rate, e.g. lr={lr / 10:g}")
 
 
