@@ -210,7 +210,7 @@ def test_few_steps_and_chance_accuracy_are_warned_about(private):
 
 
 def test_the_dp_defaults_few_large_steps_are_not_warned_about():
-    """DP-SGD's defaults take few large steps (10 epochs of n/10: 100): no "too few steps" warning; 3 epochs (30)
+    """DP-SGD's defaults take few large steps (5 epochs of n/10: 50): no "too few steps" warning; 3 epochs (30)
     neither; 2 epochs (20 < 25) is warned about."""
     from taft.privacy import DPConfig
 
@@ -221,7 +221,7 @@ def test_the_dp_defaults_few_large_steps_are_not_warned_about():
             warnings.simplefilter("always")
             result = fit(TrainConfig(epochs=epochs, method="probe"), backbone, train, class_names=["a", "b", "c"],
                          progress=False, dp=DPConfig(noise_multiplier=1.0, delta=1e-3, seed=0))
-        assert result.privacy["steps"] == 10 * (epochs or 10)
+        assert result.privacy["steps"] == 10 * (epochs or 5)
         assert any("optimizer steps" in str(w.message) for w in caught) == warned, [str(w.message) for w in caught]
 
 
