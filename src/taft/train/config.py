@@ -33,7 +33,8 @@ OPTIMIZERS = ("adamw", "sgd")
 #   with a large expected batch (`taft.privacy.config.expected_batch_size`), 5 epochs; on a Fashion-MNIST
 #   validation split (experiments/recipe_study.py, docs/experiments/recipe/fashion-dp-*): at ε = 3 5 epochs 76.5,
 #   10 epochs 77.8, lr 0.3: 72.7, lr 3: 48.4, AdamW 1e-3 (head 1e-2): 66.6, expected batch n/4: 71.5, C 0.3 / 3 as
-#   lr; at ε = 1 3 epochs 73.0, 5: 73.0, 10: 67.1. Five epochs never lose much; ten lose 5.9 points at ε = 1.
+#   lr; at ε = 1 3 epochs 73.0, 5: 73.0, 10: 67.1; at ε = 8 5: 76.9, 10: 79.3. Ten epochs win at ε ≥ 3 and lose 5.9
+#   points at ε = 1, so one value for every ε is 5 (`--epochs 10` at ε ≥ 3).
 DEFAULT_EPOCHS, DP_EPOCHS = 10, 5
 DP_RECIPE: dict[str, dict[str, Any]] = {m: {"lr": 1.0, "optimizer": "sgd", "epochs": DP_EPOCHS} for m in METHODS}
 RECIPES: dict[tuple[str, bool], dict[str, dict[str, Any]]] = {
