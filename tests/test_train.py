@@ -16,7 +16,7 @@ from taft import Classifier, TaftError
 from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
 from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
-from taft.train.config import DP_EPOCHS, DP_RECIPE, recipe
+from taft.train.config import DP_RECIPE, recipe
 from taft.losses import classification_loss
 from taft.train.examples import Examples
 from taft.train.loop import lr_factor
@@ -232,7 +232,7 @@ def test_defaults_come_from_the_recipe_of_the_kind_and_privacy():
     assert (image.optimizer, image.lr, image.head_lr, image.warmup) == ("adamw", 1e-3, 1e-2, 0.1)
     assert (text.optimizer, text.lr, text.head_lr, text.warmup) == ("adamw", 1e-3, None, 0.0)
     assert (private.optimizer, private.lr) == (DP_RECIPE["taft"]["optimizer"], DP_RECIPE["taft"]["lr"])
-    assert (image.epochs, text.epochs, private.epochs) == (10, 10, DP_EPOCHS)
+    assert (image.epochs, text.epochs, private.epochs) == (10, 10, 5)  # DP-SGD: fewer epochs by default
     assert TrainConfig(epochs=3).resolved(private=True).epochs == 3
     assert TrainConfig(min_steps=100).resolved(private=True, n=1000, batch_size=100).epochs == 10  # 10 steps/epoch
     assert recipe("probe")["head_lr"] is None and TrainConfig(method="probe").resolved().head_lr is None

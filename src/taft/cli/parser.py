@@ -154,8 +154,9 @@ def compute_device(args: argparse.Namespace):
 TRAIN_HELP = {  # the command-specific wording of a few training options: (taft train, taft shards train)
     "method": ("taft: linearized tail; nlft: same tail trained non-linearly; probe: head only (default taft)",
                "taft (default) or probe: composition is exact only for models linear in their weights"),
-    "epochs": ("passes over the training data (default {epochs}; with --resume: the total to reach, default the "
-               "run's)", "passes over each shard's data (default {epochs})"),
+    "epochs": ("passes over the training data (default {epochs}, with --dp {dp_epochs}; with --resume: the total "
+               "to reach, default the run's)", "passes over each shard's data (default {epochs}, with --dp "
+                                                "{dp_epochs})"),
     "seed": ("seed of the data order and validation split (default {seed})",
              "store seed: shard plan and each shard's data order (default {seed})"),
     "head_seed": ("seed of the random base head w0_head (default {head_seed})",
@@ -183,8 +184,8 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     p.add_argument("--method", choices=methods, default=d["method"], help=TRAIN_HELP["method"][which])
     p.add_argument("-k", "--k", type=positive_int, default=d["tangent_blocks"],
                    help=f"number of last blocks fine-tuned (default {d['tangent_blocks']})")
-    epochs = f"{DEFAULT_EPOCHS}" if DP_EPOCHS == DEFAULT_EPOCHS else f"{DEFAULT_EPOCHS}, with --dp {DP_EPOCHS}"
-    p.add_argument("--epochs", type=positive_int, help=TRAIN_HELP["epochs"][which].format(**{**d, "epochs": epochs}))
+    p.add_argument("--epochs", type=positive_int, help=TRAIN_HELP["epochs"][which].format(
+        **{**d, "epochs": DEFAULT_EPOCHS, "dp_epochs": DP_EPOCHS}))
     p.add_argument("--lr", type=positive_float, help=f"learning rate (default: {lr_help(DEFAULT_LR)}; text: "
                                                      f"{lr_help(TEXT_DEFAULT_LR)})")
     p.add_argument("--batch-size", type=positive_int, default=d["batch_size"],

@@ -57,7 +57,7 @@ from taft.train.loop import dp_train_loop, train_loop
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RESUME_NAME = "resume_state.pt"
 FEW_STEPS = 100
-FEW_DP_STEPS = 25  # half the 50 large steps (n/10 per step, 5 epochs) that DP-SGD trains well with on validation
+FEW_DP_STEPS = 25  # half the 50 large steps of the DP-SGD defaults (n/10 per step, 5 epochs), which train well
 
 def build_classifier(config: TrainConfig, backbone: Backbone, class_names: Sequence[str], *,
                      head_weight: torch.Tensor | None = None,
