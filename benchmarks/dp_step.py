@@ -46,13 +46,14 @@ def make_steps(k: int, batch: int, tokens: int, classes: int, chunk: int, device
     cfg = TrainConfig(method=method, tangent_blocks=k, lr=1e-4)
     models = {m: build_classifier(cfg, backbone, names).to(device) for m in ("plain", "ghost", "vmap")}
     h = torch.randn(batch, tokens, VIT_S.dim, device=device)
+    x = models["plain"].train_inputs(h)  # what fit trains on (a probe's pooled features), computed once like fit
     y = torch.randint(0, classes, (batch,), device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def plain_step(clf=models["plain"], opt=torch.optim.AdamW(models["plain"].tail.parameters(), lr=1e-4,
                                                                 weight_decay=0.0)):
         opt.zero_grad(set_to_none=True)
-        classification_loss(clf.train_logits(clf.train_inputs(h)), y).backward()
+        classification_loss(clf.train_logits(x), y).backward()
         opt.step()
 
     def dp_step(via: str) -> Callable[[], None]:
@@ -60,7 +61,7 @@ def make_steps(k: int, batch: int, tokens: int, classes: int, chunk: int, device
         opt = torch.optim.AdamW(clf.tail.parameters(), lr=1e-4, weight_decay=0.0)
 
         def step() -> None:
-            grads, _ = noisy_gradient(clf, clf.train_inputs(h), y, clip=1.0, noise_multiplier=1.0,
+            grads, _ = noisy_gradient(clf, x, y, clip=1.0, noise_multiplier=1.0,
                                       expected_batch_size=batch, generator=gen, chunk_size=chunk, via=via)
             for name, p in clf.tail.named_parameters():
                 p.grad = grads[name]
