@@ -91,7 +91,7 @@ def _recording(layers: dict[str, nn.Module]) -> Iterator[list[_Use]]:
             h.remove()
 
 
-def _row_sets(uses: Sequence[_Use]) -> None:
+def _check_rows_used_once(uses: Sequence[_Use]) -> None:
     """`TaftError` when a layer is called twice on overlapping rows (its per-example gradient would need the cross
     terms between the calls, which this module does not form)."""
     taken: dict[int, set[int]] = {}
@@ -153,7 +153,7 @@ def clipped_sum_chunk(module: nn.Module, layers: dict[str, nn.Module], args: tup
     `layers` is `trained_layers(module)`, c_i = min(1, C/‖g_i‖)."""
     with torch.enable_grad(), _recording(layers) as uses:
         losses = example_losses(module(*args), targets)
-    _row_sets(uses)
+    _check_rows_used_once(uses)
     grads = torch.autograd.grad(losses.sum(), [u.y for u in uses], allow_unused=True)
     pieces = [(use.prefix + name, rows, form, a.detach(), None if x is None else x.detach())
               for use, g in zip(uses, grads) if g is not None

@@ -20,6 +20,7 @@ from torch import nn
 
 from taft.tangent.functional import attention_jvp, attention_probs, key_padding_bias, layer_norm_jvp
 
+
 @dataclass(frozen=True)
 class NormTangent:
     """ṅ = Δγ ⊙ n + Δβ, the tangent of a layer norm's output y = γ0 ⊙ n + β0 when its input has none (the first tail
