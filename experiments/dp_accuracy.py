@@ -1,7 +1,8 @@
 """Experiment: accuracy vs privacy budget ε for DP-TAFT, DP-NLFT and DP-probe on CIFAR-10 mini or Fashion-MNIST.
 
 Bundled DINOv2 ViT-S/14, k = 1, δ = 1e-5, clip C = 1, Poisson sampling, PRV accountant, the DP-SGD defaults
-(`taft.train.config.DP_RECIPE`: SGD with momentum, 5 epochs, expected batch min(n, max(32, min(1024, n/10))));
+(`taft.train.config.DP_RECIPE`: SGD with momentum, `dp_epochs(ε)` epochs (5 below ε = 3, 10 from it), expected
+batch min(n, max(32, min(1024, n/10))));
 ε = inf is ordinary (non-private) training with the non-private defaults (10 epochs unless --epochs is given). Trunk
 features are cached once (the trunk is public pretrained weights; DP covers the trained tail). Runs are saved as
 they finish and a rerun with the same --out skips them; they run in the order of --epsilons, then seeds, then
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, help="default: the recipe's (5 under DP-SGD, 10 for ε = inf)")
+    parser.add_argument("--epochs", type=int, help="default: the recipe's (under DP-SGD 5 below ε = 3, else 10)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     args = parser.parse_args()

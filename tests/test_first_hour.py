@@ -225,6 +225,20 @@ def test_the_dp_defaults_few_large_steps_are_not_warned_about():
         assert any("optimizer steps" in str(w.message) for w in caught) == warned, [str(w.message) for w in caught]
 
 
+def test_the_dp_epochs_default_follows_the_target_budget():
+    """Without --epochs a DP run trains 5 epochs below ε = 3 and 10 from ε = 3 on, and σ is calibrated for the
+    steps actually taken (the ledger spends the whole target)."""
+    from taft.privacy import DPConfig
+
+    backbone = random_backbone(TINY, 3, seed=0, dtype=torch.float32)
+    train = (torch.randn(400, 5, TINY.dim, generator=torch.Generator().manual_seed(0)), torch.arange(3).repeat(134)[:400])
+    for epsilon, epochs in ((1.0, 5), (3.0, 10)):
+        result = fit(TrainConfig(method="probe"), backbone, train, class_names=["a", "b", "c"], progress=False,
+                     dp=DPConfig(epsilon=epsilon, delta=1e-3, seed=0))
+        assert (result.config.epochs, result.privacy["steps"]) == (epochs, 10 * epochs)
+        assert epsilon * 0.98 < result.privacy["epsilon"] <= epsilon
+
+
 # ------------------------------------------------------------------------- 11. progress bars when redirected
 def test_redirected_progress_is_one_plain_line_per_bar(tmp_path):
     data = make_classes(tmp_path / "data", per_class=4)

@@ -234,6 +234,9 @@ def test_defaults_come_from_the_recipe_of_the_kind_and_privacy():
     assert (private.optimizer, private.lr) == (DP_RECIPE["taft"]["optimizer"], DP_RECIPE["taft"]["lr"])
     assert (image.epochs, text.epochs, private.epochs) == (10, 10, 5)  # DP-SGD: fewer epochs by default
     assert TrainConfig(epochs=3).resolved(private=True).epochs == 3
+    by_budget = {eps: cfg.resolved(private=True, epsilon=eps).epochs for eps in (0.5, 2.99, 3.0, 8.0)}
+    assert by_budget == {0.5: 5, 2.99: 5, 3.0: 10, 8.0: 10}  # more epochs only where the budget pays for them
+    assert TrainConfig(epochs=3).resolved(private=True, epsilon=8.0).epochs == 3  # given: kept
     assert TrainConfig(min_steps=100).resolved(private=True, n=1000, batch_size=100).epochs == 10  # 10 steps/epoch
     assert recipe("probe")["head_lr"] is None and TrainConfig(method="probe").resolved().head_lr is None
     given = TrainConfig(method="taft", lr=0.3, optimizer="adamw", warmup=0.0, head_lr=0.5).resolved(private=True)

@@ -170,8 +170,8 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     --head-init, every shard starts from the shared random head), read back by `train_config`; then the
     optimizer recipe and the DP-SGD options. Defaults: `TrainConfig`'s (`min_steps` overrides its --min-steps)."""
     from taft.data.source import FEATURE_DTYPES, DataSource
-    from taft.train.config import (DEFAULT_EPOCHS, DEFAULT_LR, DP_EPOCHS, LOSSES, OPTIMIZERS, RECIPES, SCHEDULES,
-                                   TEXT_DEFAULT_LR, TrainConfig)
+    from taft.train.config import (DEFAULT_EPOCHS, DEFAULT_LR, DP_EPOCHS, DP_LONG_EPOCHS, DP_LONG_FROM_EPSILON, LOSSES,
+                                   OPTIMIZERS, RECIPES, SCHEDULES, TEXT_DEFAULT_LR, TrainConfig)
 
     d = dataclass_defaults(TrainConfig)
     which = int(shards)
@@ -185,7 +185,8 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     p.add_argument("-k", "--k", type=positive_int, default=d["tangent_blocks"],
                    help=f"number of last blocks fine-tuned (default {d['tangent_blocks']})")
     p.add_argument("--epochs", type=positive_int, help=TRAIN_HELP["epochs"][which].format(
-        **{**d, "epochs": DEFAULT_EPOCHS, "dp_epochs": DP_EPOCHS}))
+        **{**d, "epochs": DEFAULT_EPOCHS,
+           "dp_epochs": f"{DP_EPOCHS}, {DP_LONG_EPOCHS} from --epsilon {DP_LONG_FROM_EPSILON:g}"}))
     p.add_argument("--lr", type=positive_float, help=f"learning rate (default: {lr_help(DEFAULT_LR)}; text: "
                                                      f"{lr_help(TEXT_DEFAULT_LR)})")
     p.add_argument("--batch-size", type=positive_int, default=d["batch_size"],

@@ -50,8 +50,8 @@ from taft.train import TrainConfig, build_classifier
 ExecutorArg = Executor | str | None
 
 
-def check_config(config: TrainConfig, text: bool = False, private: bool = False) -> TrainConfig:
-    """The resolved config (lr and optimizer filled in for ordinary or DP training; the epochs each shard trains
+def check_config(config: TrainConfig, text: bool = False, dp: DPConfig | None = None) -> TrainConfig:
+    """The resolved config (lr and optimizer filled in for ordinary or DP training with `dp`; the epochs each shard trains
     are resolved by `fit` from its size and `min_steps`), if shards trained with it can be composed exactly."""
     if config.method not in LINEAR_METHODS:
         raise TaftError(f"method {config.method!r} cannot be sharded: composition is exact only for models linear "
@@ -59,7 +59,7 @@ def check_config(config: TrainConfig, text: bool = False, private: bool = False)
     if config.head_init != "random":
         raise TaftError("head_init='probe' cannot be sharded: a probe head fitted on all the data would put every "
                         "example into the shared w0 (nothing could be forgotten); use head_init='random'")
-    return config.resolved(text=text, private=private)
+    return config.resolved(text=text, private=dp is not None, epsilon=dp.epsilon if dp else None)
 
 
 def data_identity(train: FeatureData) -> dict[str, Any]:
@@ -227,7 +227,7 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
     "mps"); not part of the store's recipe (a store made on a GPU can be resumed or retrained on the CPU)."""
     _, pinned = shard_placement(device, executor)  # checked before anything is written
     layout = StoreLayout(root)
-    base = check_config(config, text=backbone.is_text, private=dp is not None)
+    base = check_config(config, text=backbone.is_text, dp=dp)
     if weighting not in WEIGHTINGS:
         raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     check_dp(dp, weighting)

@@ -34,9 +34,10 @@ OPTIMIZERS = ("adamw", "sgd")
 #   validation split (experiments/recipe_study.py, docs/experiments/recipe/fashion-dp-*): at ε = 3 5 epochs 76.5,
 #   10 epochs 77.8, lr 0.3: 72.7, lr 3: 48.4, AdamW 1e-3 (head 1e-2): 66.6, expected batch n/4: 71.5, C 0.3 / 3 as
 #   lr; at ε = 1 3 epochs 73.0, 5: 73.0, 10: 67.1; at ε = 8 5: 76.9, 10: 79.3. Ten epochs win at ε ≥ 3 and lose 5.9
-#   points at ε = 1, so one value for every ε is 5 (`--epochs 10` at ε ≥ 3).
-DEFAULT_EPOCHS, DP_EPOCHS = 10, 5
-DP_RECIPE: dict[str, dict[str, Any]] = {m: {"lr": 1.0, "optimizer": "sgd", "epochs": DP_EPOCHS} for m in METHODS}
+#   points at ε = 1, so the DP epochs depend on the target ε (`dp_epochs`): 10 from ε = 3 on, 5 below it and when σ
+#   is given instead of ε.
+DEFAULT_EPOCHS, DP_EPOCHS, DP_LONG_EPOCHS, DP_LONG_FROM_EPSILON = 10, 5, 10, 3.0
+DP_RECIPE: dict[str, dict[str, Any]] = {m: {"lr": 1.0, "optimizer": "sgd"} for m in METHODS}
 RECIPES: dict[tuple[str, bool], dict[str, dict[str, Any]]] = {
     ("image", False): {"taft": {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.1},
                        "nlft": {"lr": 1e-4, "head_lr": 1e-2, "warmup": 0.1},
@@ -49,11 +50,18 @@ DEFAULT_LR = {m: r["lr"] for m, r in RECIPES[("image", False)].items()}
 TEXT_DEFAULT_LR = {m: r["lr"] for m, r in RECIPES[("text", False)].items()}
 
 
-def recipe(method: str, text: bool = False, private: bool = False) -> dict[str, Any]:
-    """The default settings of `method` for an image (ViT) or text (BERT) backbone, ordinary or DP-SGD training:
-    lr, optimizer, warmup, head_lr (None: the same as lr), epochs."""
+def dp_epochs(epsilon: float | None) -> int:
+    """The default epochs of a DP-SGD run with target budget `epsilon` (None: σ is given instead):
+    DP_LONG_EPOCHS from ε = DP_LONG_FROM_EPSILON on, else DP_EPOCHS (more steps add noise a small ε cannot pay for)."""
+    return DP_LONG_EPOCHS if epsilon is not None and epsilon >= DP_LONG_FROM_EPSILON else DP_EPOCHS
+
+
+def recipe(method: str, text: bool = False, private: bool = False, epsilon: float | None = None) -> dict[str, Any]:
+    """The default settings of `method` for an image (ViT) or text (BERT) backbone, ordinary or DP-SGD training
+    (`private`, with target budget `epsilon` or None): lr, optimizer, warmup, head_lr (None: the same as lr), epochs."""
     row = RECIPES[("text" if text else "image", private)][method]
-    return {"optimizer": "adamw", "warmup": 0.0, "head_lr": None, "epochs": DEFAULT_EPOCHS, **row}
+    epochs = dp_epochs(epsilon) if private else DEFAULT_EPOCHS
+    return {"optimizer": "adamw", "warmup": 0.0, "head_lr": None, "epochs": epochs, **row}
 
 
 def default_lr(method: str, text: bool = False, private: bool = False) -> float:
@@ -159,11 +167,12 @@ class TrainConfig:
         return max(self.epochs or DEFAULT_EPOCHS, math.ceil(self.min_steps / per_epoch))
 
     def resolved(self, text: bool = False, private: bool = False, n: int | None = None,
-                 batch_size: int | None = None) -> TrainConfig:
+                 batch_size: int | None = None, epsilon: float | None = None) -> TrainConfig:
         """A copy with the defaults filled in (what a run records): `lr`, `head_lr`, `optimizer`, `warmup` and
-        `epochs` from the `recipe` for an image or a text backbone, ordinary or DP-SGD (`private`) training; with `n`
-        (the number of training examples), `epochs` raised to `epochs_for(n, batch_size)`."""
-        defaults = recipe(self.method, text, private)
+        `epochs` from the `recipe` for an image or a text backbone, ordinary or DP-SGD (`private`, target budget
+        `epsilon`) training; with `n` (the number of training examples), `epochs` raised to `epochs_for(n,
+        batch_size)`."""
+        defaults = recipe(self.method, text, private, epsilon)
         lr = defaults["lr"] if self.lr is None else float(self.lr)
         head_lr = defaults["head_lr"] if self.head_lr is None and self.method != "probe" else self.head_lr
         filled = replace(self, lr=lr, head_lr=head_lr, optimizer=self.optimizer or defaults["optimizer"],

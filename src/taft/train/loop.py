@@ -275,7 +275,7 @@ def dp_train_loop(classifier: Classifier, config: TrainConfig, plan: DPPlan, tra
     replaces Poisson sampling by a fixed schedule of index batches (one per planned step) for checks; the
     guarantee (and the ledger) assume Poisson sampling."""
     dp = plan.config
-    config = config.resolved(text=classifier.is_text, private=True)
+    config = config.resolved(text=classifier.is_text, private=True, epsilon=dp.epsilon)
     if len(train) != plan.n:
         raise TaftError(f"the DP plan is for {plan.n} training examples, the data has {len(train)}")
     if batches is not None and len(batches) != plan.steps:

@@ -57,7 +57,7 @@ from taft.train.loop import dp_train_loop, train_loop
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RESUME_NAME = "resume_state.pt"
 FEW_STEPS = 100
-FEW_DP_STEPS = 25  # half the 50 large steps of the DP-SGD defaults (n/10 per step, 5 epochs), which train well
+FEW_DP_STEPS = 25  # half the 50 large steps of the DP-SGD defaults at ε < 3 (n/10 per step, 5 epochs), which train well
 
 def build_classifier(config: TrainConfig, backbone: Backbone, class_names: Sequence[str], *,
                      head_weight: torch.Tensor | None = None,
@@ -115,7 +115,7 @@ def resolve_run(config: TrainConfig, backbone: Backbone, n: int,
     (or ε computed) here, before anything is written."""
     if dp is None:
         return config.resolved(text=backbone.is_text, n=n), None
-    config = config.resolved(text=backbone.is_text, private=True, n=n,
+    config = config.resolved(text=backbone.is_text, private=True, n=n, epsilon=dp.epsilon,
                              batch_size=expected_batch_size(dp, n, config.batch_size))
     if config.head_init == "probe":
         raise TaftError("head_init='probe' fits a linear probe on the training data without noise, which "
