@@ -2,10 +2,13 @@
 cost of inference (composed model vs K-model ensemble) and the cost of forgetting one example.
 
 CIFAR-10 mini, bundled DINOv2 ViT-S/14 at 112 px, k = 1, trunk features cached once and shared by every run.
-For each K, the same seeded class-balanced shard plan is used by both methods (taft.store.make_plan).
+For each seed and K, the same seeded class-balanced shard plan is used by both methods (taft.store.make_plan); the
+seed also draws the base head and the data order. Runs are saved as they finish and a rerun with the same --out
+skips them; the forgetting costs are measured once, on the first seed's store.
 
     python experiments/shards_composition.py --data ../shared/data/cifar10-mini --train-per-class 100 \
-        --test-per-class 50 --shards 1 2 5 10 20 --epochs 5 --min-steps full --out docs/experiments/shards
+        --test-per-class 50 --shards 1 2 5 10 20 --seeds 0 1 2 --epochs 10 --min-steps 100 \
+        --out docs/experiments/shards
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import image_parser, load_images, median_time, pyplot, run_and_save, soup, top1
+from common import RunLog, image_parser, load_images, median_time, pyplot, run_and_save, soup, top1
 from taft.store import ModelStore, create_store, forget, make_plan
 from taft.train import TrainConfig, cache_features, evaluate, fit
 
@@ -44,37 +48,48 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)  # the NLFT runs here; TAFT shards run with --threads in their worker
     backbone, train_ds, test_ds = load_images(args)
     train_f, test_f = cache_features(train_ds, backbone, 1), cache_features(test_ds, backbone, 1)
-    x_test, y_test = test_f.as_tensors()
     work = Path(tempfile.mkdtemp(prefix="taft-shards-"))
     min_steps = shard_min_steps(args.min_steps, args.epochs, len(train_f))
-    taft_cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=args.epochs, min_steps=min_steps)
-    nlft_cfg = TrainConfig(method="nlft", tangent_blocks=1, epochs=args.epochs, min_steps=min_steps)
-    rows = []
-    for k in args.shards:
-        t0 = time.perf_counter()
-        store_dir = work / f"taft-K{k}"
-        create_store(store_dir, train_f, backbone, taft_cfg, shards=k, executor="inline", threads=args.threads,
-                     progress=False)
-        taft_train_s = time.perf_counter() - t0
-        store = ModelStore(store_dir)
-        composed = store.load_composed().classifier
-        plan = make_plan(list(train_f.ids), list(train_f.labels), k, seed=taft_cfg.seed)
-        t0 = time.perf_counter()
-        models = nlft_shards(train_f, plan, nlft_cfg, backbone)
-        nlft_train_s = time.perf_counter() - t0
-        ens_logits = torch.stack([tail_logits(m, x_test) for m in models]).mean(0)
-        taft_shard_models = [store.load_shard(s["index"]).classifier for s in store.manifest["shards"]
-                             if s["status"] == "trained"]
-        timing = inference_times(composed, taft_shard_models, x_test, args.repeats)
-        row = {"K": k, "taft_composed": evaluate(composed, test_f).top1, "nlft_ensemble": top1(ens_logits, y_test),
-               "nlft_soup": evaluate(soup(models), test_f).top1, "taft_train_s": taft_train_s,
-               "nlft_train_s": nlft_train_s, **timing}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    forgetting = forget_costs(work / f"taft-K{args.forget_k}", train_f, test_f, backbone, taft_cfg)
-    print(json.dumps(forgetting), flush=True)
+    log = RunLog(Path(args.out), args)
+    forgetting = None
+    for seed in args.seeds:
+        taft_cfg, nlft_cfg = (TrainConfig(method=m, tangent_blocks=1, epochs=args.epochs, min_steps=min_steps,
+                                          seed=seed, head_seed=seed) for m in ("taft", "nlft"))
+        for k in args.shards:
+            for_forgetting = forgetting is None and k == args.forget_k  # measured once, on the first seed's store
+            if log.has(K=k, seed=seed) and not for_forgetting:
+                continue
+            store_dir = work / f"taft-K{k}-seed{seed}"
+            t0 = time.perf_counter()
+            create_store(store_dir, train_f, backbone, taft_cfg, shards=k, executor="inline", threads=args.threads,
+                         progress=False)
+            taft_train_s = time.perf_counter() - t0
+            if not log.has(K=k, seed=seed):
+                log.add({"K": k, "seed": seed, "taft_train_s": taft_train_s,
+                         **compare(ModelStore(store_dir), k, train_f, test_f, backbone, nlft_cfg, args.repeats)})
+            if for_forgetting:
+                forgetting = forget_costs(store_dir, train_f, test_f, backbone, taft_cfg)
+                print(json.dumps(forgetting), flush=True)
+            shutil.rmtree(store_dir)
     shutil.rmtree(work, ignore_errors=True)
-    return {"rows": rows, "forgetting": forgetting, "args": vars(args)}
+    return {**log.result(), "forgetting": forgetting}
+
+
+def compare(store: ModelStore, k: int, train_f, test_f, backbone, nlft_cfg: TrainConfig, repeats: int) -> dict:
+    """Test top-1 of the store's composed TAFT model, and of the NLFT ensemble and soup trained on its k shards
+    (with the NLFT training time), and the inference times of the composed model vs the TAFT shards' ensemble."""
+    x_test, y_test = test_f.as_tensors()
+    composed = store.load_composed().classifier
+    plan = make_plan(list(train_f.ids), list(train_f.labels), k, seed=nlft_cfg.seed)
+    t0 = time.perf_counter()
+    models = nlft_shards(train_f, plan, nlft_cfg, backbone)
+    nlft_train_s = time.perf_counter() - t0
+    ens_logits = torch.stack([tail_logits(m, x_test) for m in models]).mean(0)
+    shard_models = [store.load_shard(s["index"]).classifier for s in store.manifest["shards"]
+                    if s["status"] == "trained"]
+    return {"taft_composed": evaluate(composed, test_f).top1, "nlft_ensemble": top1(ens_logits, y_test),
+            "nlft_soup": evaluate(soup(models), test_f).top1, "nlft_train_s": nlft_train_s,
+            **inference_times(composed, shard_models, x_test, repeats)}
 
 
 def inference_times(composed, shard_models, x_test, repeats: int) -> dict:
@@ -103,35 +118,54 @@ def forget_costs(store_dir: Path, train_f, test_f, backbone, cfg: TrainConfig) -
     return out
 
 
+ACCURACIES = (("taft_composed", "TAFT composed (1 model)"), ("nlft_ensemble", "NLFT ensemble (K models)"),
+              ("nlft_soup", "NLFT soup (weight average)"))
+
+
+def by_shards(runs: list[dict]) -> dict[int, list[dict]]:
+    groups: dict[int, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(r["K"], []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def mean_std(rows: list[dict], key: str, scale: float = 1.0) -> tuple[float, float]:
+    values = [scale * r[key] for r in rows]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(result: dict, out: Path) -> str:
     split = "validation" if result["args"].get("validation") else "test"
-    lines = [f"{split} top-1 %:", "",
-             "| K | TAFT composed | NLFT ensemble | NLFT soup | TAFT train s | NLFT train s | "
-             "inference: ensemble / composed |", "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['K']} | {100 * r['taft_composed']:.1f} | {100 * r['nlft_ensemble']:.1f} | "
-                     f"{100 * r['nlft_soup']:.1f} | {r['taft_train_s']:.0f} | {r['nlft_train_s']:.0f} | "
-                     f"{r['ensemble_over_composed']:.1f}× ({r['infer_ensemble_s']:.2f} s vs "
-                     f"{r['infer_composed_s']:.2f} s) |")
+    lines = [f"{split} top-1 % (mean ± std over seeds):", "",
+             "| K | seeds | TAFT composed | NLFT ensemble | NLFT soup | TAFT train s | NLFT train s | "
+             "inference: ensemble / composed |", "|---|---|---|---|---|---|---|---|"]
+    for k, rows in by_shards(result["runs"]).items():
+        accs = " | ".join("{:.1f} ± {:.1f}".format(*mean_std(rows, key, 100)) for key, _ in ACCURACIES)
+        times = {key: statistics.mean(r[key] for r in rows) for key in
+                 ("taft_train_s", "nlft_train_s", "infer_ensemble_s", "infer_composed_s", "ensemble_over_composed")}
+        lines.append(f"| {k} | {len(rows)} | {accs} | {times['taft_train_s']:.0f} | {times['nlft_train_s']:.0f} | "
+                     f"{times['ensemble_over_composed']:.1f}× ({times['infer_ensemble_s']:.2f} s vs "
+                     f"{times['infer_composed_s']:.2f} s) |")
     f = result["forgetting"]
-    lines += ["", f"Forgetting one example (`{f['id']}`) from the {f['store']} store:", "",
-              f"| how | seconds | {split} top-1 after |", "|---|---|---|",
-              f"| drop its shard | {f['drop_s']:.1f} | {100 * f['drop_top1']:.1f} |",
-              f"| retrain its shard | {f['retrain_s']:.1f} | {100 * f['retrain_top1']:.1f} |",
-              f"| full retrain (one model) | {f['full_retrain_s']:.1f} | {100 * f['full_retrain_top1']:.1f} |"]
+    if f:
+        lines += ["", f"Forgetting one example (`{f['id']}`) from the {f['store']} store:", "",
+                  f"| how | seconds | {split} top-1 after |", "|---|---|---|",
+                  f"| drop its shard | {f['drop_s']:.1f} | {100 * f['drop_top1']:.1f} |",
+                  f"| retrain its shard | {f['retrain_s']:.1f} | {100 * f['retrain_top1']:.1f} |",
+                  f"| full retrain (one model) | {f['full_retrain_s']:.1f} | {100 * f['full_retrain_top1']:.1f} |"]
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
-    plot(result["rows"], split, out / "accuracy_vs_shards.png")
+    plot(by_shards(result["runs"]), split, out / "accuracy_vs_shards.png")
     return table
 
 
-def plot(rows: list[dict], split: str, path: Path) -> None:
+def plot(groups: dict[int, list[dict]], split: str, path: Path) -> None:
     plt = pyplot()
-    ks = [r["K"] for r in rows]
+    ks = list(groups)
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for key, label in (("taft_composed", "TAFT composed (1 model)"), ("nlft_ensemble", "NLFT ensemble (K models)"),
-                       ("nlft_soup", "NLFT soup (weight average)")):
-        ax.plot(ks, [100 * r[key] for r in rows], marker="o", label=label)
+    for key, label in ACCURACIES:
+        stats = [mean_std(rows, key, 100) for rows in groups.values()]
+        ax.errorbar(ks, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("shards K (K = 1: paragon, one model on all data)")
@@ -144,6 +178,8 @@ def plot(rows: list[dict], split: str, path: Path) -> None:
 def main() -> None:
     parser = image_parser(__doc__, "docs/experiments/shards")
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 5, 10, 20])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="store seeds (shard plan, base head, "
+                                                                           "data order)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--min-steps", default="0", help="each shard trains at least this many steps (more epochs on "
                                                        "small shards); 'full': the steps of one model on all the data")

@@ -130,19 +130,20 @@ def test_dp_accuracy_smoke(tiny_images, tmp_path, monkeypatch):
 def test_shards_composition_smoke(tiny_images, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_script(EXPERIMENTS / "shards_composition.py", cifar_args(tiny_images, out) + [
-        "--shards", "1", "2", "--epochs", "1", "--threads", "1", "--repeats", "1", "--forget-k", "2",
-        "--min-steps", "full"], monkeypatch)
+        "--shards", "1", "2", "--seeds", "0", "1", "--epochs", "1", "--threads", "1", "--repeats", "1",
+        "--forget-k", "2", "--min-steps", "full"], monkeypatch)
     saved, table = results(out)
-    assert [r["K"] for r in saved["rows"]] == [1, 2]
-    for r in saved["rows"]:
+    assert [(r["K"], r["seed"]) for r in saved["runs"]] == [(1, 0), (2, 0), (1, 1), (2, 1)]
+    assert table.count("| 2 | 2 |") == 1 and "| 1 | 2 |" in table  # K, seeds
+    for r in saved["runs"]:
         assert all(is_accuracy(r[key]) for key in ("taft_composed", "nlft_ensemble", "nlft_soup"))
         assert all(is_seconds(r[key]) for key in ("taft_train_s", "nlft_train_s", "infer_composed_s",
                                                    "infer_ensemble_s"))
     forgetting = saved["forgetting"]
-    assert forgetting["store"] == "taft-K2"
+    assert forgetting["store"] == "taft-K2-seed0"
     for how in ("drop", "retrain", "full_retrain"):
         assert is_seconds(forgetting[f"{how}_s"]) and is_accuracy(forgetting[f"{how}_top1"])
-    assert table.startswith("test top-1 %:") and table.count("\n| 1 |") + table.count("\n| 2 |") == 2
+    assert table.startswith("test top-1 % (mean ± std over seeds):") and table.count("\n| 1 |") + table.count("\n| 2 |") == 2
     assert "| retrain its shard |" in table
     assert (out / "accuracy_vs_shards.png").stat().st_size > 0
 
