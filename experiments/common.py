@@ -76,13 +76,16 @@ def load_features(args: argparse.Namespace, k: int = 1) -> tuple[Backbone, Cache
 
 
 class RunLog:
-    """Finished runs (dicts), saved to `out/results.json` with the arguments after each one, so that a rerun with
-    the same --out skips them and an interrupted experiment continues where it stopped."""
+    """Finished runs (dicts) and other named results (`extra`), saved to `out/results.json` with the arguments after
+    each one, so that a rerun with the same --out skips them and an interrupted experiment continues where it
+    stopped."""
 
     def __init__(self, out: Path, args: argparse.Namespace) -> None:
         self.path = out / "results.json"
         self.args = vars(args)
-        self.runs: list[dict] = json.loads(self.path.read_text())["runs"] if self.path.is_file() else []
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.runs: list[dict] = saved.get("runs", [])
+        self.extra: dict = {k: v for k, v in saved.items() if k not in ("runs", "args")}
 
     def has(self, **key: object) -> bool:
         return any(all(r.get(k) == v for k, v in key.items()) for r in self.runs)
@@ -90,12 +93,21 @@ class RunLog:
     def add(self, row: dict) -> None:
         self.runs.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+        self.save()
+
+    def put(self, key: str, value: object) -> None:
+        """Record a named result beside the runs (e.g. a one-off measurement)."""
+        self.extra[key] = value
+        print(json.dumps({key: value}), flush=True)
+        self.save()
+
+    def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.result(), indent=1))
         tmp.replace(self.path)
 
     def result(self) -> dict:
-        return {"runs": self.runs, "args": self.args}
+        return {**self.extra, "runs": self.runs, "args": self.args}
 
 
 def run_and_save(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict],

@@ -2,9 +2,9 @@
 cost of inference (composed model vs K-model ensemble) and the cost of forgetting one example.
 
 CIFAR-10 mini, bundled DINOv2 ViT-S/14 at 112 px, k = 1, trunk features cached once and shared by every run.
-For each seed and K, the same seeded class-balanced shard plan is used by both methods (taft.store.make_plan); the
-seed also draws the base head and the data order. Runs are saved as they finish and a rerun with the same --out
-skips them; the forgetting costs are measured once, on the first seed's store.
+For each K (in the order given) and seed, the same seeded class-balanced shard plan is used by both methods
+(taft.store.make_plan); the seed also draws the base head and the data order. Runs are saved as they finish and a
+rerun with the same --out skips them; the forgetting costs are measured once, on the first seed's --forget-k store.
 
     python experiments/shards_composition.py --data ../shared/data/cifar10-mini --train-per-class 100 \
         --test-per-class 50 --shards 1 2 5 10 20 --seeds 0 1 2 --epochs 10 --min-steps 100 \
@@ -51,14 +51,13 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="taft-shards-"))
     min_steps = shard_min_steps(args.min_steps, args.epochs, len(train_f))
     log = RunLog(Path(args.out), args)
-    forgetting = None
-    for seed in args.seeds:
-        taft_cfg, nlft_cfg = (TrainConfig(method=m, tangent_blocks=1, epochs=args.epochs, min_steps=min_steps,
-                                          seed=seed, head_seed=seed) for m in ("taft", "nlft"))
-        for k in args.shards:
-            for_forgetting = forgetting is None and k == args.forget_k  # measured once, on the first seed's store
+    for k in args.shards:
+        for seed in args.seeds:
+            for_forgetting = "forgetting" not in log.extra and k == args.forget_k  # measured once, on the first seed
             if log.has(K=k, seed=seed) and not for_forgetting:
                 continue
+            taft_cfg, nlft_cfg = (TrainConfig(method=m, tangent_blocks=1, epochs=args.epochs, min_steps=min_steps,
+                                              seed=seed, head_seed=seed) for m in ("taft", "nlft"))
             store_dir = work / f"taft-K{k}-seed{seed}"
             t0 = time.perf_counter()
             create_store(store_dir, train_f, backbone, taft_cfg, shards=k, executor="inline", threads=args.threads,
@@ -68,11 +67,10 @@ def run(args: argparse.Namespace) -> dict:
                 log.add({"K": k, "seed": seed, "taft_train_s": taft_train_s,
                          **compare(ModelStore(store_dir), k, train_f, test_f, backbone, nlft_cfg, args.repeats)})
             if for_forgetting:
-                forgetting = forget_costs(store_dir, train_f, test_f, backbone, taft_cfg)
-                print(json.dumps(forgetting), flush=True)
+                log.put("forgetting", forget_costs(store_dir, train_f, test_f, backbone, taft_cfg))
             shutil.rmtree(store_dir)
     shutil.rmtree(work, ignore_errors=True)
-    return {**log.result(), "forgetting": forgetting}
+    return log.result()
 
 
 def compare(store: ModelStore, k: int, train_f, test_f, backbone, nlft_cfg: TrainConfig, repeats: int) -> dict:
@@ -146,7 +144,7 @@ def summarise(result: dict, out: Path) -> str:
         lines.append(f"| {k} | {len(rows)} | {accs} | {times['taft_train_s']:.0f} | {times['nlft_train_s']:.0f} | "
                      f"{times['ensemble_over_composed']:.1f}× ({times['infer_ensemble_s']:.2f} s vs "
                      f"{times['infer_composed_s']:.2f} s) |")
-    f = result["forgetting"]
+    f = result.get("forgetting")
     if f:
         lines += ["", f"Forgetting one example (`{f['id']}`) from the {f['store']} store:", "",
                   f"| how | seconds | {split} top-1 after |", "|---|---|---|",

@@ -133,7 +133,7 @@ def test_shards_composition_smoke(tiny_images, tmp_path, monkeypatch):
         "--shards", "1", "2", "--seeds", "0", "1", "--epochs", "1", "--threads", "1", "--repeats", "1",
         "--forget-k", "2", "--min-steps", "full"], monkeypatch)
     saved, table = results(out)
-    assert [(r["K"], r["seed"]) for r in saved["runs"]] == [(1, 0), (2, 0), (1, 1), (2, 1)]
+    assert [(r["K"], r["seed"]) for r in saved["runs"]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert table.count("| 2 | 2 |") == 1 and "| 1 | 2 |" in table  # K, seeds
     for r in saved["runs"]:
         assert all(is_accuracy(r[key]) for key in ("taft_composed", "nlft_ensemble", "nlft_soup"))
@@ -146,6 +146,13 @@ def test_shards_composition_smoke(tiny_images, tmp_path, monkeypatch):
     assert table.startswith("test top-1 % (mean ± std over seeds):") and table.count("\n| 1 |") + table.count("\n| 2 |") == 2
     assert "| retrain its shard |" in table
     assert (out / "accuracy_vs_shards.png").stat().st_size > 0
+    # a rerun with one more seed trains only the new run; the finished runs and the forgetting costs are read back
+    run_script(EXPERIMENTS / "shards_composition.py", cifar_args(tiny_images, out) + [
+        "--shards", "1", "--seeds", "0", "1", "2", "--epochs", "1", "--threads", "1", "--repeats", "1",
+        "--forget-k", "2", "--min-steps", "full"], monkeypatch)
+    again, table = results(out)
+    assert again["runs"][:4] == saved["runs"] and [(r["K"], r["seed"]) for r in again["runs"][4:]] == [(1, 2)]
+    assert again["forgetting"] == forgetting and "| 1 | 3 |" in table
 
 
 def test_recipe_study_smoke(tiny_images, tmp_path, monkeypatch, capsys):
