@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> dict:
                          "epsilon_spent": ledger["epsilon"] if ledger else math.inf,
                          "noise_multiplier": ledger["noise_multiplier"] if ledger else 0.0,
                          "expected_batch_size": ledger["expected_batch_size"] if ledger else cfg.batch_size,
-                         "steps": result.metrics["steps"], "train_s": result.metrics["train_time_s"]})
+                         "epochs": result.config.epochs, "steps": result.metrics["steps"],
+                         "train_s": result.metrics["train_time_s"]})
     return log.result()
 
 

@@ -110,7 +110,7 @@ def test_dp_accuracy_smoke(tiny_images, tmp_path, monkeypatch):
     assert {(r["method"], r["epsilon_target"]) for r in saved["runs"]} == {(m, e) for m in METHODS
                                                                           for e in (8.0, math.inf)}
     for r in saved["runs"]:
-        assert is_accuracy(r["top1"]) and is_seconds(r["train_s"])
+        assert is_accuracy(r["top1"]) and is_seconds(r["train_s"]) and r["epochs"] == 1
         if math.isinf(r["epsilon_target"]):
             assert math.isinf(r["epsilon_spent"]) and r["noise_multiplier"] == 0.0
         else:
