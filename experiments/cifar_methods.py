@@ -82,11 +82,14 @@ def summarise(result: dict, out: Path) -> str:
                      f"({c['speedup']:.1f}× speedup).")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
-    plot(groups, out / "accuracy.png")
+    plot(groups, DATASET_TITLES[result["args"].get("dataset", "cifar10-mini")], out / "accuracy.png")
     return table
 
 
-def plot(groups: dict, path: Path) -> None:
+DATASET_TITLES = {"cifar10-mini": "CIFAR-10 mini", "fashion-mnist": "Fashion-MNIST"}
+
+
+def plot(groups: dict, dataset: str, path: Path) -> None:
     plt = pyplot()
     labels, means, stds = [], [], []
     for (method, k), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -98,7 +101,7 @@ def plot(groups: dict, path: Path) -> None:
     ax.bar(labels, means, yerr=stds, capsize=4, color=["#888" if l == "probe" else "#4a7" if "taft" in l else "#47a"
                                                        for l in labels])
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("CIFAR-10 mini, DINOv2 ViT-S/14")
+    ax.set_title(f"{dataset}, DINOv2 ViT-S/14")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
