@@ -143,7 +143,8 @@ def test_shards_composition_smoke(tiny_images, tmp_path, monkeypatch):
     assert forgetting["store"] == "taft-K2-seed0"
     for how in ("drop", "retrain", "full_retrain"):
         assert is_seconds(forgetting[f"{how}_s"]) and is_accuracy(forgetting[f"{how}_top1"])
-    assert table.startswith("test top-1 % (mean ± std over seeds):") and table.count("\n| 1 |") + table.count("\n| 2 |") == 2
+    assert table.startswith("test top-1 % (mean ± std over seeds):")
+    assert table.count("\n| 1 |") + table.count("\n| 2 |") == 2
     assert "| retrain its shard |" in table
     assert (out / "accuracy_vs_shards.png").stat().st_size > 0
     # a rerun with one more seed trains only the new run; the finished runs and the forgetting costs are read back

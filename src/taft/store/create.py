@@ -51,8 +51,8 @@ ExecutorArg = Executor | str | None
 
 
 def check_config(config: TrainConfig, text: bool = False, dp: DPConfig | None = None) -> TrainConfig:
-    """The resolved config (lr and optimizer filled in for ordinary or DP training with `dp`; the epochs each shard trains
-    are resolved by `fit` from its size and `min_steps`), if shards trained with it can be composed exactly."""
+    """The resolved config (lr and optimizer filled in for ordinary or DP training with `dp`; the epochs each shard
+    trains are resolved by `fit` from its size and `min_steps`), if shards trained with it can be composed exactly."""
     if config.method not in LINEAR_METHODS:
         raise TaftError(f"method {config.method!r} cannot be sharded: composition is exact only for models linear "
                         f"in their trained weights ({', '.join(LINEAR_METHODS)})")

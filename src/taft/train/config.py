@@ -51,8 +51,8 @@ TEXT_DEFAULT_LR = {m: r["lr"] for m, r in RECIPES[("text", False)].items()}
 
 
 def dp_epochs(epsilon: float | None) -> int:
-    """The default epochs of a DP-SGD run with target budget `epsilon` (None: σ is given instead):
-    DP_LONG_EPOCHS from ε = DP_LONG_FROM_EPSILON on, else DP_EPOCHS (more steps add noise a small ε cannot pay for)."""
+    """The default epochs of a DP-SGD run with target budget `epsilon` (None: σ is given instead): DP_LONG_EPOCHS
+    from ε = DP_LONG_FROM_EPSILON on, else DP_EPOCHS (more steps add noise a small ε cannot pay for)."""
     return DP_LONG_EPOCHS if epsilon is not None and epsilon >= DP_LONG_FROM_EPSILON else DP_EPOCHS
 
 
