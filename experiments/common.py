@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -118,6 +119,11 @@ def run_and_save(args: argparse.Namespace, run: Callable[[argparse.Namespace], d
     result = run(args)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print(summarise(result, out))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) of `values`; the deviation of a single value is 0."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import RunLog, image_parser, load_images, median_time, pyplot, run_and_save, soup, top1
+from common import RunLog, image_parser, load_images, mean_std, median_time, pyplot, run_and_save, soup, top1
 from taft.store import ModelStore, create_store, forget, make_plan
 from taft.train import TrainConfig, cache_features, evaluate, fit
 
@@ -127,18 +127,14 @@ def by_shards(runs: list[dict]) -> dict[int, list[dict]]:
     return dict(sorted(groups.items()))
 
 
-def mean_std(rows: list[dict], key: str, scale: float = 1.0) -> tuple[float, float]:
-    values = [scale * r[key] for r in rows]
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarise(result: dict, out: Path) -> str:
     split = "validation" if result["args"].get("validation") else "test"
     lines = [f"{split} top-1 % (mean ± std over seeds):", "",
              "| K | seeds | TAFT composed | NLFT ensemble | NLFT soup | TAFT train s | NLFT train s | "
              "inference: ensemble / composed |", "|---|---|---|---|---|---|---|---|"]
     for k, rows in by_shards(result["runs"]).items():
-        accs = " | ".join("{:.1f} ± {:.1f}".format(*mean_std(rows, key, 100)) for key, _ in ACCURACIES)
+        accs = " | ".join("{:.1f} ± {:.1f}".format(*mean_std([100 * r[key] for r in rows]))
+                          for key, _ in ACCURACIES)
         times = {key: statistics.mean(r[key] for r in rows) for key in
                  ("taft_train_s", "nlft_train_s", "infer_ensemble_s", "infer_composed_s", "ensemble_over_composed")}
         lines.append(f"| {k} | {len(rows)} | {accs} | {times['taft_train_s']:.0f} | {times['nlft_train_s']:.0f} | "
@@ -162,7 +158,7 @@ def plot(groups: dict[int, list[dict]], split: str, path: Path) -> None:
     ks = list(groups)
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for key, label in ACCURACIES:
-        stats = [mean_std(rows, key, 100) for rows in groups.values()]
+        stats = [mean_std([100 * r[key] for r in rows]) for rows in groups.values()]
         ax.errorbar(ks, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])

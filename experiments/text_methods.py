@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import pyplot, run_and_save
+from common import mean_std, pyplot, run_and_save
 from taft import load_backbone
 from taft.data import rotten_tomatoes
 from taft.train import TrainConfig, cache_features, evaluate, fit
@@ -74,10 +74,6 @@ def _groups(result: dict) -> list[tuple[tuple[str, int], list[dict]]]:
     return sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0]))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarise(result: dict, out: Path) -> str:
     groups = _groups(result)
     args = result["args"]
@@ -87,7 +83,7 @@ def summarise(result: dict, out: Path) -> str:
              "| method | k | test top-1 (mean ± std) | seeds | train top-1 | train s/epoch | lr |",
              "|---|---|---|---|---|---|---|"]
     for (method, k), rows in groups:
-        mean, std = _mean_std([100 * r["top1"] for r in rows])
+        mean, std = mean_std([100 * r["top1"] for r in rows])
         train_acc = statistics.mean(100 * r["train_top1"] for r in rows)
         epoch = statistics.mean(r["epoch_s"] for r in rows)
         lines.append(f"| {method} | {k or '-'} | {mean:.1f} ± {std:.1f} | {len(rows)} | {train_acc:.1f} | "
@@ -107,7 +103,7 @@ def plot(groups: list, path: Path, result: dict) -> None:
     plt = pyplot()
     labels, means, stds = [], [], []
     for (method, k), rows in groups:
-        mean, std = _mean_std([100 * r["top1"] for r in rows])
+        mean, std = mean_std([100 * r["top1"] for r in rows])
         labels.append(method if method == "probe" else f"{method}-{k}")
         means.append(mean)
         stds.append(std)
