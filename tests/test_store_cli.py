@@ -14,7 +14,8 @@ import pytest
 
 from helpers import bad
 from taft.cli import main
-from taft.store.layout import StoreLayout, write_json
+from taft.fileio import write_json
+from taft.store.layout import StoreLayout
 from taft.store.manifest import load_manifest
 from helpers import make_classes
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from taft.errors import TaftError
-from taft.fileio import atomic_write
+from taft.fileio import atomic_write, now
 from taft.tensors import device_free
 from taft.version import __version__
 
@@ -120,11 +119,6 @@ def data_record(ids: Sequence[str] | None, count: int | None = None) -> dict[str
     ids = [str(i) for i in ids]
     too_large = len(json.dumps(ids, ensure_ascii=False).encode()) > MAX_IDS_JSON
     return {"count": len(ids), "ids_sha256": ids_digest(ids), "ids": None if too_large else ids}
-
-
-def now() -> str:
-    """The local time as checkpoints record it (`created`)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def write_checkpoint(path: str | Path, info: ModelInfo, tensors: Mapping[str, torch.Tensor],

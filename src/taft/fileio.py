@@ -1,14 +1,25 @@
-"""Atomic file writes: a reader sees either the old file or the complete new one, never a partial file.
+"""Atomic file writes (a reader sees either the old file or the complete new one, never a partial file), the JSON
+files every module writes and reads, and the local time they record.
 
 Files are created with the mode an ordinary `open()` would give (0o666 minus the umask: 0644 by default), not the
 0600 of `tempfile.mkstemp`."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from taft.errors import TaftError
+
+
+def now() -> str:
+    """The local time as files record it (checkpoints' `created`, the store's journal and audit log)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def current_umask() -> int:
@@ -51,3 +62,40 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames and unlinks in directory `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def canonical_json(obj: Any) -> str:
+    """`obj` as JSON with sorted keys (equal objects give equal text); NaN and infinities are refused."""
+    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically replace `path` with `obj` as canonical JSON (temp file + fsync + rename + directory fsync)."""
+    path = Path(path)
+    atomic_write(path, lambda p: p.write_text(canonical_json(obj) + "\n", encoding="utf-8"))
+    fsync_dir(path.parent)
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parsed JSON of `path`; `TaftError` naming `what` if it is missing, unreadable or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise TaftError(f"{what} {path} does not exist") from e
+    except (OSError, ValueError) as e:
+        raise TaftError(f"{what} {path} is unreadable or corrupt ({e})") from e

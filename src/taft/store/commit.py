@@ -30,7 +30,8 @@ from taft.fileio import finish_file, temp_file
 from taft.checkpoint import CheckpointFile, ModelInfo, checkpoint_content_sha256, read_checkpoint, write_checkpoint
 from taft.store.delta_sum import write_composed
 from taft.store.journal import Pending, append_audit, clear_pending, describe, read_pending, write_pending
-from taft.store.layout import StoreLayout, crashpoint, fsync_dir, sha256_file, shard_file_name, write_json
+from taft.fileio import fsync_dir, write_json
+from taft.store.layout import StoreLayout, crashpoint, sha256_file, shard_file_name
 from taft.store.manifest import Manifest, alphas_of, members, privacy_of, save_manifest
 
 

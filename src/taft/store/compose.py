@@ -19,7 +19,8 @@ from taft.store.commit import begin, commit, shard_files
 from taft.checkpoint import read_checkpoint
 from taft.store.create import check_dp
 from taft.store.delta_sum import WEIGHTINGS, check_same_base, composition_weights, write_composed
-from taft.store.journal import append_audit, new_pending, now, write_pending
+from taft.fileio import now
+from taft.store.journal import append_audit, new_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint, sha256_file
 from taft.store.manifest import Manifest, load_manifest, members, privacy_of
 

@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 from typing import Any
 
 from taft.errors import TaftError
-from taft.store.layout import StoreLayout, fsync_dir, read_json, write_json
+from taft.fileio import fsync_dir, now, read_json, write_json
+from taft.store.layout import StoreLayout
 
 Pending = dict[str, Any]
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def new_pending(op: str, request: dict[str, Any], base_generation: int, audit: dict[str, Any]) -> Pending:

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from taft.errors import TaftError
-from taft.fileio import atomic_write
 
 try:  # POSIX only; elsewhere operations are not locked.
     import fcntl
@@ -53,40 +50,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make renames and unlinks in directory `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically replace `path` with `obj` as JSON (temp file + fsync + rename + directory fsync)."""
-    atomic_write(path, lambda p: p.write_text(canonical_json(obj) + "\n", encoding="utf-8"))
-    fsync_dir(path.parent)
-
-
-def read_json(path: Path, what: str) -> Any:
-    """Parsed JSON of `path`; `TaftError` naming `what` if it is unreadable or not JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise TaftError(f"{what} {path} does not exist") from e
-    except (OSError, ValueError) as e:
-        raise TaftError(f"{what} {path} is unreadable or corrupt ({e})") from e
 
 
 class StoreLayout:

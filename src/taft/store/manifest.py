@@ -30,7 +30,8 @@ from taft.errors import TaftError
 from taft.privacy import parallel_composition
 from taft.checkpoint import ModelInfo
 from taft.store.delta_sum import composition_weights
-from taft.store.layout import StoreLayout, read_json, write_json
+from taft.fileio import read_json, write_json
+from taft.store.layout import StoreLayout
 from taft.store.plan import ShardPlan
 from taft.train import TrainConfig
 

@@ -25,7 +25,8 @@ from taft.store.compose import compose_store
 from taft.store.create import ExecutorArg, create_store
 from taft.store.forget import ForgetResult, forget, training_features
 from taft.store.journal import describe, read_audit, read_pending
-from taft.store.layout import StoreLayout, read_json
+from taft.fileio import read_json
+from taft.store.layout import StoreLayout
 from taft.store.manifest import Manifest, load_manifest, members
 from taft.store.plan import ShardPlan
 from taft.train import TrainConfig, cache_features

@@ -41,7 +41,7 @@ import torch
 from taft.backbones.base import Backbone
 from taft.devices import resolve_device
 from taft.errors import FingerprintMismatchError, TaftError
-from taft.fileio import atomic_write
+from taft.fileio import atomic_write, write_json
 from taft.model import Classifier
 from taft.precision import check_autocast
 from taft.privacy import DPConfig, DPPlan, plan_dp
@@ -84,10 +84,6 @@ class FitResult:
     run_dir: Path | None = None
     checkpoint: Path | None = None
     privacy: dict[str, Any] | None = None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, allow_nan=False)))
 
 
 def ids_key(examples: Examples) -> str | None:
