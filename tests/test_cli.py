@@ -107,18 +107,20 @@ def test_console_script_prints_no_traceback(tmp_path, module):
                                              (["shards", "train", "--data", "x", "--store", "s"], SHARD_MIN_STEPS)])
 def test_training_option_defaults_are_the_dataclass_defaults(argv, min_steps):
     """`train` and `shards train` share one definition of the training options; left out, each gives the
-    TrainConfig / DPConfig default, except that a shard trains at least SHARD_MIN_STEPS steps."""
+    ModelSpec / TrainConfig / DPConfig default, except that a shard trains at least SHARD_MIN_STEPS steps."""
     from dataclasses import fields
 
     from taft.cli import build_parser
-    from taft.cli.parser import train_config
+    from taft.cli.parser import model_spec, train_config
     from taft.privacy import DPConfig
+    from taft.spec import ModelSpec
     from taft.train import TrainConfig
 
     class ImageBackbone:
         is_text = False
 
     args = build_parser().parse_args(argv)
-    assert train_config(args, ImageBackbone()) == TrainConfig(min_steps=min_steps)
+    assert model_spec(args, ImageBackbone()) == ModelSpec()
+    assert train_config(args) == TrainConfig(min_steps=min_steps)
     dp = {f.name: f.default for f in fields(DPConfig)}
     assert (args.clip, args.accountant, args.dp_chunk_size) == (dp["clip"], dp["accountant"], dp["chunk_size"])

@@ -16,12 +16,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # __init__, which re-exports the public API) and the entry points sit on top.
 LAYERS = [
     ("base", ["taft.errors", "taft.version", "taft.paths", "taft.tensors", "taft.fingerprint", "taft.fileio",
-              "taft.progress", "taft.devices", "taft.precision", "taft.losses"]),
+              "taft.progress", "taft.devices", "taft.precision", "taft.losses", "taft.validate", "taft.spec"]),
     ("tangent", ["taft.tangent"]),  # pure math; backbones share its masking and pooling
     ("backbones", ["taft.backbones"]),
+    ("data", ["taft.data", "taft.cache_entries"]),  # datasets and the feature cache; no model needed
     ("checkpoint", ["taft.checkpoint"]),
-    ("model", ["taft.model"]),
-    ("data", ["taft.data", "taft.cache_entries"]),
+    ("model", ["taft.model", "taft.tails"]),
     ("privacy", ["taft.privacy"]),
     ("train", ["taft.train"]),
     ("parallel", ["taft.parallel"]),

@@ -16,8 +16,10 @@ import torch
 
 from taft.backbones import load_backbone
 from taft.data import fashion_mnist, rotten_tomatoes
+from taft.devices import resolve_device
 from taft.fileio import atomic_write
-from taft.train import TrainConfig, cache_features, evaluate, fit
+from taft.model import Classifier
+from taft.train import TrainConfig, evaluate, fit
 
 DEMO_METHODS = ("probe", "nlft", "taft")
 
@@ -37,18 +39,18 @@ def run_demo(train_per_class: int = 500, test_per_class: int = 200, epochs: int 
               f"k={tangent_blocks}")
     else:
         backbone = load_backbone("dinov2-vits14", image_size=image_size)
-        train = fashion_mnist(data_dir, "train", transform=backbone.preprocess, subset=train_per_class)
-        test = fashion_mnist(data_dir, "test", transform=backbone.preprocess, subset=test_per_class)
+        train = fashion_mnist(data_dir, "train", subset=train_per_class)
+        test = fashion_mnist(data_dir, "test", subset=test_per_class)
         print(f"Fashion-MNIST: {len(train)} training and {len(test)} test images at {image_size} px; "
               f"backbone dinov2-vits14, k={tangent_blocks}")
-    train_f = cache_features(train, backbone, tangent_blocks, device=device)
-    test_f = cache_features(test, backbone, tangent_blocks, device=device)
-    pooling = "mean" if text else "cls"
+    where = resolve_device(device) if device is not None else backbone.device
+    models = {m: Classifier(backbone, train.class_names, tangent_blocks, method=m).to(where) for m in DEMO_METHODS}
+    train_f = models["taft"].cache_features(train)  # one trunk, one cache entry: every method reads it
+    test_f = models["taft"].cache_features(test)
     rows = []
-    for method in DEMO_METHODS:
-        cfg = TrainConfig(method=method, tangent_blocks=tangent_blocks, epochs=epochs, pooling=pooling)
-        result = fit(cfg, backbone, train_f, run_dir=Path(out) / method, device=device)
-        test_eval = evaluate(result.classifier, test_f)
+    for method, model in models.items():
+        result = fit(model, train_f, TrainConfig(epochs=epochs), run_dir=Path(out) / method)
+        test_eval = evaluate(model, test_f)
         rows.append({"method": method, "test_top1": test_eval.top1, "train_time_s": result.metrics["train_time_s"],
                      "trained_parameters": sum(p.numel() for p in result.classifier.parameters()),
                      "checkpoint": str(result.checkpoint)})

@@ -1,21 +1,17 @@
 """The model of all three methods: inputs (images or a TokenBatch) → frozen trunk → the method's tail → logits.
 
-- taft:  the tangent tail, f_lin(h; Δw) = f(h; w0) + J(h; w0) Δw (trainable: Δw, zero at the start).
-- nlft:  the same last k blocks, final norm and head as an ordinary module (trainable: all tail weights w,
-         starting at w0 with the same seeded head as taft, so the two are comparable).
-- probe: the frozen tail at w0 (blocks and norm as buffers) and a trainable head on its pooled features.
-
-Every method consumes the same trunk features (the trunk is the first depth − k blocks), so one feature cache
-entry serves all three for a given backbone and k. `Classifier` (alias `TangentModel`, whose default method is
-taft) saves to and loads from checkpoint files (`taft.checkpoint`) with its fingerprint in the header.
+The model is the single source of its structure: `Classifier(backbone, classes, k, method=..., pooling=...)` fixes
+the method, k, pooling and base head w0_head (`taft.spec.ModelSpec`), builds the method's tail (`taft.tails`),
+caches trunk features with its own trunk and preprocessing (`cache_features`), and saves to and loads from
+checkpoint files (`taft.checkpoint`) with its fingerprint in the header. Every method consumes the same trunk
+features (the first depth − k blocks), so one feature-cache entry serves all three for a given backbone and k.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,259 +20,132 @@ import torch
 from torch import nn
 
 from taft.backbones import load_backbone_like
-from taft.backbones.base import Backbone, Preprocess, TextPreprocess, TokenBatch, preprocess_from_dict
+from taft.backbones.base import Backbone, Preprocess, TextPreprocess, preprocess_from_dict
 from taft.backbones.tokenizer import TextTokenizer
+from taft.backbones.trunk import Inputs, PlainClassifier, Trunk, check_tangent_blocks, input_mask
 from taft.checkpoint import ModelInfo, first_line, read_checkpoint, write_checkpoint
+from taft.data.feature_cache import CachedFeatures, FeatureCache, LabelledDataset
+from taft.data.trunk_features import trunk_key
 from taft.errors import FingerprintMismatchError, TaftError
-from taft.fingerprint import hash_tensors
-from taft.tangent import TangentTail, pool
+from taft.fingerprint import legacy_fingerprint, model_fingerprint
+from taft.precision import under_autocast
+from taft.spec import SPEC_KEYS, ModelSpec, default_pooling
+from taft.tails import base_head, make_tail
 from taft.tensors import load_checked
 
-METHODS = ("taft", "nlft", "probe")
-POOLINGS = ("cls", "mean")
 
-
-def params_to_buffers(module: nn.Module) -> nn.Module:
-    """Turn every parameter of `module` into a buffer of the same name (frozen, still moved by .to())."""
-    for sub in module.modules():
-        for name, param in list(sub.named_parameters(recurse=False)):
-            delattr(sub, name)
-            sub.register_buffer(name, param.detach())
-    return module
-
-
-Inputs = torch.Tensor | TokenBatch  # preprocessed images (B, C, H, W), or padded token ids with their mask
-
-
-def input_mask(inputs: Inputs) -> torch.Tensor | None:
-    """The key-padding mask (B, N) of text inputs (True = real token); None for images (no padding)."""
-    return inputs.mask if isinstance(inputs, TokenBatch) else None
-
-
-def encode(encoder: nn.Module, inputs: Inputs) -> torch.Tensor:
-    """Run a ViT on images or a BertEncoder on a TokenBatch: its final tokens (B, N, D)."""
-    if isinstance(inputs, TokenBatch):
-        return encoder(inputs.ids, inputs.mask)
-    return encoder(inputs)
-
-
-class Trunk(nn.Module):
-    """Embedding and blocks 0..L-k-1 of an encoder (ViT or BERT), run without gradients. Output: tokens (B, N, D);
-    padded positions of text hold values that nothing downstream reads (the mask removes them)."""
-
-    def __init__(self, encoder: nn.Module, n_blocks: int):
-        super().__init__()
-        trunk = copy.deepcopy(encoder)
-        trunk.blocks = trunk.blocks[:n_blocks]
-        if isinstance(getattr(trunk, "norm", None), nn.Module):
-            del trunk.norm
-        self.encoder = params_to_buffers(trunk)
-
-    @torch.no_grad()
-    def forward(self, inputs: Inputs) -> torch.Tensor:
-        mask = input_mask(inputs)
-        tokens = self.encoder.embed(inputs.ids, mask) if isinstance(inputs, TokenBatch) else self.encoder.embed(inputs)
-        for block in self.encoder.blocks:
-            tokens = block(tokens, mask)
-        return tokens
-
-
-class PlainClassifier(nn.Module):
-    """A plain (non-linear) encoder with a pooled linear head: what `Classifier.materialize()` returns."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Linear, pooling: str):
-        super().__init__()
-        self.encoder, self.head, self.pooling = encoder, head, pooling
-
-    def forward(self, inputs: Inputs) -> torch.Tensor:
-        return self.head(pool(encode(self.encoder, inputs), self.pooling, input_mask(inputs)))
-
-
-def random_head(dim: int, num_classes: int, seed: int) -> nn.Linear:
-    """Seeded head: W ~ U(-1/sqrt(dim), 1/sqrt(dim)) (PyTorch's Linear default scale), b = 0."""
-    head = nn.Linear(dim, num_classes)
-    gen = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(dim)
-    with torch.no_grad():
-        head.weight.copy_(torch.rand(num_classes, dim, generator=gen) * 2 * bound - bound)
-        head.bias.zero_()
-    return head
-
-
-class PlainTail(nn.Module):
-    """The last k blocks of an encoder (copies, keyed by their backbone index), the final norm (ViT; BERT has
-    none), pooling and a head.
-
-    With `train_body=False` the blocks and norm become frozen buffers (the probe's frozen network); only the
-    head is a parameter. Parameter names match the plain model's (`blocks.11.attn.qkv.weight`, `head.bias`).
-    With CLS pooling the last block computes token 0's output only (exact, as in `TangentTail`);
-    `prune_last_block=False` runs it in full.
-    """
-
-    def __init__(self, encoder: nn.Module, tangent_blocks: int, head: nn.Linear, pooling: str = "cls",
-                 train_body: bool = True, prune_last_block: bool = True):
-        super().__init__()
-        depth = encoder.cfg.depth
-        self.blocks = nn.ModuleDict({str(i): copy.deepcopy(encoder.blocks[i])
-                                     for i in range(depth - tangent_blocks, depth)})
-        self.norm = copy.deepcopy(encoder.norm)
-        body = [m for m in (self.blocks, self.norm) if m is not None]
-        for m in body:
-            if train_body:
-                m.requires_grad_(True)
-            else:
-                params_to_buffers(m)
-        self.head = head
-        self.pooling = pooling
-        self.prune_last_block = prune_last_block and pooling == "cls"
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.norm is None else self.norm(x)
-
-    def pooled(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled, final-normed features (B, D) of trunk features (B, N, D)."""
-        x = features
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks.values()):
-            x = block(x, mask, cls_only=self.prune_last_block and i == last)
-        if self.pooling == "cls":  # LayerNorm is per token: norm(x)[:, 0] = norm(x[:, 0])
-            return self._norm(x[:, 0])
-        return pool(self._norm(x), self.pooling, mask)
-
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.pooled(features, mask))
-
-
-def check_tangent_blocks(k: int, depth: int) -> None:
-    """`TaftError` unless k is an integer in 1..depth."""
-    if isinstance(k, bool) or int(k) != k or not 1 <= k <= depth:
-        raise TaftError(f"tangent_blocks (k) must be in 1..{depth} for this backbone, got {k!r}")
-
-
-def base_head(dim: int, num_classes: int, seed: int, weight: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None) -> nn.Linear:
-    """The base head w0_head: `random_head(dim, C, seed)` unless `weight` (and optionally `bias`, default 0) is
-    given. Never zero: with W0_head = 0 every block tangent J·Δw would vanish."""
-    head = random_head(dim, num_classes, seed)
-    if weight is None:
-        if bias is not None:
-            raise TaftError("head_bias given without head_weight")
-        return head
-    if tuple(weight.shape) != (num_classes, dim):
-        raise TaftError(f"head_weight must have shape ({num_classes}, {dim}), got {tuple(weight.shape)}")
-    if not torch.any(weight != 0):
-        raise TaftError("head_weight is all zeros: a zero base head makes every block's tangent vanish")
-    if bias is not None and tuple(bias.shape) != (num_classes,):
-        raise TaftError(f"head_bias must have shape ({num_classes},), got {tuple(bias.shape)}")
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(bias if bias is not None else torch.zeros(num_classes))
-    return head
-
-
-def model_fingerprint(backbone_fingerprint: str, method: str, tangent_blocks: int, pooling: str,
-                      head_weight0: torch.Tensor, head_bias0: torch.Tensor) -> str:
-    """The model's fingerprint: a hash of the backbone's fingerprint, the method, k, the pooling and the base head
-    w0_head, i.e. of everything a trained tensor is relative to."""
-    return hash_tensors({"head.weight": head_weight0, "head.bias": head_bias0},
-                        extra=[f"backbone={backbone_fingerprint}", f"method={method}", f"k={tangent_blocks}",
-                               f"pooling={pooling}"])
-
-
-def class_names_for(num_classes: int | None, class_names: Sequence[str] | None) -> list[str]:
-    """The class names: `class_names`, or "0".."C-1" for `num_classes` C; checked (≥ 2, unique, agreeing)."""
-    if class_names is None:
-        if num_classes is None or int(num_classes) != num_classes or num_classes < 2:
-            raise TaftError(f"num_classes must be an integer ≥ 2, got {num_classes}")
-        return [str(i) for i in range(int(num_classes))]
-    names = [str(c) for c in class_names]
+def class_names_for(classes: int | Sequence[str] | None) -> list[str]:
+    """The class names: the given names, or "0".."C-1" for a count C; checked (≥ 2, unique)."""
+    if classes is None or isinstance(classes, (bool, int, float)):
+        if classes is None or isinstance(classes, bool) or int(classes) != classes or classes < 2:
+            raise TaftError(f"the number of classes must be an integer ≥ 2, got {classes}")
+        return [str(i) for i in range(int(classes))]
+    names = [str(c) for c in classes]
     if len(names) < 2:
         raise TaftError(f"need at least 2 classes, got {len(names)}")
     if len(set(names)) != len(names):
         raise TaftError(f"class names are not unique: {names}")
-    if num_classes is not None and num_classes != len(names):
-        raise TaftError(f"num_classes={num_classes} but {len(names)} class names")
     return names
 
 
+def one_of(name: str, value: Any, alias: str, alias_value: Any, default: Any) -> Any:
+    """`value` or its older keyword `alias` (one of them), else `default`."""
+    if value is not None and alias_value is not None and value != alias_value:
+        raise TaftError(f"give {name} or {alias}, not both")
+    return value if value is not None else alias_value if alias_value is not None else default
+
+
 class Classifier(nn.Module):
-    """A classifier of any method (see the module doc). Its parameters are exactly what the method trains (taft: Δw,
-    zero at construction; nlft: the tail weights; probe: the head).
+    """A classifier of any method. Its parameters are exactly what the method trains (taft: Δw, zero at
+    construction; nlft: the tail weights, from w0; probe: the head).
 
     Args:
         backbone: a loaded backbone (`taft.load_backbone`): a ViT (images) or a BERT encoder (TokenBatch inputs).
-        num_classes: number of classes (≥ 2); or give `class_names`.
-        tangent_blocks: k, how many of the last blocks form the tail (1..depth); the final norm and head always do.
-        seed: seeds the random base head w0_head (used when `head_weight` is not given).
-        head_weight, head_bias: base head weights (num_classes, dim) and (num_classes,), e.g. a linear-probe
-            solution. Never zero: with W0_head = 0 every block tangent J·Δw would vanish.
-        pooling: "cls" (token 0) or "mean".
+        classes: the class names, or their number C (names "0".."C-1"). Also `class_names=` / `num_classes=`.
+        k: how many of the last blocks form the tail (1..depth; also `tangent_blocks=`); the final norm and head
+            always do.
+        method, pooling, head_seed (also `seed=`), head_init: the `ModelSpec` (method "taft", "nlft" or "probe";
+            pooling "cls" or "mean", default mean for text and cls for images; head_seed seeds the random w0_head; head_init "probe": `fit` first fits a
+            linear probe and makes it w0_head).
+        head_weight, head_bias: a given base head (C, dim) and (C,), e.g. a linear-probe solution. Never zero.
         attn_impl: taft's tangent attention: "sdpa" (fused primal attention) or "manual" (written-out softmax).
-        prune_last_block: with CLS pooling, the last block computes token 0's output only (exact; see
-            `TangentTail`). False runs it in full (a reference for tests and benchmarks).
-        method: "taft" (default), "nlft" or "probe".
-        class_names: the classes' names (default "0".."C-1").
-        train_config: the training recipe (`TrainConfig.to_dict()`), kept as metadata (checkpoints store it).
+        prune_last_block: with CLS pooling the last block computes token 0's output only (exact); False runs it
+            in full (a reference for tests and benchmarks).
 
     `forward(inputs)` / `predict(inputs)` run the whole network on preprocessed images or a TokenBatch;
-    `logits(features, mask)` runs only the tail on (cached) trunk features. Same device and dtype as the backbone.
+    `logits(features, mask)` runs the tail on (cached) trunk features. Same device and dtype as the backbone.
+    `train_config` is the recorded recipe of the last `fit` (None before), saved with the model.
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int | None = None, tangent_blocks: int = 1, seed: int = 0,
+    def __init__(self, backbone: Backbone, classes: int | Sequence[str] | None = None, k: int | None = None, *,
+                 method: str = "taft", pooling: str | None = None, head_seed: int | None = None, head_init: str = "random",
                  head_weight: torch.Tensor | None = None, head_bias: torch.Tensor | None = None,
-                 pooling: str = "cls", attn_impl: str = "sdpa", prune_last_block: bool = True, *,
-                 method: str = "taft", class_names: Sequence[str] | None = None,
-                 train_config: Mapping[str, Any] | None = None):
+                 attn_impl: str = "sdpa", prune_last_block: bool = True, class_names: Sequence[str] | None = None,
+                 num_classes: int | None = None, tangent_blocks: int | None = None, seed: int | None = None):
         super().__init__()
-        encoder = backbone.model
-        cfg = encoder.cfg
-        if method not in METHODS:
-            raise TaftError(f"method must be one of {METHODS}, got {method!r}")
-        names = class_names_for(num_classes, class_names)
-        check_tangent_blocks(tangent_blocks, cfg.depth)
-        if pooling not in POOLINGS:
-            raise TaftError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.method = method
-        self.backbone_name = backbone.name
-        self.backbone_fingerprint = backbone.fingerprint
-        self.preprocess: Preprocess = backbone.preprocess
-        self.tokenizer = backbone.tokenizer
+        classes = one_of("classes", classes, "class_names", class_names, num_classes)
+        self.spec = ModelSpec(method, one_of("k", k, "tangent_blocks", tangent_blocks, 1),
+                              pooling or default_pooling(backbone.is_text),
+                              one_of("head_seed", head_seed, "seed", seed, 0), head_init)
+        cfg = backbone.model.cfg
+        check_tangent_blocks(self.spec.tangent_blocks, cfg.depth)
+        self.class_names = class_names_for(classes)
+        self.backbone = backbone  # not a submodule: the source of the tail's blocks and of `derive`
+        self.backbone_name, self.backbone_fingerprint = backbone.name, backbone.fingerprint
         self.config = cfg
-        self.class_names = names
-        self.num_classes, self.tangent_blocks, self.seed, self.pooling = len(names), int(tangent_blocks), seed, pooling
-        self.train_config = dict(train_config) if train_config is not None else None
-        head = base_head(cfg.dim, len(names), seed, head_weight, head_bias)
+        self.train_config: dict[str, Any] | None = None
+        self._attn_impl, self._prune = attn_impl, prune_last_block
+        self.trunk = Trunk(backbone.model, cfg.depth - self.tangent_blocks)
+        self.set_base_head(head_weight, head_bias)
+
+    def set_base_head(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+        """(Re)build the tail around the base head w0_head (`taft.tails.base_head`: seeded random unless `weight`
+        is given); its trained tensors start afresh (taft: Δw = 0) and the fingerprint follows the new head."""
+        encoder = self.backbone.model
+        head = base_head(self.config.dim, self.num_classes, self.spec.head_seed, weight, bias)
         self.register_buffer("head_weight0", head.weight.detach().clone())
         self.register_buffer("head_bias0", head.bias.detach().clone())
-        first_tail = cfg.depth - self.tangent_blocks
-        self.trunk = Trunk(encoder, first_tail)
-        if method == "taft":
-            self.tail: nn.Module = TangentTail({i: encoder.blocks[i] for i in range(first_tail, cfg.depth)},
-                                               encoder.norm, head, pooling, attn_impl, prune_last_block)
-        else:
-            self.tail = PlainTail(encoder, self.tangent_blocks, head, pooling, train_body=method == "nlft",
-                                  prune_last_block=prune_last_block)
-        self.to(device=backbone.device, dtype=backbone.dtype)
-        self.fingerprint = model_fingerprint(self.backbone_fingerprint, method, self.tangent_blocks, pooling,
-                                             self.head_weight0, self.head_bias0)
+        self.tail = make_tail(self.method, encoder, self.tangent_blocks, head, self.pooling, self._attn_impl,
+                              self._prune)
+        where = next(self.trunk.buffers())  # the model's device and dtype (the backbone's until moved)
+        self.to(device=where.device, dtype=where.dtype)
+        self.fingerprint = model_fingerprint(self.backbone_fingerprint, self.method, self.tangent_blocks,
+                                             self.pooling, self.head_weight0, self.head_bias0)
+        self.__dict__.pop("legacy_fingerprint", None)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.head_weight0.dtype
+    @classmethod
+    def from_spec(cls, backbone: Backbone, classes: int | Sequence[str], spec: ModelSpec, **head: Any) -> Classifier:
+        """The model `spec` describes, on `backbone` for `classes` (`head`: head_weight / head_bias)."""
+        return cls(backbone, classes, spec.tangent_blocks, method=spec.method, pooling=spec.pooling,
+                   head_seed=spec.head_seed, head_init=spec.head_init, **head)
 
-    @property
-    def is_text(self) -> bool:
-        """A text (BERT) backbone's model, whose inputs are token batches; else an image (ViT) one's."""
-        return isinstance(self.preprocess, TextPreprocess)
+    def derive(self, **spec: Any) -> Classifier:
+        """A fresh model on the same backbone and classes with some `ModelSpec` fields changed (e.g.
+        `method="probe"`), and the same base head unless `head_seed` changes."""
+        if set(spec) - set(SPEC_KEYS):
+            raise TaftError(f"derive takes ModelSpec fields {SPEC_KEYS}, got {sorted(set(spec) - set(SPEC_KEYS))}")
+        new = replace(self.spec, **spec)
+        same_head = new.head_seed == self.spec.head_seed
+        return Classifier(self.backbone, self.class_names, new.tangent_blocks, method=new.method,
+                          pooling=new.pooling, head_seed=new.head_seed, head_init=new.head_init,
+                          head_weight=self.head_weight0 if same_head else None,
+                          head_bias=self.head_bias0 if same_head else None, attn_impl=self._attn_impl,
+                          prune_last_block=self._prune).to(self.device)
 
-    @property
-    def device(self) -> torch.device:
-        return self.head_weight0.device
+    method = property(lambda self: self.spec.method)
+    tangent_blocks = property(lambda self: self.spec.tangent_blocks)
+    pooling = property(lambda self: self.spec.pooling)
+    seed = property(lambda self: self.spec.head_seed)
+    num_classes = property(lambda self: len(self.class_names))
+    dtype = property(lambda self: self.head_weight0.dtype)
+    device = property(lambda self: self.head_weight0.device)
+    preprocess: Preprocess = property(lambda self: self.backbone.preprocess)  # type: ignore[assignment]
+    tokenizer: TextTokenizer | None = property(lambda self: self.backbone.tokenizer)  # type: ignore[assignment]
+    is_text = property(lambda self: isinstance(self.preprocess, TextPreprocess), doc="a text (BERT) model")
 
     # ------------------------------------------------------------------------------------------- computing
     def trunk_features(self, inputs: Inputs) -> torch.Tensor:
-        """Frozen trunk output (B, N, D) for preprocessed images (B, C, H, W) or a TokenBatch; no gradient,
-        cacheable."""
+        """Frozen trunk output (B, N, D) for preprocessed images (B, C, H, W) or a TokenBatch; no gradient."""
         return self.trunk(inputs.to(self.device, self.dtype))
 
     def logits(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,23 +161,33 @@ class Classifier(nn.Module):
         """Predicted class indices (B,) for preprocessed images (B, C, H, W) or a TokenBatch."""
         return self(inputs).argmax(-1)
 
-    # What the trainer uses: inputs that do not change during training are computed once.
-    def train_inputs(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """What `train_logits` consumes: the pooled frozen features for a probe (no gradient), else the trunk
-        features themselves (with their `mask`, passed to `train_logits` too)."""
-        features = features.to(self.device, self.dtype)
-        if self.method == "probe":
-            with torch.no_grad():
-                return self.tail.pooled(features, None if mask is None else mask.to(self.device))
-        return features
+    def train_inputs(self, features: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(what `train_logits` consumes, its mask) for trunk features: the features themselves, or a probe's
+        pooled frozen features (computed once, no gradient, no mask)."""
+        return self.tail.train_inputs(features.to(self.device, self.dtype),
+                                      None if mask is None else mask.to(self.device))
 
     def train_logits(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from `train_inputs`."""
-        return self.tail.head(inputs) if self.method == "probe" else self.tail(inputs, mask)
+        return self.tail.train_logits(inputs, mask)
 
     def trainable_module(self) -> tuple[nn.Module, str]:
-        """(the module mapping `train_inputs` to logits, the prefix of its parameters' names in `tail`)."""
-        return (self.tail.head, "head.") if self.method == "probe" else (self.tail, "")
+        """(the module `train_logits` calls, the prefix of its parameters' names in `tail`)."""
+        return self.tail.trainable_module()
+
+    def cache_features(self, dataset: LabelledDataset, *, autocast: str = "none", batch_size: int = 64,
+                       dtype: torch.dtype = torch.float32, root: str | Path | None = None,
+                       progress: bool = True) -> CachedFeatures:
+        """Trunk features of `dataset` from the feature cache, or computed once with this model's trunk on its
+        device and stored. An image dataset without a transform gets this model's preprocessing. `autocast`:
+        "none", "bf16" or "fp16" (`taft.precision`; part of the cache key)."""
+        if getattr(dataset, "transform", ()) is None:
+            dataset = dataset.with_transform(self.preprocess)
+        key = trunk_key(self.backbone_fingerprint, self.config.depth - self.tangent_blocks, autocast)
+        return FeatureCache(root).build_or_load(dataset, under_autocast(self.trunk, autocast, self.device), key,
+                                                dtype=dtype, batch_size=batch_size, device=self.device,
+                                                progress=progress)
 
     # ------------------------------------------------------------------------------------------- trained tensors
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -318,18 +197,13 @@ class Classifier(nn.Module):
 
     @cached_property
     def legacy_fingerprint(self) -> str:
-        """The fingerprint that taft before the one-model redesign recorded for this model (files written then
-        still load): taft hashed every base tensor of the model with k, pooling and the architecture; nlft and
-        probe hashed the base head with the backbone's fingerprint, k and pooling."""
-        if self.method != "taft":
-            return hash_tensors({"head.weight": self.head_weight0, "head.bias": self.head_bias0},
-                                extra=[f"backbone={self.backbone_fingerprint}", f"k={self.tangent_blocks}",
-                                       f"pooling={self.pooling}"])
-        trained = {f"tail.{n}" for n, _ in self.tail.named_parameters()}
-        base = {n: t for n, t in {**self.trunk.state_dict(prefix="trunk."),
-                                  **self.tail.state_dict(prefix="tail.")}.items() if n not in trained}
-        return hash_tensors(base, extra=[f"k={self.tangent_blocks}", f"pooling={self.pooling}",
-                                         *(f"{k}={v}" for k, v in sorted(self.config.to_dict().items()))])
+        """The fingerprint files written before the one-model redesign recorded (`taft.fingerprint`)."""
+        def base() -> dict[str, torch.Tensor]:
+            trained = {f"tail.{n}" for n, _ in self.tail.named_parameters()}
+            return {n: t for n, t in {**self.trunk.state_dict(prefix="trunk."),
+                                      **self.tail.state_dict(prefix="tail.")}.items() if n not in trained}
+        return legacy_fingerprint(self.method, self.backbone_fingerprint, self.tangent_blocks, self.pooling,
+                                  self.head_weight0, self.head_bias0, base, self.config.to_dict())
 
     def accepts_fingerprint(self, fingerprint: str) -> bool:
         """Whether tensors recorded with `fingerprint` were trained around this model's base weights."""
@@ -354,7 +228,7 @@ class Classifier(nn.Module):
             delta = file.tensors
         if fingerprint is not None:
             self.check_fingerprint(fingerprint)
-        what = "Δw tensors" if self.method == "taft" else f"trained tensors of this {self.method} model"
+        what = f"trained tensors of this {self.method} model"
         load_checked(dict(self.tail.named_parameters()), {k: t.to(self.dtype) for k, t in delta.items()}, what)
 
     def info(self) -> ModelInfo:
@@ -383,11 +257,7 @@ class Classifier(nn.Module):
     def materialize(self) -> PlainClassifier:
         """A plain non-linear model with the trained weights (taft: w0 + Δw), same dtype and device as this one."""
         state = {k[len("encoder."):]: v for k, v in self.trunk.state_dict().items()}
-        if self.method == "taft":
-            for name, delta in self.tail.named_parameters():
-                state[name] = self.tail.get_buffer(f"{name}_0") + delta.detach()
-        else:
-            state.update({n: t.detach() for n, t in self.tail.state_dict().items()})
+        state.update(self.tail.weights())
         head_state = {k[len("head."):]: state.pop(k) for k in list(state) if k.startswith("head.")}
         encoder = type(self.trunk.encoder)(self.config).to(device=self.device, dtype=self.dtype)
         encoder.load_state_dict(state)
@@ -404,34 +274,13 @@ class LoadedCheckpoint(NamedTuple):
     metadata: dict[str, Any]
 
 
-def checkpoint_preprocess(path: Path, d: Any) -> Preprocess:
-    """The preprocessing recorded in a checkpoint's metadata; `TaftError` when malformed."""
+def checkpoint_backbone(path: Path, meta: Mapping[str, Any], backbone: Backbone | None) -> Backbone:
+    """The backbone a checkpoint was trained on (`backbone`, or the one it names), with the checkpoint's
+    preprocessing (image size; text: the same tokenizer, checked, at the checkpoint's max_length)."""
     try:
-        return preprocess_from_dict(d)
+        preprocess = preprocess_from_dict(meta["preprocess"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise TaftError(f"{path}: the preprocessing in the metadata is malformed ({first_line(e)})") from e
-
-
-def checkpoint_tokenizer(path: Path, backbone: Backbone, preprocess: TextPreprocess) -> TextTokenizer:
-    """The backbone's tokenizer with the checkpoint's max_length; TaftError when it is another tokenizer."""
-    tok = backbone.tokenizer
-    if tok is None or tok.sha256 != preprocess.tokenizer:
-        have = "none" if tok is None else f"{tok.sha256[:12]}…"
-        raise TaftError(f"{path} was trained with tokenizer {preprocess.tokenizer[:12]}…, backbone "
-                        f"{backbone.name!r} has {have}")
-    return tok if tok.max_length == preprocess.max_length else TextTokenizer(tok.path, preprocess.max_length)
-
-
-def load_checkpoint(path: str | Path, backbone: Backbone | None = None, *,
-                    device: torch.device | str | None = None) -> LoadedCheckpoint:
-    """(ready classifier, metadata) from a checkpoint file. Without `backbone`, loads the one the checkpoint names
-    (`load_backbone_like(name, preprocess)`). The classifier uses the checkpoint's preprocessing (image size;
-    text: the same tokenizer, checked, with the checkpoint's max_length). `FingerprintMismatchError` when the
-    backbone or base weights differ; any other problem is a one-line `TaftError`."""
-    path = Path(path)
-    file = read_checkpoint(path)
-    meta = file.meta
-    preprocess = checkpoint_preprocess(path, meta["preprocess"])
     want_fp = str(meta["backbone_fingerprint"])
     if backbone is None:
         try:
@@ -442,14 +291,37 @@ def load_checkpoint(path: str | Path, backbone: Backbone | None = None, *,
         raise FingerprintMismatchError(
             f"{path} was trained on backbone {meta['backbone']!r} (fingerprint {want_fp[:12]}…), not on "
             f"{backbone.name!r} ({backbone.fingerprint[:12]}…); load it with that backbone")
+    tok = backbone.tokenizer
+    if isinstance(preprocess, TextPreprocess):
+        if tok is None or tok.sha256 != preprocess.tokenizer:
+            have = "none" if tok is None else f"{tok.sha256[:12]}…"
+            raise TaftError(f"{path} was trained with tokenizer {preprocess.tokenizer[:12]}…, backbone "
+                            f"{backbone.name!r} has {have}")
+        if tok.max_length != preprocess.max_length:
+            tok = TextTokenizer(tok.path, preprocess.max_length)
+    return replace(backbone, preprocess=preprocess, tokenizer=tok)
+
+
+def load_checkpoint(path: str | Path, backbone: Backbone | None = None, *,
+                    device: torch.device | str | None = None) -> LoadedCheckpoint:
+    """(ready classifier, metadata) from a checkpoint file. Without `backbone`, loads the one the checkpoint names
+    (`load_backbone_like(name, preprocess)`); the classifier has the checkpoint's preprocessing.
+    `FingerprintMismatchError` when the backbone or base weights differ; any other problem is a one-line
+    `TaftError`."""
+    path = Path(path)
+    file = read_checkpoint(path)
+    meta = file.meta
+    backbone = checkpoint_backbone(path, meta, backbone)
     if not isinstance(meta["train_config"], dict):
         raise TaftError(f"{path}: the training config in the metadata is malformed")
+    head_init = meta["train_config"].get("head_init", "random")
     try:
-        classifier = Classifier(backbone, tangent_blocks=meta["tangent_blocks"], head_weight=file.head_weight0,
-                                head_bias=file.head_bias0, pooling=meta["pooling"], method=meta["method"],
-                                class_names=meta["class_names"], train_config=meta["train_config"])
+        classifier = Classifier(backbone, meta["class_names"], meta["tangent_blocks"], method=meta["method"],
+                                pooling=meta["pooling"], head_weight=file.head_weight0, head_bias=file.head_bias0,
+                                head_init=head_init if meta["method"] != "probe" else "random")
     except (TaftError, TypeError, ValueError) as e:
         raise TaftError(f"{path}: cannot rebuild the model: {first_line(e)}") from e
+    classifier.train_config = meta["train_config"]
     if not classifier.accepts_fingerprint(str(meta["fingerprint"])):
         raise FingerprintMismatchError(
             f"{path} was trained around other base weights (model fingerprint {str(meta['fingerprint'])[:12]}…) "
@@ -458,9 +330,6 @@ def load_checkpoint(path: str | Path, backbone: Backbone | None = None, *,
         classifier.load_delta_state_dict(file.tensors)
     except TaftError as e:
         raise TaftError(f"{path}: {e}") from e
-    classifier.preprocess = preprocess
-    if isinstance(preprocess, TextPreprocess):
-        classifier.tokenizer = checkpoint_tokenizer(path, backbone, preprocess)
     if device is not None:
         classifier = classifier.to(device)
     return LoadedCheckpoint(classifier.eval(), meta)

@@ -91,8 +91,8 @@ def load_backbone(name_or_path: str | Path, image_size: int | tuple[int, int] | 
     """Load a pretrained backbone by registry name or local checkpoint path.
 
     Vision: `image_size` (side or (H, W), multiples of the patch size) sets the preprocessing resolution; the
-    position embeddings are resized to that grid at run time. Defaults: 224 for dinov2-vits14, the checkpoint's
-    own size otherwise. Text: `max_length` (default 256 for minilm-l6, at most the model's positions) is the most tokens a text
+    position embeddings are resized to that grid at run time. Defaults: 112 for dinov2-vits14
+    (`registry.DINOV2_IMAGE_SIZE`; the command line's default too), the checkpoint's own size otherwise. Text: `max_length` (default 256 for minilm-l6, at most the model's positions) is the most tokens a text
     keeps, [CLS] and [SEP] included; longer texts are truncated with a warning.
     """
     name = str(name_or_path)

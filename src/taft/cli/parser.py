@@ -1,7 +1,7 @@
 """The options shared by several `taft` commands, defined once, and the functions that read them back: data
-(`data_source`), backbone (`load_backbone_from`), compute (`compute_device`), training (`train_config`, with
-DP-SGD read by `taft.privacy.dp_config_from_args`), executors (`check_executor_options`) and --log-file. The
-training options' defaults are the `TrainConfig` and `DPConfig` defaults."""
+(`data_source`), backbone (`load_backbone_from`), compute (`compute_device`), the model (`model_spec`), training
+(`train_config`, with DP-SGD read by `dp_config_from_args`), executors (`check_executor_options`) and --log-file.
+The options' defaults are the library's: `ModelSpec`, `TrainConfig` and `DPConfig` defaults."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from taft.backbones.registry import BUNDLED, CLI_IMAGE_SIZE, DEFAULT_BACKBONE, DEFAULT_MAX_LENGTH
+from taft.backbones.registry import BUNDLED, DEFAULT_BACKBONE, DEFAULT_MAX_LENGTH, DINOV2_IMAGE_SIZE
 from taft.cli.types import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int, probability
 from taft.errors import TaftError
 
@@ -80,8 +80,9 @@ def add_evaluation_args(p: argparse.ArgumentParser) -> None:
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help=f"registry name ({', '.join(BUNDLED)}) or local weights path (default {DEFAULT_BACKBONE})")
-    p.add_argument("--image-size", type=positive_int, help="vision: input side in pixels, a multiple of the patch size "
-                                                  f"(default {CLI_IMAGE_SIZE})")
+    p.add_argument("--image-size", type=positive_int,
+                   help=f"vision: input side in pixels, a multiple of the patch size (default: the backbone's: "
+                        f"{DINOV2_IMAGE_SIZE} for dinov2-vits14, a local checkpoint's own)")
     p.add_argument("--max-length", type=positive_int, help="text: most tokens per text, [CLS] and [SEP] included; longer "
                                                   f"texts are truncated with a warning (default {DEFAULT_MAX_LENGTH})")
     p.add_argument("--pooling", choices=["cls", "mean"],
@@ -98,11 +99,13 @@ def load_backbone_from(args: argparse.Namespace):
         return load_backbone(args.backbone, max_length=args.max_length)
     if args.max_length is not None:
         raise TaftError(f"--max-length does not apply to the vision backbone {args.backbone}")
-    return load_backbone(args.backbone, image_size=args.image_size or CLI_IMAGE_SIZE)
+    return load_backbone(args.backbone, image_size=args.image_size)
 
 
 def pooling_for(args: argparse.Namespace, backbone) -> str:
-    return args.pooling or ("mean" if backbone.is_text else "cls")
+    from taft.spec import default_pooling
+
+    return args.pooling or default_pooling(backbone.is_text)
 
 
 def add_log_arg(p: argparse.ArgumentParser) -> None:
@@ -173,8 +176,9 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     from taft.data.source import FEATURE_DTYPES, DataSource
     from taft.train.config import (DEFAULT_EPOCHS, DEFAULT_LR, DP_EPOCHS, DP_LONG_EPOCHS, DP_LONG_FROM_EPSILON, LOSSES,
                                    OPTIMIZERS, RECIPES, SCHEDULES, TEXT_DEFAULT_LR, TrainConfig)
+    from taft.spec import ModelSpec
 
-    d = dataclass_defaults(TrainConfig)
+    d = {**dataclass_defaults(ModelSpec), **dataclass_defaults(TrainConfig)}
     which = int(shards)
     lr_help = lambda rates: ", ".join(f"{m} {lr:g}" for m, lr in rates.items() if m in methods)  # noqa: E731
 
@@ -225,17 +229,39 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     add_dp_args(p)
 
 
-def train_config(args: argparse.Namespace, backbone):
-    """The `TrainConfig` of the training options (`add_training_args`), pooling by the backbone's kind."""
+def model_spec(args: argparse.Namespace, backbone):
+    """The `ModelSpec` of the model options (`add_training_args`), pooling by the backbone's kind."""
+    from taft.spec import ModelSpec
+
+    return ModelSpec(method=args.method, tangent_blocks=args.k, pooling=pooling_for(args, backbone),
+                     head_seed=args.head_seed, head_init=getattr(args, "head_init", ModelSpec.head_init))
+
+
+def train_config(args: argparse.Namespace):
+    """The `TrainConfig` (the recipe) of the training options (`add_training_args`)."""
     from taft.train.config import TrainConfig
 
-    d = dataclass_defaults(TrainConfig)
-    return TrainConfig(method=args.method, tangent_blocks=args.k, loss=args.loss, kappa=args.kappa, reg=args.reg,
-                       lr=args.lr, schedule=args.schedule, batch_size=args.batch_size,
-                       epochs=args.epochs, seed=args.seed, head_seed=args.head_seed,
-                       head_init=getattr(args, "head_init", d["head_init"]), pooling=pooling_for(args, backbone),
-                       optimizer=args.optimizer, momentum=args.momentum, head_lr=args.head_lr, warmup=args.warmup,
-                       min_steps=args.min_steps)
+    return TrainConfig(loss=args.loss, kappa=args.kappa, reg=args.reg, lr=args.lr, schedule=args.schedule,
+                       batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, optimizer=args.optimizer,
+                       momentum=args.momentum, head_lr=args.head_lr, warmup=args.warmup, min_steps=args.min_steps)
+
+
+def dp_config_from_args(args: argparse.Namespace):
+    """The DPConfig that `add_dp_args` options ask for; None without --dp (any other DP option is then an error)."""
+    given = [opt for opt, key in (("--epsilon", "epsilon"), ("--delta", "delta"),
+                                  ("--noise-multiplier", "noise_multiplier"),
+                                  ("--expected-batch-size", "expected_batch_size"), ("--dp-seed", "dp_seed"))
+             if getattr(args, key, None) is not None]
+    from taft.privacy import DPConfig
+
+    if not getattr(args, "dp", False):
+        if given:
+            raise TaftError(f"{', '.join(given)} only apply to private training: add --dp")
+        return None
+    return DPConfig(clip=args.clip, epsilon=args.epsilon, delta=args.delta, noise_multiplier=args.noise_multiplier,
+                    accountant=args.accountant, expected_batch_size=args.expected_batch_size,
+                    chunk_size=args.dp_chunk_size, seed=args.dp_seed)
+
 
 
 def cache_dtype(args: argparse.Namespace):
@@ -247,7 +273,7 @@ def cache_dtype(args: argparse.Namespace):
 
 # ----------------------------------------------------------------------------------------- privacy arguments
 def add_dp_args(p: argparse.ArgumentParser) -> None:
-    """DP-SGD options (read back with `taft.privacy.dp_config_from_args`), shared by the training commands; defaults
+    """DP-SGD options (read back with `dp_config_from_args`), shared by the training commands; defaults
     from `DPConfig`."""
     from taft.privacy import ACCOUNTANTS, DPConfig
     from taft.privacy.config import DP_BATCH_FRACTION, DP_MAX_DEFAULT_BATCH

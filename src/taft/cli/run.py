@@ -9,13 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from taft.backbones.registry import BUNDLED
+from taft.spec import METHODS
 from taft.cli.parser import (add_backbone_args, add_compute_args, add_data_args, add_evaluation_args, add_log_arg,
-                             add_training_args, cache_dtype, compute_device, data_source, load_backbone_from,
-                             open_dataset, train_config)
+                             add_training_args, cache_dtype, compute_device, data_source, dp_config_from_args,
+                             load_backbone_from, model_spec, open_dataset, train_config)
 from taft.cli.types import fraction, positive_int
 from taft.errors import TaftError
 
-METHODS = ("taft", "nlft", "probe")
 
 
 def add_parsers(sub) -> None:
@@ -92,8 +92,8 @@ def add_parsers(sub) -> None:
 # ------------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> None:
     from taft.data import split_dataset
-    from taft.privacy import dp_config_from_args
-    from taft.train import cache_features, fit
+    from taft.model import Classifier
+    from taft.train import Compute, fit
 
     resuming = args.resume is not None
     args = _resumed_args(args) if resuming else args
@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise TaftError(f"{out} already holds a trained run; pass --overwrite, --resume {out} to train it for more "
                         "--epochs, or choose another --out")
     backbone = load_backbone_from(args)
-    config = train_config(args, backbone)
+    spec, config = model_spec(args, backbone), train_config(args)
     train_ds = open_dataset(args, backbone)
     if args.val_data is not None:
         val_ds = replace(data_source(args), path=args.val_data, dataset=None).open(backbone)
@@ -126,18 +126,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     if dp is not None and (args.autocast_training or args.compile):
         raise TaftError("--autocast-training and --compile are not supported with --dp (DP-SGD trains in float32, "
                         "eagerly)")
-    train_f = cache_features(train_ds, backbone, args.k, dtype=dtype, device=device, autocast=args.autocast,
-                             progress=progress)
-    val_f = (cache_features(val_ds, backbone, args.k, dtype=dtype, device=device, autocast=args.autocast,
-                            progress=progress) if val_ds is not None else None)
+    model = Classifier.from_spec(backbone, train_ds.class_names, spec).to(device)
+    train_f = model.cache_features(train_ds, dtype=dtype, autocast=args.autocast, progress=progress)
+    val_f = (model.cache_features(val_ds, dtype=dtype, autocast=args.autocast, progress=progress)
+             if val_ds is not None else None)
     if not resuming:
         from taft.fileio import atomic_write
 
         saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_RUN_ARGS}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / RUN_ARGS, lambda p: p.write_text(json.dumps(saved, indent=1)))
-    result = fit(config, backbone, train_f, val=val_f, run_dir=out, progress=progress, dp=dp, resume=resuming,
-                 device=device, autocast=args.autocast if args.autocast_training else "none", compile=args.compile)
+    compute = Compute(device, autocast=args.autocast if args.autocast_training else "none", compile=args.compile)
+    result = fit(model, train_f, config, val=val_f, run_dir=out, dp=dp, resume=resuming, compute=compute,
+                 progress=progress)
     m = result.metrics
     where = "validation" if val_f is not None else "training"
     print(f"{args.method} k={args.k}: {where} top-1 {100 * m['top1']:.2f}% on {m['n']} examples, "
@@ -170,7 +171,6 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
 
 # -------------------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> None:
-    from taft.data import model_features
     from taft.model import load_checkpoint
     from taft.train import evaluate
 
@@ -178,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     classifier, _ = load_checkpoint(args.checkpoint, device=device)
     dataset = open_dataset(args, classifier)
     check_classes(dataset.class_names, classifier.class_names)
-    features = model_features(classifier, dataset, autocast=args.autocast, progress=not args.quiet)
+    features = classifier.cache_features(dataset, autocast=args.autocast, progress=not args.quiet)
     ev = evaluate(classifier, features)
     result = ev.to_dict()
     print(f"top-1 {100 * ev.top1:.2f}% on {ev.n} examples (loss {ev.loss:.4g})")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from taft.cli.parser import (SHARD_MIN_STEPS, add_backbone_args, add_compute_args, add_data_args, add_evaluation_args,
                              add_executor_args, add_log_arg, add_training_args, cache_dtype, check_executor_options,
-                             compute_device, data_source, load_backbone_from, open_dataset, train_config)
+                             compute_device, data_source, dp_config_from_args, load_backbone_from, model_spec,
+                             open_dataset, train_config)
 from taft.cli.run import check_classes
+from taft.spec import LINEAR_METHODS
 from taft.cli.types import nonnegative_int, positive_int
 from taft.errors import TaftError
 
-METHODS = ("taft", "probe")  # composition is exact only for models linear in their trained weights
 
 
 def add_parsers(sub) -> None:
@@ -40,7 +41,7 @@ def add_parsers(sub) -> None:
                                                "the recipe: retraining reuses it")
     add_executor_args(p)
     add_backbone_args(p)
-    add_training_args(p, methods=METHODS, shards=True, min_steps=SHARD_MIN_STEPS)
+    add_training_args(p, methods=LINEAR_METHODS, shards=True, min_steps=SHARD_MIN_STEPS)
     add_log_arg(p)
     p.epilog = ("With --dp every shard is trained with DP-SGD on its own disjoint data (the budget is per shard; "
                 "--delta must be below 1/n of each shard) and the store records the guarantee of the composed model "
@@ -105,26 +106,26 @@ def add_parsers(sub) -> None:
 
 def cmd_shards_train(args: argparse.Namespace) -> None:
     """Train a model store: K shards in parallel on one trunk-feature cache entry, composed."""
-    from taft.privacy import dp_config_from_args
+    from taft.model import Classifier
     from taft.store import ModelStore, create_store
     from taft.store.create import check_dp
     from taft.store.store import reused_plan
-    from taft.train import cache_features
 
     device = compute_device(args)
     dp = dp_config_from_args(args)
     check_dp(dp, args.weighting)  # before the features are computed
     check_executor_options(args)
     backbone = load_backbone_from(args)
-    config = train_config(args, backbone)
+    spec, config = model_spec(args, backbone), train_config(args)
     dataset = open_dataset(args, backbone)
-    features = cache_features(dataset, backbone, args.k, dtype=cache_dtype(args), device=device,
-                              autocast=args.autocast, progress=not args.quiet)
+    model = Classifier.from_spec(backbone, dataset.class_names, spec)
+    features = model.to(device).cache_features(dataset, dtype=cache_dtype(args), autocast=args.autocast,
+                                               progress=not args.quiet)
     plan, threads = None, args.threads
     if args.plan_from is not None:
         plan, plan_threads = reused_plan(args.plan_from, features.ids)
         threads = threads if threads is not None else plan_threads  # a store's threads: the same float summation
-    create_store(args.store, features, backbone, config, shards=None if plan is not None else args.shards,
+    create_store(args.store, features, model, config, shards=None if plan is not None else args.shards,
                  plan=plan, plan_kind=args.plan, executor=args.executor, workers=args.workers, threads=threads,
                  ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
                  weighting=args.weighting, source=data_source(args),
@@ -259,7 +260,6 @@ def cmd_store_resume(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from taft.data import model_features
     from taft.store import ModelStore
     from taft.store.report import write_report
 
@@ -269,7 +269,6 @@ def cmd_report(args: argparse.Namespace) -> None:
         classifier, _ = ModelStore(args.store).load_composed()
         dataset = open_dataset(args, classifier)
         check_classes(dataset.class_names, classifier.class_names)
-        features = model_features(classifier.to(device), dataset, autocast=args.autocast,
-                                  progress=not args.quiet)
+        features = classifier.to(device).cache_features(dataset, autocast=args.autocast, progress=not args.quiet)
     out = args.out or args.store.with_name(args.store.name + "-report")
     print(f"report: {write_report(args.store, out, features, device=device)}")

@@ -114,13 +114,13 @@ class ImageDataset(Dataset):
     """Records + class names + transform. `dataset[i] -> (transform(image), label, id)`.
 
     `transform` is an `ImageTransform` (from an `ImagePreprocess`, which is converted) or any callable
-    `PIL.Image -> Tensor`.
+    `PIL.Image -> Tensor`; None until a model's preprocessing is applied (`Classifier.cache_features`).
     `source_digest` names content shared by all records (e.g. IDX file digests); a callable is called lazily.
     Raises `TaftError` on duplicate ids or labels outside [0, len(class_names)).
     """
 
     def __init__(self, records: Sequence[ImageRecord], class_names: Sequence[str],
-                 transform: ImagePreprocess | Transform,
+                 transform: ImagePreprocess | Transform | None = None,
                  source_digest: str | Callable[[], str] = "") -> None:
         self.records = list(records)
         self.class_names = [str(c) for c in class_names]
@@ -156,6 +156,9 @@ class ImageDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        if self.transform is None:
+            raise TaftError("this image dataset has no preprocessing: give it a transform, or cache its features "
+                            "through a model (model.cache_features), which applies the model's")
         r = self.records[i]
         return self.transform(r.source.load()), int(r.label), r.id
 
@@ -225,7 +228,7 @@ def _check_image(path: Path, decode: bool) -> str | None:
     return None
 
 
-def image_folder(root: str | os.PathLike, transform: ImagePreprocess | Transform, *,
+def image_folder(root: str | os.PathLike, transform: ImagePreprocess | Transform | None = None, *,
                  skip_corrupt: bool = False, check: Literal["decode", "open"] = "decode",
                  hash_mode: Literal["bytes", "stat"] = "bytes",
                  class_names: Sequence[str] | None = None) -> ImageDataset:
@@ -331,7 +334,7 @@ def _find_idx(data_dir: Path, name: str) -> Path | None:
 
 
 def fashion_mnist(data_dir: str | os.PathLike | None = None, split: Literal["train", "test"] = "train", *,
-                  transform: ImagePreprocess | Transform, subset: int | None = None,
+                  transform: ImagePreprocess | Transform | None = None, subset: int | None = None,
                   subset_seed: int | None = None) -> ImageDataset:
     """Fashion-MNIST `split` from the IDX files in `data_dir` (default: Debian's `FASHION_MNIST_DIR`; plain
     or .gz). Ids are `"{split}/{index}"` (index in the file), images 28x28 grey. `subset=n` keeps at most n

@@ -40,7 +40,9 @@ from taft.errors import TaftError
 from taft.tensors import device_free
 from taft.privacy import DPConfig
 from taft.progress import progress_bar
-from taft.train import TrainConfig, fit
+from taft.model import Classifier
+from taft.spec import ModelSpec
+from taft.train import Compute, TrainConfig, fit
 
 FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor, Sequence[str]]]
 # Metrics that depend only on the data and config (no timings): what a shard checkpoint records.
@@ -124,11 +126,12 @@ def shard_data(train: FeatureData, ids: Sequence[str]) -> FeatureData:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """Train shard `index` with `config` on `data` (already restricted to the shard, in training order); with
+    """Train shard `index`, the model `spec` describes for `class_names`, with the recipe `config` on `data` (already restricted to the shard, in training order); with
     `dp`, by DP-SGD (its seed, if any, is this shard's own); on `device` ("auto" / "cuda": the worker's pinned GPU,
     `taft.devices.worker_device`)."""
 
     index: int
+    spec: ModelSpec
     config: TrainConfig
     data: FeatureData | Deferred
     class_names: tuple[str, ...]
@@ -177,8 +180,8 @@ def train_shard(task: ShardTask) -> ShardResult:
         backbone = task.backbone.load() if isinstance(task.backbone, Deferred) else task.backbone
         data = task.data.load() if isinstance(task.data, Deferred) else task.data
         device = worker_device(task.device)
-        result = fit(task.config, backbone, data, class_names=list(task.class_names), progress=False, dp=task.dp,
-                     device=device)
+        model = Classifier.from_spec(backbone, task.class_names, task.spec)
+        result = fit(model, data, task.config, dp=task.dp, compute=Compute(device), progress=False)
     finally:
         torch.set_num_threads(previous)
     clf = result.classifier
@@ -192,7 +195,7 @@ def train_shard(task: ShardTask) -> ShardResult:
     head_weight0, head_bias0 = saved.pop("head_weight0"), saved.pop("head_bias0")
     return ShardResult(index=task.index, tensors=saved, head_weight0=head_weight0, head_bias0=head_bias0,
                        ids=list(result.train_ids or []),
-                       config=result.config.to_dict(), metrics=metrics, seconds=time.perf_counter() - t0,
+                       config=dict(clf.train_config or {}), metrics=metrics, seconds=time.perf_counter() - t0,
                        worker=f"{socket.gethostname()}:{os.getpid()}", privacy=result.privacy)
 
 

@@ -1,9 +1,7 @@
-"""DP-SGD settings (`DPConfig`), the plan they give for a training set (`plan_dp`: q, steps, σ, ε), and the
-command-line options shared by `taft train` and `taft shards train`."""
+"""DP-SGD settings (`DPConfig`) and the plan they give for a training set (`plan_dp`: q, steps, σ, ε)."""
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -154,24 +152,8 @@ def plan_dp(dp: DPConfig, n: int, epochs: int, batch_size: int) -> DPPlan:
                   noise_multiplier=sigma, epsilon=eps)
 
 
-# ------------------------------------------------------------------------------------------- command-line options
-def dp_config_from_args(args: argparse.Namespace) -> DPConfig | None:
-    """The DPConfig that `add_dp_args` options ask for; None without --dp (any other DP option is then an error)."""
-    given = [opt for opt, key in (("--epsilon", "epsilon"), ("--delta", "delta"),
-                                  ("--noise-multiplier", "noise_multiplier"),
-                                  ("--expected-batch-size", "expected_batch_size"), ("--dp-seed", "dp_seed"))
-             if getattr(args, key, None) is not None]
-    if not getattr(args, "dp", False):
-        if given:
-            raise TaftError(f"{', '.join(given)} only apply to private training: add --dp")
-        return None
-    return DPConfig(clip=args.clip, epsilon=args.epsilon, delta=args.delta, noise_multiplier=args.noise_multiplier,
-                    accountant=args.accountant, expected_batch_size=args.expected_batch_size,
-                    chunk_size=args.dp_chunk_size, seed=args.dp_seed)
-
-
 def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-__all__ = ["ACCOUNTANTS", "DPConfig", "DPPlan", "dp_config_from_args", "plan_dp"]
+__all__ = ["ACCOUNTANTS", "DPConfig", "DPPlan", "plan_dp"]

@@ -6,7 +6,7 @@ size varies and may be 0); per-example gradients g_i of the trainable tensors (t
 probe: the head); each clipped to global L2 norm C, g_i · min(1, C/‖g_i‖); summed; Gaussian noise N(0, σ²C²) added
 to every coordinate; divided by the expected batch size B = q·n; then the gradient of the (data-independent)
 proximity term λ‖θ − θ0‖² is added and the optimizer steps (the loop applies the configured schedule over the
-planned steps). `PoissonSampler` draws the batches; `taft.privacy.make_private` wraps both for a user's own loop.
+planned steps). `PoissonSampler` draws the batches; `taft.train.make_private` wraps both for a user's own loop.
 
 The clipped sum Σ_i clip_C(g_i) comes from `taft.privacy.ghost` (`via="ghost"`, the default): per-example norms and
 the weighted sum from each layer's inputs and output gradients, without forming per-example gradients; about the
@@ -32,12 +32,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from taft.errors import NonFiniteError, TaftError
-from taft.losses import DEFAULT_KAPPA
+from taft.losses import DEFAULT_KAPPA, example_loss, loss_targets
 from taft.model import Classifier
 from taft.privacy import ghost
 from taft.privacy.config import DEFAULT_CHUNK
@@ -56,42 +55,21 @@ def manual_attention(module: nn.Module) -> Iterator[None]:
             m.impl = "sdpa"
 
 
-def _targets(labels: torch.Tensor, num_classes: int, loss: str, kappa: float, dtype: torch.dtype) -> torch.Tensor:
-    """One-hot rows (× κ for mse), made outside vmap (one_hot is data-dependent and cannot be vmapped)."""
-    onehot = F.one_hot(labels, num_classes).to(dtype)
-    return onehot.mul_(kappa) if loss == "mse" else onehot
-
-
-def _example_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """`classification_loss` of each example (over the last dimension) from its target row: mse mean((z − κ e_y)²),
-    ce −log softmax(z)_y."""
-    if loss == "mse":
-        return (logits - target).pow(2).mean(-1)
-    if loss == "ce":
-        return -(logits.log_softmax(-1) * target).sum(-1)
-    raise TaftError(f"unknown loss {loss!r}")
-
-
 def _grad_fn(classifier: Classifier, loss: str) -> tuple[Callable, dict[str, torch.Tensor], str]:
     """(fn(params, x, target, mask) → per-example (grads, losses), params, prefix); `mask` (b, N) or None."""
     module, prefix = classifier.trainable_module()
 
-    def example_loss(params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
+    def one_loss(params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
         args = (x.unsqueeze(0),) if mask is None else (x.unsqueeze(0), mask.unsqueeze(0))
-        return _example_loss(functional_call(module, params, args)[0], target, loss)
+        return example_loss(functional_call(module, params, args)[0], target, loss)
 
     def fn(params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
         in_dims = (None, 0, 0, None if mask is None else 0)
-        return vmap(grad_and_value(example_loss), in_dims=in_dims)(params, x, target, mask)
+        return vmap(grad_and_value(one_loss), in_dims=in_dims)(params, x, target, mask)
 
     params = {name[len(prefix):]: p.detach() for name, p in classifier.tail.named_parameters()}
     return fn, params, prefix
-
-
-def _mask_for(classifier: Classifier, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The mask the trained module reads: none for a probe (its inputs are already pooled)."""
-    return None if classifier.method == "probe" else mask
 
 
 @contextmanager
@@ -120,12 +98,12 @@ def per_example_gradients(classifier: Classifier, inputs: torch.Tensor, labels: 
     (b,)). `inputs` are `Classifier.train_inputs` (trunk features with their `mask`; pooled features for a
     probe)."""
     fn, params, prefix = _grad_fn(classifier, loss)
-    targets = _targets(labels.to(inputs.device), classifier.num_classes, loss, kappa, inputs.dtype)
+    targets = loss_targets(labels.to(inputs.device), classifier.num_classes, loss, kappa, inputs.dtype)
     chunk = chunk_size or len(inputs) or 1
     grads: list[dict[str, torch.Tensor]] = []
     losses = []
     with _per_example_context(classifier):
-        for x, t, m in _chunks(inputs, targets, _mask_for(classifier, mask), chunk):
+        for x, t, m in _chunks(inputs, targets, mask, chunk):
             g, value = fn(params, x, t, m)
             grads.append(g)
             losses.append(value)
@@ -156,15 +134,15 @@ def clipped_sum(classifier: Classifier, inputs: torch.Tensor, labels: torch.Tens
     module, _ = classifier.trainable_module()
     layers = ghost.trained_layers(module) if via == "ghost" else None
     fn, params, prefix = _grad_fn(classifier, loss)
-    targets = _targets(labels.to(inputs.device), classifier.num_classes, loss, kappa, inputs.dtype)
+    targets = loss_targets(labels.to(inputs.device), classifier.num_classes, loss, kappa, inputs.dtype)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     losses, norms = [], []
     with _per_example_context(classifier) if layers is None else nullcontext():
-        for x, t, m in _chunks(inputs, targets, _mask_for(classifier, mask), chunk_size):
+        for x, t, m in _chunks(inputs, targets, mask, chunk_size):
             if layers is not None:
                 sums, value, norm = ghost.clipped_sum_chunk(
                     module, layers, (x,) if m is None else (x, m), t,
-                    lambda z, target: _example_loss(z, target, loss), clip, params)
+                    lambda z, target: example_loss(z, target, loss), clip, params)
             else:
                 g, value = fn(params, x, t, m)
                 factor, norm = clip_factors(g, clip)
@@ -230,9 +208,9 @@ class DPStep:
     (Σ_i clip_C(g_i) + N(0, σ²C² I)) / B of a batch (`noisy_gradient`), plus the gradient 2λ(θ − θ0) of the
     data-independent proximity term when `reg` = λ > 0 (θ0: the weights at construction), then `optimizer.step()`.
 
-    `step(x, y, mask)` is that update for a user's loop; calling the object, `(x, mask, y) → (Σ loss, batch size)`,
-    is the same update in the form `taft.train.loop.train_loop` plugs in. Raises `NonFiniteError` when the noisy
-    gradient is not finite (a function of the released values: the check spends no privacy)."""
+    Calling it, `step(x, y, mask) → (Σ loss, batch size)`, is that update (the losses are diagnostics on private
+    data, outside the guarantee), in a user's loop and in `taft.train.loop.train_loop`. Raises `NonFiniteError`
+    when the noisy gradient is not finite (a function of the released values: the check spends no privacy)."""
 
     private = True
 
@@ -261,11 +239,8 @@ class DPStep:
             p.grad = grads[name]
         return losses
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`backward`, then `optimizer.step()`; returns the per-example losses."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, int]:
+        """`backward`, then `optimizer.step()`; (the sum of the batch's example losses, its size)."""
         losses = self.backward(x, y, mask)
         self.optimizer.step()
-        return losses
-
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor) -> tuple[float, int]:
-        return float(self.step(x, y, mask).sum()), len(y)
+        return float(losses.sum()), len(y)

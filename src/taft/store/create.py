@@ -1,10 +1,11 @@
 """Create a model store: plan the shards, train them in parallel, compose, commit.
 
-    store = create_store("stores/cifar", features, backbone, TrainConfig(epochs=10, seed=0), shards=8)
+    store = create_store("stores/cifar", features, model, TrainConfig(epochs=10, seed=0), shards=8)
 
 `features` is the training data's trunk features (`cache_features(...)`: workers share that cache entry) or a
-tuple (features, labels, ids) with `class_names`. The store seed is `config.seed`: it seeds the plan and, through
-`shard_seed(seed, i)`, each shard's data order; every shard uses `config.head_seed`, so all share w0.
+tuple (features, labels, ids) whose labels index the model's classes. `model` (a `Classifier` with its seeded base
+head) says what every shard is; the store seed is `config.seed`: it seeds the plan and, through `shard_seed(seed,
+i)`, each shard's data order; every shard uses the model's `head_seed`, so all share w0.
 
 With `dp=DPConfig(...)` every shard is trained with DP-SGD on its own, disjoint data: the budget (ε target or σ,
 δ, C) applies per shard, and δ must be below 1/n of each shard (its own training set). Each shard checkpoint
@@ -40,26 +41,30 @@ from taft.privacy import DPConfig, PrivacyLedger, sequential_composition
 from taft.privacy.config import expected_batch_size
 from taft.checkpoint import ModelInfo
 from taft.store.commit import commit, finish, record_shard, reusable, write_shard
-from taft.store.delta_sum import LINEAR_METHODS, WEIGHTINGS
+from taft.store.delta_sum import WEIGHTINGS
 from taft.store.journal import Pending, new_pending, read_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
 from taft.store.plan import ShardPlan, make_plan, shard_seed
-from taft.train import TrainConfig, build_classifier
+from taft.model import Classifier
+from taft.spec import LINEAR_METHODS, ModelSpec
+from taft.train import TrainConfig
+from taft.train.config import run_record
 
 ExecutorArg = Executor | str | None
 
 
-def check_config(config: TrainConfig, text: bool = False, dp: DPConfig | None = None) -> TrainConfig:
-    """The resolved config (lr and optimizer filled in for ordinary or DP training with `dp`; the epochs each shard
-    trains are resolved by `fit` from its size and `min_steps`), if shards trained with it can be composed exactly."""
-    if config.method not in LINEAR_METHODS:
-        raise TaftError(f"method {config.method!r} cannot be sharded: composition is exact only for models linear "
+def check_config(spec: ModelSpec, config: TrainConfig, text: bool = False, dp: DPConfig | None = None) -> TrainConfig:
+    """The resolved config (lr and optimizer filled in for `spec`'s method and ordinary or DP training with `dp`;
+    the epochs each shard trains are resolved by `fit` from its size and `min_steps`), if shards of `spec` trained
+    with it can be composed exactly."""
+    if not spec.linear:
+        raise TaftError(f"method {spec.method!r} cannot be sharded: composition is exact only for models linear "
                         f"in their trained weights ({', '.join(LINEAR_METHODS)})")
-    if config.head_init != "random":
+    if spec.head_init != "random":
         raise TaftError("head_init='probe' cannot be sharded: a probe head fitted on all the data would put every "
                         "example into the shared w0 (nothing could be forgotten); use head_init='random'")
-    return config.resolved(text=text, private=dp is not None, epsilon=dp.epsilon if dp else None)
+    return config.resolved(spec.method, text=text, private=dp is not None, epsilon=dp.epsilon if dp else None)
 
 
 def data_identity(train: FeatureData) -> dict[str, Any]:
@@ -157,7 +162,8 @@ def shard_placement(device: str, executor: ExecutorArg) -> tuple[str, list[str]]
 
 
 def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[str]], *, train: FeatureData,
-               backbone: Backbone | BackboneSpec, info: ModelInfo, base: TrainConfig, threads: int, plan_kind: str,
+               backbone: Backbone | BackboneSpec, info: ModelInfo, spec: ModelSpec, base: TrainConfig, threads: int,
+               plan_kind: str,
                executor: ExecutorArg, workers: int | None, retries: int, progress: bool,
                dp: DPConfig | None = None,
                prior: Mapping[int, Mapping[str, Any] | None] | None = None,
@@ -177,7 +183,7 @@ def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[st
         if entry is not None:
             done[index] = entry
             continue
-        tasks.append(ShardTask(index=index, config=shard_config(base, index), data=shard_data(train, ids),
+        tasks.append(ShardTask(index=index, spec=spec, config=shard_config(base, index), data=shard_data(train, ids),
                                class_names=tuple(info.class_names), backbone=backbone, fingerprint=info.fingerprint,
                                threads=threads, dp=shard_dp(dp, index, releases(prior.get(index))),
                                device=task_device))
@@ -205,9 +211,8 @@ def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[st
     return done
 
 
-def create_store(root: str | Path, train: FeatureData, backbone: Backbone, config: TrainConfig, *,
-                 shards: int | None = None, plan: ShardPlan | None = None, plan_kind: str = "random",
-                 class_names: Sequence[str] | None = None, executor: ExecutorArg = None, workers: int | None = None,
+def create_store(root: str | Path, train: FeatureData, model: Classifier, config: TrainConfig, *,
+                 shards: int | None = None, plan: ShardPlan | None = None, plan_kind: str = "random", executor: ExecutorArg = None, workers: int | None = None,
                  threads: int | None = None, ray_address: str | None = None, ray_gpus: float = 0,
                  retries: int = 1,
                  weighting: str = "uniform", source: DataSource | None = None, dp: DPConfig | None = None,
@@ -227,15 +232,18 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
     "mps"); not part of the store's recipe (a store made on a GPU can be resumed or retrained on the CPU)."""
     _, pinned = shard_placement(device, executor)  # checked before anything is written
     layout = StoreLayout(root)
-    base = check_config(config, text=backbone.is_text, dp=dp)
+    backbone, spec = model.backbone, model.spec
+    base = check_config(spec, config, text=backbone.is_text, dp=dp)
+    if Classifier.from_spec(backbone, model.class_names, spec).fingerprint != model.fingerprint:
+        raise TaftError("a store's shards share the base head seeded by head_seed: build the model without "
+                        "head_weight")
     if weighting not in WEIGHTINGS:
         raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     check_dp(dp, weighting)
     ids, labels = ids_and_labels(train)
-    if class_names is None:
-        if not isinstance(train, CachedFeatures):
-            raise TaftError("class_names are required when the training data is a tensor tuple")
-        class_names = train.class_names
+    if isinstance(train, CachedFeatures) and list(train.class_names) != model.class_names:
+        raise TaftError(f"the data's classes {list(train.class_names)[:10]} differ from the model's "
+                        f"{model.class_names[:10]}")
     if plan is None:
         if shards is None:
             raise TaftError("give the number of shards or a shard plan")
@@ -249,11 +257,12 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
                             f"the data (e.g. {sorted(want - have)[:10]}), {len(have - want)} data ids are not "
                             f"planned (e.g. {sorted(have - want)[:10]})")
     check_dp(dp, weighting, [len(s) for s in plan.shards], base.batch_size)
-    info = build_classifier(base, backbone, class_names).info()
+    info = model.info()
+    record = run_record(spec, base)
     todo = {i: list(s) for i, s in enumerate(plan.shards) if s}
     if threads is None:
         threads = default_threads(workers or default_workers(len(todo), pinned))
-    request = {"plan": plan.to_dict(), "config": base.to_dict(), "fingerprint": info.fingerprint,
+    request = {"plan": plan.to_dict(), "config": record, "fingerprint": info.fingerprint,
                "threads": threads, "weighting": weighting, "data": data_identity(train),
                "backbone": {"name": backbone.name, "preprocess": json.loads(json.dumps(backbone.preprocess.to_dict())),
                             "dtype": info.dtype, "fingerprint": backbone.fingerprint}}
@@ -282,13 +291,14 @@ def create_store(root: str | Path, train: FeatureData, backbone: Backbone, confi
             write_pending(layout, pending)
             crashpoint("after-pending")
         ref = backbone_ref(backbone, by_name=executor != "inline")
-        files = train_into(layout, pending, todo, train=train, backbone=ref, info=info, base=base, threads=threads,
+        files = train_into(layout, pending, todo, train=train, backbone=ref, info=info, spec=spec, base=base,
+                           threads=threads,
                            plan_kind=plan.kind, executor=executor, workers=workers, retries=retries,
                            progress=progress, dp=dp, device=device)
         m: Manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": 0, "last_op": None,
             "created": pending["time"], "updated": pending["time"], **info.to_dict(),
-            "train_config": base.to_dict(), "threads": threads, "plan": plan.to_dict(),
+            "train_config": record, "threads": threads, "plan": plan.to_dict(),
             "data": {"features": data_identity(train), "source": source.resolved().to_dict() if source else None},
             "shards": [{"index": i, "status": "trained" if s else "empty",
                         "file": files[i]["file"] if s else None, "sha256": files[i]["sha256"] if s else None,

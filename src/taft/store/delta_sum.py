@@ -17,9 +17,9 @@ import torch
 
 from taft.checkpoint import CheckpointFile, write_checkpoint
 from taft.errors import FingerprintMismatchError, TaftError
+from taft.spec import LINEAR_METHODS
 
 WEIGHTINGS = ("uniform", "size")
-LINEAR_METHODS = ("taft", "probe")
 
 
 def composition_weights(sizes: Sequence[int], weighting: str = "uniform") -> list[float]:

@@ -34,7 +34,7 @@ from taft.privacy import DPConfig
 from taft.store.commit import begin, commit
 from taft.store.journal import audit_noop, new_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint
-from taft.store.manifest import Manifest, config_of, info_of, load_manifest, plan_of
+from taft.store.manifest import Manifest, config_of, info_of, load_manifest, plan_of, spec_of
 from taft.store.create import ExecutorArg, connected, train_into
 
 MODES = ("drop", "retrain")
@@ -168,7 +168,7 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
             if any(forbidden & set(ids) for ids in todo.values()):  # never train on a forgotten id
                 raise TaftError("internal error: a retraining shard still lists forgotten ids")
             files = train_into(layout, pending, todo, train=training_features(m, features),
-                               backbone=backbone_for(m, backbone, executor), info=info_of(m), base=config_of(m),
+                               backbone=backbone_for(m, backbone, executor), info=info_of(m), spec=spec_of(m), base=config_of(m),
                                threads=int(m["threads"]), plan_kind=m["plan"]["kind"], executor=executor,
                                workers=workers, retries=retries, progress=progress,
                                dp=DPConfig(**m["dp"]) if "dp" in m else None,

@@ -33,6 +33,7 @@ from taft.store.delta_sum import composition_weights
 from taft.fileio import read_json, write_json
 from taft.store.layout import StoreLayout
 from taft.store.plan import ShardPlan
+from taft.spec import ModelSpec
 from taft.train import TrainConfig
 
 FORMAT = "taft-store"
@@ -81,7 +82,13 @@ def info_of(m: Mapping[str, Any]) -> ModelInfo:
 
 
 def config_of(m: Mapping[str, Any]) -> TrainConfig:
+    """The store's training recipe."""
     return TrainConfig.from_dict(m["train_config"])
+
+
+def spec_of(m: Mapping[str, Any]) -> ModelSpec:
+    """What the store's models are (method, k, pooling, base head seed)."""
+    return ModelSpec.from_dict(m["train_config"])
 
 
 def trained(m: Mapping[str, Any]) -> list[int]:

@@ -29,7 +29,11 @@ from taft.fileio import read_json
 from taft.store.layout import StoreLayout
 from taft.store.manifest import Manifest, load_manifest, members
 from taft.store.plan import ShardPlan
-from taft.train import TrainConfig, cache_features
+from taft.data.feature_cache import CachedFeatures
+from taft.data.trunk_features import cache_features
+from taft.model import Classifier
+from taft.spec import ModelSpec
+from taft.train import TrainConfig
 
 
 def is_store(root: str | Path) -> bool:
@@ -182,8 +186,6 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
     if pending["op"] == "create":
         data = req["data"]
         if features is None:
-            from taft.data.feature_cache import CachedFeatures
-
             if not data.get("path") or not (Path(data["path"]) / "meta.json").is_file():
                 raise TaftError("cannot resume the store's creation: its training features are not in the cache; "
                                 "rerun the original `taft shards train` command")
@@ -193,7 +195,10 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
             if not spec:
                 raise TaftError("cannot resume the store's creation without its backbone")
             backbone = BackboneSpec.of(spec["name"], spec["preprocess"], spec["dtype"], spec["fingerprint"]).load()
-        create_store(root, features, backbone, TrainConfig.from_dict(req["config"]),
+        if not isinstance(features, CachedFeatures):
+            raise TaftError("resuming a store's creation needs its cached training features (CachedFeatures)")
+        model = Classifier.from_spec(backbone, features.class_names, ModelSpec.from_dict(req["config"]))
+        create_store(root, features, model, TrainConfig.from_dict(req["config"]),
                      plan=ShardPlan.from_dict(req["plan"]), threads=req["threads"], weighting=req["weighting"],
                      dp=DPConfig(**req["dp"]) if "dp" in req else None, **kw)
         return "completed the store's creation"

@@ -1,4 +1,9 @@
-"""The tangent tail: the last k blocks, the final norm, pooling and the classification head, linearized at w0."""
+"""The tangent tail: the last k blocks, the final norm, pooling and the classification head, linearized at w0.
+
+Every method's tail (`taft.tails` has the other two) follows one protocol, `FeatureTail`: `forward(features, mask)`
+gives logits from trunk features; `train_inputs` computes once what does not change in training, `train_logits`
+maps it to logits through `trainable_module()`; `weights()` are the plain model's weights of the tail.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,31 @@ from taft.tangent.functional import pool
 from taft.tangent.layers import TangentLayerNorm, TangentLinear, tangent_block
 
 
-class TangentTail(nn.Module):
+class FeatureTail(nn.Module):
+    """The tail protocol, as a tail that trains on the trunk features themselves (taft, nlft): `prepares_inputs`
+    is False (`train_inputs` returns them unchanged)."""
+
+    prepares_inputs = False
+
+    def train_inputs(self, features: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(what `train_logits` consumes, its mask): here the trunk features and their mask, unchanged."""
+        return features, mask
+
+    def train_logits(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from `train_inputs`; differentiable with respect to the trainable tensors."""
+        return self(inputs, mask)
+
+    def trainable_module(self) -> tuple[nn.Module, str]:
+        """(the module `train_logits` calls, the prefix of its parameters' names in the tail)."""
+        return self, ""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The plain model's weights of the tail, keyed like the plain model (`blocks.11.attn.qkv.weight`)."""
+        return {n: t.detach() for n, t in self.state_dict().items()}
+
+
+class TangentTail(FeatureTail):
     """f_lin(h; Δw) = f(h; w0) + J(h; w0) Δw for trunk features h (B, N, D).
 
     `blocks` is keyed by the block's index in the full backbone, so Δw names match the plain model's
@@ -47,3 +76,7 @@ class TangentTail(nn.Module):
             x, x_dot = pool(x, self.pooling, mask), pool(x_dot, self.pooling, mask)
         logits, logits_dot = self.head(x, x_dot)
         return logits + logits_dot
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """w0 + Δw for every trained tensor."""
+        return {name: self.get_buffer(f"{name}_0") + delta.detach() for name, delta in self.named_parameters()}

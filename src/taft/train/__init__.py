@@ -1,21 +1,21 @@
 """Training: TAFT, non-linear fine-tuning (nlft) and linear probing on cached trunk features, one evaluation.
 
-    from taft.train import TrainConfig, cache_features, fit, evaluate
-    cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=10)
-    train_f = cache_features(train_ds, backbone, cfg.tangent_blocks)     # frozen trunk, computed once
-    val_f = cache_features(val_ds, backbone, cfg.tangent_blocks)
-    result = fit(cfg, backbone, train_f, val=val_f, run_dir="runs/taft")  # config, metrics, checkpoint
-    evaluate(result.classifier, val_f).top1
+    model = taft.Classifier(backbone, class_names, k=1, method="taft")
+    train_f = model.cache_features(train_ds)                           # frozen trunk, computed once
+    val_f = model.cache_features(val_ds)
+    result = fit(model, train_f, TrainConfig(epochs=10), val=val_f, run_dir="runs/taft")
+    evaluate(model, val_f).top1
 
-Default learning rates (AdamW, weight_decay = 0, cosine schedule, batch 32, κ = 15 squared loss) are in
-`DEFAULT_LR`; see `taft.train.config` for how they were chosen.
+`TrainConfig` is the recipe (defaults per method and backbone kind, chosen on validation data:
+`taft.train.config`); `plan_run` resolves it into one `RunPlan` for plain or DP-SGD training; `make_private` gives
+DP-SGD's sampler and step to your own loop.
 """
 
-from taft.data.trunk_features import cache_features
-from taft.model import Classifier
 from taft.train.config import DEFAULT_LR, TrainConfig
 from taft.train.evaluation import Evaluation, evaluate
-from taft.train.trainer import FitResult, build_classifier, fit
+from taft.train.plan import RunPlan, plan_run
+from taft.train.private import PrivateTraining, make_private
+from taft.train.trainer import Compute, FitResult, fit
 
-__all__ = ["DEFAULT_LR", "Classifier", "Evaluation", "FitResult", "TrainConfig", "build_classifier", "cache_features",
-           "evaluate", "fit"]
+__all__ = ["DEFAULT_LR", "Compute", "Evaluation", "FitResult", "PrivateTraining", "RunPlan", "TrainConfig", "evaluate",
+           "fit", "make_private", "plan_run"]

@@ -1,20 +1,22 @@
-"""Training configuration shared by the three methods (TAFT, non-linear fine-tuning, linear probe)."""
+"""How to train (`TrainConfig`, the recipe), shared by the three methods; what the model is lives in the model
+(`taft.spec.ModelSpec`). A run records both in one dict, `run_record(spec, config)`, under the keys checkpoints and
+stores have always used."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from taft.errors import TaftError
 from taft.losses import DEFAULT_KAPPA
+from taft.spec import METHODS, SPEC_KEYS, ModelSpec
+from taft.validate import check_choice, check_integer, check_number
 
-METHODS = ("taft", "nlft", "probe")
 LOSSES = ("mse", "ce")
 SCHEDULES = ("cosine", "step", "constant")
-HEAD_INITS = ("random", "probe")
-POOLINGS = ("cls", "mean")
 OPTIMIZERS = ("adamw", "sgd")
 
 # Default recipes: the settings a config leaves None are filled in by `TrainConfig.resolved` from the row of its
@@ -71,16 +73,14 @@ def default_lr(method: str, text: bool = False, private: bool = False) -> float:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train. JSON round trip: `TrainConfig.from_json(cfg.to_json()) == cfg`.
+    """How to train a model (the method, k, pooling and base head are the model's: `taft.spec.ModelSpec`). JSON
+    round trip: `TrainConfig.from_json(cfg.to_json()) == cfg`.
 
-    method: "taft" (train Δw of the linearized tail), "nlft" (train the same tail non-linearly) or "probe"
-        (train the head only, on the frozen network's pooled features).
-    tangent_blocks: k, the number of last blocks in the tail (the final norm and head always are).
     loss: "mse" (rescaled squared loss, mean over batch and classes of (logits − κ·onehot)²) or "ce".
     kappa: κ of the rescaled squared loss (ignored by "ce").
     reg: λ of the proximity term λ‖θ − θ0‖² (θ0: Δw = 0 for taft, w0 for nlft, the initial head for probe).
-    lr, head_lr, optimizer, warmup, epochs: None means the default `recipe` of the method for the backbone's kind
-        and for ordinary or DP training, filled in by `resolved(...)` (which `fit`, the loops and stores call).
+    lr, head_lr, optimizer, warmup, epochs: None means the default `recipe` of the model's method for its backbone
+        kind and for ordinary or DP training, filled in by `resolved(...)` (which `fit`, the loops and stores call).
     lr: the learning rate.
     head_lr: the head's learning rate (taft: Δw_head, nlft: the head weights); None after `resolved`: `lr`. Not
         for probes (their `lr` is the head's).
@@ -89,19 +89,12 @@ class TrainConfig:
         before the schedule; 0: none.
     schedule: per-step "cosine" (from lr after the warm-up to 0 at the last step), "step" (×0.1 at 50 % and
         75 % of the steps) or "constant".
-    batch_size, epochs: as usual (epochs default: 10, DP-SGD 5); the last batch of an epoch may be short.
+    batch_size, epochs: as usual (epochs default: 10; DP-SGD `dp_epochs`); the last batch of an epoch may be short.
     min_steps: at least this many optimizer steps: `epochs` is raised to ⌈min_steps / steps per epoch⌉ when
         that is more (`epochs_for(n)`), so small data sets (and small shards) are not under-trained.
     seed: data order (a seeded permutation per epoch).
-    head_seed: the seeded random base head w0_head. Kept apart from `seed` so that shards trained with
-        different data orders share w0 (required to compose them).
-    head_init: "random" (seeded, never zero) or "probe" (first fit a linear probe with the probe's defaults
-        for `epochs` epochs and use its head as w0_head; taft and nlft only).
-    pooling: "cls" or "mean".
     """
 
-    method: str = "taft"
-    tangent_blocks: int = 1
     loss: str = "mse"
     kappa: float = DEFAULT_KAPPA
     reg: float = 0.0
@@ -115,45 +108,35 @@ class TrainConfig:
     epochs: int | None = None
     min_steps: int = 0
     seed: int = 0
-    head_seed: int = 0
-    head_init: str = "random"
-    pooling: str = "cls"
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, METHODS)
-        _choice("loss", self.loss, LOSSES)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("head_init", self.head_init, HEAD_INITS)
-        _choice("pooling", self.pooling, POOLINGS)
-        for name in ("tangent_blocks", "batch_size"):
-            _integer(name, getattr(self, name), minimum=1)
+        check_choice("loss", self.loss, LOSSES)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_integer("batch_size", self.batch_size, minimum=1)
         if self.epochs is not None:
-            _integer("epochs", self.epochs, minimum=1)
-        for name in ("seed", "head_seed", "min_steps"):
-            _integer(name, getattr(self, name), minimum=0)
-        _number("kappa", self.kappa, positive=True)
-        _number("reg", self.reg, positive=False)
+            check_integer("epochs", self.epochs, minimum=1)
+        for name in ("seed", "min_steps"):
+            check_integer(name, getattr(self, name), minimum=0)
+        check_number("kappa", self.kappa, positive=True)
+        check_number("reg", self.reg, positive=False)
         for name in ("lr", "head_lr"):
             if getattr(self, name) is not None:
-                _number(name, getattr(self, name), positive=True)
+                check_number(name, getattr(self, name), positive=True)
         if self.optimizer is not None:
-            _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _number("momentum", self.momentum, positive=False)
+            check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_number("momentum", self.momentum, positive=False)
         if self.warmup is not None:
-            _number("warmup", self.warmup, positive=False)
+            check_number("warmup", self.warmup, positive=False)
         if self.momentum >= 1 or (self.warmup or 0) >= 1:
             raise TaftError(f"momentum and warmup must be below 1, got momentum={self.momentum!r}, "
                             f"warmup={self.warmup!r}")
-        if self.head_lr is not None and self.method == "probe":
-            raise TaftError("head_lr applies to methods taft and nlft (a probe trains only the head: use lr)")
-        if self.head_init == "probe" and self.method == "probe":
-            raise TaftError("head_init='probe' applies to methods taft and nlft (a probe starts from the random "
-                            "head)")
 
     @property
     def learning_rate(self) -> float:
-        """`lr`, or the method's image-backbone default when `lr` is None (`resolved(text=True)` for text)."""
-        return default_lr(self.method) if self.lr is None else float(self.lr)
+        """`lr` of a resolved config."""
+        if self.lr is None:
+            raise TaftError("the learning rate is not set: resolve the config for its model first (resolved(...))")
+        return float(self.lr)
 
     @property
     def head_learning_rate(self) -> float:
@@ -166,15 +149,18 @@ class TrainConfig:
         per_epoch = math.ceil(n / (batch_size or self.batch_size))
         return max(self.epochs or DEFAULT_EPOCHS, math.ceil(self.min_steps / per_epoch))
 
-    def resolved(self, text: bool = False, private: bool = False, n: int | None = None,
+    def resolved(self, method: str, text: bool = False, private: bool = False, n: int | None = None,
                  batch_size: int | None = None, epsilon: float | None = None) -> TrainConfig:
         """A copy with the defaults filled in (what a run records): `lr`, `head_lr`, `optimizer`, `warmup` and
-        `epochs` from the `recipe` for an image or a text backbone, ordinary or DP-SGD (`private`, target budget
-        `epsilon`) training; with `n` (the number of training examples), `epochs` raised to `epochs_for(n,
-        batch_size)`."""
-        defaults = recipe(self.method, text, private, epsilon)
+        `epochs` from the `recipe` of `method` for an image or a text backbone, ordinary or DP-SGD (`private`,
+        target budget `epsilon`) training; with `n` (the number of training examples), `epochs` raised to
+        `epochs_for(n, batch_size)`."""
+        check_choice("method", method, METHODS)
+        if self.head_lr is not None and method == "probe":
+            raise TaftError("head_lr applies to methods taft and nlft (a probe trains only the head: use lr)")
+        defaults = recipe(method, text, private, epsilon)
         lr = defaults["lr"] if self.lr is None else float(self.lr)
-        head_lr = defaults["head_lr"] if self.head_lr is None and self.method != "probe" else self.head_lr
+        head_lr = defaults["head_lr"] if self.head_lr is None and method != "probe" else self.head_lr
         filled = replace(self, lr=lr, head_lr=head_lr, optimizer=self.optimizer or defaults["optimizer"],
                          warmup=defaults["warmup"] if self.warmup is None else self.warmup,
                          epochs=self.epochs or defaults["epochs"])
@@ -184,17 +170,18 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        if not isinstance(d, dict):
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """The recipe of `d`; a recorded run's dict (`run_record`) also holds the model's keys, which are skipped."""
+        if not isinstance(d, Mapping):
             raise TaftError(f"a training config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known - set(SPEC_KEYS))
         if unknown:
             raise TaftError(f"unknown training config keys {unknown}; known: {sorted(known)}")
         if d.get("lr") is not None and "optimizer" not in d:  # recorded before the recipe options: keep that recipe
             d = {**d, "optimizer": "adamw", "warmup": 0.0,
                  "head_lr": None if d.get("method") == "probe" else d["lr"]}
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -208,17 +195,7 @@ class TrainConfig:
         return cls.from_dict(d)
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise TaftError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _integer(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TaftError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-
-
-def _number(name: str, value: Any, positive: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise TaftError(f"{name} must be a finite number {'> 0' if positive else '≥ 0'}, got {value!r}")
+def run_record(spec: ModelSpec, config: TrainConfig) -> dict[str, Any]:
+    """What a run records as its training config (config.json, checkpoints' `train_config`, store manifests): the
+    model's spec and the recipe in one dict."""
+    return {**spec.to_dict(), **config.to_dict()}

@@ -43,7 +43,7 @@ def evaluate_prepared(classifier: Classifier, data: Prepared, loss: str, kappa: 
     counts = torch.zeros(n_cls, dtype=torch.int64)
     total_loss = 0.0
     order = torch.arange(len(data)).split(batch_size)
-    for idx, (x, mask, _) in zip(order, data.batches(order, classifier.device, classifier.dtype)):
+    for idx, (x, _, mask) in zip(order, data.batches(order, classifier.device, classifier.dtype)):
         logits = classifier.train_logits(x, mask)
         y = data.labels[idx]
         total_loss += float(classification_loss(logits, y.to(logits.device), loss, kappa, reduction="sum"))

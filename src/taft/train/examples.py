@@ -10,9 +10,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
-from taft.data.trunk_features import feature_key
 from taft.errors import TaftError
 from taft.model import Classifier
 from taft.train.feeding import Batch, choose_feed, streamed
@@ -77,12 +75,16 @@ class Examples:
         mask = None if width is None else torch.arange(width) < lengths[:, None]
         return x, mask
 
-    def batch(self, idx: torch.Tensor, device: torch.device,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(features, mask, labels) of rows `idx` on `device` (features in `dtype`)."""
+    def host_batch(self, idx: torch.Tensor) -> Batch:
+        """(features, labels, mask) of rows `idx` where they are stored."""
+        x, mask = self.rows(idx)
+        return x, self.labels[idx], mask
+
+    def batch(self, idx: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Batch:
+        """(features, labels, mask) of rows `idx` on `device` (features in `dtype`)."""
         x, mask = self.rows(idx)
         mask = None if mask is None else mask.to(device, non_blocking=True)
-        return x.to(device, dtype, non_blocking=True), mask, self.labels[idx].to(device, non_blocking=True)
+        return x.to(device, dtype, non_blocking=True), self.labels[idx].to(device, non_blocking=True), mask
 
     @property
     def nbytes(self) -> int:
@@ -104,7 +106,7 @@ class Examples:
     def batches(self, order: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
         """`batch(idx, ...)` for each index batch of `order`, streamed ahead when the feed is "stream"."""
         if self.feed == "stream":
-            yield from streamed(lambda idx: (*self.rows(idx), self.labels[idx]), order, device, dtype)
+            yield from streamed(self.host_batch, order, device, dtype)
             return
         for idx in order:
             yield self.batch(idx, device, dtype)
@@ -117,36 +119,37 @@ class Examples:
             raise TaftError(f"{self.what}: class names {self.class_names[:10]} differ from "
                             f"{list(class_names)[:10]}")
 
-    def check(self, backbone: Backbone, tangent_blocks: int, class_names: Sequence[str]) -> None:
-        """Names any mismatch with the run: feature width, labels, class names, trunk (from the cache key)."""
+    def check(self, model: Classifier) -> None:
+        """Names any mismatch with `model`: feature width, labels, class names, trunk (from the cache key)."""
         if len(self.feature_shape) != 2:
             raise TaftError(f"{self.what}: expected trunk features (n, tokens, dim), got shape "
                             f"{tuple(self.x.shape)}")
-        dim = backbone.model.cfg.dim
+        dim = model.config.dim
         if self.feature_shape[-1] != dim:
             raise TaftError(f"{self.what}: features have width {self.feature_shape[-1]}, backbone "
-                            f"{backbone.name} has width {dim}")
-        self.check_labels(class_names)
+                            f"{model.backbone_name} has width {dim}")
+        self.check_labels(model.class_names)
         if self.key is not None and {"backbone", "trunk_blocks"} <= set(self.key):
-            want = feature_key(backbone, tangent_blocks)
-            if self.key["backbone"] != want["backbone"]:
+            if self.key["backbone"] != model.backbone_fingerprint:
                 raise TaftError(f"{self.what}: the cached features were computed with another backbone "
-                                f"(fingerprint {str(self.key['backbone'])[:12]}…) than {backbone.name} "
-                                f"({want['backbone'][:12]}…); cache them with this backbone")
-            if self.key["trunk_blocks"] != want["trunk_blocks"]:
-                have_k = backbone.model.cfg.depth - int(self.key["trunk_blocks"])
+                                f"(fingerprint {str(self.key['backbone'])[:12]}…) than {model.backbone_name} "
+                                f"({model.backbone_fingerprint[:12]}…); cache them with this model")
+            depth, k = model.config.depth, model.tangent_blocks
+            if self.key["trunk_blocks"] != depth - k:
+                have_k = depth - int(self.key["trunk_blocks"])
                 raise TaftError(f"{self.what}: the cached features are for k={have_k} tangent blocks (trunk of "
-                                f"{self.key['trunk_blocks']} blocks), this run uses k={tangent_blocks}; "
-                                f"cache them with tangent_blocks={tangent_blocks}")
+                                f"{self.key['trunk_blocks']} blocks), this model has k={k}; cache them with "
+                                "this model (model.cache_features)")
 
 
 class Prepared(Examples):
-    """What the trainer feeds `Classifier.train_logits`: for a probe, the frozen pooled features (computed once);
-    for taft and nlft the trunk features themselves."""
+    """What the trainer feeds `Classifier.train_logits`: the model's `train_inputs` of every row, when they differ
+    from the trunk features (a probe's pooled features, computed once); else the trunk features themselves."""
 
     def __init__(self, classifier: Classifier, examples: Examples, batch_size: int = EVAL_BATCH):
         self.__dict__.update(examples.__dict__)
-        if classifier.method == "probe":
-            self.x = torch.cat([classifier.train_inputs(*examples.rows(idx))
-                                for idx in torch.arange(len(examples)).split(batch_size)])
-            self.lengths = None  # pooled features (n, D) have no tokens left to mask
+        if not classifier.tail.prepares_inputs:
+            return  # trains on the trunk features as they are
+        self.x = torch.cat([classifier.train_inputs(*examples.rows(idx))[0]
+                            for idx in torch.arange(len(examples)).split(batch_size)])
+        self.lengths = None  # prepared inputs have no tokens left to mask

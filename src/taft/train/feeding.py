@@ -28,7 +28,7 @@ FEEDS = ("auto", "resident", "stream", "host")
 DEVICE_FRACTION = 0.5
 PREFETCH = 2
 
-Batch = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # (inputs, labels, mask or None): one order everywhere
 
 
 def choose_feed(feed: str, device: torch.device, nbytes: int) -> str:
@@ -45,7 +45,7 @@ def choose_feed(feed: str, device: torch.device, nbytes: int) -> str:
 
 def streamed(read: Callable[[torch.Tensor], Batch], order: Sequence[torch.Tensor], device: torch.device,
              dtype: torch.dtype, prefetch: int = PREFETCH) -> Iterator[Batch]:
-    """`read(idx)` (features, mask, labels on the host) of each index batch in `order`, read ahead by a worker
+    """`read(idx)` (features, labels, mask on the host) of each index batch in `order`, read ahead by a worker
     thread into pinned memory (CUDA) and moved to `device` without blocking, features cast to `dtype` there. The
     thread stops when the consumer stops early."""
     pin = device.type == "cuda"
@@ -82,9 +82,9 @@ def streamed(read: Callable[[torch.Tensor], Batch], order: Sequence[torch.Tensor
                 return
             if kind == "error":
                 raise item  # type: ignore[misc]
-            x, mask, y = item  # type: ignore[misc]
-            yield (x.to(device, dtype, non_blocking=pin), None if mask is None else mask.to(device, non_blocking=pin),
-                   y.to(device, non_blocking=pin))
+            x, y, mask = item  # type: ignore[misc]
+            yield (x.to(device, dtype, non_blocking=pin), y.to(device, non_blocking=pin),
+                   None if mask is None else mask.to(device, non_blocking=pin))
     finally:
         stop.set()
         thread.join()

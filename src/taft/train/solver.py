@@ -47,9 +47,9 @@ def dot(a: Vector, b: Vector) -> float:
 def check_solvable(classifier: Classifier, config: TrainConfig, iterations: int, tol: float) -> None:
     """`TaftError` unless conjugate gradient applies: an affine model (taft, probe), the squared loss, ≥ 1
     iteration and a tolerance ≥ 0."""
-    if classifier.method == "nlft":
-        raise TaftError("conjugate gradient needs a model affine in its trained weights (taft or probe); nlft is "
-                        "not, so its squared loss is not quadratic: train it with adamw or sgd")
+    if not classifier.spec.linear:
+        raise TaftError(f"conjugate gradient needs a model affine in its trained weights (taft or probe); "
+                        f"{classifier.method} is not, so its squared loss is not quadratic: train it with adamw or sgd")
     if config.loss != "mse":
         raise TaftError(f"conjugate gradient minimises the squared loss (loss='mse'), got loss={config.loss!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
@@ -82,7 +82,7 @@ class Quadratic:
         for p in self.params:
             p.grad = None
         classifier = self.classifier
-        for i, (x, mask, y) in enumerate(self.train.batches(self.order, classifier.device, classifier.dtype)):
+        for i, (x, y, mask) in enumerate(self.train.batches(self.order, classifier.device, classifier.dtype)):
             out = classifier.train_logits(x, mask)
             torch.sum(out * cotangent(i, out.detach(), y)).backward()
         return [torch.zeros_like(p) if p.grad is None else p.grad.detach() / self.outputs for p in self.params]
