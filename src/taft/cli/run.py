@@ -303,7 +303,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_cache_list(args: argparse.Namespace) -> None:
     from taft.paths import cache_dir
-    from taft.cache_entries import cache_entries, human_size
+    from taft.data.feature_cache import cache_entries, human_size
 
     entries = cache_entries()
     if args.json:
@@ -318,9 +318,13 @@ def cmd_cache_list(args: argparse.Namespace) -> None:
 
 def cmd_cache_clear(args: argparse.Namespace) -> None:
     from taft.paths import cache_dir
-    from taft.cache_entries import clear_cache, human_size, parse_age
+    from taft.data.feature_cache import clear_cache, human_size, parse_age
 
-    removed = clear_cache(parse_age(args.older_than) if args.older_than is not None else None)
+    try:
+        older_than = parse_age(args.older_than) if args.older_than is not None else None
+    except TaftError as e:
+        raise TaftError(f"--older-than: {e}") from e
+    removed = clear_cache(older_than)
     print(f"removed {len(removed)} entries ({human_size(sum(e.size for e in removed))}) from {cache_dir()}")
 
 

@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from taft.backbones.base import ImagePreprocess
-from taft.data.split import per_class_positions
+from taft.data.split import per_class_positions, select_positions
 from taft.data.transforms import ImageTransform
 from taft.errors import AssetMissingError, TaftError
 
@@ -191,11 +191,7 @@ class ImageDataset(Dataset):
 
     def select(self, ids: Sequence[str]) -> ImageDataset:
         """The examples whose id is in `ids`, in dataset order. Raises `TaftError` naming unknown ids."""
-        wanted = set(ids)
-        unknown = sorted(wanted - set(self.index))
-        if unknown:
-            raise TaftError(f"{len(unknown)} ids are not in the dataset, e.g. {unknown[:_MAX_LISTED]}")
-        return self._derived([r for r in self.records if r.id in wanted])
+        return self._derived([self.records[k] for k in select_positions(self.ids, ids)])
 
     def per_class(self, n: int, seed: int | None = None) -> ImageDataset:
         """At most `n` examples per class, in dataset order: the first `n` (seed None) or a seeded sample that

@@ -10,10 +10,12 @@ examples are added or removed, except near a class's cut-off (the count per clas
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar
 
 from taft.errors import TaftError
+
+MAX_LISTED = 10  # ids named in an error message
 
 
 class _Selectable(Protocol):
@@ -51,6 +53,17 @@ def train_val_split(ids: Sequence[str], labels: Sequence[int], val_fraction: flo
         val += members[:n_val]
         train += members[n_val:]
     return sorted(train), sorted(val)
+
+
+def select_positions(ids: Sequence[str], wanted: Iterable[str], where: str = "the dataset") -> list[int]:
+    """Positions in `ids` of the examples whose id is in `wanted`, in `ids` order: the one id selector behind every
+    dataset's `select`. Raises `TaftError` naming ids that are not in `ids` (`where` names the data)."""
+    wanted = set(wanted)
+    unknown = sorted(wanted.difference(ids))
+    if unknown:
+        more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
+        raise TaftError(f"{len(unknown)} ids are not in {where}: {unknown[:MAX_LISTED]}{more}")
+    return [k for k, i in enumerate(ids) if i in wanted]
 
 
 def per_class_positions(ids: Sequence[str], labels: Sequence[int], n: int, seed: int | None = None) -> list[int]:

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from taft.backbones.assets import rotten_tomatoes_file
 from taft.backbones.base import TokenBatch
 from taft.backbones.tokenizer import TextTokenizer
-from taft.data.split import per_class_positions, train_val_split
+from taft.data.split import per_class_positions, select_positions, train_val_split
 from taft.errors import TaftError
 
 ROTTEN_TOMATOES_CLASSES = ("rotten", "fresh")
@@ -124,11 +124,7 @@ class TextDataset(Dataset):
 
     def select(self, ids: Sequence[str]) -> TextDataset:
         """The examples whose id is in `ids`, in dataset order. Raises `TaftError` naming unknown ids."""
-        wanted = set(ids)
-        unknown = sorted(wanted - set(self.index))
-        if unknown:
-            raise TaftError(f"{len(unknown)} ids are not in the dataset: {_listed(unknown)}")
-        return self._derived([k for k, i in enumerate(self.ids) if i in wanted])
+        return self._derived(select_positions(self.ids, ids))
 
     def per_class(self, n: int, seed: int | None = None) -> TextDataset:
         """At most `n` examples per class, in dataset order: the first `n` (seed None) or a seeded sample that

@@ -80,7 +80,7 @@ def parse_age(text: str) -> float:
     """Seconds in an age like "90s", "30m", "12h", "7d", "2w" (a bare number is days)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
     if not m:
-        raise TaftError(f"--older-than takes an age like 12h, 7d or 2w, got {text!r}")
+        raise TaftError(f"an age is a number with a unit s, m, h, d or w, like 12h, 7d or 2w; got {text!r}")
     return float(m.group(1)) * UNITS[m.group(2) or "d"]
 
 
