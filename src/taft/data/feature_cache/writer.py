@@ -59,8 +59,10 @@ def stack(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, lis
 
 
 def build_entry(directory: Path, digest: str, full: dict, dataset: LabelledDataset,
-           trunk: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype, batch_size: int,
-           num_workers: int, device: torch.device | str | None, progress: bool) -> None:
+                trunk: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype, batch_size: int,
+                num_workers: int, device: torch.device | str | None, progress: bool) -> None:
+    """Compute entry `digest` (full key `full`) of `dataset` with `trunk` into `directory`, continuing from the
+    chunks an interrupted build flushed; the caller holds the entry's lock."""
     n = len(dataset)
     np_dtype = np.dtype(dtype_name(dtype))
     feat_path, prog_path = directory / "features.npy", directory / "progress.json"
