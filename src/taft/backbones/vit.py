@@ -7,7 +7,6 @@ pretraining grid row by row), `blocks.{i}.{norm1,attn.qkv,attn.proj,ls1.gamma,no
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taft.errors import TaftError
-from taft.tangent.functional import key_padding_bias
+from taft.tangent.functional import attention_probs, key_padding_bias
 
 
 def check_block_shape(dim: int, heads: int, gelu: str) -> None:
@@ -53,11 +52,9 @@ def gelu(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """softmax(Q Kᵀ / sqrt(d) + bias) V, written out (differentiable by forward- and reverse-mode AD)."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    if bias is not None:
-        scores = scores + bias
-    return torch.softmax(scores, dim=-1) @ v
+    """softmax(Q Kᵀ / sqrt(d) + bias) V, written out (differentiable by forward- and reverse-mode AD); the same
+    softmax the tangent layers use (`taft.tangent.functional.attention_probs`)."""
+    return attention_probs(q, k, bias) @ v
 
 
 class FusedLinear(nn.Linear):
