@@ -145,3 +145,9 @@ def test_resume_an_interrupted_cosine_run_equals_the_uninterrupted_one(resume_da
     capsys.readouterr()
     bad(capsys, ["train", "--resume", str(tmp_path / "cut"), "--epochs", "2", "--quiet"], "already trained 3")
     bad(capsys, ["train", "--resume", str(resume_data), "--quiet"], "not a run directory")
+
+
+def test_library_errors_name_the_options_they_are_about(capsys, tmp_path):
+    """The library's message names its parameters; the command line adds its options."""
+    bad(capsys, ["train", "--data", str(tmp_path), "--dataset", "fashion-mnist", "--quiet"],
+        "give exactly one of a data path or a dataset name (--data, --dataset)")

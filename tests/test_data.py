@@ -134,7 +134,7 @@ def test_corrupt_images_fail_or_skip(tmp_path):
         image_folder(root, PP)
     msg = str(err.value)
     assert "2 unreadable" in msg and "dog/broken.jpg" in msg and "emu/truncated.jpg" in msg
-    assert "--skip-corrupt" in msg and "\n" not in msg
+    assert "skip_corrupt=True" in msg and err.value.arguments == ("skip_corrupt",) and "\n" not in msg
     with pytest.warns(UserWarning, match="skipping 2 unreadable images"):
         ds = image_folder(root, PP, skip_corrupt=True)
     assert "dog/broken.jpg" not in ds.ids and len(ds) == 7
@@ -222,7 +222,7 @@ def test_fashion_mnist_content_hash_follows_files(tmp_path):
 def test_fashion_mnist_missing_names_the_package(tmp_path):
     with pytest.raises(AssetMissingError, match="sudo apt-get install dataset-fashion-mnist") as err:
         fashion_mnist(tmp_path / "none", transform=PP)
-    assert "--data-dir" in str(err.value) and isinstance(err.value, TaftError)
+    assert "data_dir" in str(err.value) and err.value.arguments == ("data_dir",) and isinstance(err.value, TaftError)
     with pytest.raises(TaftError, match="'train' or 'test'"):
         fashion_mnist(tmp_path, "val", transform=PP)  # type: ignore[arg-type]
 

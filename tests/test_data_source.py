@@ -48,8 +48,8 @@ def test_resolved_paths_are_absolute(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "exactly one of --data or --dataset"),
-    ({"path": Path("x"), "dataset": "fashion-mnist"}, "exactly one of --data or --dataset"),
+    ({}, "exactly one of a data path or a dataset name"),
+    ({"path": Path("x"), "dataset": "fashion-mnist"}, "exactly one of a data path or a dataset name"),
     ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
     ({"dataset": "fashion-mnist", "split": "val"}, "split must be one of train, test"),
     ({"dataset": "fashion-mnist", "cache_dtype": "bfloat16"}, "cache dtype must be one of"),

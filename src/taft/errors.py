@@ -2,7 +2,12 @@
 
 
 class TaftError(Exception):
-    """Base class: a problem with the user's input, assets or files (not a bug in taft)."""
+    """Base class: a problem with the user's input, assets or files (not a bug in taft). `arguments` names the
+    library parameters the message is about (e.g. ("device",)), so that the command line can name its options."""
+
+    def __init__(self, message: str = "", *, arguments: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.arguments = tuple(arguments)
 
 
 class AssetMissingError(TaftError):

@@ -31,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OPTIONS = {"device": "--device", "autocast": "--autocast", "skip_corrupt": "--skip-corrupt", "data_dir": "--data-dir",
+           "path": "--data", "dataset": "--dataset"}  # library parameter → its option
+
+
+def in_cli_terms(e: TaftError) -> str:
+    """The error's message, followed by the command-line options of the library parameters it is about."""
+    options = [OPTIONS[a] for a in e.arguments if a in OPTIONS]
+    return f"{e} ({', '.join(options)})" if options else str(e)
+
+
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
     """`warnings.formatwarning` for the command line: `taft: warning: <message>`, one line, no source location."""
     return f"taft: warning: {' '.join(str(message).split())}\n"
@@ -58,7 +68,7 @@ def run_command(args: argparse.Namespace) -> int:
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
     except TaftError as e:
-        print(f"taft: error: {e}", file=sys.stderr)
+        print(f"taft: error: {in_cli_terms(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("taft: interrupted", file=sys.stderr)

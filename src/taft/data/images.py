@@ -277,7 +277,7 @@ def image_folder(root: str | os.PathLike, transform: ImagePreprocess | Transform
         count = f"{len(corrupt)} unreadable image{'s' if len(corrupt) > 1 else ''}"
         if not skip_corrupt:
             raise TaftError(f"image folder {root}: {count}: {listed}. Remove or fix them, or skip them with "
-                            "--skip-corrupt")
+                            "skip_corrupt=True", arguments=("skip_corrupt",))
         warnings.warn(f"image folder {root}: skipping {count}: {listed}", stacklevel=2)
         left = {classes[r.label] for r in records}
         lost = [c for c in folders if c not in left]
@@ -344,7 +344,8 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, split: Literal["tra
         p = _find_idx(where, name)
         if p is None:
             raise AssetMissingError(f"Fashion-MNIST file {where / name} not found: install it with "
-                                    f"`{FASHION_MNIST_INSTALL}` (or pass --data-dir)")
+                                    f"`{FASHION_MNIST_INSTALL}` (or give its folder as data_dir)",
+                                    arguments=("data_dir",))
         paths.append(p)
     images, images_sha = _read_idx(paths[0], IDX_IMAGES_MAGIC)
     labels, labels_sha = _read_idx(paths[1], IDX_LABELS_MAGIC)

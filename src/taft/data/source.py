@@ -44,7 +44,7 @@ class DataSource:
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.dataset is None):
-            raise TaftError("give exactly one of --data or --dataset")
+            raise TaftError("give exactly one of a data path or a dataset name", arguments=("path", "dataset"))
         if self.dataset is not None and self.dataset not in DATASETS:
             raise TaftError(f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
         if self.split not in SPLITS:
@@ -71,18 +71,19 @@ class DataSource:
         kind = "text" if tokenizer is not None else "image"
         class_names = getattr(model, "class_names", None)
         if self.dataset is not None and DATASETS[self.dataset] != kind:
-            raise TaftError(f"--dataset {self.dataset} is {DATASETS[self.dataset]} data, but the backbone is "
-                            f"{'a text' if kind == 'text' else 'an image'} model")
+            raise TaftError(f"dataset {self.dataset} is {DATASETS[self.dataset]} data, but the backbone is "
+                            f"{'a text' if kind == 'text' else 'an image'} model", arguments=("dataset",))
         if tokenizer is not None and self.path is not None:
             if self.kind != "table":
-                raise TaftError(f"--data {self.path}: a text backbone reads a .csv or .jsonl table")
+                raise TaftError(f"{self.path}: a text backbone reads a .csv or .jsonl table", arguments=("path",))
             ds = text_table(self.path, tokenizer, text_column=self.text_column, label_column=self.label_column,
                             id_column=self.id_column, class_names=class_names)
         elif tokenizer is not None:
             ds = rotten_tomatoes(tokenizer, self.split)
         elif self.path is not None:
             if self.path.is_file():
-                raise TaftError(f"--data {self.path} is a file; an image backbone reads a folder of class sub-folders")
+                raise TaftError(f"{self.path} is a file; an image backbone reads a folder of class sub-folders",
+                                arguments=("path",))
             ds = image_folder(self.path, model.preprocess, skip_corrupt=self.skip_corrupt, class_names=class_names)
         else:
             ds = fashion_mnist(self.data_dir, self.split, transform=model.preprocess)

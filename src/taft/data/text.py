@@ -73,7 +73,8 @@ class TextDataset(Dataset):
         token_ids, truncated = tokenizer.encode(texts)
         if truncated:
             warnings.warn(f"{where}{len(truncated)} of {len(texts)} texts are longer than max_length="
-                          f"{tokenizer.max_length} tokens and were truncated; see --max-length", stacklevel=2)
+                          f"{tokenizer.max_length} tokens and were truncated; a larger max_length keeps more",
+                          stacklevel=2)
         self._set(texts, [int(y) for y in labels], ids, [str(c) for c in class_names], tokenizer, source, token_ids)
 
     def _set(self, texts: list[str], labels: list[int], ids: list[str], class_names: list[str],
