@@ -114,10 +114,11 @@ class Classifier(nn.Module):
         self.__dict__.pop("legacy_fingerprint", None)
 
     @classmethod
-    def from_spec(cls, backbone: Backbone, classes: int | Sequence[str], spec: ModelSpec, **head: Any) -> Classifier:
-        """The model `spec` describes, on `backbone` for `classes` (`head`: head_weight / head_bias)."""
+    def from_spec(cls, backbone: Backbone, classes: int | Sequence[str], spec: ModelSpec, **options: Any
+                  ) -> Classifier:
+        """The model `spec` describes, on `backbone` for `classes` (`options`: the other keywords, e.g. head_weight)."""
         return cls(backbone, classes, spec.tangent_blocks, method=spec.method, pooling=spec.pooling,
-                   head_seed=spec.head_seed, head_init=spec.head_init, **head)
+                   head_seed=spec.head_seed, head_init=spec.head_init, **options)
 
     def derive(self, **spec: Any) -> Classifier:
         """A fresh model on the same backbone and classes with some `ModelSpec` fields changed (e.g.
@@ -125,12 +126,9 @@ class Classifier(nn.Module):
         if set(spec) - set(SPEC_KEYS):
             raise TaftError(f"derive takes ModelSpec fields {SPEC_KEYS}, got {sorted(set(spec) - set(SPEC_KEYS))}")
         new = replace(self.spec, **spec)
-        same_head = new.head_seed == self.spec.head_seed
-        return Classifier(self.backbone, self.class_names, new.tangent_blocks, method=new.method,
-                          pooling=new.pooling, head_seed=new.head_seed, head_init=new.head_init,
-                          head_weight=self.head_weight0 if same_head else None,
-                          head_bias=self.head_bias0 if same_head else None, attn_impl=self._attn_impl,
-                          prune_last_block=self._prune).to(self.device)
+        head = ((self.head_weight0, self.head_bias0) if new.head_seed == self.spec.head_seed else (None, None))
+        return Classifier.from_spec(self.backbone, self.class_names, new, head_weight=head[0], head_bias=head[1],
+                                    attn_impl=self._attn_impl, prune_last_block=self._prune).to(self.device)
 
     method = property(lambda self: self.spec.method)
     tangent_blocks = property(lambda self: self.spec.tangent_blocks)
