@@ -16,13 +16,13 @@ from helpers import bad
 from taft import TaftError
 from taft.parallel import (InlineExecutor, RayExecutor, ShardTask, ShardTrainingError, make_executor, run_shards,
                            shard_data, train_shard)
-from taft.store import ModelStore, create_store, resume
+from taft.store import Execution, ModelStore
 from taft.checkpoint import read_checkpoint
 from taft.store.layout import StoreLayout
 from taft.store.journal import read_pending
 from helpers import make_classes
 from helpers import CLASSES
-from test_store import CONFIG, K, same_tensors, tiny_features
+from test_store import CONFIG, K, QUIET, create, same_tensors, tiny_features, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +36,17 @@ def shard_tensors(root: Path) -> list[dict[str, torch.Tensor]]:
 
 def test_process_pool_and_inline_give_identical_delta(data, tmp_path):
     bb, cf = data
-    a = create_store(tmp_path / "process", cf, bb, CONFIG, shards=K, executor="process", workers=2, progress=False)
-    b = create_store(tmp_path / "inline", cf, bb, CONFIG, shards=K, executor="inline", workers=2, progress=False)
-    assert ModelStore(a).manifest["threads"] == ModelStore(b).manifest["threads"]
+    a = create(tmp_path / "process", cf, bb, CONFIG, shards=K, execution=Execution("process", workers=2, progress=False))
+    b = create(tmp_path / "inline", cf, bb, CONFIG, shards=K, execution=Execution("inline", workers=2, progress=False))
+    assert ModelStore(a).manifest.threads == ModelStore(b).manifest.threads
     for x, y in zip(shard_tensors(a), shard_tensors(b)):
         assert same_tensors(x, y)
     assert same_tensors(read_checkpoint(ModelStore(a).composed_path).tensors,
                         read_checkpoint(ModelStore(b).composed_path).tensors)
     # any concurrent.futures.Executor works (Dask's client.get_executor() is one)
     with ThreadPoolExecutor(max_workers=1) as ex:
-        c = create_store(tmp_path / "thread", cf, bb, CONFIG, shards=K, executor=ex, threads=ModelStore(a).manifest[
-            "threads"], progress=False)
+        c = create(tmp_path / "thread", cf, bb, CONFIG, shards=K, execution=Execution(ex, progress=False),
+                   threads=ModelStore(a).manifest.threads)
     for x, y in zip(shard_tensors(a), shard_tensors(c)):
         assert same_tensors(x, y)
 
@@ -65,14 +65,9 @@ def test_shard_data_is_a_cheap_sorted_view_of_the_cache(data):
 
 def tasks(data, n: int = 2) -> list[ShardTask]:
     bb, cf = data
-    return [ShardTask(index=i, config=replace(CONFIG, seed=i), data=shard_data(cf, cf.ids[i::n]),
-                      class_names=tuple(CLASSES), backbone=bb, fingerprint=_fingerprint(bb)) for i in range(n)]
-
-
-def _fingerprint(bb) -> str:
-    from taft.train import build_classifier
-
-    return build_classifier(CONFIG.resolved(), bb, CLASSES).fingerprint
+    model = tiny_model(bb)
+    return [ShardTask(index=i, spec=model.spec, config=replace(CONFIG, seed=i), data=shard_data(cf, cf.ids[i::n]),
+                      class_names=tuple(CLASSES), backbone=bb, fingerprint=model.fingerprint) for i in range(n)]
 
 
 class Flaky:
@@ -121,20 +116,20 @@ def test_store_creation_with_a_failing_shard_fails_clearly_and_a_rerun_resumes(d
     bb, cf = data
     root = tmp_path / "s"
     with pytest.raises(TaftError, match=r"1 of 3 shards failed: shard 2 \(2 attempts\): RuntimeError: worker lost"):
-        create_store(root, cf, bb, CONFIG, shards=K, executor=FailShard(2), threads=1, progress=False)
+        create(root, cf, bb, CONFIG, shards=K, execution=Execution(FailShard(2), progress=False), threads=1)
     layout = StoreLayout(root)
     pending = read_pending(layout)
-    assert not layout.manifest.exists() and sorted(pending["completed"]) == ["0", "1"]
-    finished = {i: layout.path(pending["completed"][str(i)]["file"]).stat().st_mtime_ns for i in (0, 1)}
+    assert not layout.manifest.exists() and sorted(pending.completed) == [0, 1]
+    finished = {i: layout.path(pending.completed[i].file).stat().st_mtime_ns for i in (0, 1)}
     if how == "rerun":
-        create_store(root, cf, bb, CONFIG, shards=K, executor="inline", threads=1, progress=False)
+        create(root, cf, bb, CONFIG, shards=K, threads=1)
     else:
-        assert resume(root, backbone=bb, progress=False) == "completed the store's creation"
+        assert ModelStore(root).resume(backbone=bb, execution=QUIET) == "completed the store's creation"
     m = ModelStore(root).manifest
-    assert [s["status"] for s in m["shards"]] == ["trained"] * K and not layout.pending.exists()
+    assert [s.status for s in m.shards] == ["trained"] * K and not layout.pending.exists()
     for i in (0, 1):  # reused, not retrained
-        assert layout.path(m["shards"][i]["file"]).stat().st_mtime_ns == finished[i]
-    ref = create_store(tmp_path / "ref", cf, bb, CONFIG, shards=K, executor="inline", threads=1, progress=False)
+        assert layout.path(m.shards[i].file).stat().st_mtime_ns == finished[i]
+    ref = create(tmp_path / "ref", cf, bb, CONFIG, shards=K, threads=1)
     assert same_tensors(read_checkpoint(ModelStore(root).composed_path).tensors,
                         read_checkpoint(ModelStore(ref).composed_path).tensors)
 

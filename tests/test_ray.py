@@ -25,12 +25,12 @@ from taft import TaftError
 from taft.cli import main
 from taft.parallel import RayExecutor, ShardTrainingError, run_shards, train_shard
 from taft.parallel.ray_cluster import NodeFeatures
-from taft.store import ModelStore, create_store, forget, verify
+from taft.store import Execution, ModelStore
 from taft.store.layout import StoreLayout
 from taft.store.layout import CRASH_ENV, CRASH_EXIT
 from helpers import make_classes
 from test_parallel import shard_tensors, tasks
-from test_store import CONFIG, K, composed_delta, same_tensors, tiny_features
+from test_store import CONFIG, INLINE, K, composed_delta, create, same_tensors, tiny_features
 
 REPO = Path(__file__).resolve().parents[1]
 SESSION_DIR = Path(f"/tmp/taft-ray-{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
@@ -56,22 +56,21 @@ def data():
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     bb, cf = data
-    return create_store(tmp_path_factory.mktemp("ref") / "s", cf, bb, CONFIG, shards=K, executor="inline", threads=1,
-                        progress=False)
+    return create(tmp_path_factory.mktemp("ref") / "s", cf, bb, CONFIG, shards=K, threads=1)
 
 
 def test_ray_gives_the_process_pool_and_inline_delta_with_progress_per_shard(cluster, data, reference, tmp_path,
                                                                             capsys):
     bb, cf = data
-    on_ray = create_store(tmp_path / "ray", cf, bb, CONFIG, shards=K, executor="ray", threads=1)
+    on_ray = create(tmp_path / "ray", cf, bb, CONFIG, shards=K, execution=Execution("ray"), threads=1)
     err = capsys.readouterr().err
     for i in range(K):
         assert f"shard {i} done (" in err
     workers = {line.rsplit(" on ", 1)[1] for line in err.splitlines() if " done (" in line}
     assert all(int(w.rsplit(":", 1)[1]) != os.getpid() for w in workers)  # in Ray workers, not here
-    pool = create_store(tmp_path / "process", cf, bb, CONFIG, shards=K, executor="process", workers=2, threads=1,
-                        progress=False)
-    assert ModelStore(on_ray).manifest["threads"] == ModelStore(reference).manifest["threads"] == 1
+    pool = create(tmp_path / "process", cf, bb, CONFIG, shards=K,
+                  execution=Execution("process", workers=2, progress=False), threads=1)
+    assert ModelStore(on_ray).manifest.threads == ModelStore(reference).manifest.threads == 1
     for x, y, z in zip(shard_tensors(on_ray), shard_tensors(pool), shard_tensors(reference)):
         assert same_tensors(x, y) and same_tensors(x, z)
     assert same_tensors(composed_delta(on_ray), composed_delta(reference))
@@ -91,7 +90,8 @@ def test_workers_without_the_driver_cache_get_the_rows_through_the_object_store(
         portable = [ex.portable(t) for t in ts]
         assert all(isinstance(t.data, NodeFeatures) for t in portable)
         assert [ex.submit(where_rows_came_from, t).result() for t in portable] == [want, want]
-    other = create_store(tmp_path / "s", cf, bb, CONFIG, shards=K, executor=elsewhere, threads=1, progress=False)
+    other = create(tmp_path / "s", cf, bb, CONFIG, shards=K, execution=Execution(elsewhere, progress=False),
+                   threads=1)
     assert not (tmp_path / "other-node-cache" / "features").exists()  # the workers computed no features
     for x, y in zip(shard_tensors(other), shard_tensors(reference)):
         assert same_tensors(x, y)
@@ -154,23 +154,24 @@ def test_a_shard_that_keeps_dying_is_reported_by_index_and_the_store_stays_consi
     root = tmp_path / "s"
     with pytest.raises(ShardTrainingError, match=r"1 of 3 shards failed: shard 1 \(2 attempts\): the Ray worker "
                                                  r"process died"):
-        create_store(root, cf, bb, CONFIG, shards=K, executor=KillShard(1), threads=1, progress=False)
-    report = verify(root)
+        create(root, cf, bb, CONFIG, shards=K, execution=Execution(KillShard(1), progress=False), threads=1)
+    store = ModelStore(root)
+    report = store.verify()
     assert [p for p in report.problems if "creation" not in p] == []  # only "interrupted: rerun it"
-    create_store(root, cf, bb, CONFIG, shards=K, executor="ray", threads=1, progress=False)
-    assert verify(root).ok and same_tensors(composed_delta(root), composed_delta(reference))
+    create(root, cf, bb, CONFIG, shards=K, execution=Execution("ray", progress=False), threads=1)
+    assert store.verify().ok and same_tensors(composed_delta(root), composed_delta(reference))
 
-    m = ModelStore(root).manifest
-    ids = [m["shards"][0]["ids"][0], m["shards"][1]["ids"][0]]
+    m = store.manifest
+    ids = [m.shards[0].ids[0], m.shards[1].ids[0]]
     before = composed_delta(root)
     with pytest.raises(ShardTrainingError, match=r"1 of 2 shards failed: shard 1 \(2 attempts\)"):
-        forget(root, ids, "retrain", backbone=bb, executor=KillShard(1), progress=False)
-    report = verify(root)
+        store.forget(ids, "retrain", backbone=bb, execution=Execution(KillShard(1), progress=False))
+    report = store.verify()
     assert report.ok and "did not commit" in report.notes[0]  # the old state is in force
     assert same_tensors(composed_delta(root), before)
-    forget(root, ids, "retrain", backbone=bb, executor="ray", progress=False)
+    store.forget(ids, "retrain", backbone=bb, execution=Execution("ray", progress=False))
     expected = Path(shutil.copytree(reference, tmp_path / "expected"))
-    forget(expected, ids, "retrain", backbone=bb, executor="inline", progress=False)
+    ModelStore(expected).forget(ids, "retrain", backbone=bb, execution=INLINE)
     assert same_tensors(composed_delta(root), composed_delta(expected))
 
 
@@ -206,7 +207,7 @@ def test_cli_on_ray_address_killed_driver_resumes_on_ray_or_locally(cluster, tmp
     assert main(["store", "resume", str(local), "--executor", "inline", "--quiet"]) == 0
     assert "completed the store's creation" in capsys.readouterr().out
     for s in (root, local):
-        assert verify(s).ok and same_tensors(composed_delta(s), composed_delta(inline))
+        assert ModelStore(s).verify().ok and same_tensors(composed_delta(s), composed_delta(inline))
 
 
 def test_unreachable_ray_address_fails_before_the_store_is_touched(tmp_path, capsys):

@@ -43,7 +43,7 @@ def test_shards_train_writes_a_store_that_info_eval_and_verify_accept(cli_store,
     for name in ("manifest.json", "composed.safetensors", "forgotten.json", "audit.jsonl"):
         assert (store / name).is_file()
     assert len(list((store / "shards").glob("shard-*.safetensors"))) == 2
-    m = load_manifest(StoreLayout(store))
+    m = load_manifest(StoreLayout(store)).to_dict()
     assert m["data"]["source"]["data"] == str(data.resolve()) and m["plan"]["k"] == 2
     assert all({"ant", "bee", "cow"} == {i.split("/")[0] for i in s["ids"]} for s in m["shards"])  # stratified
     composed = str(store / "composed.safetensors")
@@ -64,7 +64,7 @@ def test_shards_train_writes_a_store_that_info_eval_and_verify_accept(cli_store,
 
 def test_forget_retrain_then_drop_then_noop(store, capsys, tmp_path):
     data, root = store
-    m = load_manifest(StoreLayout(root))
+    m = load_manifest(StoreLayout(root)).to_dict()
     ids_file = tmp_path / "ids.json"
     ids_file.write_text(json.dumps([m["shards"][0]["ids"][0]]))
     assert main(["forget", str(root), "--ids", str(ids_file), "--mode", "retrain", "--quiet"]) == 0
@@ -83,7 +83,7 @@ def test_forget_retrain_then_drop_then_noop(store, capsys, tmp_path):
 
 def test_forget_retrain_recomputes_features_from_the_recorded_source(store, capsys, tmp_path):
     _, root = store
-    m = load_manifest(StoreLayout(root))
+    m = load_manifest(StoreLayout(root)).to_dict()
     shutil.rmtree(m["data"]["features"]["path"])  # the cache entry is gone: the CLI reads the data again
     (tmp_path / "ids.txt").write_text(m["shards"][1]["ids"][0])
     assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
@@ -94,7 +94,7 @@ def test_a_store_with_the_first_source_layout_still_rebuilds_its_features(store,
     """Stores made before the text columns and autocast were recorded: their data source still opens."""
     data, root = store
     layout = StoreLayout(root)
-    m = load_manifest(layout)
+    m = load_manifest(layout).to_dict()
     m["data"]["source"] = {"data": str(data.resolve()), "dataset": None, "data_dir": None, "split": "train",
                            "per_class": None, "skip_corrupt": False, "cache_dtype": "float32"}
     write_json(layout.manifest, m)
@@ -134,7 +134,7 @@ def test_store_errors_are_one_line(store, capsys, tmp_path):
 
 def test_store_resume_completes_an_interrupted_forget(store, tmp_path):
     _, root = store
-    m = load_manifest(StoreLayout(root))
+    m = load_manifest(StoreLayout(root)).to_dict()
     (tmp_path / "ids.txt").write_text(m["shards"][1]["ids"][1])
     env = {"TAFT_TEST_CRASH_AT": "after-shard-file"}
     proc = subprocess.run([sys.executable, "-m", "taft.cli", "forget", str(root), "--ids", str(tmp_path / "ids.txt"),
@@ -145,7 +145,7 @@ def test_store_resume_completes_an_interrupted_forget(store, tmp_path):
     assert main(["store", "info", str(root)]) == 0
     assert main(["store", "resume", str(root), "--quiet"]) == 0
     assert not (root / "pending.json").exists()
-    assert load_manifest(StoreLayout(root))["forgotten"] == [m["shards"][1]["ids"][1]]
+    assert load_manifest(StoreLayout(root)).to_dict()["forgotten"] == [m["shards"][1]["ids"][1]]
     assert main(["store", "verify", str(root)]) == 0
 
 
@@ -159,7 +159,7 @@ def test_plan_from_rebuilds_a_store_without_forgotten_ids(store, capsys, tmp_pat
     from taft.checkpoint import read_checkpoint
 
     data, root = store
-    gone = load_manifest(StoreLayout(root))["shards"][0]["ids"][1]
+    gone = load_manifest(StoreLayout(root)).to_dict()["shards"][0]["ids"][1]
     (tmp_path / "ids.txt").write_text(gone)
     assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
     smaller = Path(shutil.copytree(data, tmp_path / "data"))
@@ -167,7 +167,7 @@ def test_plan_from_rebuilds_a_store_without_forgotten_ids(store, capsys, tmp_pat
     scratch = tmp_path / "scratch"
     assert main(["shards", "train", "--min-steps", "0", "--data", str(smaller), "--plan-from", str(root), "--executor", "inline",
                  "--store", str(scratch), *FAST]) == 0
-    a, b = load_manifest(StoreLayout(root)), load_manifest(StoreLayout(scratch))
+    a, b = load_manifest(StoreLayout(root)).to_dict(), load_manifest(StoreLayout(scratch)).to_dict()
     assert [s["ids"] for s in a["shards"]] == [s["ids"] for s in b["shards"]] and b["threads"] == a["threads"]
     x = read_checkpoint(ModelStore(root).composed_path).tensors
     y = read_checkpoint(ModelStore(scratch).composed_path).tensors

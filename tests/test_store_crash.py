@@ -20,20 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from taft.store import ModelStore, create_store, forget, verify
-from taft.store.layout import CRASH_EXIT, StoreLayout
+from taft.store import ModelStore
+from taft.store.layout import CRASH_ENV, CRASH_EXIT, DELAY_ENV, StoreLayout
 from taft.store.manifest import load_manifest
-from taft.store.layout import CRASH_ENV, DELAY_ENV
-from test_store import CONFIG, K, composed_delta, same_tensors, tiny_backbone, tiny_features
+from test_store import CONFIG, INLINE, K, composed_delta, create, same_tensors, tiny_backbone, tiny_features
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
-from test_store import tiny_backbone
-from taft.store import forget
+from test_store import INLINE, tiny_backbone
+from taft.store import ModelStore
 print("ready", flush=True)
-forget({root!r}, json.loads({ids!r}), {mode!r}, backbone=tiny_backbone(), executor="inline", progress=False)
+ModelStore({root!r}).forget(json.loads({ids!r}), {mode!r}, backbone=tiny_backbone(), execution=INLINE)
 print("done", flush=True)
 """
 
@@ -41,10 +40,9 @@ print("done", flush=True)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     bb, cf = tiny_features()
-    root = create_store(tmp_path_factory.mktemp("crash") / "base", cf, bb, CONFIG, shards=K, executor="inline",
-                        progress=False)
+    root = create(tmp_path_factory.mktemp("crash") / "base", cf, bb, CONFIG, shards=K)
     m = load_manifest(StoreLayout(root))
-    ids = [m["shards"][0]["ids"][1], m["shards"][2]["ids"][0], m["shards"][2]["ids"][4]]  # two shards retrain
+    ids = [m.shards[0].ids[1], m.shards[2].ids[0], m.shards[2].ids[4]]  # two shards retrain
     return root, ids
 
 
@@ -55,7 +53,7 @@ def reference(base, tmp_path_factory):
     out = {}
     for mode in ("retrain", "drop"):
         copy = Path(shutil.copytree(root, tmp_path_factory.mktemp("ref") / mode))
-        forget(copy, ids, mode, backbone=tiny_backbone(), executor="inline", progress=False)
+        ModelStore(copy).forget(ids, mode, backbone=tiny_backbone(), execution=INLINE)
         out[mode] = (composed_delta(copy), load_manifest(StoreLayout(copy)))
     return out
 
@@ -67,23 +65,24 @@ def start(root: Path, ids: list[str], mode: str, env: dict[str, str]) -> subproc
 
 
 def check_recovery(root: Path, ids: list[str], mode: str, reference) -> None:
-    report = verify(root, repair=True)
+    store = ModelStore(root)
+    report = store.verify(repair=True)
     assert report.ok, report.lines()
-    assert verify(root).ok
-    forget(root, ids, mode, backbone=tiny_backbone(), executor="inline", progress=False)
+    assert store.verify().ok
+    store.forget(ids, mode, backbone=tiny_backbone(), execution=INLINE)
     want_delta, want = reference[mode]
     got = load_manifest(StoreLayout(root))
     assert same_tensors(composed_delta(root), want_delta)
     for key in ("forgotten", "composition"):
-        assert got[key] == want[key]
-    assert [(s["status"], s["ids"]) for s in got["shards"]] == [(s["status"], s["ids"]) for s in want["shards"]]
-    assert got["composed"]["shards"] == want["composed"]["shards"]
-    after = verify(root)
+        assert getattr(got, key) == getattr(want, key)
+    assert [(s.status, s.ids) for s in got.shards] == [(s.status, s.ids) for s in want.shards]
+    assert got.composed.shards == want.composed.shards
+    after = store.verify()
     assert after.ok and not after.notes and not after.repaired, after.lines()
     layout = StoreLayout(root)
     assert not layout.pending.exists() and not layout.temp_files()
-    assert len(layout.shard_files()) == sum(1 for s in got["shards"] if s["file"])
-    forgets = [e for e in ModelStore(root).audit() if e["op"] == "forget" and not e.get("noop")]
+    assert len(layout.shard_files()) == sum(1 for s in got.shards if s.file)
+    forgets = [e for e in store.audit() if e["op"] == "forget" and not e.get("noop")]
     assert len(forgets) == 1 and forgets[0]["ids"] == sorted(ids)
 
 
@@ -105,7 +104,7 @@ def test_forget_killed_at_a_step_recovers(base, reference, tmp_path, mode, step,
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == CRASH_EXIT, (out, err)
     assert "done" not in out
-    lines = "\n".join(verify(store).lines())
+    lines = "\n".join(ModelStore(store).verify().lines())
     assert expect in lines, lines
     check_recovery(store, ids, mode, reference)
 
@@ -137,5 +136,5 @@ def test_forget_sigkilled_at_a_random_moment_recovers(base, reference, duration,
     os.killpg(proc.pid, signal.SIGKILL)  # the subprocess's own session: it and nothing else
     proc.communicate(timeout=60)
     assert proc.returncode in (-signal.SIGKILL, 0)
-    print(f"killed at {at:.2f} s of {duration:.2f} s:", *verify(store).lines()[1:])
+    print(f"killed at {at:.2f} s of {duration:.2f} s:", *ModelStore(store).verify().lines()[1:])
     check_recovery(store, ids, "retrain", reference)

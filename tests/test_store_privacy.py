@@ -17,17 +17,18 @@ import pytest
 from helpers import _one_thread  # noqa: F401  (fixture)
 from taft import TaftError
 from taft.checkpoint import read_checkpoint_metadata
+from taft.fileio import read_json
 from taft.cli import main
 from taft.privacy import MECHANISM, DPConfig, PrivacyLedger, sequential_composition
 from taft.privacy.ledger import PARALLEL, SEQUENTIAL
-from taft.store import ModelStore, ShardPlan, compose_store, create_store, forget, verify
-from taft.store.manifest import load_manifest
+from taft.store import ModelStore, ShardPlan
+from taft.store.manifest import Manifest, load_manifest
 from taft.store.layout import StoreLayout
 from taft.store.report import write_report
 from taft.store.create import dp_shard_seed, releases, shard_dp
 from taft.train import TrainConfig
 from helpers import make_classes
-from test_store import CONFIG, tiny_features
+from test_store import CONFIG, INLINE, QUIET, create, tiny_features
 
 DP = DPConfig(noise_multiplier=1.0, delta=1e-3, clip=1.0, accountant="rdp", seed=11)
 FAST = ["--image-size", "28", "--epochs", "1", "--quiet", "--lr", "1e-3"]
@@ -46,8 +47,7 @@ def unequal_plan(ids) -> ShardPlan:
 @pytest.fixture(scope="module")
 def base_dp_store(data, tmp_path_factory) -> Path:
     bb, cf = data
-    return create_store(tmp_path_factory.mktemp("dp-store") / "s", cf, bb, CONFIG, plan=unequal_plan(cf.ids),
-                        executor="inline", dp=DP, progress=False)
+    return create(tmp_path_factory.mktemp("dp-store") / "s", cf, bb, CONFIG, plan=unequal_plan(cf.ids), dp=DP)
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def dp_store(base_dp_store, tmp_path) -> Path:
     return Path(shutil.copytree(base_dp_store, tmp_path / "s"))
 
 
-def manifest(root: Path) -> dict:
+def manifest(root: Path) -> Manifest:
     return load_manifest(StoreLayout(root))
 
 
@@ -96,23 +96,23 @@ def test_dp_seeds_are_derived_per_shard_and_release():
 def test_dp_store_records_shard_ledgers_and_their_parallel_composition(base_dp_store, capsys):
     root = base_dp_store
     m = manifest(root)
-    assert m["dp"] == DP.to_dict()
-    shards = [PrivacyLedger.from_dict(s["privacy"]) for s in m["shards"]]
-    for s, led in zip(m["shards"], shards):
-        assert led.mechanism == MECHANISM and led.n == s["n"] and led.private and led.seeded
-        assert led.noise_multiplier == 1.0 and led.sample_rate == pytest.approx(4 / s["n"])
-        assert led.steps == CONFIG.epochs * math.ceil(s["n"] / 4) and led.delta == DP.delta
-        meta = shard_meta(root, s["index"])
-        assert meta["privacy"] == s["privacy"]
+    assert m.dp == DP.to_dict()
+    shards = [PrivacyLedger.from_dict(s.privacy) for s in m.shards]
+    for s, led in zip(m.shards, shards):
+        assert led.mechanism == MECHANISM and led.n == s.n and led.private and led.seeded
+        assert led.noise_multiplier == 1.0 and led.sample_rate == pytest.approx(4 / s.n)
+        assert led.steps == CONFIG.epochs * math.ceil(s.n / 4) and led.delta == DP.delta
+        meta = shard_meta(root, s.index)
+        assert meta["privacy"] == s.privacy
         assert set(meta["metrics"]) <= {"method", "tangent_blocks", "epochs", "steps", "lr", "n_train"}
     assert len({led.epsilon for led in shards}) == 3  # unequal shards, unequal q: the max means something
-    store = PrivacyLedger.from_dict(m["privacy"])
+    store = PrivacyLedger.from_dict(m.privacy)
     assert store.mechanism == PARALLEL and store.epsilon == max(led.epsilon for led in shards)
     assert store.delta == DP.delta and store.n == 36 and len(store.components) == 3
-    assert composed_meta(root)["privacy"] == m["privacy"]
+    assert composed_meta(root)["privacy"] == m.privacy
     info = ModelStore(root).info()
-    assert info["privacy"] == m["privacy"] and info["dp"] == m["dp"] and info["shards"][0]["privacy"]
-    assert verify(root).ok
+    assert info["privacy"] == m.privacy and info["dp"] == m.dp and info["shards"][0]["privacy"]
+    assert ModelStore(root).verify().ok
 
     assert main(["info", str(ModelStore(root).composed_path)]) == 0
     assert f"privacy      (ε={store.epsilon:.4g}, δ=0.001)-DP: {PARALLEL} (3 shards)" in capsys.readouterr().out
@@ -130,10 +130,10 @@ def test_a_store_without_dp_has_no_privacy_entries(data, tmp_path):
     bb, cf = data
     ids = sorted(cf.ids)
     plan = ShardPlan("random", 0, (tuple(ids[:18]), tuple(ids[18:])))
-    root = create_store(tmp_path / "s", cf, bb, TrainConfig(lr=1e-2, epochs=1, batch_size=8), plan=plan,
-                        executor="inline", progress=False)
+    root = create(tmp_path / "s", cf, bb, TrainConfig(lr=1e-2, epochs=1, batch_size=8), plan=plan)
     m = manifest(root)
-    assert "dp" not in m and "privacy" not in m and all("privacy" not in s for s in m["shards"])
+    on_disk = read_json(StoreLayout(root).manifest, "manifest")
+    assert "dp" not in on_disk and "privacy" not in on_disk and all("privacy" not in s for s in on_disk["shards"])
     assert "privacy" not in composed_meta(root) and "privacy" not in ModelStore(root).info()
     assert "final_train_loss" in shard_meta(root, 0)["metrics"]
 
@@ -141,63 +141,62 @@ def test_a_store_without_dp_has_no_privacy_entries(data, tmp_path):
 # ------------------------------------------------------------------------------------------------------ forget
 def test_drop_recomputes_the_guarantee_over_the_remaining_shards(dp_store):
     m = manifest(dp_store)
-    eps = [s["privacy"]["epsilon"] for s in m["shards"]]
+    eps = [s.privacy["epsilon"] for s in m.shards]
     worst = eps.index(max(eps))
-    forget(dp_store, [m["shards"][worst]["ids"][0]], "drop", progress=False)
+    ModelStore(dp_store).forget([m.shards[worst].ids[0]], "drop", execution=QUIET)
     m2 = manifest(dp_store)
     rest = [i for i in range(3) if i != worst]
-    assert m2["privacy"]["epsilon"] == max(eps[i] for i in rest) < m["privacy"]["epsilon"]
-    assert [c["n"] for c in m2["privacy"]["components"]] == [m["shards"][i]["n"] for i in rest]
-    assert composed_meta(dp_store)["privacy"] == m2["privacy"]
-    assert verify(dp_store).ok
+    assert m2.privacy["epsilon"] == max(eps[i] for i in rest) < m.privacy["epsilon"]
+    assert [c["n"] for c in m2.privacy["components"]] == [m.shards[i].n for i in rest]
+    assert composed_meta(dp_store)["privacy"] == m2.privacy
+    assert ModelStore(dp_store).verify().ok
 
 
 def test_retrain_composes_the_shard_releases_sequentially(dp_store, data):
     bb, cf = data
     m = manifest(dp_store)
-    victim = m["shards"][1]["ids"][0]
-    forget(dp_store, [victim], "retrain", features=cf, backbone=bb, executor="inline", progress=False)
+    victim = m.shards[1].ids[0]
+    ModelStore(dp_store).forget([victim], "retrain", features=cf, backbone=bb, execution=INLINE)
     m2 = manifest(dp_store)
-    old, new = m["shards"][1]["privacy"], m2["shards"][1]["privacy"]
+    old, new = m.shards[1].privacy, m2.shards[1].privacy
     led = PrivacyLedger.from_dict(new)
     assert led.mechanism == SEQUENTIAL and len(led.components) == 2 and led.components[0] == old
     run = PrivacyLedger.from_dict(led.components[1])
     assert run.mechanism == MECHANISM and run.n == 11 and led.n == 11 and run.seeded
     assert led.epsilon == pytest.approx(old["epsilon"] + run.epsilon) and led.delta == pytest.approx(2 * DP.delta)
     for i in (0, 2):  # untouched shards keep their ledger and file
-        assert m2["shards"][i]["privacy"] == m["shards"][i]["privacy"]
-        assert m2["shards"][i]["sha256"] == m["shards"][i]["sha256"]
+        assert m2.shards[i].privacy == m.shards[i].privacy
+        assert m2.shards[i].sha256 == m.shards[i].sha256
     assert shard_meta(dp_store, 1)["privacy"] == new
-    assert m2["privacy"]["epsilon"] == max(s["privacy"]["epsilon"] for s in m2["shards"])
-    assert m2["privacy"]["delta"] == pytest.approx(2 * DP.delta)
-    assert composed_meta(dp_store)["privacy"] == m2["privacy"]
-    assert verify(dp_store).ok
+    assert m2.privacy["epsilon"] == max(s.privacy["epsilon"] for s in m2.shards)
+    assert m2.privacy["delta"] == pytest.approx(2 * DP.delta)
+    assert composed_meta(dp_store)["privacy"] == m2.privacy
+    assert ModelStore(dp_store).verify().ok
 
 
 # ------------------------------------------------------------------------------------------------------ refusals
 def test_dp_refuses_size_weighting_and_too_small_shards(data, tmp_path, dp_store):
     bb, cf = data
     with pytest.raises(TaftError, match="size weighting is not allowed with DP"):
-        create_store(tmp_path / "a", cf, bb, CONFIG, shards=3, executor="inline", dp=DP, weighting="size",
-                     progress=False)
+        create(tmp_path / "a", cf, bb, CONFIG, shards=3, dp=DP, weighting="size")
     with pytest.raises(TaftError, match=r"not below 1/n = 0.0625 for shard 0 of n=16"):
-        create_store(tmp_path / "b", cf, bb, CONFIG, plan=unequal_plan(cf.ids), executor="inline",
-                     dp=DPConfig(noise_multiplier=1.0, delta=0.1), progress=False)
+        create(tmp_path / "b", cf, bb, CONFIG, plan=unequal_plan(cf.ids),
+               dp=DPConfig(noise_multiplier=1.0, delta=0.1))
     with pytest.raises(TaftError, match="too few for DP-SGD"):
-        create_store(tmp_path / "c", cf, bb, CONFIG, plan=unequal_plan(cf.ids), executor="inline",
-                     dp=DPConfig(noise_multiplier=1.0, delta=1e-3, expected_batch_size=10), progress=False)
+        create(tmp_path / "c", cf, bb, CONFIG, plan=unequal_plan(cf.ids),
+               dp=DPConfig(noise_multiplier=1.0, delta=1e-3, expected_batch_size=10))
     assert not any((tmp_path / d).exists() for d in "abc")  # refused before anything was written
     with pytest.raises(TaftError, match="size weighting is not allowed with DP"):
-        compose_store(dp_store, weighting="size")
+        ModelStore(dp_store).compose(weighting="size")
     with pytest.raises(TaftError, match="size weighting is not allowed with DP"):
-        compose_store(dp_store, weighting="size", out=tmp_path / "x.safetensors")
+        ModelStore(dp_store).compose(weighting="size", out=tmp_path / "x.safetensors")
 
 
 def test_export_of_a_dp_subset_carries_its_guarantee(dp_store, tmp_path):
-    out = compose_store(dp_store, shards=[0, 1], out=tmp_path / "sub.safetensors")
+    out = ModelStore(dp_store).compose(shards=[0, 1], out=tmp_path / "sub.safetensors")
     led = read_checkpoint_metadata(out)["privacy"]
-    shards = manifest(dp_store)["shards"]
-    assert led["epsilon"] == max(shards[i]["privacy"]["epsilon"] for i in (0, 1)) and len(led["components"]) == 2
+    shards = manifest(dp_store).shards
+    assert led["epsilon"] == max(shards[i].privacy["epsilon"] for i in (0, 1)) and len(led["components"]) == 2
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -213,17 +212,17 @@ def test_cli_shards_train_with_dp(tmp_path, capsys):
                  str(store), *FAST, *dp_args]) == 0
     assert "privacy: (ε=" in capsys.readouterr().out
     m = manifest(store)
-    assert m["dp"]["seed"] is None and all(not s["privacy"]["seeded"] for s in m["shards"])  # fresh secret seeds
-    assert [s["privacy"]["n"] for s in m["shards"]] == [6, 6] and m["privacy"]["n"] == 12
+    assert m.dp["seed"] is None and all(not s.privacy["seeded"] for s in m.shards)  # fresh secret seeds
+    assert [s.privacy["n"] for s in m.shards] == [6, 6] and m.privacy["n"] == 12
     assert main(["store", "info", str(store)]) == 0
     out = capsys.readouterr().out
-    assert f"privacy      (ε={m['privacy']['epsilon']:.4g}, δ=0.01)-DP: {PARALLEL} (2 shards)" in out
+    assert f"privacy      (ε={m.privacy['epsilon']:.4g}, δ=0.01)-DP: {PARALLEL} (2 shards)" in out
     assert main(["store", "info", str(store), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["privacy"] == m["privacy"]
+    assert json.loads(capsys.readouterr().out)["privacy"] == m.privacy
     assert main(["info", str(store / "composed.safetensors")]) == 0
     assert "privacy      (ε=" in capsys.readouterr().out
     ids = tmp_path / "ids.txt"
-    ids.write_text(m["shards"][0]["ids"][0] + "\n")
+    ids.write_text(m.shards[0].ids[0] + "\n")
     assert main(["forget", str(store), "--ids", str(ids), "--mode", "drop", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "dropped shards [0]" in out and f"privacy: (ε={m['shards'][1]['privacy']['epsilon']:.4g}" in out
+    assert "dropped shards [0]" in out and f"privacy: (ε={m.shards[1].privacy['epsilon']:.4g}" in out

@@ -13,14 +13,7 @@ from typing import Any
 from taft.backbones.registry import BUNDLED, DEFAULT_BACKBONE, DEFAULT_MAX_LENGTH, DINOV2_IMAGE_SIZE
 from taft.cli.types import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int, probability
 from taft.errors import TaftError
-
-# The --min-steps default of `shards train`: each shard trains at least this many optimizer steps, whatever its size
-# (more epochs on small shards), so composing K small shards does not compose K under-trained models. Chosen on a
-# validation split (docs/results.md, "Shards that keep their accuracy": CIFAR-10 mini, 1,000 training images in
-# K = 10 shards of 100, 10 epochs: composed validation top-1 59.2 % with 0 extra steps (40 steps per shard), 61.8 %
-# with 100, 64.0 % with 300, about the 320 steps of one model on all 1,000 images: 69.0 %); shards with ≥ 300 steps in
-# --epochs train exactly --epochs.
-SHARD_MIN_STEPS = 300
+from taft.store.create import SHARD_MIN_STEPS  # noqa: F401  (the library's; `shards train --min-steps` default)
 
 
 def dataclass_defaults(cls: type) -> dict[str, Any]:
@@ -324,9 +317,22 @@ def check_executor_options(args: argparse.Namespace) -> None:
     from taft.parallel import check_executor_args
     from taft.parallel.ray_cluster import check_reachable, import_ray
 
+    if args.executor != "ray" and args.ray_address is not None:
+        raise TaftError("--ray-address applies to the ray executor only")
+    if args.executor != "ray" and args.ray_gpus_per_shard:
+        raise TaftError("--ray-gpus-per-shard applies to the ray executor only")
     check_executor_args(args.executor, args.workers, args.ray_address, args.ray_gpus_per_shard)
     if args.ray_gpus_per_shard < 0:
         raise TaftError(f"--ray-gpus-per-shard must be ≥ 0, got {args.ray_gpus_per_shard:g}")
     if args.executor == "ray":
         import_ray()
         check_reachable(args.ray_address)
+
+
+def execution(args: argparse.Namespace):
+    """The `Execution` of the executor options (`add_executor_args`) and --device."""
+    from taft.parallel import Execution
+
+    return Execution(args.executor, workers=args.workers, ray_address=args.ray_address,
+                     ray_gpus=args.ray_gpus_per_shard, retries=args.retries, device=args.device,
+                     progress=not args.quiet)

@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from taft.cli.parser import (SHARD_MIN_STEPS, add_backbone_args, add_compute_args, add_data_args, add_evaluation_args,
+from taft.cli.parser import (add_backbone_args, add_compute_args, add_data_args, add_evaluation_args,
                              add_executor_args, add_log_arg, add_training_args, cache_dtype, check_executor_options,
-                             compute_device, data_source, dp_config_from_args, load_backbone_from, model_spec,
-                             open_dataset, train_config)
+                             compute_device, data_source, dp_config_from_args, execution, load_backbone_from,
+                             model_spec, open_dataset, train_config)
 from taft.cli.run import check_classes
 from taft.spec import LINEAR_METHODS
 from taft.cli.types import nonnegative_int, positive_int
@@ -19,7 +19,7 @@ from taft.errors import TaftError
 
 def add_parsers(sub) -> None:
     """The store commands' sub-parsers."""
-    from taft.store import PLAN_KINDS, WEIGHTINGS
+    from taft.store import PLAN_KINDS, SHARD_MIN_STEPS, WEIGHTINGS
 
     p = sub.add_parser("shards", help="train a model store of K shards in parallel")
     shards_sub = p.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
@@ -107,7 +107,7 @@ def add_parsers(sub) -> None:
 def cmd_shards_train(args: argparse.Namespace) -> None:
     """Train a model store: K shards in parallel on one trunk-feature cache entry, composed."""
     from taft.model import Classifier
-    from taft.store import ModelStore, create_store
+    from taft.store import ModelStore
     from taft.store.create import check_dp
     from taft.store.store import reused_plan
 
@@ -121,16 +121,14 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     model = Classifier.from_spec(backbone, dataset.class_names, spec)
     features = model.to(device).cache_features(dataset, dtype=cache_dtype(args), autocast=args.autocast,
                                                progress=not args.quiet)
-    plan, threads = None, args.threads
+    plan, threads = args.plan, args.threads
     if args.plan_from is not None:
         plan, plan_threads = reused_plan(args.plan_from, features.ids)
         threads = threads if threads is not None else plan_threads  # a store's threads: the same float summation
-    create_store(args.store, features, model, config, shards=None if plan is not None else args.shards,
-                 plan=plan, plan_kind=args.plan, executor=args.executor, workers=args.workers, threads=threads,
-                 ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
-                 weighting=args.weighting, source=data_source(args),
-                 dp=dp, progress=not args.quiet, device=args.device)
-    info = ModelStore(args.store).info()
+    store = ModelStore.create(args.store, features, model, config, shards=None if args.plan_from else args.shards,
+                              plan=plan, threads=threads, min_steps=args.min_steps, weighting=args.weighting,
+                              source=data_source(args), dp=dp, execution=execution(args))
+    info = store.info()
     trained = [s["index"] for s in info["shards"] if s["status"] == "trained"]
     print(f"store {args.store}: {len(trained)} of {info['plan']['k']} shards trained on {info['plan']['n']} "
           f"examples ({args.method} k={args.k}); composed model: {args.store / 'composed.safetensors'}")
@@ -150,11 +148,15 @@ def _shards_list(text: str | None) -> list[int] | None:
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
-    from taft.store import ModelStore, compose_store
+    from taft.store import ModelStore
 
-    path = compose_store(args.store, weighting=args.weighting, shards=_shards_list(args.shards), out=args.out)
+    if args.out is not None and args.out.resolve().is_relative_to(args.store.resolve()):
+        raise TaftError(f"--out {args.out} is inside the store; export to a file outside it, or leave out --out "
+                        "to change the store's own composition")
+    store = ModelStore(args.store)
+    path = store.compose(weighting=args.weighting, shards=_shards_list(args.shards), out=args.out)
     if args.out is None:
-        info = ModelStore(args.store).info()
+        info = store.info()
         c = info["composed"]
         print(f"composed shards {c['shards']} ({info['composition']['weighting']}) "
               f"into {path} (content sha256 {c['content_sha256'][:16]}…)")
@@ -163,21 +165,19 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
-    from taft.store import ModelStore, forget, read_ids
+    from taft.store import ModelStore, read_ids
 
     device = compute_device(args)
     ids = read_ids(args.ids)
     check_executor_options(args)
-    features = (ModelStore(args.store).training_features(device=device, progress=not args.quiet)
-                if args.mode == "retrain" else None)
-    r = forget(args.store, ids, args.mode, features=features, executor=args.executor, workers=args.workers,
-               ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
-               progress=not args.quiet, device=args.device)
+    store = ModelStore(args.store)
+    features = store.training_features(device=device, progress=not args.quiet) if args.mode == "retrain" else None
+    r = store.forget(ids, args.mode, features=features, execution=execution(args))
     if r.noop:
         print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
         return
     what = "dropped" if r.mode == "drop" else "retrained"
-    info = ModelStore(args.store).info()
+    info = store.info()
     content = (info["composed"] or {}).get("content_sha256")
     print(f"forgot {len(r.forgotten)} ids ({len(r.already)} already forgotten); {what} shards {r.shards}; "
           f"composed content sha256 {content[:16] + '…' if content else 'none (no shard left)'}"
@@ -190,12 +190,12 @@ def cmd_forget(args: argparse.Namespace) -> None:
 
 
 def cmd_store_verify(args: argparse.Namespace) -> None:
-    from taft.store import verify
+    from taft.store import ModelStore
     from taft.store.store import is_store
 
     if args.store.is_dir() and not is_store(args.store):
         raise TaftError(f"{args.store} is not a model store (no manifest.json); nothing to verify or repair")
-    report = verify(args.store, repair=args.repair)
+    report = ModelStore(args.store).verify(repair=args.repair)
     for line in report.lines():
         print(line)
     if not report.ok:
@@ -248,15 +248,13 @@ def cmd_store_info(args: argparse.Namespace) -> None:
 
 
 def cmd_store_resume(args: argparse.Namespace) -> None:
-    from taft.store import ModelStore, resume
+    from taft.store import ModelStore
 
     check_executor_options(args)
     device = compute_device(args)
     store = ModelStore(args.store)
     features = store.training_features(device=device, progress=not args.quiet) if store.resume_retrains() else None
-    print(resume(args.store, features=features, executor=args.executor, workers=args.workers,
-                 ray_address=args.ray_address, ray_gpus=args.ray_gpus_per_shard, retries=args.retries,
-                 progress=not args.quiet, device=args.device))
+    print(store.resume(features=features, execution=execution(args)))
 
 
 def cmd_report(args: argparse.Namespace) -> None:

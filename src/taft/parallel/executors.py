@@ -107,9 +107,9 @@ def check_executor_args(kind: str | None, workers: int | None = None, ray_addres
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise TaftError(f"workers must be an integer ≥ 1, got {workers!r}")
     if kind != "ray" and ray_address is not None:
-        raise TaftError("--ray-address applies to the ray executor only")
+        raise TaftError("ray_address applies to the ray executor only")
     if kind != "ray" and ray_gpus:
-        raise TaftError("--ray-gpus-per-shard applies to the ray executor only")
+        raise TaftError("ray_gpus applies to the ray executor only")
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

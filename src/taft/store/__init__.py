@@ -1,21 +1,23 @@
 """The model store: shard plans, Δw files, exact composition, forgetting, audit log, crash-safe commits.
 
-    from taft.store import create_store, compose_store, forget, verify, ModelStore
-    create_store("stores/s", features, backbone, TrainConfig(epochs=10), shards=8)   # parallel training
-    forget("stores/s", ["img/001.png"], mode="retrain")                              # retrain only its shard
-    verify("stores/s", repair=True).ok
+    from taft.store import ModelStore
+    from taft.parallel import Execution
+    store = ModelStore.create("stores/s", features, model, TrainConfig(epochs=10), shards=8)   # parallel training
+    store.forget(["img/001.png"], mode="retrain", execution=Execution(workers=4))           # retrain only its shard
+    ModelStore("stores/s").verify(repair=True).ok
 
-Layout and the commit protocol: `taft.store.layout`, `taft.store.commit`; manifest keys: `taft.store.manifest`.
+Layout and the commit protocol: `taft.store.layout`, `taft.store.commit`; the manifest: `taft.store.manifest`.
 """
 
-from taft.store.compose import compose_checkpoints, compose_store
-from taft.store.create import create_store
+from taft.parallel.execution import Execution
+from taft.store.compose import compose_checkpoints
+from taft.store.create import SHARD_MIN_STEPS
 from taft.store.delta_sum import WEIGHTINGS
-from taft.store.forget import MODES, ForgetResult, forget, read_ids
+from taft.store.forget import MODES, ForgetResult, read_ids
+from taft.store.manifest import Manifest
 from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan
-from taft.store.store import ModelStore, resume
-from taft.store.verify import VerifyReport, verify
+from taft.store.store import ModelStore
+from taft.store.verify import VerifyReport
 
-__all__ = ["MODES", "PLAN_KINDS", "WEIGHTINGS", "ForgetResult", "ModelStore", "ShardPlan", "VerifyReport",
-           "compose_checkpoints", "compose_store", "create_store", "forget", "make_plan", "read_ids", "resume",
-           "verify"]
+__all__ = ["MODES", "PLAN_KINDS", "SHARD_MIN_STEPS", "WEIGHTINGS", "Execution", "ForgetResult", "Manifest",
+           "ModelStore", "ShardPlan", "VerifyReport", "compose_checkpoints", "make_plan", "read_ids"]

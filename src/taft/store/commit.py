@@ -21,24 +21,24 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from taft.errors import TaftError
-from taft.parallel.shards import ShardResult
-from taft.fileio import finish_file, temp_file
 from taft.checkpoint import CheckpointFile, ModelInfo, checkpoint_content_sha256, read_checkpoint, write_checkpoint
+from taft.errors import TaftError
+from taft.fileio import finish_file, fsync_dir, temp_file, write_json
+from taft.parallel.shards import ShardResult
 from taft.store.delta_sum import write_composed
-from taft.store.journal import Pending, append_audit, clear_pending, describe, read_pending, write_pending
-from taft.fileio import fsync_dir, write_json
+from taft.store.journal import Pending, append_audit, clear_pending, read_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint, sha256_file, shard_file_name
-from taft.store.manifest import Manifest, alphas_of, members, privacy_of, save_manifest
+from taft.store.manifest import Composed, Manifest, ShardFile, save_manifest
 
 
 def write_shard(layout: StoreLayout, info: ModelInfo, result: ShardResult, *, created: str, store_seed: int,
-                plan_kind: str, privacy: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write a trained shard as an ordinary checkpoint under its content-addressed name; {file, sha256} (and
-    privacy: the shard's ledger, also in the checkpoint's metadata, when trained with DP)."""
+                plan_kind: str, privacy: Mapping[str, Any] | None = None) -> ShardFile:
+    """Write a trained shard as an ordinary checkpoint under its content-addressed name (with `privacy`, the
+    shard's ledger, also in the checkpoint's metadata, when trained with DP)."""
     layout.shards_dir.mkdir(parents=True, exist_ok=True)
     tmp = temp_file(layout.shards_dir, prefix=f".shard-{result.index:03d}-")
     try:
@@ -53,75 +53,68 @@ def write_shard(layout: StoreLayout, info: ModelInfo, result: ShardResult, *, cr
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(layout.shards_dir)
-    entry: dict[str, Any] = {"file": layout.relative(final), "sha256": sha}
-    if privacy:
-        entry["privacy"] = dict(privacy)
-    return entry
+    return ShardFile(layout.relative(final), sha, dict(privacy) if privacy else None)
 
 
-def record_shard(layout: StoreLayout, pending: Pending, index: int, entry: Mapping[str, Any]) -> None:
+def record_shard(layout: StoreLayout, pending: Pending, index: int, entry: ShardFile) -> None:
     """Note a finished shard file in the journal, so that a rerun reuses it."""
-    pending["completed"][str(index)] = dict(entry)
+    pending.completed[index] = entry
     write_pending(layout, pending)
     crashpoint("after-shard-file")
 
 
-def reusable(layout: StoreLayout, pending: Pending, index: int, ids: list[str]) -> dict[str, Any] | None:
+def reusable(layout: StoreLayout, pending: Pending, index: int, ids: list[str]) -> ShardFile | None:
     """The journal's finished file for shard `index` if it is intact and trained on exactly `ids`."""
-    entry = pending["completed"].get(str(index))
-    if not entry:
+    entry = pending.completed.get(index)
+    if entry is None:
         return None
-    path = layout.path(entry["file"])
+    path = layout.path(entry.file)
     try:
-        if not path.is_file() or sha256_file(path) != entry["sha256"] or read_checkpoint(path).ids != ids:
+        if not path.is_file() or sha256_file(path) != entry.sha256 or read_checkpoint(path).ids != ids:
             return None
     except TaftError:
         return None
-    return dict(entry)
+    return entry
 
 
 def shard_files(layout: StoreLayout, m: Manifest, shards: Iterable[int]) -> list[CheckpointFile]:
     """The checkpoints of `shards`, each checked against the manifest's hash."""
     files = []
     for i in shards:
-        s = m["shards"][i]
-        path = layout.path(s["file"])
+        s = m.shards[i]
+        path = layout.path(s.file)
         if not path.is_file():
-            raise TaftError(f"shard {i}'s file {path} is missing; the store needs repair (taft store verify)")
-        if sha256_file(path) != s["sha256"]:
+            raise TaftError(f"shard {i}'s file {path} is missing; the store needs repair (verify with repair)")
+        if sha256_file(path) != s.sha256:
             raise TaftError(f"shard {i}'s file {path} does not match its hash in the manifest (corrupt)")
         files.append(read_checkpoint(path))
     return files
 
 
-def compose_into(layout: StoreLayout, m: Manifest, created: str) -> dict[str, Any] | None:
+def compose_into(layout: StoreLayout, m: Manifest, created: str) -> Composed | None:
     """Write composed.safetensors for the manifest's composition (temp + rename); the manifest's `composed`
     entry for it, or None when no shard is composed (the file is then left for `collect_garbage`)."""
-    used = members(m)
+    used = m.members()
     if not used:
         return None
-    alphas = alphas_of(m, used)
+    alphas = m.alphas(used)
     files = shard_files(layout, m, used)
-    composition = {"weighting": m["composition"]["weighting"], "shards": used, "alphas": alphas,
-                   "shard_sha256": [m["shards"][i]["sha256"] for i in used]}
-    write_composed(layout.composed, files, alphas, train_config=m["train_config"], created=created,
-                   composition=composition, privacy=privacy_of(m))
+    composition = {"weighting": m.composition.weighting, "shards": used, "alphas": alphas,
+                   "shard_sha256": [m.shards[i].sha256 for i in used]}
+    write_composed(layout.composed, files, alphas, train_config=m.train_config, created=created,
+                   composition=composition, privacy=m.guarantee())
     fsync_dir(layout.root)
-    return {"file": layout.relative(layout.composed), "sha256": sha256_file(layout.composed),
-            "content_sha256": checkpoint_content_sha256(layout.composed), "created": created,
-            "shards": used, "alphas": alphas, "n": sum(m["shards"][i]["n"] for i in used)}
+    return Composed(file=layout.relative(layout.composed), sha256=sha256_file(layout.composed), created=created,
+                    shards=used, alphas=alphas, n=sum(m.shards[i].n for i in used),
+                    content_sha256=checkpoint_content_sha256(layout.composed))
 
 
 def commit(layout: StoreLayout, m: Manifest, pending: Pending) -> Manifest:
     """Steps 3-8 of the protocol for the new state `m` (its shard files already written); returns it."""
-    m = dict(m)
-    m["generation"] = int(pending["base_generation"]) + 1
-    m["last_op"] = pending["op_id"]
-    m["updated"] = pending["time"]
-    m["composed"] = None
-    m["composed"] = compose_into(layout, m, pending["time"])
-    if "dp" in m:
-        m["privacy"] = privacy_of(m)
+    m = replace(m, generation=pending.base_generation + 1, last_op=pending.op_id, updated=pending.time)
+    m = replace(m, composed=compose_into(layout, m, pending.time))
+    if m.dp is not None:
+        m = replace(m, privacy=m.guarantee())
     crashpoint("after-composed")
     save_manifest(layout, m)
     crashpoint("after-manifest")
@@ -134,10 +127,9 @@ def finish(layout: StoreLayout, m: Manifest, pending: Pending | None) -> None:
     write_forgotten(layout, m)
     crashpoint("after-forgotten")
     if pending is not None:
-        composed = m["composed"]
-        append_audit(layout, {**pending["audit"], "time": pending["time"], "op": pending["op"],
-                              "op_id": pending["op_id"], "generation": m["generation"],
-                              "composed_sha256": composed["sha256"] if composed else None})
+        append_audit(layout, {**pending.audit, "time": pending.time, "op": pending.op, "op_id": pending.op_id,
+                              "generation": m.generation,
+                              "composed_sha256": m.composed.sha256 if m.composed else None})
         crashpoint("after-audit")
     collect_garbage(layout, m)
     crashpoint("after-gc")
@@ -147,7 +139,7 @@ def finish(layout: StoreLayout, m: Manifest, pending: Pending | None) -> None:
 
 def write_forgotten(layout: StoreLayout, m: Manifest) -> None:
     """forgotten.json := the manifest's forgotten ids (rewritten only when different)."""
-    want = sorted(m["forgotten"])
+    want = sorted(m.forgotten)
     try:
         if json.loads(layout.forgotten.read_text(encoding="utf-8")) == want:
             return
@@ -159,10 +151,10 @@ def write_forgotten(layout: StoreLayout, m: Manifest) -> None:
 def unreferenced(layout: StoreLayout, m: Manifest, keep: Iterable[str] = ()) -> list[Path]:
     """Shard files the manifest does not name (nor `keep`), temp files, and a composed file the manifest
     does not have."""
-    named = {s["file"] for s in m["shards"] if s.get("file")} | set(keep)
+    named = {s.file for s in m.shards if s.file} | set(keep)
     out = [p for p in layout.shard_files() if layout.relative(p) not in named]
     out += layout.temp_files()
-    if m["composed"] is None and layout.composed.exists():
+    if m.composed is None and layout.composed.exists():
         out.append(layout.composed)
     return out
 
@@ -185,11 +177,11 @@ def begin(layout: StoreLayout, m: Manifest, op: str, request: Mapping[str, Any])
     pending = read_pending(layout)
     if pending is None:
         return "fresh", None
-    same = pending["op"] == op and pending["request"] == dict(request)
-    if m.get("last_op") == pending["op_id"]:
+    same = pending.op == op and pending.request == dict(request)
+    if m.last_op == pending.op_id:
         finish(layout, m, pending)
         return ("done", pending) if same else ("fresh", None)
     if same:
         return "resume", pending
-    raise TaftError(f"{layout.root} has an interrupted {describe(pending)}; complete it first with "
-                    f"`taft store resume {layout.root}` (or rerun that command)")
+    raise TaftError(f"{layout.root} has an interrupted {pending.describe()}; complete it first: resume it, or "
+                    "rerun that operation")

@@ -13,32 +13,51 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from taft.errors import TaftError
-from taft.privacy import DPConfig
-from taft.store.commit import begin, commit, shard_files
 from taft.checkpoint import read_checkpoint
+from taft.errors import TaftError
+from taft.fileio import now
+from taft.store.commit import begin, commit, shard_files
 from taft.store.create import check_dp
 from taft.store.delta_sum import WEIGHTINGS, check_same_base, composition_weights, write_composed
-from taft.fileio import now
-from taft.store.journal import append_audit, new_pending, write_pending
+from taft.store.journal import Pending, append_audit, write_pending
 from taft.store.layout import StoreLayout, crashpoint, sha256_file
-from taft.store.manifest import Manifest, load_manifest, members, privacy_of
+from taft.store.manifest import Composition, Manifest, load_manifest
 
 
-def _subset(m: Manifest, shards: Iterable[int] | None) -> list[int] | None:
+def chosen_shards(m: Manifest, shards: Iterable[int] | None) -> list[int] | None:
+    """The checked subset of `shards` (sorted; None for all trained shards)."""
     if shards is None:
         return None
     chosen = sorted({int(i) for i in shards})
     if not chosen:
         raise TaftError("no shards selected to compose")
-    k = len(m["shards"])
+    k = len(m.shards)
     out_of_range = [i for i in chosen if not 0 <= i < k]
     if out_of_range:
         raise TaftError(f"shards {out_of_range} do not exist; the store has shards 0..{k - 1}")
-    unusable = [f"{i} ({m['shards'][i]['status']})" for i in chosen if m["shards"][i]["status"] != "trained"]
+    unusable = [f"{i} ({m.shards[i].status})" for i in chosen if not m.shards[i].trained]
     if unusable:
         raise TaftError(f"shards {', '.join(unusable)} hold no trained model and cannot be composed")
     return chosen
+
+
+def export(layout: StoreLayout, m: Manifest, composition: Composition, out: Path) -> Path:
+    """Write `composition` of the store's shards to `out` (outside the store) and log the export."""
+    used = composition.subset if composition.subset is not None else m.members()
+    if not used:
+        raise TaftError("the store has no trained shards to compose")
+    if out.resolve().is_relative_to(layout.root.resolve()):
+        raise TaftError(f"the export file {out} is inside the store; export to a file outside it, or compose "
+                        "without an export file to change the store's own composition")
+    alphas = m.alphas(used, composition.weighting)
+    write_composed(out, shard_files(layout, m, used), alphas, train_config=m.train_config, created=now(),
+                   composition={"weighting": composition.weighting, "shards": used, "alphas": alphas,
+                                "shard_sha256": [m.shards[i].sha256 for i in used],
+                                "store": str(layout.root.resolve()), "generation": m.generation},
+                   privacy=m.guarantee(used))
+    append_audit(layout, {"time": now(), "op": "export", "op_id": None, "out": str(out.resolve()),
+                          "shards": used, "weighting": composition.weighting, "sha256": sha256_file(out)})
+    return out
 
 
 def compose_store(root: str | Path, *, weighting: str | None = None, shards: Iterable[int] | None = None,
@@ -52,43 +71,27 @@ def compose_store(root: str | Path, *, weighting: str | None = None, shards: Ite
     layout = StoreLayout(root)
     with layout.locked():
         m = load_manifest(layout)
-        weighting = weighting or m["composition"]["weighting"]
+        weighting = weighting or m.composition.weighting
         if weighting not in WEIGHTINGS:
             raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if "dp" in m:
-            check_dp(DPConfig(**m["dp"]), weighting)
-        subset = _subset(m, shards)
+        check_dp(m.dp_config, weighting)
+        wanted = Composition(weighting, chosen_shards(m, shards))
         if out is not None:
-            used = subset if subset is not None else members(m)
-            if not used:
-                raise TaftError("the store has no trained shards to compose")
-            alphas = composition_weights([m["shards"][i]["n"] for i in used], weighting)
-            out = Path(out)
-            if out.resolve().is_relative_to(layout.root.resolve()):
-                raise TaftError(f"--out {out} is inside the store; export to a file outside it, or leave out --out "
-                                "to change the store's own composition")
-            write_composed(out, shard_files(layout, m, used), alphas, train_config=m["train_config"], created=now(),
-                           composition={"weighting": weighting, "shards": used, "alphas": alphas,
-                                        "shard_sha256": [m["shards"][i]["sha256"] for i in used],
-                                        "store": str(layout.root.resolve()), "generation": m["generation"]},
-                           privacy=privacy_of({**m, "composition": {**m["composition"], "subset": used}}))
-            append_audit(layout, {"time": now(), "op": "export", "op_id": None, "out": str(out.resolve()),
-                                  "shards": used, "weighting": weighting, "sha256": sha256_file(out)})
-            return out
-        request = {"weighting": weighting, "subset": subset}
+            return export(layout, m, wanted, Path(out))
+        request = wanted.to_dict()
         status, pending = begin(layout, m, "compose", request)
         if status == "done":
             return layout.composed
         if pending is None:
-            if m["composition"] == request:
+            if m.composition == wanted:
                 return layout.composed
-            if not members({**m, "composition": request}):
+            if not m.members(wanted):
                 raise TaftError("the store has no trained shards to compose")
-            pending = new_pending("compose", request, m["generation"], {"weighting": weighting, "shards": subset})
+            pending = Pending.new("compose", request, m.generation, {"weighting": weighting, "shards": wanted.subset})
             write_pending(layout, pending)
             crashpoint("after-pending")
         m2 = copy.deepcopy(m)
-        m2["composition"] = request
+        m2.composition = wanted
         commit(layout, m2, pending)
         return layout.composed
 

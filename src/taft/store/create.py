@@ -1,11 +1,12 @@
-"""Create a model store: plan the shards, train them in parallel, compose, commit.
+"""Create a model store: plan the shards, train them in parallel, compose, commit (`ModelStore.create`).
 
-    store = create_store("stores/cifar", features, model, TrainConfig(epochs=10, seed=0), shards=8)
+    store = ModelStore.create("stores/cifar", features, model, TrainConfig(epochs=10, seed=0), shards=8)
 
 `features` is the training data's trunk features (`cache_features(...)`: workers share that cache entry) or a
 tuple (features, labels, ids) whose labels index the model's classes. `model` (a `Classifier` with its seeded base
 head) says what every shard is; the store seed is `config.seed`: it seeds the plan and, through `shard_seed(seed,
-i)`, each shard's data order; every shard uses the model's `head_seed`, so all share w0.
+i)`, each shard's data order; every shard uses the model's `head_seed`, so all share w0. Every shard trains at
+least `min_steps` optimizer steps (default `SHARD_MIN_STEPS`, also `taft shards train`'s).
 
 With `dp=DPConfig(...)` every shard is trained with DP-SGD on its own, disjoint data: the budget (ε target or σ,
 δ, C) applies per shard, and δ must be below 1/n of each shard (its own training set). Each shard checkpoint
@@ -19,39 +20,49 @@ own noise, but anyone who knows the seed can undo the noise.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Executor
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from taft.backbones.base import Backbone
+from taft.checkpoint import ModelInfo
 from taft.data.feature_cache import CachedFeatures
 from taft.data.source import DataSource
-from taft.devices import shard_devices
 from taft.errors import TaftError
-from taft.parallel.executors import (InlineExecutor, check_executor_args, default_threads, default_workers,
-                                     make_executor)
-from taft.parallel.shards import (BackboneSpec, FeatureData, ShardResult, ShardTask, backbone_ref, run_shards,
-                                  shard_data)
+from taft.model import Classifier
+from taft.parallel.execution import Execution
+from taft.parallel.executors import default_threads, default_workers
+from taft.parallel.shards import BackboneSpec, FeatureData, ShardResult, ShardTask, backbone_ref, shard_data
 from taft.privacy import DPConfig, PrivacyLedger, sequential_composition
 from taft.privacy.config import expected_batch_size
-from taft.checkpoint import ModelInfo
+from taft.spec import LINEAR_METHODS, ModelSpec
 from taft.store.commit import commit, finish, record_shard, reusable, write_shard
 from taft.store.delta_sum import WEIGHTINGS
-from taft.store.journal import Pending, new_pending, read_pending, write_pending
+from taft.store.journal import Pending, read_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint
-from taft.store.manifest import FORMAT, FORMAT_VERSION, Manifest, load_manifest
-from taft.store.plan import ShardPlan, make_plan, shard_seed
-from taft.model import Classifier
-from taft.spec import LINEAR_METHODS, ModelSpec
+from taft.store.manifest import Composition, Manifest, ShardEntry, ShardFile, load_manifest
+from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan, shard_seed
 from taft.train import TrainConfig
 from taft.train.config import run_record
 
-ExecutorArg = Executor | str | None
+# The minimum optimizer steps of every shard (`ModelStore.create` and `taft shards train`): more epochs on small
+# shards, so composing K small shards does not compose K under-trained models. Chosen on a validation split
+# (docs/results.md, "Shards that keep their accuracy": CIFAR-10 mini, 1,000 training images in K = 10 shards of
+# 100, 10 epochs: composed validation top-1 59.2 % with 0 extra steps (40 steps per shard), 61.8 % with 100, 64.0 %
+# with 300, about the 320 steps of one model on all 1,000 images: 69.0 %); shards with ≥ 300 steps in their epochs
+# train exactly those epochs.
+SHARD_MIN_STEPS = 300
+
+
+def with_min_steps(config: TrainConfig, min_steps: int) -> TrainConfig:
+    """`config` with `min_steps`; `TaftError` if the config sets other minimum steps (give them as `min_steps`)."""
+    if config.min_steps not in (0, min_steps):
+        raise TaftError(f"the config asks for min_steps={config.min_steps} but the store for {min_steps}: give a "
+                        "store's minimum steps per shard as its min_steps")
+    return replace(config, min_steps=min_steps)
 
 
 def check_config(spec: ModelSpec, config: TrainConfig, text: bool = False, dp: DPConfig | None = None) -> TrainConfig:
@@ -124,59 +135,26 @@ def check_dp(dp: DPConfig | None, weighting: str, sizes: Sequence[int] = (), bat
     B = expected_batch_size(dp, n_min, batch_size)
     if n_min < 2 or B > n_min:
         raise TaftError(f"shard {i_min} has {n_min} examples, too few for DP-SGD with expected batch size {B}: use "
-                        "fewer shards or a smaller --expected-batch-size")
+                        "fewer shards or a smaller expected batch size")
     if dp.delta >= 1 / n_max:
         raise TaftError(f"delta={dp.delta:g} is not below 1/n = {1 / n_max:.3g} for shard {i_max} of n={n_max} "
                         "examples: under DP each shard is its own training set; use a smaller delta (e.g. ≤ 1/(10 n) "
                         "for the largest shard)")
 
 
-@contextlib.contextmanager
-def connected(executor: ExecutorArg, *, workers: int | None = None, ray_address: str | None = None,
-              ray_gpus: float = 0) -> Iterator[ExecutorArg]:
-    """`executor` checked, and for "ray" connected now (shut down on exit): callers enter this before they touch
-    the store, so bad executor options or an unreachable Ray cluster fail with the store unchanged. Other kinds
-    are made later, only if shards are to be trained."""
-    if isinstance(executor, Executor):
-        if ray_address is not None or ray_gpus:
-            raise TaftError("ray_address and ray_gpus apply only when the executor is \"ray\"")
-        yield executor
-        return
-    check_executor_args(executor, workers, ray_address, ray_gpus)
-    if executor != "ray":
-        yield executor
-        return
-    with make_executor("ray", ray_address=ray_address, ray_gpus=ray_gpus) as ex:
-        yield ex
-
-
-def shard_placement(device: str, executor: ExecutorArg) -> tuple[str, list[str]]:
-    """(the device name each shard task carries, the devices local process workers are pinned to), checked here.
-    Several GPUs: tasks say "cuda" and each worker runs them on its own GPU. On Ray or a given Executor the name
-    is resolved where the task runs (a Ray worker sees the GPUs Ray gave it), so it is not checked here."""
-    if executor == "ray" or (isinstance(executor, Executor) and not isinstance(executor, InlineExecutor)):
-        return device, []
-    devices = shard_devices(device)
-    name = "cuda" if len(devices) > 1 else str(devices[0])
-    return name, [str(d) for d in devices if d.type == "cuda"]
-
-
 def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[str]], *, train: FeatureData,
                backbone: Backbone | BackboneSpec, info: ModelInfo, spec: ModelSpec, base: TrainConfig, threads: int,
-               plan_kind: str,
-               executor: ExecutorArg, workers: int | None, retries: int, progress: bool,
-               dp: DPConfig | None = None,
-               prior: Mapping[int, Mapping[str, Any] | None] | None = None,
-               device: str = "cpu") -> dict[int, dict[str, Any]]:
-    """Train shards {index: ids} (reusing the journal's finished ones) and write their files; {index: file entry}.
+               plan_kind: str, execution: Execution, dp: DPConfig | None = None,
+               prior: Mapping[int, Mapping[str, Any] | None] | None = None) -> dict[int, ShardFile]:
+    """Train shards {index: ids} (reusing the journal's finished ones) and write their files; {index: file}.
 
     With `dp`, by DP-SGD; `prior` ({index: ledger}) holds the ledgers of the shards' earlier releases (retraining):
     a retrained shard's ledger is then the sequential composition of those and the new run (see
     `sequential_composition`: the old model, trained on a superset of the shard's data, may already be public).
-    `device`: where shards train (`shard_devices`: one process worker per visible GPU by default, each pinned)."""
+    Shards train where `execution` says (`Execution.placement`: one process worker per visible GPU by default)."""
     prior = prior or {}
-    task_device, pinned = shard_placement(device, executor)
-    done: dict[int, dict[str, Any]] = {}
+    task_device, pinned = execution.placement()
+    done: dict[int, ShardFile] = {}
     tasks = []
     for index, ids in sorted(todo.items()):
         entry = reusable(layout, pending, index, sorted(ids))
@@ -194,124 +172,113 @@ def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[st
         privacy = result.privacy
         if privacy is not None and prior.get(result.index):
             privacy = sequential_composition([prior[result.index], privacy]).to_dict()
-        entry = write_shard(layout, info, result, created=pending["time"], store_seed=base.seed, plan_kind=plan_kind,
+        entry = write_shard(layout, info, result, created=pending.time, store_seed=base.seed, plan_kind=plan_kind,
                             privacy=privacy)
         done[result.index] = entry
         record_shard(layout, pending, result.index, entry)
 
-    if isinstance(executor, Executor):
-        run_shards(tasks, executor, retries=retries, on_result=on_result, progress=progress)
-    else:
-        kind = executor or ("process" if len(tasks) > 1 else "inline")
-        if kind == "inline" and isinstance(backbone, BackboneSpec):
-            backbone = backbone.load()
-            tasks = [replace(t, backbone=backbone) for t in tasks]
-        with make_executor(kind, workers=workers, tasks=len(tasks), devices=pinned) as ex:
-            run_shards(tasks, ex, retries=retries, on_result=on_result, progress=progress)
+    execution.run(tasks, on_result, pinned)
     return done
 
 
-def create_store(root: str | Path, train: FeatureData, model: Classifier, config: TrainConfig, *,
-                 shards: int | None = None, plan: ShardPlan | None = None, plan_kind: str = "random", executor: ExecutorArg = None, workers: int | None = None,
-                 threads: int | None = None, ray_address: str | None = None, ray_gpus: float = 0,
-                 retries: int = 1,
-                 weighting: str = "uniform", source: DataSource | None = None, dp: DPConfig | None = None,
-                 progress: bool = True, device: str = "cpu") -> Path:
-    """Train a store of `shards` shards (or on the given `plan`, whose ids must be exactly the data's) in `root`
-    (new or empty), compose them with `weighting`, and commit. Returns `root`.
+def resolve_plan(plan: ShardPlan | str | None, shards: int | None, train: FeatureData, seed: int) -> ShardPlan:
+    """The given plan, checked against the data's ids, or one of `shards` shards of kind `plan` (default
+    "random") made with `seed`."""
+    ids, labels = ids_and_labels(train)
+    if not isinstance(plan, ShardPlan):
+        if shards is None:
+            raise TaftError("give the number of shards or a shard plan")
+        if plan is not None and plan not in PLAN_KINDS:
+            raise TaftError(f"plan must be a ShardPlan or one of {PLAN_KINDS}, got {plan!r}")
+        return make_plan(ids, labels, shards, seed, plan or "random")
+    if shards is not None and shards != plan.num_shards:
+        raise TaftError(f"{shards} shards asked for, but the given plan has {plan.num_shards}")
+    have, want = set(ids), set(plan.ids)
+    if have != want:
+        raise TaftError(f"the shard plan's ids differ from the data's: {len(want - have)} planned ids are not in "
+                        f"the data (e.g. {sorted(want - have)[:10]}), {len(have - want)} data ids are not "
+                        f"planned (e.g. {sorted(have - want)[:10]})")
+    return plan
 
-    executor: an Executor, or "process" (default when several shards), "inline" or "ray" (`ray_address`: the
-    cluster, default a local Ray; `ray_gpus`: GPUs each shard task asks for). workers: process pool
-    size (default min(shards, cores)). threads: torch threads per shard task (default max(1, cores // workers));
-    recorded in the store and reused by retraining, since it changes float summation order. retries: extra
-    attempts per failed shard. A rerun with the same arguments after an interruption resumes the creation.
-    source: where the training data came from (saved with absolute paths; `ModelStore.training_features` rebuilds
-    the features from it when their cache entry is gone).
-    dp: train every shard with DP-SGD (see the module doc; "size" weighting is then refused). device: where the
-    shards train ("cpu" default, "auto", "cuda" = one worker per visible GPU unless `workers` is given, "cuda:N",
-    "mps"); not part of the store's recipe (a store made on a GPU can be resumed or retrained on the CPU)."""
-    _, pinned = shard_placement(device, executor)  # checked before anything is written
+
+def create_store(root: str | Path, train: FeatureData, model: Classifier, config: TrainConfig, *,
+                 shards: int | None = None, plan: ShardPlan | str | None = None, threads: int | None = None,
+                 min_steps: int = SHARD_MIN_STEPS, weighting: str = "uniform", source: DataSource | None = None,
+                 dp: DPConfig | None = None, execution: Execution = Execution()) -> Path:
+    """Train a store of `shards` shards of kind `plan` ("random" default, or "class"), or on the given `plan` (a
+    `ShardPlan` whose ids are exactly the data's), in `root` (new or empty); compose them with `weighting`, and
+    commit. Returns `root`. The module doc says what `model`, `config` and `min_steps` are.
+
+    threads: torch threads per shard task (default max(1, cores // workers)); recorded in the store and reused by
+    retraining, since it changes float summation order. A rerun with the same arguments after an interruption
+    resumes the creation. source: where the training data came from (saved with absolute paths;
+    `ModelStore.training_features` rebuilds the features from it when their cache entry is gone).
+    dp: train every shard with DP-SGD (see the module doc; "size" weighting is then refused). execution: how and
+    where shards train (`Execution`); not part of the store's recipe (a store made on a GPU can be resumed or
+    retrained on the CPU)."""
+    _, pinned = execution.placement()  # checked before anything is written
     layout = StoreLayout(root)
     backbone, spec = model.backbone, model.spec
-    base = check_config(spec, config, text=backbone.is_text, dp=dp)
+    base = check_config(spec, with_min_steps(config, min_steps), text=backbone.is_text, dp=dp)
     if Classifier.from_spec(backbone, model.class_names, spec).fingerprint != model.fingerprint:
         raise TaftError("a store's shards share the base head seeded by head_seed: build the model without "
                         "head_weight")
     if weighting not in WEIGHTINGS:
         raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     check_dp(dp, weighting)
-    ids, labels = ids_and_labels(train)
     if isinstance(train, CachedFeatures) and list(train.class_names) != model.class_names:
         raise TaftError(f"the data's classes {list(train.class_names)[:10]} differ from the model's "
                         f"{model.class_names[:10]}")
-    if plan is None:
-        if shards is None:
-            raise TaftError("give the number of shards or a shard plan")
-        plan = make_plan(ids, labels, shards, base.seed, plan_kind)
-    else:
-        if shards is not None and shards != plan.num_shards:
-            raise TaftError(f"{shards} shards asked for, but the given plan has {plan.num_shards}")
-        have, want = set(ids), set(plan.ids)
-        if have != want:
-            raise TaftError(f"the shard plan's ids differ from the data's: {len(want - have)} planned ids are not in "
-                            f"the data (e.g. {sorted(want - have)[:10]}), {len(have - want)} data ids are not "
-                            f"planned (e.g. {sorted(have - want)[:10]})")
+    plan = resolve_plan(plan, shards, train, base.seed)
     check_dp(dp, weighting, [len(s) for s in plan.shards], base.batch_size)
     info = model.info()
     record = run_record(spec, base)
     todo = {i: list(s) for i, s in enumerate(plan.shards) if s}
     if threads is None:
-        threads = default_threads(workers or default_workers(len(todo), pinned))
+        threads = default_threads(execution.workers or default_workers(len(todo), pinned))
     request = {"plan": plan.to_dict(), "config": record, "fingerprint": info.fingerprint,
                "threads": threads, "weighting": weighting, "data": data_identity(train),
                "backbone": {"name": backbone.name, "preprocess": json.loads(json.dumps(backbone.preprocess.to_dict())),
                             "dtype": info.dtype, "fingerprint": backbone.fingerprint}}
     if dp is not None:
         request["dp"] = dp.to_dict()
-    with connected(executor, workers=workers, ray_address=ray_address, ray_gpus=ray_gpus) as executor, \
-            layout.locked(create=True):
+    with execution.connected() as execution, layout.locked(create=True):
         pending = read_pending(layout)
         if layout.manifest.exists():
             m = load_manifest(layout)
-            if pending is not None and m.get("last_op") == pending["op_id"]:  # committed, not yet finished
+            if pending is not None and m.last_op == pending.op_id:  # committed, not yet finished
                 finish(layout, m, pending)
-                if pending["request"] == request:
+                if pending.request == request:
                     return layout.root
             raise TaftError(f"{layout.root} already holds a model store; forget or compose there, or choose another "
                             "directory")
-        if pending is not None and (pending["op"] != "create" or pending["request"] != request):
+        if pending is not None and (pending.op != "create" or pending.request != request):
             raise TaftError(f"{layout.root} holds an interrupted store creation with other settings; rerun that "
-                            "command, or remove the directory")
+                            "creation, or remove the directory")
         if pending is None:
             others = [p.name for p in layout.root.iterdir() if p.name != layout.lock_file.name]
             if others:
                 raise TaftError(f"{layout.root} is not empty ({', '.join(sorted(others)[:5])}); a store needs a new "
                                 "or empty directory")
-            pending = new_pending("create", request, 0, {"shards": sorted(todo), "n": len(ids)})
+            pending = Pending.new("create", request, 0, {"shards": sorted(todo), "n": len(plan.ids)})
             write_pending(layout, pending)
             crashpoint("after-pending")
-        ref = backbone_ref(backbone, by_name=executor != "inline")
+        ref = backbone_ref(backbone, by_name=execution.remote)
         files = train_into(layout, pending, todo, train=train, backbone=ref, info=info, spec=spec, base=base,
-                           threads=threads,
-                           plan_kind=plan.kind, executor=executor, workers=workers, retries=retries,
-                           progress=progress, dp=dp, device=device)
-        m: Manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "generation": 0, "last_op": None,
-            "created": pending["time"], "updated": pending["time"], **info.to_dict(),
-            "train_config": record, "threads": threads, "plan": plan.to_dict(),
-            "data": {"features": data_identity(train), "source": source.resolved().to_dict() if source else None},
-            "shards": [{"index": i, "status": "trained" if s else "empty",
-                        "file": files[i]["file"] if s else None, "sha256": files[i]["sha256"] if s else None,
-                        "ids": list(s), "n": len(s), "seed": shard_seed(base.seed, i),
-                        **({"privacy": files[i]["privacy"] if s else None} if dp is not None else {})}
-                       for i, s in enumerate(plan.shards)],
-            "composition": {"weighting": weighting, "subset": None}, "composed": None, "forgotten": [],
-        }
-        if dp is not None:
-            m["dp"] = dp.to_dict()
+                           threads=threads, plan_kind=plan.kind, execution=execution, dp=dp)
+        m = Manifest(generation=0, last_op=None, created=pending.time, updated=pending.time, model=info,
+                     train_config=record, threads=threads, plan=plan,
+                     data={"features": data_identity(train),
+                           "source": source.resolved().to_dict() if source else None},
+                     shards=[ShardEntry(index=i, status="trained" if s else "empty",
+                                        file=files[i].file if s else None, sha256=files[i].sha256 if s else None,
+                                        ids=list(s), seed=shard_seed(base.seed, i),
+                                        privacy=files[i].privacy if s else None)
+                             for i, s in enumerate(plan.shards)],
+                     composition=Composition(weighting, None), dp=dp.to_dict() if dp is not None else None)
         commit(layout, m, pending)
     return layout.root
 
 
-__all__ = ["check_config", "check_dp", "shard_placement", "connected", "create_store", "data_identity", "dp_shard_seed", "releases",
-           "shard_config", "shard_dp", "train_into"]
+__all__ = ["SHARD_MIN_STEPS", "check_config", "check_dp", "create_store", "data_identity", "dp_shard_seed",
+           "releases", "shard_config", "shard_dp", "train_into", "with_min_steps"]

@@ -29,13 +29,13 @@ from pathlib import Path
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import FingerprintMismatchError, TaftError
+from taft.parallel.execution import Execution
 from taft.parallel.shards import BackboneSpec, FeatureData, backbone_ref
-from taft.privacy import DPConfig
 from taft.store.commit import begin, commit
-from taft.store.journal import audit_noop, new_pending, write_pending
+from taft.store.create import train_into
+from taft.store.journal import Pending, audit_noop, write_pending
 from taft.store.layout import StoreLayout, crashpoint
-from taft.store.manifest import Manifest, config_of, info_of, load_manifest, plan_of, spec_of
-from taft.store.create import ExecutorArg, connected, train_into
+from taft.store.manifest import Manifest, load_manifest
 
 MODES = ("drop", "retrain")
 _MAX_LISTED = 10
@@ -77,7 +77,7 @@ def training_features(m: Manifest, features: FeatureData | None) -> FeatureData:
     """`features` if given, else the store's trunk-feature cache entry if it is still there."""
     if features is not None:
         return features
-    f = m["data"].get("features") or {}
+    f = m.data.get("features") or {}
     path = f.get("path")
     if path and (Path(path) / "meta.json").is_file():
         cf = CachedFeatures(path)
@@ -87,9 +87,9 @@ def training_features(m: Manifest, features: FeatureData | None) -> FeatureData:
                     "the training features, or keep the data at the recorded source so they can be recomputed")
 
 
-def backbone_for(m: Manifest, backbone: Backbone | None, executor: ExecutorArg) -> Backbone | BackboneSpec:
+def backbone_for(m: Manifest, backbone: Backbone | None, remote: bool) -> Backbone | BackboneSpec:
     """What retraining tasks carry: the given backbone (checked against the store) or the store's by name."""
-    info = info_of(m)
+    info = m.model
     if backbone is None:
         return BackboneSpec.of(info.backbone, info.preprocess, info.dtype, info.backbone_fingerprint)
     if backbone.fingerprint != info.backbone_fingerprint:
@@ -99,17 +99,14 @@ def backbone_for(m: Manifest, backbone: Backbone | None, executor: ExecutorArg) 
     dtype = str(backbone.dtype).removeprefix("torch.")
     if dtype != info.dtype:
         raise TaftError(f"the store was trained in {info.dtype}, the given backbone is {dtype}")
-    return backbone_ref(backbone, by_name=executor != "inline")
+    return backbone_ref(backbone, by_name=remote)
 
 
 def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features: FeatureData | None = None,
-           backbone: Backbone | None = None, executor: ExecutorArg = None, workers: int | None = None,
-           ray_address: str | None = None, ray_gpus: float = 0, retries: int = 1,
-           progress: bool = True, device: str = "cpu") -> ForgetResult:
+           backbone: Backbone | None = None, execution: Execution = Execution()) -> ForgetResult:
     """Forget `ids` from the store at `root` (see the module doc). `features`/`backbone`: the training features and
-    backbone for retraining (default: the store's cache entry and its backbone loaded by name). The executor
-    options are those of `create_store` (used by "retrain" only), and so is `device` (where retrained shards
-    train)."""
+    backbone for retraining (default: the store's cache entry and its backbone loaded by name). `execution`: how
+    and where retrained shards train (mode "retrain" only)."""
     if mode not in MODES:
         raise TaftError(f"forget mode must be one of {', '.join(MODES)}, got {mode!r}")
     wanted = sorted({str(i) for i in ids})
@@ -117,11 +114,10 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
         raise TaftError("no ids to forget were given")
     layout = StoreLayout(root)
     if mode == "drop":  # trains nothing: no executor (nor Ray connection) is needed
-        executor, ray_address, ray_gpus = None, None, 0
-    with connected(executor, workers=workers, ray_address=ray_address, ray_gpus=ray_gpus) as executor, \
-            layout.locked():
+        execution = execution.local()
+    with execution.connected() as execution, layout.locked():
         m = load_manifest(layout)
-        known = set(plan_of(m).ids)
+        known = set(m.plan.ids)
         unknown = [i for i in wanted if i not in known]
         if unknown:
             raise TaftError(f"{len(unknown)} ids are not in the store, e.g. {unknown[:_MAX_LISTED]}; nothing was "
@@ -130,53 +126,52 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
         status, pending = begin(layout, m, "forget", request)
         if status == "done":
             m = load_manifest(layout)
-            a = pending["audit"]
-            return ForgetResult(a["ids"], a["already"], a["shards"], mode,
-                                m["composed"]["sha256"] if m["composed"] else None, resumed=True)
+            a = pending.audit
+            return ForgetResult(a["ids"], a["already"], a["shards"], mode, composed_sha256(m), resumed=True)
         if pending is None:
-            done = set(m["forgotten"])
+            done = set(m.forgotten)
             new = [i for i in wanted if i not in done]
             already = [i for i in wanted if i in done]
             if not new:
                 audit_noop(layout, "forget", ids=wanted, mode=mode, already=already)
-                return ForgetResult([], already, [], mode, m["composed"]["sha256"] if m["composed"] else None,
-                                    noop=True)
+                return ForgetResult([], already, [], mode, composed_sha256(m), noop=True)
             hit = set(new)
-            shards = [s["index"] for s in m["shards"] if s["status"] == "trained" and hit & set(s["ids"])]
-            pending = new_pending("forget", request, m["generation"],
+            shards = [s.index for s in m.shards if s.trained and hit & set(s.ids)]
+            pending = Pending.new("forget", request, m.generation,
                                   {"ids": new, "already": already, "mode": mode, "shards": shards})
             write_pending(layout, pending)
             crashpoint("after-pending")
-        audit = pending["audit"]
-        new_ids, shards = set(audit["ids"]), audit["shards"]
+        new_ids, shards = set(pending.audit["ids"]), pending.audit["shards"]
         m2 = copy.deepcopy(m)
-        m2["forgotten"] = sorted(set(m["forgotten"]) | new_ids)
+        m2.forgotten = sorted(set(m.forgotten) | new_ids)
         todo: dict[int, list[str]] = {}
-        for s in m2["shards"]:
-            if not new_ids & set(s["ids"]):
+        for s in m2.shards:
+            if not new_ids & set(s.ids):
                 continue
-            s["ids"] = [i for i in s["ids"] if i not in new_ids]
-            s["n"] = len(s["ids"])
-            if s["status"] != "trained":
+            s.ids = [i for i in s.ids if i not in new_ids]
+            if not s.trained:
                 continue
-            if mode == "drop" or not s["ids"]:
-                s.update(status="dropped" if mode == "drop" else "empty", file=None, sha256=None)
+            if mode == "drop" or not s.ids:
+                s.status, s.file, s.sha256 = ("dropped" if mode == "drop" else "empty"), None, None
             else:
-                todo[s["index"]] = s["ids"]
+                todo[s.index] = s.ids
         if todo:
-            forbidden = set(m2["forgotten"])
+            forbidden = set(m2.forgotten)
             if any(forbidden & set(ids) for ids in todo.values()):  # never train on a forgotten id
                 raise TaftError("internal error: a retraining shard still lists forgotten ids")
             files = train_into(layout, pending, todo, train=training_features(m, features),
-                               backbone=backbone_for(m, backbone, executor), info=info_of(m), spec=spec_of(m), base=config_of(m),
-                               threads=int(m["threads"]), plan_kind=m["plan"]["kind"], executor=executor,
-                               workers=workers, retries=retries, progress=progress,
-                               dp=DPConfig(**m["dp"]) if "dp" in m else None,
-                               prior={i: m["shards"][i].get("privacy") for i in todo}, device=device)
+                               backbone=backbone_for(m, backbone, execution.remote), info=m.model, spec=m.spec,
+                               base=m.config, threads=m.threads, plan_kind=m.plan.kind, execution=execution,
+                               dp=m.dp_config, prior={i: m.shards[i].privacy for i in todo})
             for index, entry in files.items():
-                m2["shards"][index].update(file=entry["file"], sha256=entry["sha256"])
-                if "dp" in m:
-                    m2["shards"][index]["privacy"] = entry["privacy"]
+                s = m2.shards[index]
+                s.file, s.sha256 = entry.file, entry.sha256
+                if m.dp is not None:
+                    s.privacy = entry.privacy
         m2 = commit(layout, m2, pending)
-        return ForgetResult(sorted(new_ids), audit["already"], shards, mode,
-                            m2["composed"]["sha256"] if m2["composed"] else None, resumed=status == "resume")
+        return ForgetResult(sorted(new_ids), pending.audit["already"], shards, mode, composed_sha256(m2),
+                            resumed=status == "resume")
+
+
+def composed_sha256(m: Manifest) -> str | None:
+    return m.composed.sha256 if m.composed is not None else None

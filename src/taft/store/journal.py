@@ -17,43 +17,73 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from taft.errors import TaftError
 from taft.fileio import fsync_dir, now, read_json, write_json
 from taft.store.layout import StoreLayout
+from taft.store.manifest import ShardFile
 
-Pending = dict[str, Any]
 
+@dataclass
+class Pending:
+    """The journal of the operation in progress (see the module doc). `request` is what was asked (per op:
+    create {plan, config, fingerprint, threads, weighting, data, backbone[, dp]}; forget {ids, mode}; compose
+    {weighting, subset}); `audit` the log entry's fields; `completed` the shard files already written."""
 
-def new_pending(op: str, request: dict[str, Any], base_generation: int, audit: dict[str, Any]) -> Pending:
-    return {"op_id": uuid.uuid4().hex, "op": op, "request": request, "time": now(),
-            "base_generation": base_generation, "audit": audit, "completed": {}}
+    op_id: str
+    op: str
+    request: dict[str, Any]
+    time: str
+    base_generation: int
+    audit: dict[str, Any]
+    completed: dict[int, ShardFile] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, op: str, request: dict[str, Any], base_generation: int, audit: dict[str, Any]) -> Pending:
+        return cls(uuid.uuid4().hex, op, request, now(), base_generation, audit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op_id": self.op_id, "op": self.op, "request": self.request, "time": self.time,
+                "base_generation": self.base_generation, "audit": self.audit,
+                "completed": {str(i): f.to_dict() for i, f in sorted(self.completed.items())}}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Pending:
+        if not isinstance(d, dict) or not {"op_id", "op", "request", "time", "completed"} <= set(d):
+            raise TaftError("it is not a JSON object with op_id, op, request, time and completed")
+        try:
+            return cls(str(d["op_id"]), str(d["op"]), dict(d["request"]), str(d["time"]),
+                       int(d.get("base_generation", 0)), dict(d.get("audit", {})),
+                       {int(i): ShardFile.from_dict(f) for i, f in d["completed"].items()})
+        except (AttributeError, TypeError, ValueError) as e:
+            raise TaftError(f"{type(e).__name__}: {e}") from e
+
+    def describe(self) -> str:
+        """The operation in words."""
+        if self.op == "forget":
+            return f"forget of {len(self.request['ids'])} ids (mode {self.request['mode']}) started {self.time}"
+        return f"{self.op} started {self.time}"
 
 
 def read_pending(layout: StoreLayout) -> Pending | None:
     if not layout.pending.exists():
         return None
-    p = read_json(layout.pending, "operation journal")
-    if not isinstance(p, dict) or not {"op_id", "op", "request", "time", "completed"} <= set(p):
-        raise TaftError(f"operation journal {layout.pending} is malformed")
-    return p
+    d = read_json(layout.pending, "operation journal")
+    try:
+        return Pending.from_dict(d)
+    except TaftError as e:
+        raise TaftError(f"operation journal {layout.pending} is malformed ({e})") from e
 
 
 def write_pending(layout: StoreLayout, pending: Pending) -> None:
-    write_json(layout.pending, pending)
+    write_json(layout.pending, pending.to_dict())
 
 
 def clear_pending(layout: StoreLayout) -> None:
     layout.pending.unlink(missing_ok=True)
     fsync_dir(layout.root)
-
-
-def describe(pending: Pending) -> str:
-    req = pending["request"]
-    if pending["op"] == "forget":
-        return f"forget of {len(req['ids'])} ids (mode {req['mode']}) started {pending['time']}"
-    return f"{pending['op']} started {pending['time']}"
 
 
 def read_audit(layout: StoreLayout) -> tuple[list[dict[str, Any]], int | None]:
@@ -101,5 +131,5 @@ def audit_noop(layout: StoreLayout, op: str, **fields: Any) -> None:
     append_audit(layout, {"time": now(), "op": op, "op_id": uuid.uuid4().hex, "noop": True, **fields})
 
 
-__all__ = ["Pending", "append_audit", "audit_noop", "clear_pending", "describe", "new_pending", "now",
-           "read_audit", "read_pending", "truncate_audit", "write_pending"]
+__all__ = ["Pending", "append_audit", "audit_noop", "clear_pending", "read_audit", "read_pending", "truncate_audit",
+           "write_pending"]

@@ -44,9 +44,9 @@ def accuracies(store: ModelStore, data: CachedFeatures, device: torch.device | s
     evaluated on `device` (default the CPU)."""
     where = resolve_device(device)
     shards = {}
-    for s in store.manifest["shards"]:
-        if s["status"] == "trained":
-            shards[s["index"]] = evaluate(store.load_shard(s["index"]).classifier.to(where), data).top1
+    for s in store.manifest.shards:
+        if s.trained:
+            shards[s.index] = evaluate(store.load_shard(s.index).classifier.to(where), data).top1
     composed = evaluate(store.load_composed().classifier.to(where), data).top1 if store.composed_path else None
     return {"shards": shards, "composed": composed, "n": len(data)}
 
@@ -88,7 +88,7 @@ def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatur
     info = store.info()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards = store.manifest["shards"]
+    shards = store.manifest.shards
     lines = [f"# taft store report: `{info['store']}`", "",
              f"- model: {info['method']} on `{info['backbone']}`, k = {info['tangent_blocks']}, "
              f"{len(info['class_names'])} classes, fingerprint `{info['fingerprint'][:16]}…`",
@@ -98,8 +98,8 @@ def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatur
                                 f"({info['composition']['weighting']} weights)" if info["composed"] else "none"),
              f"- generation {info['generation']}, updated {info['updated']}", "",
              "## Shards", "", "| shard | status | examples | seed | file |", "|---|---|---|---|---|"]
-    lines += [f"| {s['index']} | {s['status']} | {s['n']} | {s['seed']} | {s['file'] or '-'} |" for s in shards]
-    _bar_png(out / "shard_sizes.png", [str(s["index"]) for s in shards], [s["n"] for s in shards], "examples",
+    lines += [f"| {s.index} | {s.status} | {s.n} | {s.seed} | {s.file or '-'} |" for s in shards]
+    _bar_png(out / "shard_sizes.png", [str(s.index) for s in shards], [s.n for s in shards], "examples",
              "shard sizes")
     lines += ["", "![shard sizes](shard_sizes.png)", ""]
     if "dp" in info:

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from taft.errors import TaftError
 from taft.checkpoint import read_checkpoint
 from taft.store.commit import collect_garbage, compose_into, finish, unreferenced, write_forgotten
-from taft.store.journal import describe, read_audit, read_pending, truncate_audit
+from taft.store.journal import read_audit, read_pending, truncate_audit
 from taft.store.layout import StoreLayout, sha256_file
-from taft.store.manifest import load_manifest, members, save_manifest
+from taft.store.manifest import Manifest, load_manifest, save_manifest
 
 
 @dataclass
@@ -73,8 +73,8 @@ def _verify(layout: StoreLayout, r: VerifyReport, repair: bool) -> None:
         r.problems.append(str(e))
         return
     if not layout.manifest.exists():
-        if pending is not None and pending["op"] == "create":
-            r.problems.append(f"the store's creation ({describe(pending)}) was interrupted before it committed; "
+        if pending is not None and pending.op == "create":
+            r.problems.append(f"the store's creation ({pending.describe()}) was interrupted before it committed; "
                               "rerun the same `taft shards train` command (or `taft store resume`) to finish it")
         else:
             r.problems.append("no manifest.json: this is not a model store")
@@ -85,44 +85,44 @@ def _verify(layout: StoreLayout, r: VerifyReport, repair: bool) -> None:
         r.problems.append(str(e))
         return
     keep: list[str] = []
-    if pending is not None and m.get("last_op") == pending["op_id"]:
-        fix(f"the {describe(pending)} committed but did not finish its cleanup",
+    if pending is not None and m.last_op == pending.op_id:
+        fix(f"the {pending.describe()} committed but did not finish its cleanup",
             lambda: (finish(layout, m, pending), "finished it (forgotten.json, audit log, old files)")[1],
             "finish it")
         pending = None if repair else pending
     elif pending is not None:
-        r.notes.append(f"an interrupted {describe(pending)} did not commit: the store is as before it. Rerun it "
+        r.notes.append(f"an interrupted {pending.describe()} did not commit: the store is as before it. Rerun it "
                        f"(or `taft store resume {layout.root}`) to complete it")
-        keep = [e["file"] for e in pending["completed"].values()]
+        keep = [e.file for e in pending.completed.values()]
 
     shards_ok = True
-    for s in m["shards"]:
-        if not s.get("file"):
+    for s in m.shards:
+        if not s.file:
             continue
-        path = layout.path(s["file"])
+        path = layout.path(s.file)
         if not path.is_file():
-            r.problems.append(f"shard {s['index']}'s file {s['file']} is missing; restore it or rebuild the store")
+            r.problems.append(f"shard {s.index}'s file {s.file} is missing; restore it or rebuild the store")
             shards_ok = False
-        elif sha256_file(path) != s["sha256"]:
-            r.problems.append(f"shard {s['index']}'s file {s['file']} does not match its hash (corrupt); restore it "
+        elif sha256_file(path) != s.sha256:
+            r.problems.append(f"shard {s.index}'s file {s.file} does not match its hash (corrupt); restore it "
                               "or rebuild the store")
             shards_ok = False
         else:
             f = read_checkpoint(path)
-            if f.fingerprint != m["fingerprint"] or f.ids != s["ids"]:
-                r.problems.append(f"shard {s['index']}'s file {s['file']} holds another model or other ids than "
+            if f.fingerprint != m.model.fingerprint or f.ids != s.ids:
+                r.problems.append(f"shard {s.index}'s file {s.file} holds another model or other ids than "
                                   "the manifest lists")
                 shards_ok = False
 
-    composed = m["composed"]
+    composed = m.composed
     if composed is not None:
-        path = layout.path(composed["file"])
+        path = layout.path(composed.file)
         state = "is missing" if not path.is_file() else (
-            "does not match its hash" if sha256_file(path) != composed["sha256"] else None)
+            "does not match its hash" if sha256_file(path) != composed.sha256 else None)
         if state is None:
             meta = read_checkpoint(path).meta
-            want = [i for j in members(m) for i in m["shards"][j]["ids"]]
-            if meta.get("data", {}).get("ids") not in (want, None) or meta.get("fingerprint") != m["fingerprint"]:
+            want = [i for j in m.members() for i in m.shards[j].ids]
+            if meta.get("data", {}).get("ids") not in (want, None) or meta.get("fingerprint") != m.model.fingerprint:
                 state = "holds other data or another model than the manifest lists"
         if state is not None:
             if shards_ok:
@@ -135,7 +135,7 @@ def _verify(layout: StoreLayout, r: VerifyReport, repair: bool) -> None:
         listed = json.loads(layout.forgotten.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         listed = None
-    if listed != sorted(m["forgotten"]):
+    if listed != sorted(m.forgotten):
         fix("forgotten.json is missing or differs from the manifest", lambda: write_forgotten(layout, m),
             "rewrite it from the manifest")
 
@@ -146,8 +146,8 @@ def _verify(layout: StoreLayout, r: VerifyReport, repair: bool) -> None:
         if torn is not None:
             fix("audit.jsonl ends with a torn or corrupt line", lambda: truncate_audit(layout, torn),
                 "cut it off")
-        if m.get("last_op") and pending is None and not any(e.get("op_id") == m["last_op"] for e in entries):
-            r.problems.append(f"audit.jsonl does not log the last committed operation ({m['last_op']})")
+        if m.last_op and pending is None and not any(e.get("op_id") == m.last_op for e in entries):
+            r.problems.append(f"audit.jsonl does not log the last committed operation ({m.last_op})")
 
     stray = unreferenced(layout, m, keep)
     if stray:
@@ -156,9 +156,9 @@ def _verify(layout: StoreLayout, r: VerifyReport, repair: bool) -> None:
             lambda: (collect_garbage(layout, m, keep), "removed them")[1], "remove them")
 
 
-def _recompose(layout: StoreLayout, m: dict) -> str:
-    entry = compose_into(layout, m, m["composed"]["created"])
-    if entry is not None and entry["sha256"] != m["composed"]["sha256"]:
-        save_manifest(layout, {**m, "composed": entry})  # other library versions write other bytes
+def _recompose(layout: StoreLayout, m: Manifest) -> str:
+    entry = compose_into(layout, m, m.composed.created)
+    if entry is not None and entry.sha256 != m.composed.sha256:
+        save_manifest(layout, replace(m, composed=entry))  # other library versions write other bytes
         return "recomputed it from the shards (new hash recorded in the manifest)"
     return "recomputed it from the shards (same hash as the manifest's)"

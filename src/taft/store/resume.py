@@ -1,0 +1,75 @@
+"""Complete a store's interrupted operation from its journal (`pending.json`): `ModelStore.resume`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from taft.backbones.base import Backbone
+from taft.data.feature_cache import CachedFeatures
+from taft.errors import TaftError
+from taft.model import Classifier
+from taft.parallel.execution import Execution
+from taft.parallel.shards import BackboneSpec, FeatureData
+from taft.privacy import DPConfig
+from taft.spec import ModelSpec
+from taft.store.commit import finish
+from taft.store.compose import compose_store
+from taft.store.create import create_store
+from taft.store.forget import forget
+from taft.store.journal import Pending, read_pending
+from taft.store.layout import StoreLayout
+from taft.store.manifest import load_manifest
+from taft.store.plan import ShardPlan
+from taft.train import TrainConfig
+
+
+def resume(root: str | Path, *, features: FeatureData | None = None, backbone: Backbone | None = None,
+           execution: Execution = Execution()) -> str:
+    """Complete the store's interrupted operation; returns what was done, in words. `features`/`backbone`: the
+    training data and backbone of shards still to train (default: the store's feature-cache entry and its backbone
+    by name); `execution`: how and where they train (any device: it is not part of the recipe)."""
+    layout = StoreLayout(root)
+    with layout.locked():
+        pending = read_pending(layout)
+        if pending is None:
+            return "nothing to resume: no operation is pending"
+        if layout.manifest.exists():
+            m = load_manifest(layout)
+            if m.last_op == pending.op_id:
+                finish(layout, m, pending)
+                return f"finished the cleanup of the committed {pending.describe()}"
+    req = pending.request
+    if pending.op == "forget":
+        r = forget(root, req["ids"], req["mode"], features=features, backbone=backbone, execution=execution)
+        return f"completed the forget of {len(r.forgotten)} ids (mode {r.mode}; shards {r.shards})"
+    if pending.op == "compose":
+        compose_store(root, weighting=req["weighting"], shards=req["subset"])
+        return "completed the composition"
+    if pending.op == "create":
+        resume_creation(root, pending, features, backbone, execution)
+        return "completed the store's creation"
+    raise TaftError(f"cannot resume an operation of kind {pending.op!r}")
+
+
+def resume_creation(root: str | Path, pending: Pending, features: FeatureData | None, backbone: Backbone | None,
+                    execution: Execution) -> None:
+    """Rerun the store's interrupted creation with its recorded request."""
+    req = pending.request
+    if features is None:
+        path = req["data"].get("path")
+        if not path or not (Path(path) / "meta.json").is_file():
+            raise TaftError("cannot resume the store's creation: its training features are not in the feature "
+                            "cache any more; pass them, or create the store again from its data")
+        features = CachedFeatures(path)
+    if not isinstance(features, CachedFeatures):
+        raise TaftError("resuming a store's creation needs its cached training features (CachedFeatures)")
+    if backbone is None:
+        spec = req.get("backbone")
+        if not spec:
+            raise TaftError("cannot resume the store's creation without its backbone")
+        backbone = BackboneSpec.of(spec["name"], spec["preprocess"], spec["dtype"], spec["fingerprint"]).load()
+    config = TrainConfig.from_dict(req["config"])
+    model = Classifier.from_spec(backbone, features.class_names, ModelSpec.from_dict(req["config"]))
+    create_store(root, features, model, config, plan=ShardPlan.from_dict(req["plan"]), threads=req["threads"],
+                 min_steps=config.min_steps, weighting=req["weighting"],
+                 dp=DPConfig(**req["dp"]) if "dp" in req else None, execution=execution)
