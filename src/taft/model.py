@@ -84,11 +84,11 @@ class Classifier(nn.Module):
                  num_classes: int | None = None, tangent_blocks: int | None = None, seed: int | None = None):
         super().__init__()
         classes = one_of("classes", classes, "class_names", class_names, num_classes)
-        self.spec = ModelSpec(method, one_of("k", k, "tangent_blocks", tangent_blocks, 1),
-                              pooling or default_pooling(backbone.is_text),
-                              one_of("head_seed", head_seed, "seed", seed, 0), head_init)
         cfg = backbone.model.cfg
-        check_tangent_blocks(self.spec.tangent_blocks, cfg.depth)
+        k = one_of("k", k, "tangent_blocks", tangent_blocks, 1)
+        check_tangent_blocks(k, cfg.depth)  # before ModelSpec, so that the error names the allowed range 1..depth
+        self.spec = ModelSpec(method, k, pooling or default_pooling(backbone.is_text),
+                              one_of("head_seed", head_seed, "seed", seed, 0), head_init)
         self.class_names = class_names_for(classes)
         self.backbone = backbone  # not a submodule: the source of the tail's blocks and of `derive`
         self.backbone_name, self.backbone_fingerprint = backbone.name, backbone.fingerprint
