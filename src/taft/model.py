@@ -90,6 +90,8 @@ class Classifier(nn.Module):
         self.spec = ModelSpec(method, k, pooling or default_pooling(backbone.is_text),
                               one_of("head_seed", head_seed, "seed", seed, 0), head_init)
         self.class_names = class_names_for(classes)
+        if num_classes is not None and num_classes != len(self.class_names):
+            raise TaftError(f"num_classes={num_classes} disagrees with the {len(self.class_names)} classes given")
         self.backbone = backbone  # not a submodule: the source of the tail's blocks and of `derive`
         self.backbone_name, self.backbone_fingerprint = backbone.name, backbone.fingerprint
         self.config = cfg
