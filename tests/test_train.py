@@ -394,3 +394,15 @@ def test_head_init_probe(tiny_vit):
     random_w0 = model(tiny_vit).head_weight0
     assert not torch.equal(result.classifier.head_weight0, random_w0)
     assert result.metrics["head_probe"]["lr"] == 1e-2
+
+
+def test_an_image_dataset_without_a_transform_gets_the_models_preprocessing(tiny_vit):
+    ds = synthetic_images(2)
+    bare = ImageDataset(ds.records, CLASSES, None, source_digest="synthetic-v1")
+    with pytest.raises(TaftError, match="no preprocessing"):
+        bare[0]  # noqa: B018
+    clf = model(tiny_vit)
+    implicit, explicit = clf.cache_features(bare, progress=False), clf.cache_features(ds, progress=False)
+    assert implicit.path == explicit.path  # the same preprocessing: the same cache entry
+    torch.testing.assert_close(implicit.as_tensors()[0], explicit.as_tensors()[0], rtol=0, atol=0)
+    assert bare.transform is None  # the caller's dataset is left as it was
