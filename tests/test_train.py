@@ -190,7 +190,8 @@ def test_fit_takes_and_returns_a_model(tiny_vit, tmp_path, method):
     for bad, match in [(Classifier(tiny_vit, class_names=CLASSES, method=method, tangent_blocks=2),
                         "cached features are for k=1"),
                        (Classifier(tiny_vit, class_names=["x", "y", "z", "w"], method=method), "class names"),
-                       (Classifier(tiny_vit, class_names=["x", "y", "z"], method=method), r"labels must be in \[0, 3\)"),
+                       (Classifier(tiny_vit, class_names=["x", "y", "z"], method=method),
+                        r"labels must be in \[0, 3\)"),
                        (Classifier(random_backbone(TINY_VIT, 12, seed=1, dtype=torch.float32), class_names=CLASSES,
                                    method=method), "another backbone")]:
         with pytest.raises(TaftError, match=match):
