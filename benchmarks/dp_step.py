@@ -28,7 +28,7 @@ from torch import nn
 from taft.backbones.base import Backbone, ImagePreprocess
 from taft.backbones.vit import ViT, ViTConfig
 from taft.privacy.dpsgd import noisy_gradient
-from taft.train import TrainConfig, build_classifier
+from taft.model import Classifier
 from taft.losses import classification_loss
 
 VIT_S = ViTConfig(dim=384, depth=12, heads=6, mlp_hidden=1536, patch_size=14, pos_grid=37, layerscale=True)
@@ -43,10 +43,9 @@ def make_steps(k: int, batch: int, tokens: int, classes: int, chunk: int, device
             nn.init.normal_(p, std=p.shape[-1] ** -0.5)
     backbone = Backbone("random-vit-s", vit.eval().requires_grad_(False), ImagePreprocess((112, 112), 14))
     names = [str(c) for c in range(classes)]
-    cfg = TrainConfig(method=method, tangent_blocks=k, lr=1e-4)
-    models = {m: build_classifier(cfg, backbone, names).to(device) for m in ("plain", "ghost", "vmap")}
+    models = {m: Classifier(backbone, names, k, method=method).to(device) for m in ("plain", "ghost", "vmap")}
     h = torch.randn(batch, tokens, VIT_S.dim, device=device)
-    x = models["plain"].train_inputs(h)  # what fit trains on (a probe's pooled features), computed once like fit
+    x, _ = models["plain"].train_inputs(h)  # what fit trains on (a probe's pooled features), computed once like fit
     y = torch.randint(0, classes, (batch,), device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
 

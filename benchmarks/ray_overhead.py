@@ -30,7 +30,8 @@ from taft.data import ImageDataset, ImageRecord, image_folder
 from taft.data.images import ArrayImage
 from taft.store import ModelStore, create_store
 from taft.checkpoint import read_checkpoint
-from taft.train import TrainConfig, cache_features
+from taft.model import Classifier
+from taft.train import TrainConfig
 
 EXECUTORS = ("inline", "process", "ray")
 
@@ -73,13 +74,14 @@ def start_ray(cpus: int) -> tuple[float, bool]:
 def run(args: argparse.Namespace) -> dict:
     backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
     if args.data is not None:
-        dataset = image_folder(args.data / "train", backbone.preprocess).per_class(args.per_class)
+        dataset = image_folder(args.data / "train").per_class(args.per_class)  # the model's preprocessing
     else:
         dataset = synthetic_images(args.synthetic, backbone.preprocess)
+    model = Classifier(backbone, dataset.class_names, 1, method="taft")
     t0 = time.perf_counter()
-    features = cache_features(dataset, backbone, 1, progress=False)
+    features = model.cache_features(dataset, progress=False)
     feature_s = time.perf_counter() - t0
-    config = TrainConfig(method="taft", tangent_blocks=1, epochs=args.epochs, seed=0)
+    config = TrainConfig(epochs=args.epochs, seed=0)
     work = Path(tempfile.mkdtemp(prefix="taft-ray-bench-"))
     walls: dict[str, float] = {}
     composed = {}
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
             if kind == "ray":
                 ray_start_s, started = start_ray(args.workers * args.threads)
             t0 = time.perf_counter()
-            store = create_store(work / kind, features, backbone, config, shards=args.shards, executor=kind,
+            store = create_store(work / kind, features, model, config, shards=args.shards, executor=kind,
                                  workers=args.workers if kind == "process" else None, threads=args.threads,
                                  progress=False)
             walls[kind] = time.perf_counter() - t0

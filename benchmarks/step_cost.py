@@ -30,7 +30,7 @@ from torch.func import functional_call, jvp
 from taft.backbones.base import Backbone, ImagePreprocess
 from taft.backbones.vit import ViT, ViTConfig
 from taft.model import TangentModel
-from taft.model import PlainTail
+from taft.tails import PlainTail
 
 PATCH = 14
 METHODS = ("nlft", "taft", "jvp")

@@ -34,7 +34,9 @@ from taft.data import ImageDataset, ImageRecord
 from taft.data.images import ArrayImage
 from taft.devices import resolve_device, synchronize
 from taft.precision import check_autocast
-from taft.train import TrainConfig, cache_features, fit
+from taft.data.trunk_features import cache_features
+from taft.model import Classifier
+from taft.train import Compute, TrainConfig, fit
 
 VIT_S = ViTConfig(dim=384, depth=12, heads=6, mlp_hidden=1536, patch_size=14, pos_grid=37, layerscale=True)
 TINY = ViTConfig(dim=32, depth=3, heads=2, mlp_hidden=64, patch_size=14, pos_grid=4, layerscale=True)
@@ -128,10 +130,11 @@ def run(args: argparse.Namespace, root: str) -> dict:
         for r in range(args.repeats + 1):  # the first round warms up (allocator, kernels, compile) and is dropped
             for method, compiled in variants:
                 name = method + ("+compile" if compiled else "")
-                config = TrainConfig(method=method, tangent_blocks=args.k, batch_size=bs, epochs=args.epochs)
+                config = TrainConfig(batch_size=bs, epochs=args.epochs)
                 synchronize(device)
-                t0 = time.perf_counter()
-                result = fit(config, backbone, cf, progress=False, device=device, compile=compiled)
+                t0 = time.perf_counter()  # fit's time includes building the model (as `taft train` does)
+                model = Classifier(backbone, cf.class_names, args.k, method=method)
+                result = fit(model, cf, config, progress=False, compute=Compute(device=device, compile=compiled))
                 synchronize(device)
                 if r:
                     fit_rates.setdefault(name, []).append(args.n * args.epochs / (time.perf_counter() - t0))

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from common import RunLog, image_parser, load_images, pyplot, run_and_save
-from taft.model import Trunk
-from taft.train import TrainConfig, cache_features, evaluate, fit
+from common import RunLog, fit_model, image_parser, load_images, pyplot, run_and_save
+from taft.backbones.trunk import Trunk
+from taft.data.trunk_features import cache_features
+from taft.train import TrainConfig, evaluate
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -35,8 +36,8 @@ def run(args: argparse.Namespace) -> dict:
             for method in methods:
                 if log.has(method=method, k=k, seed=seed):
                     continue
-                cfg = TrainConfig(method=method, tangent_blocks=k, epochs=args.epochs, seed=seed, head_seed=seed)
-                result = fit(cfg, backbone, train_f, progress=False)
+                result = fit_model(backbone, train_f.class_names, train_f, TrainConfig(epochs=args.epochs, seed=seed),
+                                   method=method, k=k, head_seed=seed)
                 log.add({"method": method, "k": k, "seed": seed, "top1": evaluate(result.classifier, test_f).top1,
                          "epoch_s": result.metrics["train_time_s"] / args.epochs, "lr": result.config.lr})
     cache = cache_speedup(backbone, train_ds, args) if args.cache_probe else None
@@ -48,16 +49,16 @@ def cache_speedup(backbone, dataset, args: argparse.Namespace) -> dict:
     k = args.ks[0]
     subset = dataset.per_class(max(1, args.cache_probe // len(dataset.class_names)))
     cached = cache_features(subset, backbone, k, progress=False)
-    cfg = TrainConfig(method="taft", tangent_blocks=k, epochs=1)
+    cfg = TrainConfig(epochs=1)
     t0 = time.perf_counter()
-    fit(cfg, backbone, cached, progress=False)
+    fit_model(backbone, subset.class_names, cached, cfg, k=k)
     from_cache = time.perf_counter() - t0
     trunk = Trunk(backbone.model, backbone.model.cfg.depth - k).eval()
     t0 = time.perf_counter()
     images = torch.stack([subset[i][0] for i in range(len(subset))])
     recomputed = torch.cat([trunk(images[i:i + 64]) for i in range(0, len(images), 64)])
     labels = torch.tensor(subset.labels)
-    fit(cfg, backbone, (recomputed, labels), class_names=subset.class_names, progress=False)
+    fit_model(backbone, subset.class_names, (recomputed, labels), cfg, k=k)
     with_trunk = time.perf_counter() - t0
     return {"images": len(subset), "epoch_from_cache_s": from_cache, "epoch_recomputing_trunk_s": with_trunk,
             "speedup": with_trunk / from_cache}

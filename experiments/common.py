@@ -1,5 +1,5 @@
-"""What the experiment scripts share: the image data sets' arguments and loading, running and saving (resumable),
-plotting."""
+"""What the experiment scripts share: the image data sets' arguments and loading, training a fresh model, running
+and saving (resumable), plotting."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from taft.backbones.base import Backbone
 from taft.data import ImageDataset, fashion_mnist, image_folder, split_dataset
 from taft.data.feature_cache import CachedFeatures
 from taft.data.split import per_class_positions
-from taft.train import cache_features
+from taft.data.trunk_features import cache_features
+from taft.model import Classifier
+from taft.train import FitResult, TrainConfig, fit
 
 
 def image_parser(doc: str, out: str) -> argparse.ArgumentParser:
@@ -74,6 +76,17 @@ def load_features(args: argparse.Namespace, k: int = 1) -> tuple[Backbone, Cache
     if args.validation:
         train_f, test_f = split_dataset(train_f, 0.2, seed=0)
     return backbone, first_per_class(train_f, args.train_per_class), first_per_class(test_f, args.test_per_class)
+
+
+def fit_model(backbone: Backbone, class_names: list[str], train, config: TrainConfig, *, method: str = "taft",
+              k: int = 1, head_seed: int = 0, pooling: str = "cls", head_init: str = "random",
+              **fit_kw: object) -> FitResult:
+    """`taft.fit` a fresh model of the given spec (method, k, pooling, head_seed, head_init; pooling "cls" unless
+    given, as every experiment has used) on `train` (cached features) with the recipe `config`, without a
+    progress bar unless asked; the result's classifier is that model."""
+    model = Classifier(backbone, list(class_names), k, method=method, pooling=pooling, head_seed=head_seed,
+                       head_init=head_init)
+    return fit(model, train, config, **{"progress": False, **fit_kw})
 
 
 class RunLog:

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from common import RunLog, image_parser, load_features, pyplot, run_and_save
+from common import RunLog, fit_model, image_parser, load_features, pyplot, run_and_save
 from taft.privacy import DPConfig
-from taft.train import TrainConfig, evaluate, fit
-
-METHODS = ("taft", "nlft", "probe")
+from taft.spec import METHODS
+from taft.train import TrainConfig, evaluate
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -36,10 +35,10 @@ def run(args: argparse.Namespace) -> dict:
             for method in args.methods:
                 if log.has(method=method, epsilon_target=eps, seed=seed):
                     continue
-                cfg = TrainConfig(method=method, tangent_blocks=1, epochs=args.epochs, seed=seed, head_seed=seed)
+                cfg = TrainConfig(epochs=args.epochs, seed=seed)
                 dp = None if math.isinf(eps) else DPConfig(clip=args.clip, epsilon=eps, delta=args.delta,
                                                            seed=1000 + seed)
-                result = fit(cfg, backbone, train_f, dp=dp, progress=False)
+                result = fit_model(backbone, train_f.class_names, train_f, cfg, method=method, head_seed=seed, dp=dp)
                 ledger = result.privacy
                 log.add({"method": method, "epsilon_target": eps, "seed": seed,
                          "top1": evaluate(result.classifier, test_f).top1,

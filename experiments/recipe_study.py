@@ -26,7 +26,10 @@ from taft import load_backbone
 from taft.errors import DivergedError
 from taft.data import fashion_mnist, image_folder, split_dataset
 from taft.privacy import DPConfig
-from taft.train import TrainConfig, cache_features, fit
+from taft.data.trunk_features import cache_features
+from taft.model import Classifier
+from taft.spec import SPEC_KEYS, ModelSpec
+from taft.train import TrainConfig, fit
 
 INT_KEYS = {"tangent_blocks", "batch_size", "epochs", "seed", "head_seed", "min_steps", "expected_batch_size"}
 STR_KEYS = {"method", "loss", "schedule", "head_init", "pooling", "optimizer", "accountant"}
@@ -63,12 +66,15 @@ def load_split(args: argparse.Namespace, ks: list[int]):
 
 
 def run_one(variant: dict[str, Any], seed: int, args: argparse.Namespace, backbone, features: dict) -> dict:
-    cfg_keys = {k: v for k, v in variant.items() if not k.startswith("dp.")}
+    spec_keys = {k: v for k, v in variant.items() if k in SPEC_KEYS}  # the model's: method, tangent_blocks, ...
+    cfg_keys = {k: v for k, v in variant.items() if not k.startswith("dp.") and k not in SPEC_KEYS}
     dp_keys = {k[3:]: v for k, v in variant.items() if k.startswith("dp.")}
-    cfg = TrainConfig(**{"epochs": args.epochs, "seed": seed, "head_seed": seed, **cfg_keys})
+    spec = ModelSpec(**{"head_seed": seed, **spec_keys})
+    cfg = TrainConfig(**{"epochs": args.epochs, "seed": seed, **cfg_keys})
     dp = DPConfig(**{"delta": 1e-5, "seed": 1000 + seed, **dp_keys}) if dp_keys else None
-    train_f, val_f = features[cfg.tangent_blocks]
-    result = fit(cfg, backbone, train_f, val=val_f, dp=dp, progress=False)
+    train_f, val_f = features[spec.tangent_blocks]
+    model = Classifier.from_spec(backbone, train_f.class_names, spec)
+    result = fit(model, train_f, cfg, val=val_f, dp=dp, progress=False)
     m = result.metrics
     row = {"variant": variant_name(variant), "seed": seed, "val_top1": m["top1"], "train_s": m["train_time_s"],
            "epochs": result.config.epochs, "steps": m["steps"], "lr": result.config.lr,

@@ -24,9 +24,12 @@ from pathlib import Path
 
 import torch
 
-from common import RunLog, image_parser, load_images, mean_std, median_time, pyplot, run_and_save, soup, top1
+from common import (RunLog, fit_model, image_parser, load_images, mean_std, median_time, pyplot, run_and_save, soup,
+                    top1)
+from taft.data.trunk_features import cache_features
+from taft.model import Classifier
 from taft.store import ModelStore, create_store, forget, make_plan
-from taft.train import TrainConfig, cache_features, evaluate, fit
+from taft.train import TrainConfig, evaluate
 
 
 @torch.no_grad()
@@ -34,9 +37,10 @@ def tail_logits(classifier, features: torch.Tensor) -> torch.Tensor:
     return torch.cat([classifier.logits(features[i:i + 256]) for i in range(0, len(features), 256)])
 
 
-def nlft_shards(train_f, plan, cfg: TrainConfig, backbone):
+def nlft_shards(train_f, plan, cfg: TrainConfig, backbone, head_seed: int):
     """One NLFT model per shard of `plan` (same per-shard data as the TAFT store)."""
-    return [fit(cfg, backbone, train_f.select(ids), progress=False).classifier for ids in plan.shards if ids]
+    return [fit_model(backbone, train_f.class_names, train_f.select(ids), cfg, method="nlft",
+                      head_seed=head_seed).classifier for ids in plan.shards if ids]
 
 
 def shard_min_steps(option: str, epochs: int, n: int, batch_size: int = 32) -> int:
@@ -56,31 +60,32 @@ def run(args: argparse.Namespace) -> dict:
             for_forgetting = "forgetting" not in log.extra and k == args.forget_k  # measured once, on the first seed
             if log.has(K=k, seed=seed) and not for_forgetting:
                 continue
-            taft_cfg, nlft_cfg = (TrainConfig(method=m, tangent_blocks=1, epochs=args.epochs, min_steps=min_steps,
-                                              seed=seed, head_seed=seed) for m in ("taft", "nlft"))
+            cfg = TrainConfig(epochs=args.epochs, min_steps=min_steps, seed=seed)  # for taft and nlft alike
             store_dir = work / f"taft-K{k}-seed{seed}"
             t0 = time.perf_counter()
-            create_store(store_dir, train_f, backbone, taft_cfg, shards=k, executor="inline", threads=args.threads,
-                         progress=False)
+            create_store(store_dir, train_f, Classifier(backbone, train_f.class_names, 1, method="taft",
+                                                        pooling="cls", head_seed=seed),
+                         cfg, shards=k, executor="inline", threads=args.threads, progress=False)
             taft_train_s = time.perf_counter() - t0
             if not log.has(K=k, seed=seed):
                 log.add({"K": k, "seed": seed, "taft_train_s": taft_train_s,
-                         **compare(ModelStore(store_dir), k, train_f, test_f, backbone, nlft_cfg, args.repeats)})
+                         **compare(ModelStore(store_dir), k, train_f, test_f, backbone, cfg, args.repeats)})
             if for_forgetting:
-                log.put("forgetting", forget_costs(store_dir, train_f, test_f, backbone, taft_cfg))
+                log.put("forgetting", forget_costs(store_dir, train_f, test_f, backbone, cfg))
             shutil.rmtree(store_dir)
     shutil.rmtree(work, ignore_errors=True)
     return log.result()
 
 
 def compare(store: ModelStore, k: int, train_f, test_f, backbone, nlft_cfg: TrainConfig, repeats: int) -> dict:
+    # the NLFT shards share the TAFT store's plan seed, data order and base head (head_seed = seed)
     """Test top-1 of the store's composed TAFT model, and of the NLFT ensemble and soup trained on its k shards
     (with the NLFT training time), and the inference times of the composed model vs the TAFT shards' ensemble."""
     x_test, y_test = test_f.as_tensors()
     composed = store.load_composed().classifier
     plan = make_plan(list(train_f.ids), list(train_f.labels), k, seed=nlft_cfg.seed)
     t0 = time.perf_counter()
-    models = nlft_shards(train_f, plan, nlft_cfg, backbone)
+    models = nlft_shards(train_f, plan, nlft_cfg, backbone, head_seed=nlft_cfg.seed)
     nlft_train_s = time.perf_counter() - t0
     ens_logits = torch.stack([tail_logits(m, x_test) for m in models]).mean(0)
     shard_models = [store.load_shard(s["index"]).classifier for s in store.manifest["shards"]
@@ -110,7 +115,7 @@ def forget_costs(store_dir: Path, train_f, test_f, backbone, cfg: TrainConfig) -
         out[f"{mode}_top1"] = evaluate(ModelStore(copy).load_composed().classifier, test_f).top1
     keep = [i for i in train_f.ids if i != victim]
     t0 = time.perf_counter()
-    full = fit(cfg, backbone, train_f.select(keep), progress=False).classifier
+    full = fit_model(backbone, train_f.class_names, train_f.select(keep), cfg, head_seed=cfg.seed).classifier
     out["full_retrain_s"] = time.perf_counter() - t0
     out["full_retrain_top1"] = evaluate(full, test_f).top1
     return out

@@ -23,15 +23,16 @@ import torch
 
 from common import RunLog, pyplot
 from recipe_study import load_split, split_parser
-from taft.train import TrainConfig, build_classifier
+from taft.model import Classifier
+from taft.train import TrainConfig
 from taft.train.examples import Examples, Prepared
 from taft.train.solver import conjugate_gradient
 
 
 def run_cg(reg: float, args: argparse.Namespace, backbone, train_f, val_f) -> dict:
     """One CG run of --iterations at λ = `reg`: its convergence report."""
-    config = TrainConfig(method="taft", tangent_blocks=1, reg=reg, seed=args.seed, head_seed=args.seed)
-    classifier = build_classifier(config, backbone, list(train_f.class_names))
+    config = TrainConfig(reg=reg, seed=args.seed)
+    classifier = Classifier(backbone, list(train_f.class_names), 1, method="taft", pooling="cls", head_seed=args.seed)
     train, val = (Prepared(classifier, Examples(f, what)) for f, what in ((train_f, "training data"),
                                                                        (val_f, "validation data")))
     history = conjugate_gradient(classifier, config, train, val, iterations=args.iterations, tol=args.tol,

@@ -27,11 +27,13 @@ from pathlib import Path
 
 import torch
 
-from common import median_time, pyplot, run_and_save, soup, top1
+from common import fit_model, median_time, pyplot, run_and_save, soup, top1
 from taft import load_backbone
 from taft.data import rotten_tomatoes
+from taft.data.trunk_features import cache_features
+from taft.model import Classifier
 from taft.store import ModelStore, create_store, make_plan
-from taft.train import TrainConfig, cache_features, fit
+from taft.train import TrainConfig
 from taft.train.examples import Examples
 
 Batches = list[tuple[torch.Tensor, torch.Tensor | None]]
@@ -63,16 +65,16 @@ def run(args: argparse.Namespace) -> dict:
     batches = test_batches(test_ex, torch.arange(len(test_ex)))
     timing_batches = test_batches(test_ex, torch.arange(min(args.timing_examples, len(test_ex))))
     work = Path(tempfile.mkdtemp(prefix="taft-text-shards-"))
-    taft_cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=args.epochs, seed=args.seed,
-                           head_seed=args.seed, pooling=args.pooling, lr=args.taft_lr).resolved(text=True)
-    nlft_cfg = TrainConfig(method="nlft", tangent_blocks=1, epochs=args.epochs, seed=args.seed,
-                           head_seed=args.seed, pooling=args.pooling, lr=args.nlft_lr).resolved(text=True)
+    taft_cfg = TrainConfig(epochs=args.epochs, seed=args.seed, lr=args.taft_lr).resolved("taft", text=True)
+    nlft_cfg = TrainConfig(epochs=args.epochs, seed=args.seed, lr=args.nlft_lr).resolved("nlft", text=True)
+    taft_model = Classifier(backbone, train_f.class_names, 1, method="taft", pooling=args.pooling,
+                            head_seed=args.seed)
     rows = []
     try:
         for k in args.shards:
             t0 = time.perf_counter()
             store_dir = work / f"taft-K{k}"
-            create_store(store_dir, train_f, backbone, taft_cfg, shards=k, executor="inline", threads=args.threads,
+            create_store(store_dir, train_f, taft_model, taft_cfg, shards=k, executor="inline", threads=args.threads,
                          progress=False)
             taft_train_s = time.perf_counter() - t0
             store = ModelStore(store_dir)
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> dict:
             taft_shard_logits = torch.stack([tail_logits(m, batches) for m in taft_shards])
             plan = make_plan(list(train_f.ids), list(train_f.labels), k, seed=taft_cfg.seed)
             t0 = time.perf_counter()
-            nlft_models = [fit(nlft_cfg, backbone, train_f.select(ids), progress=False).classifier
+            nlft_models = [fit_model(backbone, train_f.class_names, train_f.select(ids), nlft_cfg, method="nlft",
+                                     pooling=args.pooling, head_seed=args.seed).classifier
                            for ids in plan.shards if ids]
             nlft_train_s = time.perf_counter() - t0
             nlft_logits = torch.stack([tail_logits(m, batches) for m in nlft_models])

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from common import run_and_save
+from common import fit_model, run_and_save
 from taft import load_backbone
 from taft.data import rotten_tomatoes, split_dataset
-from taft.train import TrainConfig, cache_features, evaluate, fit
+from taft.data.trunk_features import cache_features
+from taft.train import TrainConfig, evaluate
 
 GRID = {"taft": [1e-4, 1e-3, 3e-3], "nlft": [1e-4, 3e-4], "probe": [1e-2, 3e-2]}
 
@@ -40,16 +41,16 @@ def run(args: argparse.Namespace) -> dict:
         for method in ["taft", "nlft"] + (["probe"] if k == args.ks[0] else []):
             scores = {}
             for lr in GRID[method]:
-                cfg = TrainConfig(method=method, tangent_blocks=k, epochs=args.epochs, lr=lr, pooling="mean")
-                result = fit(cfg, backbone, feats["fit"], val=feats["val"], progress=False)
+                result = fit_model(backbone, fit_ds.class_names, feats["fit"], TrainConfig(epochs=args.epochs, lr=lr),
+                                   method=method, k=k, pooling="mean", val=feats["val"])
                 scores[lr] = result.metrics["top1"]
                 sweep.append({"method": method, "k": k, "lr": lr, "val_top1": scores[lr]})
                 print(json.dumps(sweep[-1]), flush=True)
             best = max(GRID[method], key=lambda lr: (scores[lr], -lr))  # ties: the smaller rate
             for seed in args.seeds:
-                cfg = TrainConfig(method=method, tangent_blocks=k, epochs=args.epochs, lr=best, seed=seed,
-                                  head_seed=seed, pooling="mean")
-                result = fit(cfg, backbone, feats["train"], progress=False)
+                cfg = TrainConfig(epochs=args.epochs, lr=best, seed=seed)
+                result = fit_model(backbone, train_ds.class_names, feats["train"], cfg, method=method, k=k,
+                                   head_seed=seed, pooling="mean")
                 runs.append({"method": method, "k": k, "seed": seed, "lr": best,
                              "top1": evaluate(result.classifier, feats["test"]).top1})
                 print(json.dumps(runs[-1]), flush=True)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from common import mean_std, pyplot, run_and_save
+from common import fit_model, mean_std, pyplot, run_and_save
 from taft import load_backbone
 from taft.data import rotten_tomatoes
-from taft.train import TrainConfig, cache_features, evaluate, fit
+from taft.data.trunk_features import cache_features
+from taft.train import TrainConfig, evaluate
 from taft.train.config import DEFAULT_LR
 
 
@@ -49,10 +50,10 @@ def run(args: argparse.Namespace) -> dict:
         methods = ["taft", "nlft"] + (["probe"] if k == args.ks[0] else [])
         for seed in args.seeds:
             for method in methods:
-                cfg = TrainConfig(method=method, tangent_blocks=k, epochs=args.epochs, seed=seed, head_seed=seed,
-                                  pooling=args.pooling, lr=DEFAULT_LR[method])
+                cfg = TrainConfig(epochs=args.epochs, seed=seed, lr=DEFAULT_LR[method])
                 t0 = time.perf_counter()
-                result = fit(cfg, backbone, train_f, progress=False)
+                result = fit_model(backbone, train_f.class_names, train_f, cfg, method=method, k=k, head_seed=seed,
+                                   pooling=args.pooling)
                 fit_s = time.perf_counter() - t0
                 test = evaluate(result.classifier, test_f)
                 row = {"method": method, "k": k, "seed": seed, "top1": test.top1, "test_loss": test.loss,

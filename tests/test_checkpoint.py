@@ -11,13 +11,13 @@ from safetensors.torch import save_file
 
 from helpers import _cache_env  # noqa: F401  (fixture)
 from reference import random_backbone
-from taft import FingerprintMismatchError, TaftError
+from taft import Classifier, FingerprintMismatchError, ModelSpec, TaftError
 from taft.checkpoint import FORMAT_VERSION, META_KEY, read_checkpoint_metadata
 from taft.model import load_checkpoint
-from taft.train import TrainConfig, build_classifier, fit
+from taft.train import TrainConfig, fit
 
 from helpers import CLASSES, TINY_VIT
-from test_train import config, separable
+from test_train import config, model, separable
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,7 @@ def trained(tiny_vit, tmp_path_factory):
     """A short TAFT run (k = 1) with its checkpoint."""
     run = tmp_path_factory.mktemp("run")
     feats, labels, ids = separable(4)
-    return fit(config("taft", epochs=2), tiny_vit, (feats, labels, ids), class_names=CLASSES, run_dir=run,
-               progress=False)
+    return fit(model(tiny_vit), (feats, labels, ids), config("taft", epochs=2), run_dir=run, progress=False)
 
 
 def rewrite(src, dst, edit_tensors=None, edit_meta=None):
@@ -46,7 +45,7 @@ def rewrite(src, dst, edit_tensors=None, edit_meta=None):
                                                ("taft", "probe")])
 def test_round_trip_gives_identical_predictions(tiny_vit, tmp_path, method, head_init):
     feats, labels, ids = separable(4)
-    result = fit(config(method, epochs=2, head_init=head_init), tiny_vit, (feats, labels, ids), class_names=CLASSES,
+    result = fit(model(tiny_vit, method, head_init=head_init), (feats, labels, ids), config(method, epochs=2),
                  run_dir=tmp_path, progress=False)
     clf, meta = load_checkpoint(result.checkpoint, tiny_vit)
     images = torch.randn(5, 3, 12, 12)
@@ -58,6 +57,8 @@ def test_round_trip_gives_identical_predictions(tiny_vit, tmp_path, method, head
     assert meta["data"]["ids"] == ids and meta["data"]["count"] == len(ids) and len(meta["data"]["ids_sha256"]) == 64
     assert meta["preprocess"]["image_size"] == [12, 12] and meta["backbone"] == tiny_vit.name
     assert TrainConfig.from_dict(meta["train_config"]) == result.config
+    assert ModelSpec.from_dict(meta["train_config"]) == clf.spec == result.classifier.spec
+    assert clf.spec.head_init == head_init and clf.train_config == result.classifier.train_config
     assert {"taft", "torch"} <= set(meta["versions"]) and meta["created"]
     assert meta["metrics"]["top1"] == result.metrics["top1"]
     assert read_checkpoint_metadata(result.checkpoint)["fingerprint"] == clf.fingerprint
@@ -133,7 +134,7 @@ def test_errors_are_one_line(trained, tiny_vit, tmp_path):
 
 
 def test_save_without_ids_and_preprocess_from_checkpoint(tiny_vit, tmp_path):
-    clf = build_classifier(TrainConfig(method="probe"), tiny_vit, CLASSES)
+    clf = Classifier(tiny_vit, CLASSES, method="probe")
     path = clf.save(tmp_path / "c.safetensors", train_ids=None, n_train=17)
     meta = read_checkpoint_metadata(path)
     assert meta["data"] == {"count": 17, "ids_sha256": None, "ids": None}

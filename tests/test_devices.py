@@ -14,14 +14,15 @@ import torch
 from safetensors import safe_open
 
 from helpers import CLASSES, _cache_env, _one_thread, bad  # noqa: F401  (fixtures)
-from taft import TaftError
+from taft import Classifier, TaftError
 from taft.model import load_checkpoint
 from taft.cli import main
 from taft.devices import pin_process, resolve_device, shard_devices, worker_device
 from taft.parallel.executors import default_workers
 from taft.precision import autocast, check_autocast
 from taft.tensors import device_free
-from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
+from taft.data.trunk_features import cache_features
+from taft.train import Compute, TrainConfig, evaluate, fit, plan_run
 from taft.train.compiled import CompiledStep
 from taft.train.feeding import DEVICE_FRACTION, choose_feed, streamed
 from taft.train.examples import Examples, Prepared
@@ -42,8 +43,13 @@ def cached(tiny_vit, tmp_path_factory):
     return cache_features(synthetic_images(), tiny_vit, 2, root=tmp_path_factory.mktemp("cache"), progress=False)
 
 
-def config(method: str = "taft", **kw) -> TrainConfig:
-    return TrainConfig(method=method, tangent_blocks=2, lr=1e-2, epochs=kw.pop("epochs", 2), batch_size=8, **kw)
+def config(**kw) -> TrainConfig:
+    return TrainConfig(lr=1e-2, epochs=kw.pop("epochs", 2), batch_size=8, **kw)
+
+
+def model(backbone, method: str = "taft") -> Classifier:
+    """A fresh k=2 model (what `cached` holds the trunk features of)."""
+    return Classifier(backbone, CLASSES, 2, method=method)
 
 
 def trained_tensors(result) -> dict[str, torch.Tensor]:
@@ -129,7 +135,7 @@ def test_saved_tensors_are_contiguous_cpu_copies_and_meta_or_half_tensors_are_re
 
 
 def test_checkpoint_round_trip_through_meta_and_back(tiny_vit, cached, tmp_path):
-    result = fit(config(), tiny_vit, cached, progress=False)
+    result = fit(model(tiny_vit), cached, config(), progress=False)
     path = result.classifier.save(tmp_path / "c.safetensors", train_ids=cached.ids)
     with safe_open(str(path), framework="pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -172,8 +178,9 @@ def test_autocast_feature_build_keeps_the_stored_dtype_and_has_its_own_cache_ent
 
 
 def test_autocast_training_keeps_float32_weights_and_optimizer_state(tiny_vit, cached, tmp_path):
-    eager = fit(config(), tiny_vit, cached, progress=False)
-    mixed = fit(config(), tiny_vit, cached, progress=False, autocast="bf16", run_dir=tmp_path / "run")
+    eager = fit(model(tiny_vit), cached, config(), progress=False)
+    mixed = fit(model(tiny_vit), cached, config(), progress=False, compute=Compute(autocast="bf16"),
+                run_dir=tmp_path / "run")
     assert mixed.metrics["compute"]["autocast"] == "bf16"
     trained = trained_tensors(mixed)
     assert all(t.dtype == torch.float32 for t in trained.values())
@@ -181,7 +188,7 @@ def test_autocast_training_keeps_float32_weights_and_optimizer_state(tiny_vit, c
     with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
     # the optimizer state of a bf16-autocast loop is float32 too
-    clf = build_classifier(config(), tiny_vit, CLASSES)
+    clf = model(tiny_vit)
     prepared = Prepared(clf, Examples(cached))
     captured = {}
     real = torch.optim.AdamW
@@ -193,7 +200,7 @@ def test_autocast_training_keeps_float32_weights_and_optimizer_state(tiny_vit, c
 
     torch.optim.AdamW = Spy
     try:
-        train_loop(clf, config(epochs=1), prepared, progress=False, autocast="bf16")
+        train_loop(clf, plan_run(clf, config(epochs=1), len(cached)), prepared, progress=False, autocast="bf16")
     finally:
         torch.optim.AdamW = real
     states = [v for s in captured["opt"].state.values() for v in s.values() if isinstance(v, torch.Tensor)]
@@ -205,9 +212,9 @@ def test_dp_refuses_autocast_and_compile(tiny_vit, cached):
 
     dp = DPConfig(delta=1e-3, noise_multiplier=1.0)
     with pytest.raises(TaftError, match="autocast and compile are not supported with dp"):
-        fit(config(), tiny_vit, cached, progress=False, dp=dp, autocast="bf16")
+        fit(model(tiny_vit), cached, config(), progress=False, dp=dp, compute=Compute(autocast="bf16"))
     with pytest.raises(TaftError, match="autocast and compile are not supported with dp"):
-        fit(config(), tiny_vit, cached, progress=False, dp=dp, compile=True)
+        fit(model(tiny_vit), cached, config(), progress=False, dp=dp, compute=Compute(compile=True))
 
 
 # ----------------------------------------------------------------------------------------- feature placement
@@ -231,7 +238,8 @@ def test_feed_choice():
 
 @pytest.mark.parametrize("method", ["taft", "nlft", "probe"])
 def test_resident_and_streamed_features_train_exactly_like_the_memmap(tiny_vit, cached, method):
-    results = {feed: fit(config(method), tiny_vit, cached, val=cached, progress=False, feed=feed)
+    results = {feed: fit(model(tiny_vit, method), cached, config(), val=cached, progress=False,
+                         compute=Compute(feed=feed))
                for feed in ("host", "resident", "stream")}
     assert results["stream"].metrics["compute"]["feed"]["train"] == ("resident" if method == "probe" else "stream")
     for feed in ("resident", "stream"):
@@ -242,19 +250,24 @@ def test_resident_and_streamed_features_train_exactly_like_the_memmap(tiny_vit, 
 
 def test_streamed_text_features_equal_the_memmap(tiny_bert):
     cf = cache_features(text_dataset(tiny_bert), tiny_bert, 1, progress=False, dtype=torch.float16)
-    cfg = TrainConfig(method="taft", tangent_blocks=1, lr=1e-2, epochs=2, batch_size=5, pooling="mean")
-    host = fit(cfg, tiny_bert, cf, progress=False, feed="host")
+    cfg = TrainConfig(lr=1e-2, epochs=2, batch_size=5)
+
+    def text_model() -> Classifier:
+        return Classifier(tiny_bert, cf.class_names, 1, method="taft", pooling="mean")
+
+    host = fit(text_model(), cf, cfg, progress=False, compute=Compute(feed="host"))
     for feed in ("resident", "stream"):
-        assert_same_tensors(trained_tensors(host), trained_tensors(fit(cfg, tiny_bert, cf, progress=False, feed=feed)))
+        other = fit(text_model(), cf, cfg, progress=False, compute=Compute(feed=feed))
+        assert_same_tensors(trained_tensors(host), trained_tensors(other))
     assert evaluate(host.classifier, cf, feed="stream").loss == evaluate(host.classifier, cf, feed="host").loss
 
 
 def test_streaming_stops_early_and_passes_errors_on():
     order = [torch.tensor([i]) for i in range(50)]
-    read = lambda idx: (idx.float(), None, idx)  # noqa: E731
+    read = lambda idx: (idx.float(), idx, None)  # noqa: E731  (x, y, mask)
     batches = streamed(read, order, torch.device("cpu"), torch.float64)
     first = next(batches)
-    assert first[0].dtype == torch.float64 and first[2].tolist() == [0]
+    assert first[0].dtype == torch.float64 and first[1].tolist() == [0] and first[2] is None
     batches.close()  # the consumer stops: the reading thread ends (close joins it)
 
     def failing(idx):
@@ -268,7 +281,7 @@ def test_streaming_stops_early_and_passes_errors_on():
 
 # --------------------------------------------------------------------------------------------- compiled step
 def test_compile_falls_back_to_eager_with_one_warning(tiny_vit, cached):
-    clf = build_classifier(config(), tiny_vit, CLASSES)
+    clf = model(tiny_vit)
 
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no compiler here")
@@ -287,12 +300,13 @@ def test_compile_falls_back_to_eager_with_one_warning(tiny_vit, cached):
 def test_compiled_training_equals_eager(tiny_vit, cached):
     """torch.compile's graph capture and autograd (backend aot_eager: the inductor backend needs about a minute
     per graph on 2 CPU cores) train the same weights as eager, to float32 rounding."""
-    cfg = config("taft", epochs=1)
+    cfg = config(epochs=1)
     weights = {}
     for name, enabled in (("eager", False), ("compiled", True)):
-        clf = build_classifier(cfg, tiny_vit, CLASSES)
+        clf = model(tiny_vit)
         step = CompiledStep(clf.train_logits, enabled=enabled, backend="aot_eager")
-        train_loop(clf, cfg, Prepared(clf, Examples(cached)), progress=False, forward=step)
+        train_loop(clf, plan_run(clf, cfg, len(cached)), Prepared(clf, Examples(cached)), progress=False,
+                   forward=step)
         assert step.active == enabled
         weights[name] = {n: t.detach().clone() for n, t in clf.trainable_state_dict().items()}
     for n, w in weights["eager"].items():
@@ -324,23 +338,24 @@ def test_shard_workers_one_per_gpu_and_pinning():
 # ------------------------------------------------------------------------------------------------------- CUDA
 @cuda
 def test_cuda_training_saves_cpu_tensors_that_load_on_the_cpu(tiny_vit, cached, tmp_path):
-    result = fit(config(), tiny_vit, cached, val=cached, progress=False, device="cuda", run_dir=tmp_path / "run")
+    result = fit(model(tiny_vit), cached, config(), val=cached, progress=False, compute=Compute(device="cuda"),
+                 run_dir=tmp_path / "run")
     assert result.classifier.device.type == "cuda" and result.metrics["compute"]["device"] == "cuda:0"
     on_cpu, _ = load_checkpoint(result.checkpoint, tiny_vit, device="cpu")
     assert_same_tensors(trained_tensors(result), trained_tensors(type("R", (), {"classifier": on_cpu})))
     x = torch.from_numpy(np.array(cached.features[:8], dtype=np.float32))
     with torch.no_grad():
         torch.testing.assert_close(on_cpu.logits(x), result.classifier.logits(x).cpu(), rtol=1e-4, atol=1e-4)
-    cpu_run = fit(config(), tiny_vit, cached, progress=False, device="cpu")
+    cpu_run = fit(model(tiny_vit), cached, config(), progress=False, compute=Compute(device="cpu"))
     for n, t in trained_tensors(cpu_run).items():  # same training on another device: float rounding only
         torch.testing.assert_close(trained_tensors(result)[n], t, rtol=1e-3, atol=1e-4)
 
 
 @cuda
 def test_cuda_resident_and_streamed_features_train_identically(tiny_vit, cached):
-    host = fit(config(), tiny_vit, cached, progress=False, device="cuda", feed="host")
+    host = fit(model(tiny_vit), cached, config(), progress=False, compute=Compute(device="cuda", feed="host"))
     for feed in ("resident", "stream"):
-        other = fit(config(), tiny_vit, cached, progress=False, device="cuda", feed=feed)
+        other = fit(model(tiny_vit), cached, config(), progress=False, compute=Compute(device="cuda", feed=feed))
         assert other.metrics["compute"]["feed"]["train"] == feed
         assert_same_tensors(trained_tensors(host), trained_tensors(other))
 
@@ -350,20 +365,20 @@ def test_cuda_resident_and_streamed_features_train_identically(tiny_vit, cached)
 def test_cuda_autocast_build_and_training_keep_float32(tiny_vit, tmp_path, name):
     cf = cache_features(synthetic_images(), tiny_vit, 2, root=tmp_path, device="cuda", autocast=name, progress=False)
     assert np.load(cf.path / "features.npy", mmap_mode="r").dtype == np.float32
-    result = fit(config(), tiny_vit, cf, progress=False, device="cuda", autocast=name)
+    result = fit(model(tiny_vit), cf, config(), progress=False, compute=Compute(device="cuda", autocast=name))
     assert {t.dtype for t in result.classifier.trainable_state_dict().values()} == {torch.float32}
 
 
 @cuda
 def test_cuda_compiled_training_equals_eager(tiny_vit, cached):
-    cfg = config("taft", epochs=1)
+    cfg = config(epochs=1)
     weights = {}
     for name, enabled in (("eager", False), ("compiled", True)):
-        clf = build_classifier(cfg, tiny_vit, CLASSES).to("cuda")
+        clf = model(tiny_vit).to("cuda")
         step = CompiledStep(clf.train_logits, enabled=enabled)
         prepared = Prepared(clf, Examples(cached))
         prepared.place(clf.device)
-        train_loop(clf, cfg, prepared, progress=False, forward=step)
+        train_loop(clf, plan_run(clf, cfg, len(cached)), prepared, progress=False, forward=step)
         assert step.active == enabled
         weights[name] = {n: t.detach().cpu() for n, t in clf.trainable_state_dict().items()}
     for n, w in weights["eager"].items():

@@ -20,6 +20,7 @@ from helpers import _cache_env, bad  # noqa: F401  (fixture)
 from reference import random_backbone
 from taft.backbones.vit import ViTConfig
 from taft.cli import main
+from taft.model import Classifier
 from taft.train import TrainConfig, fit
 from helpers import make_classes
 from test_cli import FAST
@@ -202,7 +203,7 @@ def test_few_steps_and_chance_accuracy_are_warned_about(private):
     dp = DPConfig(noise_multiplier=1.0, delta=1e-3, seed=0, chunk_size=4) if private else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(TrainConfig(epochs=2, batch_size=4), backbone, train, val=val, class_names=["a", "b", "c"],
+        fit(Classifier(backbone, ["a", "b", "c"]), train, TrainConfig(epochs=2, batch_size=4), val=val,
             progress=False, dp=dp)
     messages = [str(w.message) for w in caught]
     assert any("6 optimizer steps" in m for m in messages), messages
@@ -219,7 +220,7 @@ def test_the_dp_defaults_few_large_steps_are_not_warned_about():
     for epochs, warned in ((None, False), (3, False), (2, True)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = fit(TrainConfig(epochs=epochs, method="probe"), backbone, train, class_names=["a", "b", "c"],
+            result = fit(Classifier(backbone, ["a", "b", "c"], method="probe"), train, TrainConfig(epochs=epochs),
                          progress=False, dp=DPConfig(noise_multiplier=1.0, delta=1e-3, seed=0))
         assert result.privacy["steps"] == 10 * (epochs or 5)
         assert any("optimizer steps" in str(w.message) for w in caught) == warned, [str(w.message) for w in caught]
@@ -233,7 +234,7 @@ def test_the_dp_epochs_default_follows_the_target_budget():
     backbone = random_backbone(TINY, 3, seed=0, dtype=torch.float32)
     train = (torch.randn(400, 5, TINY.dim, generator=torch.Generator().manual_seed(0)), torch.arange(3).repeat(134)[:400])
     for epsilon, epochs in ((1.0, 5), (3.0, 10)):
-        result = fit(TrainConfig(method="probe"), backbone, train, class_names=["a", "b", "c"], progress=False,
+        result = fit(Classifier(backbone, ["a", "b", "c"], method="probe"), train, TrainConfig(), progress=False,
                      dp=DPConfig(epsilon=epsilon, delta=1e-3, seed=0))
         assert (result.config.epochs, result.privacy["steps"]) == (epochs, 10 * epochs)
         assert epsilon * 0.98 < result.privacy["epsilon"] <= epsilon

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from helpers import TINY_VIT
 from reference import random_backbone, randomize_delta
-from taft import FingerprintMismatchError, TaftError, TangentModel, load_backbone
+from taft import Classifier, FingerprintMismatchError, ModelSpec, TaftError, TangentModel, load_backbone
 
 
 
@@ -68,7 +70,12 @@ def test_bad_delta_is_rejected_before_anything_changes():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_classes": 1}, "num_classes"),
+    ({"num_classes": 1}, "number of classes must be an integer ≥ 2, got 1"),
+    ({"num_classes": None, "classes": ["a"]}, "at least 2 classes"),
+    ({"num_classes": None, "class_names": ["a", "b", "a"]}, "not unique"),
+    ({"classes": 3}, "num_classes=4 disagrees with the 3 classes given"),
+    ({"class_names": ["a", "b", "c"]}, "num_classes=4 disagrees with the 3 classes given"),
+    ({"k": 1}, "give k or tangent_blocks, not both"),
     ({"tangent_blocks": 0}, r"1\.\.3"),
     ({"tangent_blocks": 4}, r"1\.\.3"),
     ({"pooling": "max"}, "pooling"),
@@ -79,6 +86,22 @@ def test_bad_construction_arguments(kwargs, message):
     args = {"num_classes": 4, "tangent_blocks": 2, **kwargs}
     with pytest.raises(TaftError, match=message):
         TangentModel(random_backbone(TINY_VIT, 12, dtype=torch.float32), **args)
+
+
+def test_new_and_old_keywords_and_the_spec_build_the_same_model():
+    bb = random_backbone(TINY_VIT, 12, dtype=torch.float32)
+    old = TangentModel(bb, num_classes=4, tangent_blocks=2, seed=3)
+    new = Classifier(bb, 4, 2, method="taft", head_seed=3)
+    assert new.spec == old.spec == ModelSpec("taft", 2, "cls", 3, "random")
+    assert new.fingerprint == old.fingerprint and new.class_names == ["0", "1", "2", "3"]
+    same = Classifier.from_spec(bb, new.class_names, new.spec)
+    assert same.fingerprint == new.fingerprint and torch.equal(same.head_weight0, new.head_weight0)
+    probe = new.derive(method="probe")
+    assert probe.spec == ModelSpec("probe", 2, "cls", 3, "random") and torch.equal(probe.head_weight0, new.head_weight0)
+    with pytest.raises(TaftError, match="derive takes ModelSpec fields"):
+        new.derive(lr=1e-3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        new.spec.method = "nlft"  # type: ignore[misc]
 
 
 def test_given_head_is_used():

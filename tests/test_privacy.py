@@ -14,22 +14,21 @@ from torch import nn
 
 from helpers import _cache_env, _one_thread  # noqa: F401  (fixtures)
 from reference import random_backbone
-from taft import TaftError
+from taft import Classifier, TaftError
 from taft.backbones.vit import ViTConfig
 from taft.checkpoint import read_checkpoint_metadata
 from taft.model import load_checkpoint
 from taft.cli import main
-from taft.cli.parser import add_dp_args
-from taft.privacy import (MECHANISM, DPConfig, PrivacyLedger, describe, dp_config_from_args, make_private,
-                          parallel_composition, plan_dp)
+from taft.cli.parser import add_dp_args, dp_config_from_args
+from taft.privacy import MECHANISM, DPConfig, PrivacyLedger, describe, parallel_composition, plan_dp
 from taft.privacy import ghost
 from taft.privacy.dpsgd import (clip_factors, clipped_sum, manual_attention, noisy_gradient, per_example_gradients,
                                 poisson_batches)
 from taft.tangent.layers import TangentAttention
-from taft.train import TrainConfig, build_classifier, fit
+from taft.train import TrainConfig, fit, make_private, plan_run
 from taft.losses import classification_loss
 from taft.train.examples import Examples, Prepared
-from taft.train.loop import dp_train_loop, train_loop
+from taft.train.loop import train_loop
 
 CFG = ViTConfig(dim=16, depth=3, heads=2, mlp_hidden=32, patch_size=4, pos_grid=3)
 CLASSES = ["a", "b", "c"]
@@ -67,9 +66,10 @@ def moved(clf, scale: float = 0.05, seed: int = 1):
 @pytest.mark.parametrize("method, loss, k", [("taft", "mse", 2), ("taft", "ce", 1), ("nlft", "mse", 2),
                                              ("nlft", "ce", 1), ("probe", "mse", 1), ("probe", "ce", 1)])
 def test_per_example_gradients_equal_a_loop(bb64, method, loss, k):
-    clf = moved(build_classifier(TrainConfig(method=method, tangent_blocks=k, loss=loss), bb64, CLASSES))
+    clf = moved(Classifier(bb64, CLASSES, k, method=method))
     x, y, _ = data(7)
-    inputs = clf.train_inputs(x)
+    inputs, mask = clf.train_inputs(x)
+    assert mask is None
     grads, losses = per_example_gradients(clf, inputs, y, loss=loss, kappa=15.0, chunk_size=3)
     params = dict(clf.tail.named_parameters())
     assert set(grads) == set(params)
@@ -88,16 +88,14 @@ def test_per_example_gradients_equal_a_loop(bb64, method, loss, k):
 def test_tangent_gradient_is_the_jacobian_transpose_under_vmap(bb64):
     """At Δw = 0 the taft gradient is Jᵀ r of the plain tail at w0: equal to the nlft gradient at w0."""
     x, y, _ = data(4)
-    g_taft, _ = per_example_gradients(build_classifier(TrainConfig(method="taft", tangent_blocks=2), bb64, CLASSES),
-                                      x, y)
-    g_nlft, _ = per_example_gradients(build_classifier(TrainConfig(method="nlft", tangent_blocks=2), bb64, CLASSES),
-                                      x, y)
+    g_taft, _ = per_example_gradients(Classifier(bb64, CLASSES, 2, method="taft"), x, y)
+    g_nlft, _ = per_example_gradients(Classifier(bb64, CLASSES, 2, method="nlft"), x, y)
     for name in g_nlft:
         torch.testing.assert_close(g_taft[name], g_nlft[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
 def test_manual_attention_is_temporary(bb64):
-    clf = build_classifier(TrainConfig(method="taft"), bb64, CLASSES)
+    clf = Classifier(bb64, CLASSES, method="taft")
     attn = [m for m in clf.modules() if isinstance(m, TangentAttention)]
     with manual_attention(clf.tail):
         assert all(m.impl == "manual" for m in attn)
@@ -105,7 +103,7 @@ def test_manual_attention_is_temporary(bb64):
 
 
 def test_clipped_contributions_are_bounded_and_chunking_does_not_matter(bb64):
-    clf = moved(build_classifier(TrainConfig(method="taft", tangent_blocks=2), bb64, CLASSES), scale=0.2)
+    clf = moved(Classifier(bb64, CLASSES, 2, method="taft"), scale=0.2)
     x, y, _ = data(9)
     grads, _ = per_example_gradients(clf, x, y)
     clip = 0.5
@@ -136,11 +134,11 @@ def test_ghost_clipping_equals_clipping_formed_per_example_gradients(bb64, metho
     """Ghost clipping (the default) against the clipped sum of vmap's per-example gradients (themselves checked
     against a loop above), with C at the median norm so that some examples are clipped and some are not. Both are
     float64 sums of the same products in another order: they agree to rounding (1e-15 observed; 1e-10 allowed)."""
-    clf = moved(build_classifier(TrainConfig(method=method, tangent_blocks=k, loss=loss), bb64, CLASSES), scale=0.2)
+    clf = moved(Classifier(bb64, CLASSES, k, method=method), scale=0.2)
     clf.tail.prune_last_block = prune
     x, y, _ = data(9)
     x = x.repeat(1, tokens // TOKENS, 1)
-    inputs = clf.train_inputs(x)
+    inputs, _ = clf.train_inputs(x)
     grads, _ = per_example_gradients(clf, inputs, y, loss=loss, chunk_size=4)
     clip = float(clip_factors(grads, 1.0)[1].median())
     expected, expected_losses, expected_norms = clipped_sum(clf, inputs, y, clip, loss=loss, chunk_size=4, via="vmap")
@@ -155,7 +153,7 @@ def test_ghost_clipping_equals_clipping_formed_per_example_gradients(bb64, metho
 
 def test_ghost_clipping_covers_the_tails_and_refuses_what_it_cannot_do(bb64):
     for method in ("taft", "nlft", "probe"):
-        clf = build_classifier(TrainConfig(method=method, tangent_blocks=2), bb64, CLASSES)
+        clf = Classifier(bb64, CLASSES, 2, method=method)
         module, _ = clf.trainable_module()
         layers = ghost.trained_layers(module)
         assert layers is not None
@@ -168,17 +166,17 @@ def test_ghost_clipping_covers_the_tails_and_refuses_what_it_cannot_do(bb64):
         ghost.clipped_sum_chunk(lambda h: twice(twice(h)).sum(-1, keepdim=True), layers, (torch.randn(2, 3),),
                                 torch.zeros(2, 1), lambda z, t: (z - t).pow(2).sum(-1), 1.0,
                                 dict(twice.named_parameters()))
-    clf = build_classifier(TrainConfig(method="probe"), bb64, CLASSES)
+    clf = Classifier(bb64, CLASSES, method="probe")
     x, y, _ = data(3)
     with pytest.raises(TaftError, match="via must be one of"):
-        clipped_sum(clf, clf.train_inputs(x), y, 1.0, via="loop")
+        clipped_sum(clf, clf.train_inputs(x)[0], y, 1.0, via="loop")
 
 
 def test_noise_has_the_planned_scale(bb32):
-    clf = build_classifier(TrainConfig(method="probe"), bb32, CLASSES)
+    clf = Classifier(bb32, CLASSES, method="probe")
     x, y, _ = data(0, dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)
-    g, _ = noisy_gradient(clf, clf.train_inputs(x), y, clip=2.0, noise_multiplier=3.0, expected_batch_size=4,
+    g, _ = noisy_gradient(clf, clf.train_inputs(x)[0], y, clip=2.0, noise_multiplier=3.0, expected_batch_size=4,
                           generator=gen)
     flat = torch.cat([v.flatten() for v in g.values()])  # empty batch: pure noise N(0, (σC/B)²)
     assert float(flat.std()) == pytest.approx(3.0 * 2.0 / 4, rel=0.1)
@@ -200,21 +198,23 @@ def test_poisson_batches_are_seeded_and_have_rate_q():
 def test_no_noise_and_no_clipping_is_ordinary_training(bb64, method, reg, loss):
     n, batch, epochs = 12, 4, 2
     x, y, ids = data(n)
-    cfg = TrainConfig(method=method, tangent_blocks=1, lr=1e-2, batch_size=batch, epochs=epochs, seed=5, reg=reg,
-                      loss=loss, schedule="cosine").resolved()
-    ref = build_classifier(cfg, bb64, CLASSES)
+    cfg = TrainConfig(lr=1e-2, batch_size=batch, epochs=epochs, seed=5, reg=reg, loss=loss,
+                      schedule="cosine").resolved(method)
+    ref = Classifier(bb64, CLASSES, 1, method=method)
     ex = Examples((x, y, ids))
-    train_loop(ref, cfg, Prepared(ref, ex), progress=False)
+    train_loop(ref, plan_run(ref, cfg, n), Prepared(ref, ex), progress=False)
     gen = torch.Generator().manual_seed(cfg.seed)  # the non-private loop's batch schedule
     batches = [b for _ in range(epochs) for b in torch.randperm(n, generator=gen).split(batch)]
 
     dp = DPConfig(noise_multiplier=0.0, clip=math.inf, delta=1e-3, chunk_size=4, expected_batch_size=batch)
-    plan = plan_dp(dp, n, epochs, batch)
-    assert plan.steps == len(batches) and plan.epsilon is None
-    clf = build_classifier(cfg, bb64, CLASSES)
-    history, ledger = dp_train_loop(clf, cfg, plan, Prepared(clf, ex), progress=False, batches=batches)
+    clf = Classifier(bb64, CLASSES, 1, method=method)
+    plan = plan_run(clf, cfg, n, dp)
+    assert plan.private and plan.config == cfg  # the same recipe as the ordinary run
+    assert plan.steps == plan.dp.steps == len(batches) and plan.dp.epsilon is None
+    history = train_loop(clf, plan, Prepared(clf, ex), progress=False, batches=batches)
+    ledger = plan.ledger()
     assert not ledger.private and len(history) == epochs
-    start = build_classifier(cfg, bb64, CLASSES).trainable_state_dict()
+    start = Classifier(bb64, CLASSES, 1, method=method).trainable_state_dict()
     for (name, p), q in zip(clf.tail.named_parameters(), ref.tail.parameters()):
         assert not torch.equal(p.detach(), start[name]), name  # training moved it
         if name.endswith("attn.qkv.bias"):
@@ -228,14 +228,16 @@ def test_no_noise_and_no_clipping_is_ordinary_training(bb64, method, reg, loss):
 
 def test_dp_training_is_reproducible_with_a_seed_and_moves_with_noise(bb32):
     x, y, ids = data(24, dtype=torch.float32)
-    cfg = TrainConfig(method="taft", lr=1e-2, batch_size=12, epochs=1).resolved()
+    cfg = TrainConfig(lr=1e-2, batch_size=12, epochs=1).resolved("taft")
     ex = Examples((x, y, ids))
 
     def run(seed):
         dp = DPConfig(noise_multiplier=1.0, clip=1.0, delta=1e-3, seed=seed, expected_batch_size=12)
-        clf = build_classifier(cfg, bb32, CLASSES)
-        hist, ledger = dp_train_loop(clf, cfg, plan_dp(dp, 24, 1, 12), Prepared(clf, ex), progress=False)
-        return clf.trainable_state_dict(), hist, ledger
+        clf = Classifier(bb32, CLASSES, method="taft")
+        plan = plan_run(clf, cfg, 24, dp)
+        assert plan.dp == plan_dp(dp, 24, 1, 12)
+        hist = train_loop(clf, plan, Prepared(clf, ex), progress=False)
+        return clf.trainable_state_dict(), hist, plan.ledger()
 
     a, hist, ledger = run(7)
     b, _, _ = run(7)
@@ -253,57 +255,62 @@ def test_make_private_in_a_user_loop_equals_fit_with_dp(bb32, method):
     is fit's."""
     n, epochs = 24, 2
     x, y, ids = data(n, dtype=torch.float32)
-    cfg = TrainConfig(method=method, lr=0.05, optimizer="sgd", momentum=0.5, schedule="constant", batch_size=6,
-                      epochs=epochs)
+    cfg = TrainConfig(lr=0.05, optimizer="sgd", momentum=0.5, schedule="constant", batch_size=6, epochs=epochs)
     dp = DPConfig(noise_multiplier=1.0, clip=1.0, delta=1e-3, seed=11, expected_batch_size=6, chunk_size=4)
     with pytest.warns(UserWarning, match="optimizer steps"):
-        result = fit(cfg, bb32, (x, y, ids), class_names=CLASSES, dp=dp, progress=False)
+        result = fit(Classifier(bb32, CLASSES, method=method), (x, y, ids), cfg, dp=dp, progress=False)
 
-    model = build_classifier(result.config, bb32, CLASSES)
+    model = Classifier(bb32, CLASSES, method=method)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
-    private = make_private(model, optimizer, (model.train_inputs(x), y), noise_multiplier=1.0, clip=1.0,
-                           delta=1e-3, expected_batch_size=6, epochs=epochs, seed=11, chunk_size=4)
+    inputs, mask = model.train_inputs(x)
+    assert mask is None
+    private = make_private(model, optimizer, (inputs, y), dp, cfg)
+    assert private.epochs == epochs and private.plan.config == result.config
     steps = 0
-    for _ in range(epochs):
-        for xb, yb, mask in private.loader:
-            private.step.step(xb, yb, mask)
+    for _ in range(private.epochs):
+        for xb, yb, mb in private.loader:
+            private.step(xb, yb, mb)
             steps += 1
     assert steps == len(private.loader) * epochs == result.privacy["steps"]
     trained = model.trainable_state_dict()
-    start = build_classifier(result.config, bb32, CLASSES).trainable_state_dict()
+    start = Classifier(bb32, CLASSES, method=method).trainable_state_dict()
     assert all(not torch.equal(trained[name], t) for name, t in start.items())  # training moved every tensor
     for name, t in result.classifier.trainable_state_dict().items():
         assert torch.equal(trained[name], t), name
     assert private.ledger().to_dict() == result.privacy
-    other = build_classifier(result.config, bb32, CLASSES)
+    other = Classifier(bb32, CLASSES, method=method)
     again = make_private(other, torch.optim.SGD(other.parameters(), lr=0.05, momentum=0.5),
-                         (other.train_inputs(x), y), noise_multiplier=1.0, clip=1.0, delta=1e-3,
-                         expected_batch_size=6, epochs=epochs, seed=12, chunk_size=4)
-    for _ in range(epochs):
-        for xb, yb, mask in again.loader:
-            again.step.step(xb, yb, mask)
+                         (other.train_inputs(x)[0], y), replace(dp, seed=12), cfg)
+    for _ in range(again.epochs):
+        for xb, yb, mb in again.loader:
+            again.step(xb, yb, mb)
     assert any(not torch.equal(other.trainable_state_dict()[k], v) for k, v in trained.items())  # another seed
 
 
 def test_make_private_checks_its_input(bb32):
-    model = build_classifier(TrainConfig(), bb32, CLASSES)
+    model = Classifier(bb32, CLASSES)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y, _ = data(10, dtype=torch.float32)
+    dp, one = DPConfig(noise_multiplier=1.0, delta=1e-3), TrainConfig(epochs=1)
     with pytest.raises(TaftError, match="different numbers of rows"):
-        make_private(model, opt, (x, y[:5]), noise_multiplier=1.0, delta=1e-3, epochs=1)
+        make_private(model, opt, (x, y[:5]), dp, one)
+    with pytest.raises(TaftError, match="data must be a tuple"):
+        make_private(model, opt, x, dp, one)
     with pytest.raises(TaftError, match="delta"):
-        make_private(model, opt, (x, y), noise_multiplier=1.0, delta=0.5, epochs=1)
+        make_private(model, opt, (x, y), replace(dp, delta=0.5), one)
     with pytest.raises(TaftError, match="exactly one"):
-        make_private(model, opt, (x, y), delta=1e-3, epochs=1)
+        make_private(model, opt, (x, y), DPConfig(delta=1e-3), one)
+    with pytest.raises(TaftError, match="head_init='probe'"):  # a probe fitted on the private data without noise
+        make_private(model.derive(head_init="probe"), opt, (x, y), dp, one)
 
 
 # ---------------------------------------------------------------------------------- fit, checkpoint, refusals
 def test_fit_with_dp_writes_the_ledger_into_the_checkpoint(bb32, tmp_path, capsys):
     x, y, ids = data(30, dtype=torch.float32)
     xv, yv, idv = data(9, seed=1, dtype=torch.float32)
-    cfg = TrainConfig(method="taft", lr=1e-2, batch_size=10, epochs=2)
+    cfg = TrainConfig(lr=1e-2, batch_size=10, epochs=2)
     dp = DPConfig(epsilon=8.0, delta=1e-3, clip=1.0, accountant="rdp")
-    res = fit(cfg, bb32, (x, y, ids), val=(xv, yv, idv), class_names=CLASSES, run_dir=tmp_path / "run",
+    res = fit(Classifier(bb32, CLASSES, method="taft"), (x, y, ids), cfg, val=(xv, yv, idv), run_dir=tmp_path / "run",
               progress=False, dp=dp)
     led = PrivacyLedger.from_dict(res.privacy)
     assert led.mechanism == MECHANISM and led.n == 30 and led.steps == 6 and led.sample_rate == pytest.approx(1 / 3)
@@ -322,8 +329,8 @@ def test_fit_with_dp_writes_the_ledger_into_the_checkpoint(bb32, tmp_path, capsy
     assert "privacy      (ε=" in out and "DP-SGD (Poisson, Gaussian)" in out and "rdp accountant" in out
 
     # without validation data, no statistic of the private training data goes into the checkpoint
-    res2 = fit(replace(cfg, epochs=1), bb32, (x, y, ids), class_names=CLASSES, run_dir=tmp_path / "run2",
-               progress=False, dp=replace(dp, epsilon=None, noise_multiplier=2.0))
+    res2 = fit(Classifier(bb32, CLASSES, method="taft"), (x, y, ids), replace(cfg, epochs=1),
+               run_dir=tmp_path / "run2", progress=False, dp=replace(dp, epsilon=None, noise_multiplier=2.0))
     assert read_checkpoint_metadata(res2.checkpoint)["metrics"] is None
     assert res2.privacy["epsilon"] > 0 and res2.privacy["target_epsilon"] is None
 
@@ -332,13 +339,13 @@ def test_fit_refuses_what_breaks_the_guarantee(bb32, tmp_path):
     x, y, ids = data(30, dtype=torch.float32)
     dp = DPConfig(noise_multiplier=1.0, delta=1e-3)
     with pytest.raises(TaftError, match="head_init='probe'"):
-        fit(TrainConfig(head_init="probe", batch_size=8), bb32, (x, y, ids), class_names=CLASSES,
+        fit(Classifier(bb32, CLASSES, head_init="probe"), (x, y, ids), TrainConfig(batch_size=8),
             run_dir=tmp_path / "r", progress=False, dp=dp)
     with pytest.raises(TaftError, match="not below 1/n"):
-        fit(TrainConfig(batch_size=8), bb32, (x, y, ids), class_names=CLASSES, run_dir=tmp_path / "r",
+        fit(Classifier(bb32, CLASSES), (x, y, ids), TrainConfig(batch_size=8), run_dir=tmp_path / "r",
             progress=False, dp=replace(dp, delta=0.05))
     with pytest.raises(TaftError, match="exceeds the 30"):
-        fit(TrainConfig(batch_size=8), bb32, (x, y, ids), class_names=CLASSES, run_dir=tmp_path / "r",
+        fit(Classifier(bb32, CLASSES), (x, y, ids), TrainConfig(batch_size=8), run_dir=tmp_path / "r",
             progress=False, dp=replace(dp, expected_batch_size=31))
     assert not (tmp_path / "r").exists()  # refused before anything was written
 

@@ -20,10 +20,9 @@ from reference import random_backbone, random_text_backbone, randomize_delta
 from taft.backbones.base import Backbone
 from taft.backbones.bert import BertConfig
 from taft.backbones.vit import ViTConfig
-from taft.model import TangentModel
+from taft.model import Classifier, TangentModel
 from taft.privacy.dpsgd import per_example_gradients
-from taft.train import TrainConfig, build_classifier
-from taft.model import PlainTail
+from taft.tails import PlainTail
 
 TOL = 1e-11
 VIT = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3, layerscale=True)
@@ -137,7 +136,7 @@ def test_plain_tail_pruned_equals_unpruned(kind, k, masked):
 @pytest.mark.parametrize("kind", ["vit", "bert"])
 def test_dp_per_example_gradients_pruned_equal_unpruned(method, kind):
     bb = backbone(kind)
-    pruned = build_classifier(TrainConfig(method=method, tangent_blocks=2), bb, ["a", "b", "c"])
+    pruned = Classifier(bb, ["a", "b", "c"], 2, method=method, pooling="cls")
     assert pruned.tail.prune_last_block
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)

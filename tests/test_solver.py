@@ -123,7 +123,7 @@ def test_cg_fits_a_probe_around_its_initial_head(backbone):
     gram = z1.T @ z1 / n_out
     reg = float(torch.linalg.eigvalsh(gram)[-1]) / (COND - 1)  # the LayerNorm makes 1 a combination of the features
     x_star = torch.linalg.solve(gram + reg * torch.eye(len(gram), dtype=gram.dtype), z1.T @ t / n_out)
-    history = conjugate_gradient(model, TrainConfig(method="probe", reg=reg, kappa=KAPPA), prepared, iterations=100,
+    history = conjugate_gradient(model, TrainConfig(reg=reg, kappa=KAPPA), prepared, iterations=100,
                                  tol=1e-10, progress=False)
     # As above: relative error ≤ cond·tol = 1e-7, 10× for rounding; the Gram matrix has ≤ 33 + 1 eigenvalues.
     assert history[-1]["grad_norm"] <= 1e-10 and len(history) - 1 < 60
@@ -148,7 +148,7 @@ def test_cg_refusals(backbone):
     features, labels = data(4)
     taft, nlft = classifier(backbone), classifier(backbone, "nlft")
     prepared = Prepared(taft, Examples((features, labels)))
-    cases = [(nlft, TrainConfig(method="nlft"), {}, "nlft is not"),
+    cases = [(nlft, TrainConfig(), {}, "nlft is not"),
              (taft, TrainConfig(loss="ce"), {}, "loss='ce'"),
              (taft, TrainConfig(), {"iterations": 0}, "iterations must be an integer ≥ 1, got 0"),
              (taft, TrainConfig(), {"iterations": True}, "iterations must be"),

@@ -16,8 +16,10 @@ from taft.backbones.tokenizer import TextTokenizer
 from taft.backbones.assets import minilm_dir
 from taft.data import TextDataset
 from taft.privacy.dpsgd import clipped_sum, per_example_gradients
+from taft.data.trunk_features import cache_features
+from taft.model import Classifier
 from taft.store import ModelStore, create_store
-from taft.train import TrainConfig, build_classifier, cache_features, evaluate, fit
+from taft.train import TrainConfig, evaluate, fit, plan_run
 from taft.losses import classification_loss
 from taft.train.examples import Examples, Prepared
 from taft.train.loop import train_loop
@@ -35,12 +37,13 @@ def dataset(bb: Backbone, n: int = len(TEXTS)) -> TextDataset:
 
 def test_cache_stores_lengths_and_batches_are_cut_to_their_longest_text(tiny_bert):
     ds = dataset(tiny_bert)
-    cf = cache_features(ds, tiny_bert, 1, progress=False, batch_size=5)
+    cf = Classifier(tiny_bert, ds.class_names, 1).cache_features(ds, progress=False, batch_size=5)
+    assert cf.meta == cache_features(ds, tiny_bert, 1, progress=False).meta  # the model's trunk: the same entry
     assert cf.lengths == ds.lengths and cf.feature_shape == (ds.width, TINY_BERT.dim)
     stored = torch.from_numpy(np.asarray(cf.features, dtype=np.float64))
     for i, n in enumerate(ds.lengths):  # each text alone (no padding at all) gives the stored row; zeros after it
         alone = tiny_bert.tokenizer.batch([TEXTS[i]])
-        trunk = build_classifier(TrainConfig(tangent_blocks=1), tiny_bert, ds.class_names).trunk
+        trunk = Classifier(tiny_bert, ds.class_names, 1).trunk
         torch.testing.assert_close(stored[i, :n], trunk(alone)[0].float().double(), rtol=0, atol=0)
         assert not stored[i, n:].any()
     ex = Examples(cf)
@@ -54,17 +57,18 @@ def test_cache_stores_lengths_and_batches_are_cut_to_their_longest_text(tiny_ber
 def test_cached_training_path_equals_the_whole_model_on_raw_text(tiny_bert, method):
     """Logits from cached, per-batch padded features equal the classifier run on freshly tokenized text."""
     ds = dataset(tiny_bert)
-    cf = cache_features(ds, tiny_bert, 2, progress=False)
-    cfg = TrainConfig(method=method, tangent_blocks=2, epochs=3, batch_size=4, lr=1e-2, pooling="mean")
-    result = fit(cfg, tiny_bert, cf, progress=False)
-    clf = result.classifier
+    clf = Classifier(tiny_bert, ds.class_names, 2, method=method, pooling="mean")
+    cf = clf.cache_features(ds, progress=False)
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2)
+    result = fit(clf, cf, cfg, progress=False)
+    assert result.classifier is clf
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     with torch.no_grad():
         direct = clf(tiny_bert.tokenizer.batch(TEXTS))
     ex = Examples(cf)
     x, mask = ex.rows(torch.arange(len(ds)))
     with torch.no_grad():
-        cached = clf.train_logits(clf.train_inputs(x, mask), mask)
+        cached = clf.train_logits(*clf.train_inputs(x, mask))
     # the cache stores float32 features of this float64 model: their rounding (2^-24 relative) reaches the logits
     # as ~1e-7 (measured 9.7e-8); a padding or masking error moves them by > 1e-3
     torch.testing.assert_close(cached, direct, rtol=0, atol=1e-6)
@@ -74,9 +78,10 @@ def test_cached_training_path_equals_the_whole_model_on_raw_text(tiny_bert, meth
 
 def test_composed_text_store_equals_the_mean_of_its_shards(tiny_bert, tmp_path):
     ds = dataset(tiny_bert)
-    cf = cache_features(ds, tiny_bert, 1, progress=False)
-    cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=2, batch_size=3, lr=1e-2, pooling="mean")
-    store = ModelStore(create_store(tmp_path / "s", cf, tiny_bert, cfg, shards=3, executor="inline", progress=False))
+    model = Classifier(tiny_bert, ds.class_names, 1, method="taft", pooling="mean")
+    cf = model.cache_features(ds, progress=False)
+    cfg = TrainConfig(epochs=2, batch_size=3, lr=1e-2)
+    store = ModelStore(create_store(tmp_path / "s", cf, model, cfg, shards=3, executor="inline", progress=False))
     batch = tiny_bert.tokenizer.batch(TEXTS)
     with torch.no_grad():
         composed = store.load_composed(tiny_bert).classifier(batch)
@@ -88,13 +93,13 @@ def test_composed_text_store_equals_the_mean_of_its_shards(tiny_bert, tmp_path):
 def moved_and_padded(bb: Backbone, method: str, pooling: str):
     """A k = 2 classifier with non-zero trained tensors, and a padded batch of 5 texts: (clf, x, mask, y, lengths)."""
     ds = dataset(bb, 5)
-    clf = build_classifier(TrainConfig(method=method, tangent_blocks=2, pooling=pooling), bb, ds.class_names)
+    clf = Classifier(bb, ds.class_names, 2, method=method, pooling=pooling)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in clf.tail.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    cf = cache_features(ds, bb, 2, progress=False)
-    x, mask, y = Examples(cf).batch(torch.arange(5), torch.device("cpu"), torch.float64)
+    cf = clf.cache_features(ds, progress=False)
+    x, y, mask = Examples(cf).batch(torch.arange(5), torch.device("cpu"), torch.float64)
     return clf, x, mask, y, cf.lengths
 
 
@@ -139,24 +144,26 @@ def test_text_features_are_cached_per_tokenization(tiny_bert):
     short = TextTokenizer(minilm_dir() / "tokenizer.json", 6)
     with pytest.warns(UserWarning, match="truncated"):
         ds_short = TextDataset(TEXTS, LABELS, ds.ids, ds.class_names, short, "test")
-    a = cache_features(ds, tiny_bert, 1, progress=False)
-    b = cache_features(ds_short, tiny_bert, 1, progress=False)
+    model = Classifier(tiny_bert, ds.class_names, 1)
+    a = model.cache_features(ds, progress=False)
+    b = model.cache_features(ds_short, progress=False)
     assert a.path != b.path and max(b.lengths) == 6 and np.asarray(b.features).shape[1] == 6
 
 
 def test_text_backbones_default_to_the_text_learning_rates(tiny_bert):
     cf = cache_features(dataset(tiny_bert), tiny_bert, 1, progress=False)
     for method, lr in (("taft", 1e-3), ("nlft", 1e-4), ("probe", 1e-2)):
-        result = fit(TrainConfig(method=method, tangent_blocks=1, epochs=1), tiny_bert, cf, progress=False)
+        result = fit(Classifier(tiny_bert, cf.class_names, 1, method=method), cf, TrainConfig(epochs=1),
+                     progress=False)
         assert result.config.lr == lr and result.metrics["lr"] == lr
-    explicit = fit(TrainConfig(method="taft", tangent_blocks=1, epochs=1, lr=3e-4), tiny_bert, cf, progress=False)
+    explicit = fit(Classifier(tiny_bert, cf.class_names, 1), cf, TrainConfig(epochs=1, lr=3e-4), progress=False)
     assert explicit.config.lr == 3e-4
     # a user's own loop fills in the same text recipe (not the image one, whose head rate and warm-up differ)
-    cfg = TrainConfig(method="taft", tangent_blocks=1, epochs=1, batch_size=4)
+    cfg = TrainConfig(epochs=1, batch_size=4)
     deltas = []
-    for c in (cfg, cfg.resolved(text=True), cfg.resolved(text=False)):
-        clf = build_classifier(c, tiny_bert, cf.class_names)
-        train_loop(clf, c, Prepared(clf, Examples(cf)), progress=False)
+    for c in (cfg, cfg.resolved("taft", text=True), cfg.resolved("taft", text=False)):
+        clf = Classifier(tiny_bert, cf.class_names, 1)
+        train_loop(clf, plan_run(clf, c, len(cf)), Prepared(clf, Examples(cf)), progress=False)
         deltas.append(clf.trainable_state_dict())
     assert all(torch.equal(deltas[0][n], deltas[1][n]) for n in deltas[0])
     assert not all(torch.equal(deltas[0][n], deltas[2][n]) for n in deltas[0])

@@ -84,12 +84,14 @@ class Classifier(nn.Module):
                  num_classes: int | None = None, tangent_blocks: int | None = None, seed: int | None = None):
         super().__init__()
         classes = one_of("classes", classes, "class_names", class_names, num_classes)
-        self.spec = ModelSpec(method, one_of("k", k, "tangent_blocks", tangent_blocks, 1),
-                              pooling or default_pooling(backbone.is_text),
-                              one_of("head_seed", head_seed, "seed", seed, 0), head_init)
         cfg = backbone.model.cfg
-        check_tangent_blocks(self.spec.tangent_blocks, cfg.depth)
+        k = one_of("k", k, "tangent_blocks", tangent_blocks, 1)
+        check_tangent_blocks(k, cfg.depth)  # before ModelSpec, so that the error names the allowed range 1..depth
+        self.spec = ModelSpec(method, k, pooling or default_pooling(backbone.is_text),
+                              one_of("head_seed", head_seed, "seed", seed, 0), head_init)
         self.class_names = class_names_for(classes)
+        if num_classes is not None and num_classes != len(self.class_names):
+            raise TaftError(f"num_classes={num_classes} disagrees with the {len(self.class_names)} classes given")
         self.backbone = backbone  # not a submodule: the source of the tail's blocks and of `derive`
         self.backbone_name, self.backbone_fingerprint = backbone.name, backbone.fingerprint
         self.config = cfg

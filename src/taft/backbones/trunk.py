@@ -26,7 +26,7 @@ def params_to_buffers(module: nn.Module) -> nn.Module:
 
 def check_tangent_blocks(k: int, depth: int) -> None:
     """`TaftError` unless k is an integer in 1..depth."""
-    if isinstance(k, bool) or int(k) != k or not 1 <= k <= depth:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or int(k) != k or not 1 <= k <= depth:
         raise TaftError(f"tangent_blocks (k) must be in 1..{depth} for this backbone, got {k!r}")
 
 
