@@ -28,7 +28,8 @@ import torch
 from taft import load_backbone
 from taft.data import ImageDataset, ImageRecord, image_folder
 from taft.data.images import ArrayImage
-from taft.store import ModelStore, create_store
+from taft.parallel import Execution
+from taft.store import ModelStore
 from taft.checkpoint import read_checkpoint
 from taft.model import Classifier
 from taft.train import TrainConfig
@@ -91,11 +92,11 @@ def run(args: argparse.Namespace) -> dict:
             if kind == "ray":
                 ray_start_s, started = start_ray(args.workers * args.threads)
             t0 = time.perf_counter()
-            store = create_store(work / kind, features, model, config, shards=args.shards, executor=kind,
-                                 workers=args.workers if kind == "process" else None, threads=args.threads,
-                                 progress=False)
+            execution = Execution(kind, workers=args.workers if kind == "process" else None, progress=False)
+            store = ModelStore.create(work / kind, features, model, config, shards=args.shards, threads=args.threads,
+                                      min_steps=0, execution=execution)
             walls[kind] = time.perf_counter() - t0
-            composed[kind] = read_checkpoint(ModelStore(store).composed_path).tensors
+            composed[kind] = read_checkpoint(store.composed_path).tensors
     finally:
         if started:
             import ray

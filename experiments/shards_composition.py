@@ -28,8 +28,11 @@ from common import (RunLog, fit_model, image_parser, load_images, mean_std, medi
                     top1)
 from taft.data.trunk_features import cache_features
 from taft.model import Classifier
-from taft.store import ModelStore, create_store, forget, make_plan
+from taft.parallel import Execution
+from taft.store import ModelStore, make_plan
 from taft.train import TrainConfig, evaluate
+
+INLINE = Execution("inline", progress=False)  # shards train in this process, one after the other
 
 
 @torch.no_grad()
@@ -63,9 +66,9 @@ def run(args: argparse.Namespace) -> dict:
             cfg = TrainConfig(epochs=args.epochs, min_steps=min_steps, seed=seed)  # for taft and nlft alike
             store_dir = work / f"taft-K{k}-seed{seed}"
             t0 = time.perf_counter()
-            create_store(store_dir, train_f, Classifier(backbone, train_f.class_names, 1, method="taft",
-                                                        pooling="cls", head_seed=seed),
-                         cfg, shards=k, executor="inline", threads=args.threads, progress=False)
+            ModelStore.create(store_dir, train_f, Classifier(backbone, train_f.class_names, 1, method="taft",
+                                                             pooling="cls", head_seed=seed),
+                              cfg, shards=k, threads=args.threads, min_steps=min_steps, execution=INLINE)
             taft_train_s = time.perf_counter() - t0
             if not log.has(K=k, seed=seed):
                 log.add({"K": k, "seed": seed, "taft_train_s": taft_train_s,
@@ -88,8 +91,7 @@ def compare(store: ModelStore, k: int, train_f, test_f, backbone, nlft_cfg: Trai
     models = nlft_shards(train_f, plan, nlft_cfg, backbone, head_seed=nlft_cfg.seed)
     nlft_train_s = time.perf_counter() - t0
     ens_logits = torch.stack([tail_logits(m, x_test) for m in models]).mean(0)
-    shard_models = [store.load_shard(s["index"]).classifier for s in store.manifest["shards"]
-                    if s["status"] == "trained"]
+    shard_models = [store.load_shard(s.index).classifier for s in store.manifest.shards if s.status == "trained"]
     return {"taft_composed": evaluate(composed, test_f).top1, "nlft_ensemble": top1(ens_logits, y_test),
             "nlft_soup": evaluate(soup(models), test_f).top1, "nlft_train_s": nlft_train_s,
             **inference_times(composed, shard_models, x_test, repeats)}
@@ -110,7 +112,7 @@ def forget_costs(store_dir: Path, train_f, test_f, backbone, cfg: TrainConfig) -
         copy = store_dir.with_name(f"{store_dir.name}-{mode}")
         shutil.copytree(store_dir, copy)
         t0 = time.perf_counter()
-        forget(copy, [victim], mode, features=train_f, backbone=backbone, executor="inline", progress=False)
+        ModelStore(copy).forget([victim], mode, features=train_f, backbone=backbone, execution=INLINE)
         out[f"{mode}_s"] = time.perf_counter() - t0
         out[f"{mode}_top1"] = evaluate(ModelStore(copy).load_composed().classifier, test_f).top1
     keep = [i for i in train_f.ids if i != victim]

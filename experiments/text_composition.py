@@ -4,7 +4,7 @@ weight soups, and the cost of inference (composed model vs K-model ensemble).
 Rotten Tomatoes (the seeded 80/20 split of `taft.data.rotten_tomatoes`: 3,893 training / 973 test snippets), the
 bundled MiniLM-L6 (all-MiniLM-L6-v2), k = 1 tangent block, mean pooling, store seed 0,
 trunk features cached once and shared by every run. For each K a TAFT model store is created with
-`taft.store.create_store` (seeded class-stratified "random" plan, uniform composition); the NLFT models are
+`taft.ModelStore.create` (seeded class-stratified "random" plan, uniform composition); the NLFT models are
 trained one per shard of the same plan (`taft.store.make_plan`). Every model is scored on the test split's cached
 features with each example's token mask. Since the TAFT tail is linear in Δw, the composed model's logits equal the
 mean of its shards' logits: the script records the largest difference as a check.
@@ -32,7 +32,8 @@ from taft import load_backbone
 from taft.data import rotten_tomatoes
 from taft.data.trunk_features import cache_features
 from taft.model import Classifier
-from taft.store import ModelStore, create_store, make_plan
+from taft.parallel import Execution
+from taft.store import ModelStore, make_plan
 from taft.train import TrainConfig
 from taft.train.examples import Examples
 
@@ -74,13 +75,12 @@ def run(args: argparse.Namespace) -> dict:
         for k in args.shards:
             t0 = time.perf_counter()
             store_dir = work / f"taft-K{k}"
-            create_store(store_dir, train_f, taft_model, taft_cfg, shards=k, executor="inline", threads=args.threads,
-                         progress=False)
+            store = ModelStore.create(store_dir, train_f, taft_model, taft_cfg, shards=k, threads=args.threads,
+                                      min_steps=0, execution=Execution("inline", progress=False))
             taft_train_s = time.perf_counter() - t0
-            store = ModelStore(store_dir)
             composed = store.load_composed(backbone).classifier
-            taft_shards = [store.load_shard(s["index"], backbone).classifier for s in store.manifest["shards"]
-                           if s["status"] == "trained"]
+            taft_shards = [store.load_shard(s.index, backbone).classifier for s in store.manifest.shards
+                           if s.status == "trained"]
             composed_logits = tail_logits(composed, batches)
             taft_shard_logits = torch.stack([tail_logits(m, batches) for m in taft_shards])
             plan = make_plan(list(train_f.ids), list(train_f.labels), k, seed=taft_cfg.seed)

@@ -19,9 +19,8 @@ def test_report_lists_shards_accuracy_and_audit(store, capsys, tmp_path):
     text = (out / "report.md").read_text()
     for png in ("shard_sizes.png", "accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
-    manifest = ModelStore(root).manifest
-    for s in manifest["shards"]:
-        assert re.search(rf"\| {s['index']} \| {s['status']} \| {s['n']} \|", text)
+    for s in ModelStore(root).manifest.shards:
+        assert re.search(rf"\| {s.index} \| {s.status} \| {s.n} \|", text)
     audit = ModelStore(root).audit()
     assert len(audit) >= 2 and sum(line.startswith("| 20") for line in text.splitlines()) == len(audit)
     acc = json.loads((out / "accuracy.json").read_text())

@@ -18,7 +18,8 @@ from taft.data import TextDataset
 from taft.privacy.dpsgd import clipped_sum, per_example_gradients
 from taft.data.trunk_features import cache_features
 from taft.model import Classifier
-from taft.store import ModelStore, create_store
+from taft.parallel import Execution
+from taft.store import ModelStore
 from taft.train import TrainConfig, evaluate, fit, plan_run
 from taft.losses import classification_loss
 from taft.train.examples import Examples, Prepared
@@ -81,7 +82,8 @@ def test_composed_text_store_equals_the_mean_of_its_shards(tiny_bert, tmp_path):
     model = Classifier(tiny_bert, ds.class_names, 1, method="taft", pooling="mean")
     cf = model.cache_features(ds, progress=False)
     cfg = TrainConfig(epochs=2, batch_size=3, lr=1e-2)
-    store = ModelStore(create_store(tmp_path / "s", cf, model, cfg, shards=3, executor="inline", progress=False))
+    store = ModelStore.create(tmp_path / "s", cf, model, cfg, shards=3, min_steps=0,
+                              execution=Execution("inline", progress=False))
     batch = tiny_bert.tokenizer.batch(TEXTS)
     with torch.no_grad():
         composed = store.load_composed(tiny_bert).classifier(batch)
