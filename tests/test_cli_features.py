@@ -151,3 +151,13 @@ def test_library_errors_name_the_options_they_are_about(capsys, tmp_path):
     """The library's message names its parameters; the command line adds its options."""
     bad(capsys, ["train", "--data", str(tmp_path), "--dataset", "fashion-mnist", "--quiet"],
         "give exactly one of a data path or a dataset name (--data, --dataset)")
+
+
+def test_library_keywords_become_options():
+    from taft.cli import in_cli_terms
+    from taft.errors import TaftError
+
+    e = TaftError('use device="cpu" or device=auto; skip_corrupt=True, data_dir=FOLDER',
+                  arguments=("device", "skip_corrupt", "data_dir", "path", "unknown"))
+    assert in_cli_terms(e) == "use --device cpu or --device auto; --skip-corrupt, --data-dir FOLDER (--data)"
+    assert in_cli_terms(TaftError("plain")) == "plain"

@@ -77,7 +77,7 @@ def test_device_names_resolve_or_name_the_problem():
 
 @no_cuda
 def test_absent_gpu_is_a_one_line_error():
-    with pytest.raises(TaftError, match="device cuda is not available: .*use device cpu"):
+    with pytest.raises(TaftError, match='device cuda is not available: .*use device="cpu"'):
         resolve_device("cuda")
     with pytest.raises(TaftError, match="device cuda:1 is not available"):
         resolve_device("cuda:1")

@@ -26,7 +26,7 @@ def _cuda(index: int | None) -> torch.device:
     if not torch.cuda.is_available():
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
         raise TaftError(f"device {'cuda' if index is None else f'cuda:{index}'} is not available: {why}; "
-                        "use device cpu (or auto)", arguments=("device",))
+                        'use device="cpu" or device="auto"', arguments=("device",))
     count = torch.cuda.device_count()
     if index is not None and not 0 <= index < count:
         raise TaftError(f"device cuda:{index} does not exist: {count} CUDA GPU(s) visible (cuda:0..cuda:{count - 1})")
@@ -50,7 +50,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
             raise TaftError("device mps is not available (Apple-silicon GPUs with an MPS build of torch only); "
-                            "use device cpu (or auto)", arguments=("device",))
+                            'use device="cpu" or device="auto"', arguments=("device",))
         return torch.device("mps")
     if name == "cuda":
         return _cuda(None)

@@ -26,8 +26,8 @@ def check_autocast(name: str, device: torch.device | None = None) -> str:
     if name not in AUTOCASTS:
         raise TaftError(f"autocast must be one of {', '.join(AUTOCASTS)}, got {name!r}")
     if name == "fp16" and device is not None and device.type == "cpu":
-        raise TaftError("fp16 autocast is not supported on the CPU (few, slow float16 kernels): use autocast bf16 "
-                        "or none there, or a GPU", arguments=("autocast",))
+        raise TaftError("fp16 autocast is not supported on the CPU (few, slow float16 kernels): use "
+                        'autocast="bf16" or autocast="none" there, or a GPU', arguments=("autocast",))
     return name
 
 

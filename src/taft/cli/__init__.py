@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 
@@ -33,12 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 OPTIONS = {"device": "--device", "autocast": "--autocast", "skip_corrupt": "--skip-corrupt", "data_dir": "--data-dir",
            "path": "--data", "dataset": "--dataset"}  # library parameter → its option
+QUOTES = "\"'"
 
 
 def in_cli_terms(e: TaftError) -> str:
-    """The error's message, followed by the command-line options of the library parameters it is about."""
-    options = [OPTIONS[a] for a in e.arguments if a in OPTIONS]
-    return f"{e} ({', '.join(options)})" if options else str(e)
+    """The error's message with its library parameters as options: `name=True` → `--flag`, `name="v"` or
+    `name=v` → `--flag v`; parameters the message does not spell so are named after it, in parentheses."""
+    message, unnamed = str(e), []
+    for name in (a for a in e.arguments if a in OPTIONS):
+        flag = OPTIONS[name]
+        keyword = re.compile(rf"\b{name}=(True\b|\"[^\"]*\"|'[^']*'|[^\s,;)]+)")
+        message, count = keyword.subn(lambda m: flag if m[1] == "True" else f"{flag} {m[1].strip(QUOTES)}", message)
+        if not count:
+            unnamed.append(flag)
+    return f"{message} ({', '.join(unnamed)})" if unnamed else message
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:

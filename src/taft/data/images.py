@@ -344,7 +344,7 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, split: Literal["tra
         p = _find_idx(where, name)
         if p is None:
             raise AssetMissingError(f"Fashion-MNIST file {where / name} not found: install it with "
-                                    f"`{FASHION_MNIST_INSTALL}` (or give its folder as data_dir)",
+                                    f"`{FASHION_MNIST_INSTALL}` (or pass its folder as data_dir=FOLDER)",
                                     arguments=("data_dir",))
         paths.append(p)
     images, images_sha = _read_idx(paths[0], IDX_IMAGES_MAGIC)
