@@ -137,4 +137,6 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     assert ran >= 4
     assert (tmp_path / "runs" / "mine" / "checkpoint.safetensors").is_file()  # the last block's run directory
     printed = [float(line) for line in capsys.readouterr().out.split()]
-    assert len(printed) == 2 and all(0.0 <= top1 <= 1.0 for top1 in printed)  # the two evaluate(...).top1
+    assert len(printed) == 3 and all(0.0 <= top1 <= 1.0 for top1 in printed)  # the three evaluate(...).top1
+    store = json.loads((tmp_path / "stores" / "reviews" / "manifest.json").read_text())
+    assert len(store["forgotten"]) == 1 and [s["status"] for s in store["shards"]] == ["trained", "trained"]
