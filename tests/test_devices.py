@@ -297,6 +297,7 @@ def test_compile_falls_back_to_eager_with_one_warning(tiny_vit, cached):
     assert not CompiledStep(clf.train_logits).active  # eager is the default
 
 
+@pytest.mark.slow
 def test_compiled_training_equals_eager(tiny_vit, cached):
     """torch.compile's graph capture and autograd (backend aot_eager: the inductor backend needs about a minute
     per graph on 2 CPU cores) train the same weights as eager, to float32 rounding."""

@@ -127,6 +127,7 @@ def test_dp_accuracy_smoke(tiny_images, tmp_path, monkeypatch):
     assert table.splitlines()[0] == "| method | ε = 3 | ε = 8 | ε = inf |" and "| DP-taft |" not in table
 
 
+@pytest.mark.slow
 def test_shards_composition_smoke(tiny_images, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_script(EXPERIMENTS / "shards_composition.py", cifar_args(tiny_images, out) + [
@@ -216,6 +217,7 @@ def test_text_methods_smoke(tmp_path, monkeypatch):
     assert (out / "accuracy.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_text_lr_smoke(tmp_path, monkeypatch):
     out = tmp_path / "out"
     script = run_script(EXPERIMENTS / "text_lr.py", ["--ks", "1", "--seeds", "0", "--epochs", "1", "--threads", "1",
@@ -233,6 +235,7 @@ def test_text_lr_smoke(tmp_path, monkeypatch):
     assert all(row in table for row in ("| probe | - |", "| nlft | 1 |", "| taft | 1 |"))
 
 
+@pytest.mark.slow
 def test_text_composition_smoke(tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_script(EXPERIMENTS / "text_composition.py", [

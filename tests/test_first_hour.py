@@ -50,6 +50,7 @@ def test_tiny_folder_trains_with_one_validation_example_per_class(tmp_path, caps
     assert metrics["n_val"] == 2 and metrics["n_train"] == 4 and metrics["eval_split"] == "val"
 
 
+@pytest.mark.slow
 def test_one_example_per_class_trains_without_validation_and_says_so(tmp_path):
     data = make_classes(tmp_path / "tiny", per_class=3)
     proc = run_cli("train", "--data", str(data), "--per-class", "1", "--out", str(tmp_path / "run"), *FAST)
@@ -97,6 +98,7 @@ def test_closed_stdout_exits_quietly(three_class_run):
     assert proc.wait() in (0, 141) and err == "", err
 
 
+@pytest.mark.slow
 def test_skip_corrupt_warning_is_one_line(tmp_path):
     data = make_classes(tmp_path / "data")
     (data / "ant" / "broken.png").write_bytes(b"not a png")
@@ -143,6 +145,7 @@ def test_predict_prints_the_readable_images_and_reports_the_rest(tmp_path, three
 
 
 # ------------------------------------------------------------------------------------- 8. comparable hashes
+@pytest.mark.slow
 def test_identical_runs_have_the_same_content_hash(tmp_path, three_class_run):
     data, first = three_class_run
     time.sleep(1.1)  # a later `created` time in the metadata
@@ -155,6 +158,7 @@ def test_identical_runs_have_the_same_content_hash(tmp_path, three_class_run):
     assert info[1]["content_sha256"][:16] in text
 
 
+@pytest.mark.slow
 def test_identical_stores_have_the_same_composed_content_hash(tmp_path, capsys):
     data = make_classes(tmp_path / "data", per_class=4)
     argv = ["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline", *FAST]
@@ -241,6 +245,7 @@ def test_the_dp_epochs_default_follows_the_target_budget():
 
 
 # ------------------------------------------------------------------------- 11. progress bars when redirected
+@pytest.mark.slow
 def test_redirected_progress_is_one_plain_line_per_bar(tmp_path):
     data = make_classes(tmp_path / "data", per_class=4)
     proc = run_cli("train", "--data", str(data), "--out", str(tmp_path / "run"), "--image-size", "28", "--epochs",

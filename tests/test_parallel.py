@@ -34,6 +34,7 @@ def shard_tensors(root: Path) -> list[dict[str, torch.Tensor]]:
     return [read_checkpoint(ModelStore(root).shard_path(i)).tensors for i in range(K)]
 
 
+@pytest.mark.slow
 def test_process_pool_and_inline_give_identical_delta(data, tmp_path):
     bb, cf = data
     a = create(tmp_path / "process", cf, bb, CONFIG, shards=K, execution=Execution("process", workers=2, progress=False))

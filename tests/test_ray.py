@@ -59,6 +59,7 @@ def reference(data, tmp_path_factory):
     return create(tmp_path_factory.mktemp("ref") / "s", cf, bb, CONFIG, shards=K, threads=1)
 
 
+@pytest.mark.slow
 def test_ray_gives_the_process_pool_and_inline_delta_with_progress_per_shard(cluster, data, reference, tmp_path,
                                                                             capsys):
     bb, cf = data
@@ -80,6 +81,7 @@ def where_rows_came_from(task) -> str:
     return "node cache" if task.data.local() is not None else "object store"
 
 
+@pytest.mark.slow
 def test_workers_without_the_driver_cache_get_the_rows_through_the_object_store(cluster, data, reference,
                                                                                  tmp_path):
     bb, cf = data
@@ -121,6 +123,7 @@ def kill_when_started(marker: Path, killed: list[int]) -> None:
         killed.append(pid)
 
 
+@pytest.mark.slow
 def test_a_ray_worker_sigkilled_mid_shard_is_retried(cluster, data, tmp_path, capsys):
     ts = tasks(data, 1)
     marker, killed = tmp_path / "pid", []
@@ -148,6 +151,7 @@ class KillShard(RayExecutor):
         return super().submit(die if args[0].index == self.index else fn, *args, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_shard_that_keeps_dying_is_reported_by_index_and_the_store_stays_consistent(cluster, data, reference,
                                                                                       tmp_path):
     bb, cf = data
@@ -189,6 +193,7 @@ def drivers() -> int:
     return len(list(SESSION_DIR.glob("session_latest/logs/python-core-driver-*.log")))
 
 
+@pytest.mark.slow
 def test_cli_on_ray_address_killed_driver_resumes_on_ray_or_locally(cluster, tmp_path, capsys):
     images = make_classes(tmp_path / "data", classes=("ant", "bee", "cow"), per_class=4)
     inline = tmp_path / "inline"
@@ -245,6 +250,7 @@ def gpus_given(task) -> list:
     return [int(g) for g in ray.get_gpu_ids()]
 
 
+@pytest.mark.slow
 def test_gpus_per_shard_are_requested_from_ray(cluster, data):
     """The module's Ray instance declares one (nominal) GPU: a task is given it only when it asks for it."""
     task = tasks(data, 1)[0]
@@ -254,6 +260,7 @@ def test_gpus_per_shard_are_requested_from_ray(cluster, data):
         RayExecutor(num_gpus=-1)
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(cluster, capsys):
     """benchmarks/ray_overhead.py at a tiny size: CIFAR-10 mini when shared/ is beside the repository (it is not
     shipped to users), else synthetic images; every executor gives the same Δw."""

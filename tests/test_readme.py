@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import make_classes, make_idx
 from readme_shim import tiny, tiny_python
 from taft.cli import main
@@ -99,6 +101,7 @@ def test_commands_are_split_like_the_shell():
     assert commands("a \\\n  b  # note\n\n# only a comment\nc '#not'\n") == ["a    b  # note", "c '#not'"]
 
 
+@pytest.mark.slow
 def test_readme_shell_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     env = sandbox(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -121,6 +124,7 @@ def test_python_blocks_are_found():
     assert readme_blocks(sample, PYTHON_FENCE) == [(2, "x = 1\n", "needs a GPU")]
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     make_classes(tmp_path / "my_images" / "train", classes=("ant", "bee", "cow"), per_class=4)
     make_classes(tmp_path / "my_images" / "test", classes=("ant", "bee", "cow"), per_class=2)

@@ -125,6 +125,7 @@ def duration(base, tmp_path_factory) -> float:
     return time.perf_counter() - t0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_forget_sigkilled_at_a_random_moment_recovers(base, reference, duration, tmp_path, seed):
     root, ids = base

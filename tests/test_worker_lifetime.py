@@ -38,6 +38,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
 def test_workers_die_when_their_parent_is_killed(tmp_path):
     script = tmp_path / "parent.py"
