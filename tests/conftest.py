@@ -13,6 +13,24 @@ pytest.register_assert_rewrite("helpers")
 os.environ.setdefault("TAFT_CACHE", tempfile.mkdtemp(prefix="taft-test-cache-"))
 
 
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Each test its own taft cache (TAFT_CACHE in its tmp_path). Opt in per module:
+    `pytestmark = pytest.mark.usefixtures("isolated_cache")`."""
+    monkeypatch.setenv("TAFT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny tensors (more threads only add latency on a busy machine)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def dinov2_56():
     """The bundled DINOv2 ViT-S/14 at 56×56 px (4×4 patches + CLS)."""

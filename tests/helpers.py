@@ -1,7 +1,6 @@
 """Helpers shared by several test modules (tests/ is on sys.path): `from helpers import ...`.
 
-The fixtures take effect in a module that imports them (`# noqa: F401` there); `conftest.py` registers this module
-for pytest's assertion rewriting."""
+Fixtures live in `conftest.py`; it also registers this module for pytest's assertion rewriting."""
 
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from taft.backbones.bert import BertConfig
@@ -24,20 +21,6 @@ TINY_VIT = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_
 TINY_BERT = BertConfig(dim=24, depth=3, heads=4, mlp_hidden=48, vocab_size=30522, max_positions=64)  # MiniLM's vocab
 CLASSES = ["a", "b", "c", "d"]
 CIFAR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"  # beside the repository
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("TAFT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add latency (a lot of it on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def bad(capsys, argv: list[str], message: str) -> None:

@@ -7,7 +7,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from helpers import _one_thread  # noqa: F401  (fixture)
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import _cache_env  # noqa: F401  (fixture)
+
 from reference import random_backbone
 from taft import Classifier, FingerprintMismatchError, ModelSpec, TaftError
 from taft.checkpoint import FORMAT_VERSION, META_KEY, read_checkpoint_metadata
@@ -18,6 +18,8 @@ from taft.train import TrainConfig, fit
 
 from helpers import CLASSES, TINY_VIT
 from test_train import config, model, separable
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import _cache_env, bad  # noqa: F401  (fixture)
+from helpers import bad
 from taft.cli import main
 from helpers import make_classes
 from test_cli import FAST
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ import json
 
 import pytest
 
-from helpers import _cache_env, _one_thread, bad, write_csv, write_jsonl  # noqa: F401  (fixtures)
+from helpers import bad, write_csv, write_jsonl
 from taft.checkpoint import read_checkpoint_metadata
 from taft.cli import main
+
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 POS = ["a gripping, beautifully shot film", "warm, witty and wise", "one of the year's best", "a small gem",
        "superb acting", "an utter delight"]

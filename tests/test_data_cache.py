@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import _cache_env, write_image  # noqa: F401  (fixture)
+from helpers import write_image
 from taft.backbones.base import ImagePreprocess
 from taft.data import (
     CachedFeatures,
@@ -20,6 +20,8 @@ from taft.data import (
     split_dataset,
 )
 from taft.errors import TaftError
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 PP = ImagePreprocess(image_size=(14, 14), patch_size=7)
 KEY = {"backbone": "fake-fingerprint", "tangent_blocks": 1}

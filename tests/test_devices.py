@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import CLASSES, _cache_env, _one_thread, bad  # noqa: F401  (fixtures)
+from helpers import CLASSES, bad
 from taft import Classifier, TaftError
 from taft.model import load_checkpoint
 from taft.cli import main
@@ -31,6 +31,8 @@ from helpers import make_classes
 from test_cli import FAST
 from test_text_train import dataset as text_dataset
 from test_train import synthetic_images
+
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")

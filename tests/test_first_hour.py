@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import _cache_env, bad  # noqa: F401  (fixture)
+from helpers import bad
 from reference import random_backbone
 from taft.backbones.vit import ViTConfig
 from taft.cli import main
@@ -24,6 +24,8 @@ from taft.model import Classifier
 from taft.train import TrainConfig, fit
 from helpers import make_classes
 from test_cli import FAST
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def run_cli(*argv: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import _cache_env, _one_thread  # noqa: F401  (fixtures)
+
 from reference import random_backbone
 from taft import Classifier, TaftError
 from taft.backbones.vit import ViTConfig
@@ -29,6 +29,8 @@ from taft.train import TrainConfig, fit, make_private, plan_run
 from taft.losses import classification_loss
 from taft.train.examples import Examples, Prepared
 from taft.train.loop import train_loop
+
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 CFG = ViTConfig(dim=16, depth=3, heads=2, mlp_hidden=32, patch_size=4, pos_grid=3)
 CLASSES = ["a", "b", "c"]

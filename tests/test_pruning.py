@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 
-from helpers import _cache_env, _one_thread  # noqa: F401  (fixtures)
+
 from reference import random_backbone, random_text_backbone, randomize_delta
 from taft.backbones.base import Backbone
 from taft.backbones.bert import BertConfig
@@ -23,6 +23,8 @@ from taft.backbones.vit import ViTConfig
 from taft.model import Classifier, TangentModel
 from taft.privacy.dpsgd import per_example_gradients
 from taft.tails import PlainTail
+
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 TOL = 1e-11
 VIT = ViTConfig(dim=32, depth=3, heads=4, mlp_hidden=64, patch_size=4, pos_grid=3, layerscale=True)

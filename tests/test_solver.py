@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev
 
-from helpers import CLASSES, TINY_VIT, _one_thread  # noqa: F401  (fixture)
+from helpers import CLASSES, TINY_VIT
 from reference import PlainTail, base_and_delta, random_backbone
 from taft.errors import TaftError
 from taft.losses import classification_loss, proximity
@@ -17,6 +17,8 @@ from taft.model import Classifier
 from taft.train.config import TrainConfig
 from taft.train.examples import Examples, Prepared
 from taft.train.solver import conjugate_gradient
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 KAPPA = 15.0
 COND = 1e3  # λ is set so that cond(A) = (σ_max²/N + λ) / λ = COND

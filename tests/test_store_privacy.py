@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import _one_thread  # noqa: F401  (fixture)
+
 from taft import TaftError
 from taft.checkpoint import read_checkpoint_metadata
 from taft.fileio import read_json
@@ -29,6 +29,8 @@ from taft.store.create import dp_shard_seed, releases, shard_dp
 from taft.train import TrainConfig
 from helpers import make_classes
 from test_store import CONFIG, INLINE, QUIET, create, tiny_features
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DP = DPConfig(noise_multiplier=1.0, delta=1e-3, clip=1.0, accountant="rdp", seed=11)
 FAST = ["--image-size", "28", "--epochs", "1", "--quiet", "--lr", "1e-3"]

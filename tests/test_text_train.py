@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_BERT, _cache_env, _one_thread  # noqa: F401  (fixtures)
+from helpers import TINY_BERT
 from taft.backbones.base import Backbone
 from taft.backbones.tokenizer import TextTokenizer
 from taft.backbones.assets import minilm_dir
@@ -24,6 +24,8 @@ from taft.train import TrainConfig, evaluate, fit, plan_run
 from taft.losses import classification_loss
 from taft.train.examples import Examples, Prepared
 from taft.train.loop import train_loop
+
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 TEXTS = ["a gripping, beautifully shot film", "dull", "not as funny as it thinks it is, and far too long",
          "a small gem", "tedious from start to finish", "warm, witty and wise", "I wanted my two hours back",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CLASSES, TINY_VIT, _cache_env  # noqa: F401  (fixture)
+from helpers import CLASSES, TINY_VIT
 from reference import random_backbone
 from taft import Classifier, ModelSpec, TaftError
 from taft.data import ImageDataset, ImageRecord
@@ -21,6 +21,8 @@ from taft.train.config import DP_RECIPE, recipe, run_record
 from taft.losses import classification_loss
 from taft.train.examples import Examples
 from taft.train.loop import lr_factor
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 LR = {"taft": 1e-2, "nlft": 1e-2, "probe": 3e-2}  # the tiny random backbone takes larger steps than ViT-S
 

@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from helpers import _cache_env, _one_thread  # noqa: F401  (fixtures)
+import pytest
+
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
 
