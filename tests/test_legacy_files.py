@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from taft import FingerprintMismatchError
+from taft import FingerprintMismatchError, ModelSpec, TrainConfig
 from taft.checkpoint import read_checkpoint
 from taft.model import Classifier, load_checkpoint
 from taft.store.delta_sum import compose_tensors
@@ -68,3 +68,17 @@ def test_new_and_legacy_shards_of_one_model_compose(tiny_vit, tmp_path):
     assert meta["fingerprint"] == clf.fingerprint and again.accepts_fingerprint(clf.legacy_fingerprint)
     summed = compose_tensors([read_checkpoint(saved).tensors, clf.trainable_state_dict()], [0.5, 0.5])
     assert all(torch.equal(summed[n], t) for n, t in clf.trainable_state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["taft", "nlft"])
+def test_checkpoints_from_before_the_model_centric_api_load_and_predict_as_before(tiny_vit, method):
+    """809ba0c recorded the model's fields inside its training config; they rebuild the same model (today's
+    fingerprint formula), and the recipe reads back from the same record."""
+    path = LEGACY / f"{method}-809ba0c.safetensors"
+    expected = torch.load(LEGACY / f"{method}-809ba0c.expected.pt", weights_only=True)
+    clf, meta = load_checkpoint(path, tiny_vit)
+    assert clf.fingerprint == meta["fingerprint"] == expected["fingerprint"]
+    assert clf.spec == ModelSpec(method, 1, "mean", 0, "random") == ModelSpec.from_dict(meta["train_config"])
+    assert TrainConfig.from_dict(meta["train_config"]).seed == 3
+    with torch.no_grad():  # float32, other thread counts sum in another order: a few ulps of logits of size ~1
+        torch.testing.assert_close(clf.logits(legacy_features()), expected["logits"], rtol=1e-5, atol=1e-6)
