@@ -34,8 +34,18 @@ from taft.tails import base_head, make_tail
 from taft.tensors import load_checked
 
 
-def class_names_for(classes: int | Sequence[str] | None) -> list[str]:
-    """The class names: the given names, or "0".."C-1" for a count C; checked (≥ 2, unique)."""
+def class_names_for(classes: int | Sequence[str] | None, class_names: Sequence[str] | None = None,
+                    num_classes: int | None = None) -> list[str]:
+    """The class names: the given names, or "0".."C-1" for a count C; checked (≥ 2, unique). `class_names` and
+    `num_classes` are the older keywords: one of them may replace `classes`, and a count must agree."""
+    classes = one_of("classes", classes, "class_names", class_names, num_classes)
+    names = names_of(classes)
+    if num_classes is not None and num_classes != len(names):
+        raise TaftError(f"num_classes={num_classes} disagrees with the {len(names)} classes given")
+    return names
+
+
+def names_of(classes: int | Sequence[str] | None) -> list[str]:
     if classes is None or isinstance(classes, (bool, int, float)):
         if classes is None or isinstance(classes, bool) or int(classes) != classes or classes < 2:
             raise TaftError(f"the number of classes must be an integer ≥ 2, got {classes}")
@@ -56,25 +66,16 @@ def one_of(name: str, value: Any, alias: str, alias_value: Any, default: Any) ->
 
 
 class Classifier(nn.Module):
-    """A classifier of any method. Its parameters are exactly what the method trains (taft: Δw, zero at
-    construction; nlft: the tail weights, from w0; probe: the head).
+    """A classifier of any method: inputs → frozen trunk → the method's tail → logits. Its parameters are exactly
+    what the method trains (taft: Δw, zero at construction; nlft: the tail weights, from w0; probe: the head).
 
-    Args:
-        backbone: a loaded backbone (`taft.load_backbone`): a ViT (images) or a BERT encoder (TokenBatch inputs).
-        classes: the class names, or their number C (names "0".."C-1"). Also `class_names=` / `num_classes=`.
-        k: how many of the last blocks form the tail (1..depth; also `tangent_blocks=`); the final norm and head
-            always do.
-        method, pooling, head_seed (also `seed=`), head_init: the `ModelSpec` (method "taft", "nlft" or "probe";
-            pooling "cls" or "mean", default mean for text and cls for images; head_seed seeds the random w0_head; head_init "probe": `fit` first fits a
-            linear probe and makes it w0_head).
-        head_weight, head_bias: a given base head (C, dim) and (C,), e.g. a linear-probe solution. Never zero.
-        attn_impl: taft's tangent attention: "sdpa" (fused primal attention) or "manual" (written-out softmax).
-        prune_last_block: with CLS pooling the last block computes token 0's output only (exact); False runs it
-            in full (a reference for tests and benchmarks).
-
-    `forward(inputs)` / `predict(inputs)` run the whole network on preprocessed images or a TokenBatch;
-    `logits(features, mask)` runs the tail on (cached) trunk features. Same device and dtype as the backbone.
-    `train_config` is the recorded recipe of the last `fit` (None before), saved with the model.
+    backbone: a loaded ViT (images) or BERT encoder (TokenBatch inputs); classes: the class names, or their number
+    C (also `class_names=` / `num_classes=`); k: the last blocks forming the tail, 1..depth (also
+    `tangent_blocks=`), with the final norm and head; method, pooling (default mean for text, cls for images),
+    head_seed (also `seed=`), head_init: the `ModelSpec`. head_weight, head_bias: a given base head (never zero).
+    attn_impl: taft's primal attention, "sdpa" (fused) or "manual"; prune_last_block=False runs the last block
+    in full under CLS pooling (a reference: pruned is exact). `forward` / `predict` run the whole network;
+    `logits(features, mask)` the tail on trunk features. `train_config` is the run record of the last `fit`.
     """
 
     def __init__(self, backbone: Backbone, classes: int | Sequence[str] | None = None, k: int | None = None, *,
@@ -83,15 +84,12 @@ class Classifier(nn.Module):
                  attn_impl: str = "sdpa", prune_last_block: bool = True, class_names: Sequence[str] | None = None,
                  num_classes: int | None = None, tangent_blocks: int | None = None, seed: int | None = None):
         super().__init__()
-        classes = one_of("classes", classes, "class_names", class_names, num_classes)
         cfg = backbone.model.cfg
         k = one_of("k", k, "tangent_blocks", tangent_blocks, 1)
         check_tangent_blocks(k, cfg.depth)  # before ModelSpec, so that the error names the allowed range 1..depth
         self.spec = ModelSpec(method, k, pooling or default_pooling(backbone.is_text),
                               one_of("head_seed", head_seed, "seed", seed, 0), head_init)
-        self.class_names = class_names_for(classes)
-        if num_classes is not None and num_classes != len(self.class_names):
-            raise TaftError(f"num_classes={num_classes} disagrees with the {len(self.class_names)} classes given")
+        self.class_names = class_names_for(classes, class_names, num_classes)
         self.backbone = backbone  # not a submodule: the source of the tail's blocks and of `derive`
         self.backbone_name, self.backbone_fingerprint = backbone.name, backbone.fingerprint
         self.config = cfg
@@ -256,14 +254,7 @@ class Classifier(nn.Module):
 
     def materialize(self) -> PlainClassifier:
         """A plain non-linear model with the trained weights (taft: w0 + Δw), same dtype and device as this one."""
-        state = {k[len("encoder."):]: v for k, v in self.trunk.state_dict().items()}
-        state.update(self.tail.weights())
-        head_state = {k[len("head."):]: state.pop(k) for k in list(state) if k.startswith("head.")}
-        encoder = type(self.trunk.encoder)(self.config).to(device=self.device, dtype=self.dtype)
-        encoder.load_state_dict(state)
-        head = nn.Linear(self.config.dim, self.num_classes).to(device=self.device, dtype=self.dtype)
-        head.load_state_dict(head_state)
-        return PlainClassifier(encoder, head, self.pooling).eval()
+        return PlainClassifier.assemble(self.trunk, self.tail.weights(), self.pooling)
 
 
 TangentModel = Classifier  # the taft case: `TangentModel(backbone, num_classes, tangent_blocks)`

@@ -70,5 +70,19 @@ class PlainClassifier(nn.Module):
         super().__init__()
         self.encoder, self.head, self.pooling = encoder, head, pooling
 
+    @classmethod
+    def assemble(cls, trunk: Trunk, tail_weights: dict[str, torch.Tensor], pooling: str) -> PlainClassifier:
+        """The plain model whose encoder has the trunk's weights and the tail's (`head.*` the head's), on the
+        trunk's device and in the tail weights' dtype."""
+        state = {k[len("encoder."):]: v for k, v in trunk.state_dict().items()}
+        state.update(tail_weights)
+        head_state = {k[len("head."):]: state.pop(k) for k in list(state) if k.startswith("head.")}
+        like = head_state["weight"]
+        model = cls(type(trunk.encoder)(trunk.encoder.cfg), nn.Linear(like.shape[1], like.shape[0]), pooling)
+        model.to(device=like.device, dtype=like.dtype)  # before loading, so that nothing is rounded on the way
+        model.encoder.load_state_dict(state)
+        model.head.load_state_dict(head_state)
+        return model.eval()
+
     def forward(self, inputs: Inputs) -> torch.Tensor:
         return self.head(pool(encode(self.encoder, inputs), self.pooling, input_mask(inputs)))
