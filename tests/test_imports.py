@@ -16,7 +16,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # __init__, which re-exports the public API) and the entry points sit on top.
 LAYERS = [
     ("base", ["taft.errors", "taft.version", "taft.paths", "taft.tensors", "taft.fingerprint", "taft.fileio",
-              "taft.progress", "taft.devices", "taft.precision", "taft.losses", "taft.validate", "taft.spec"]),
+              "taft.progress", "taft.devices", "taft.precision", "taft.losses", "taft.validate", "taft.spec",
+              "taft.wording"]),
     ("tangent", ["taft.tangent"]),  # pure math; backbones share its masking and pooling
     ("backbones", ["taft.backbones"]),
     ("data", ["taft.data"]),  # datasets and the feature cache; no model needed

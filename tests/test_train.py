@@ -4,6 +4,7 @@ evaluation, bad input."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -409,3 +410,31 @@ def test_an_image_dataset_without_a_transform_gets_the_models_preprocessing(tiny
     assert implicit.path == explicit.path  # the same preprocessing: the same cache entry
     torch.testing.assert_close(implicit.as_tensors()[0], explicit.as_tensors()[0], rtol=0, atol=0)
     assert bare.transform is None  # the caller's dataset is left as it was
+
+
+def test_a_run_whose_loss_rises_warns_once_and_a_learning_one_does_not(tiny_vit):
+    feats, labels, ids = separable(4)
+    with pytest.warns(UserWarning, match=r"training loss rose over the run \(.* in the first epoch"):
+        fit(model(tiny_vit, "taft"), (feats, labels, ids),  # SGD at lr 3: the loss grows ×10 an epoch here
+            config("taft", lr=3.0, epochs=3, optimizer="sgd", schedule="constant", warmup=0.0), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model(tiny_vit, "taft"), (feats, labels, ids), config("taft", epochs=3), progress=False)
+    assert not [w for w in caught if "loss rose" in str(w.message)]
+
+
+def test_a_second_run_into_a_busy_run_directory_fails_at_once(tiny_vit, tmp_path):
+    """Two runs into one directory would interleave metrics.jsonl: the second is refused, naming the holder. (flock
+    locks belong to open files, so a lock held here through another open file blocks `fit` as another process's
+    would.)"""
+    import os
+
+    from taft.fileio import exclusive_lock
+
+    out = tmp_path / "run"
+    with exclusive_lock(out / ".lock", "held by the test"):
+        with pytest.raises(TaftError, match=rf"run directory {out} is in use by another process \(pid {os.getpid()}\)"):
+            fit(model(tiny_vit), separable(2), config("taft", epochs=1), run_dir=out, progress=False)
+        assert not (out / "config.json").exists()  # refused before anything was written
+    fit(model(tiny_vit), separable(2), config("taft", epochs=1), run_dir=out, progress=False)  # free again
+    assert (out / "checkpoint.safetensors").is_file()

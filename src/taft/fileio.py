@@ -6,15 +6,21 @@ Files are created with the mode an ordinary `open()` would give (0o666 minus the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from taft.errors import TaftError
+
+try:  # POSIX only; elsewhere nothing is locked.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 
 def now() -> str:
@@ -99,3 +105,29 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         raise TaftError(f"{what} {path} does not exist") from e
     except (OSError, ValueError) as e:
         raise TaftError(f"{what} {path} is unreadable or corrupt ({e})") from e
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file `path` (created, holding this process's pid) for the body. When
+    another process holds it: `TaftError` naming `what` and that process. The lock dies with its process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise TaftError(f"{what} is in use by another process (pid {holder}); wait until it ends, or use "
+                            "another") from e
+        try:
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

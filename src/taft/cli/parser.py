@@ -117,8 +117,8 @@ def add_compute_args(p: argparse.ArgumentParser, *, autocast: bool = False, thre
     g = p.add_argument_group("compute")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     if threads:
-        g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, one per core); "
-                                                   "recorded in metrics.json")
+        recorded = "; recorded in metrics.json" if training else ""
+        g.add_argument("--threads", type=int, help=f"torch CPU threads (default: torch's own, one per core){recorded}")
     if autocast:
         g.add_argument("--autocast", choices=AUTOCASTS, default="none",
                        help="mixed precision of the trunk-feature build: bf16 or fp16 (GPU only) autocast; part of "
@@ -249,7 +249,8 @@ def dp_config_from_args(args: argparse.Namespace):
 
     if not getattr(args, "dp", False):
         if given:
-            raise TaftError(f"{', '.join(given)} only apply to private training: add --dp")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise TaftError(f"{', '.join(given)} only {verb} to private training: add --dp")
         return None
     return DPConfig(clip=args.clip, epsilon=args.epsilon, delta=args.delta, noise_multiplier=args.noise_multiplier,
                     accountant=args.accountant, expected_batch_size=args.expected_batch_size,

@@ -25,6 +25,7 @@ data must be disjoint from the private training data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -37,7 +38,7 @@ import torch
 
 from taft.devices import resolve_device
 from taft.errors import TaftError
-from taft.fileio import atomic_write, write_json
+from taft.fileio import atomic_write, exclusive_lock, write_json
 from taft.model import Classifier
 from taft.precision import check_autocast
 from taft.privacy import DPConfig
@@ -49,9 +50,11 @@ from taft.train.examples import Examples, FeatureData, Prepared
 from taft.train.feeding import FEEDS
 from taft.train.loop import train_loop
 from taft.train.plan import RunPlan, plan_run
+from taft.wording import counted
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RESUME_NAME = "resume_state.pt"
+LOCK_NAME = ".lock"  # held (flock) while a run writes the directory
 FEW_STEPS = 100
 FEW_DP_STEPS = 25  # half the 50 large steps of the DP-SGD defaults at ε < 3 (n/10 per step, 5 epochs), which train well
 
@@ -109,9 +112,20 @@ def warn_if_few_steps(plan: RunPlan) -> None:
     few steps by design): too few for the defaults to train reliably."""
     if plan.steps < (FEW_DP_STEPS if plan.private else FEW_STEPS):
         batch = "a smaller expected_batch_size" if plan.private else "a smaller batch_size"
-        warnings.warn(f"only {plan.steps} optimizer steps ({plan.config.epochs} epochs of ~{plan.steps_per_epoch} "
-                      f"batches of {plan.batch_size} on {plan.n} examples): likely too few to train; use more "
-                      f"epochs or {batch}", stacklevel=3)
+        warnings.warn(f"only {counted(plan.steps, 'optimizer step')} ({counted(plan.config.epochs, 'epoch')} of "
+                      f"~{counted(plan.steps_per_epoch, 'batch', 'batches')} of {plan.batch_size} on "
+                      f"{counted(plan.n, 'example')}): likely too few to train; use more epochs or {batch}",
+                      stacklevel=3)
+
+
+def warn_if_loss_rose(history: list[dict[str, Any]], private: bool) -> None:
+    """Warn when the last epoch's mean training loss is above the first's: the run diverged or oscillates (most
+    often a learning rate too high for the data). A private run's message gives no loss values."""
+    losses = [r["train_loss"] for r in history if r["train_loss"] is not None]
+    if len(losses) >= 2 and losses[-1] > losses[0]:
+        values = "" if private else f" ({losses[0]:.4g} in the first epoch, {losses[-1]:.4g} in the last)"
+        warnings.warn(f"the training loss rose over the run{values}: the learning rate is likely too high for "
+                      "this data; try a lower lr", stacklevel=3)
 
 
 def warn_if_at_chance(top1: float, labels: torch.Tensor) -> None:
@@ -154,6 +168,12 @@ class RunDir:
 
     def __init__(self, out: str | Path | None):
         self.out = Path(out) if out is not None else None
+
+    def locked(self) -> contextlib.AbstractContextManager:
+        """Hold the run directory for this run: a second run into it fails at once, naming this process."""
+        if self.out is None:
+            return contextlib.nullcontext()
+        return exclusive_lock(self.out / LOCK_NAME, f"run directory {self.out}")
 
     def start(self, record: dict[str, Any], state: dict[str, Any] | None) -> None:
         """config.json, and metrics.jsonl holding the epochs done so far (a resumed run's)."""
@@ -255,45 +275,47 @@ def fit(model: Classifier, train: FeatureData, config: TrainConfig | None = None
     warn_if_few_steps(plan)
     record = run_record(model.spec, plan.config)
     run = RunDir(run_dir)
-    state = resume_state(run.out, record, tr, dp) if resume else None
-    run.start(record, state)
+    with run.locked():
+        state = resume_state(run.out, record, tr, dp) if resume else None
+        run.start(record, state)
 
-    model.to(where)
-    extra: dict[str, Any] = {}
-    if state is not None:
-        model.set_base_head(state["head_weight0"].to(where), state["head_bias0"].to(where))
-        extra = dict(state["extra"])
-    elif model.spec.head_init == "probe":
-        weight, bias, extra = probe_head(model, plan, tr, compute.feed, progress)
-        model.set_base_head(weight, bias)
-    model.train_config = record
-    tr_in = Prepared(model, tr)
-    va_in = Prepared(model, va) if va is not None else None
-    placement = {"train": tr_in.place(where, compute.feed)}
-    if va_in is not None:
-        placement["val"] = va_in.place(where, compute.feed)
+        model.to(where)
+        extra: dict[str, Any] = {}
+        if state is not None:
+            model.set_base_head(state["head_weight0"].to(where), state["head_bias0"].to(where))
+            extra = dict(state["extra"])
+        elif model.spec.head_init == "probe":
+            weight, bias, extra = probe_head(model, plan, tr, compute.feed, progress)
+            model.set_base_head(weight, bias)
+        model.train_config = record
+        tr_in = Prepared(model, tr)
+        va_in = Prepared(model, va) if va is not None else None
+        placement = {"train": tr_in.place(where, compute.feed)}
+        if va_in is not None:
+            placement["val"] = va_in.place(where, compute.feed)
 
-    def save_state(loop_state: dict[str, Any]) -> None:
-        run.save_state({**loop_state, "config": record, "head_weight0": model.head_weight0.cpu(),
-                        "head_bias0": model.head_bias0.cpu(), "extra": extra, "train_ids": ids_key(tr)})
+        def save_state(loop_state: dict[str, Any]) -> None:
+            run.save_state({**loop_state, "config": record, "head_weight0": model.head_weight0.cpu(),
+                            "head_bias0": model.head_bias0.cpu(), "extra": extra, "train_ids": ids_key(tr)})
 
-    compiled = CompiledStep(model.train_logits, enabled=compute.compile and not plan.private)
-    history = train_loop(model, plan, tr_in, va_in, progress=progress, on_epoch=run.log_epoch,
-                         autocast=compute.autocast, forward=compiled, resume=state,
-                         on_state=save_state if run.out is not None and not plan.private else None)
-    ledger = plan.ledger()
-    privacy = ledger.to_dict() if ledger is not None else None
-    final = evaluate_prepared(model, va_in if va_in is not None else tr_in, plan.config.loss, plan.config.kappa)
-    if va_in is not None:
-        warn_if_at_chance(final.top1, va_in.labels)
-    info = {"device": str(where), "autocast": compute.autocast, "compiled": compiled.active, "feed": placement,
-            "threads": torch.get_num_threads()}
-    metrics = run_metrics(model, plan, final, history, va, info, extra)
-    saved_metrics = released_metrics(metrics, plan.private, va is not None)
-    if privacy is not None:
-        metrics = {**metrics, "privacy": privacy}
-    checkpoint = run.checkpoint(model, tr, saved_metrics, privacy, history)
-    metrics["wall_time_s"] = time.perf_counter() - t_start
-    run.finish(metrics)
-    return FitResult(classifier=model, config=plan.config, history=history, metrics=metrics, train_ids=tr.ids,
-                     run_dir=run.out, checkpoint=checkpoint, privacy=privacy)
+        compiled = CompiledStep(model.train_logits, enabled=compute.compile and not plan.private)
+        history = train_loop(model, plan, tr_in, va_in, progress=progress, on_epoch=run.log_epoch,
+                             autocast=compute.autocast, forward=compiled, resume=state,
+                             on_state=save_state if run.out is not None and not plan.private else None)
+        warn_if_loss_rose(history, plan.private)
+        ledger = plan.ledger()
+        privacy = ledger.to_dict() if ledger is not None else None
+        final = evaluate_prepared(model, va_in if va_in is not None else tr_in, plan.config.loss, plan.config.kappa)
+        if va_in is not None:
+            warn_if_at_chance(final.top1, va_in.labels)
+        info = {"device": str(where), "autocast": compute.autocast, "compiled": compiled.active, "feed": placement,
+                "threads": torch.get_num_threads()}
+        metrics = run_metrics(model, plan, final, history, va, info, extra)
+        saved_metrics = released_metrics(metrics, plan.private, va is not None)
+        if privacy is not None:
+            metrics = {**metrics, "privacy": privacy}
+        checkpoint = run.checkpoint(model, tr, saved_metrics, privacy, history)
+        metrics["wall_time_s"] = time.perf_counter() - t_start
+        run.finish(metrics)
+        return FitResult(classifier=model, config=plan.config, history=history, metrics=metrics, train_ids=tr.ids,
+                         run_dir=run.out, checkpoint=checkpoint, privacy=privacy)
