@@ -257,3 +257,30 @@ def test_redirected_progress_is_one_plain_line_per_bar(tmp_path):
     assert "\r" not in proc.stderr and "" not in lines[:-1], repr(proc.stderr)
     assert sum(line.startswith("trunk features: 6/6") for line in lines) == 1, proc.stderr
     assert sum(line.startswith("taft k=1: 6/6 step") and "val_top1" in line for line in lines) == 1, proc.stderr
+
+
+def test_a_full_disk_or_an_unwritable_out_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    """Filesystem faults (tests run as root, so they are simulated): exit 2, one line, no checkpoint written."""
+    import errno
+
+    data = make_classes(tmp_path / "data")
+    out = tmp_path / "run"
+    real_replace, real_mkdir = os.replace, os.mkdir
+
+    def full_disk(src, dst, *a, **kw):
+        if str(dst).startswith(str(out)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    bad(capsys, ["train", "--data", str(data), "--out", str(out), *FAST], f"{out}/run_args.json: No space left on device")
+    assert not (out / "checkpoint.safetensors").exists()
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    def read_only(path, *a, **kw):
+        if str(path).startswith(str(out)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *a, **kw)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    bad(capsys, ["train", "--data", str(data), "--out", str(out / "sub"), *FAST], f"{out}/sub: Permission denied")

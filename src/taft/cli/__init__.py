@@ -50,6 +50,13 @@ def in_cli_terms(e: TaftError) -> str:
     return f"{message} ({', '.join(unnamed)})" if unnamed else message
 
 
+def describe_os_error(e: OSError) -> str:
+    """One line for a filesystem fault: the path(s) and the system's reason."""
+    paths = " → ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    reason = e.strerror or str(e)
+    return f"{paths}: {reason}" if paths else reason
+
+
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
     """`warnings.formatwarning` for the command line: `taft: warning: <message>`, one line, no source location."""
     return f"taft: warning: {' '.join(str(message).split())}\n"
@@ -85,6 +92,9 @@ def run_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `taft ... | head`: the reader is gone; stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, the status a shell reports for a tool stopped by a closed pipe
+    except OSError as e:  # a filesystem fault (read-only or full disk, ...): saved state is never half-written
+        print(f"taft: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     finally:
         warnings.formatwarning = previous_format
     return 0
