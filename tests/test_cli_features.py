@@ -147,6 +147,11 @@ def test_resume_an_interrupted_cosine_run_equals_the_uninterrupted_one(resume_da
     capsys.readouterr()
     bad(capsys, ["train", "--resume", str(tmp_path / "cut"), "--epochs", "2", "--quiet"], "already trained 3")
     bad(capsys, ["train", "--resume", str(resume_data), "--quiet"], "not a run directory")
+    other = make_classes(tmp_path / "other", per_class=5)
+    bad(capsys, ["train", "--resume", str(tmp_path / "cut"), "--data", str(other), "--lr", "0.5", "--quiet"],
+        "continues that run with its own data and settings; leave out --data, --lr")
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--data", str(resume_data), "--epochs", "4",
+                 "--quiet"]) == 0  # the run's own values may be repeated
 
 
 def test_library_errors_name_the_options_they_are_about(capsys, tmp_path):

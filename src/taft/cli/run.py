@@ -39,7 +39,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_log_arg(p)
     add_compute_args(p, autocast=True, training=True)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, options={a.dest: (a.option_strings[-1], a.default) for a in p._actions
+                                           if a.option_strings})  # what --resume checks was given
 
     p = sub.add_parser("eval", help="accuracy of a checkpoint on labelled data")
     p.add_argument("checkpoint", type=Path)
@@ -151,7 +152,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 RUN_ARGS = "run_args.json"
-NOT_RUN_ARGS = {"func", "command", "out", "overwrite", "quiet", "log_file", "resume", "epochs", "device", "compile"}
+NOT_RUN_ARGS = {"func", "options", "command", "out", "overwrite", "quiet", "log_file", "resume", "epochs", "device",
+                "compile"}
 PATH_ARGS = ("data", "data_dir", "val_data")
 
 
@@ -166,6 +168,11 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
         raise TaftError(f"--resume {run}: not a run directory written by taft train (no readable {RUN_ARGS} and "
                         "config.json)") from e
     saved.update({k: Path(saved[k]) for k in PATH_ARGS if saved.get(k) is not None})
+    given = [option for dest, (option, default) in args.options.items()
+             if dest in saved and vars(args)[dest] != default and vars(args)[dest] != saved[dest]]
+    if given:
+        raise TaftError(f"--resume {run} continues that run with its own data and settings; leave out "
+                        f"{', '.join(given)} (or start a new run with --out)")
     return argparse.Namespace(**{**vars(args), **saved, "epochs": epochs, "out": run})
 
 
