@@ -72,6 +72,18 @@ def test_demo_runs_on_a_tiny_fashion_mnist(tmp_path, capsys):
     assert all(m in out for m in ("probe", "nlft", "taft")) and "test top-1" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["probe", "nlft", "taft"]
+    assert (tmp_path / "demo" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in summary["rows"]:  # the test accuracy is recorded beside the training metrics, and `info` shows it
+        run = tmp_path / "demo" / row["method"]
+        assert json.loads((run / "metrics.json").read_text())["test_top1"] == row["test_top1"]
+        assert main(["info", str(run / "checkpoint.safetensors")]) == 0
+        assert f"test top-1 {100 * row['test_top1']:.2f}% on 20" in capsys.readouterr().out
+
+
+def test_the_two_demos_default_to_their_own_folders():
+    from taft.demo import DEMO_OUT
+
+    assert DEMO_OUT[True] != DEMO_OUT[False]
 
 
 def test_bad_inputs_give_one_clear_line(tmp_path, trained, capsys):

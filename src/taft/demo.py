@@ -17,20 +17,51 @@ import torch
 from taft.backbones import load_backbone
 from taft.data import fashion_mnist, rotten_tomatoes
 from taft.devices import resolve_device
-from taft.fileio import atomic_write
+from taft.checkpoint import read_checkpoint_metadata
+from taft.fileio import atomic_write, write_json
 from taft.model import Classifier
-from taft.train import TrainConfig, evaluate, fit
+from taft.train import FitResult, TrainConfig, evaluate, fit
 
 DEMO_METHODS = ("probe", "nlft", "taft")
+DEMO_OUT = {False: Path("runs/demo"), True: Path("runs/demo-text")}  # by `text`: the two demos never share a folder
+COMPARISON_NAME = "comparison.png"
+
+
+def record_test_accuracy(result: FitResult, test_top1: float, n_test: int) -> None:
+    """Add the test top-1 beside the training metrics of a demo run: in its metrics.json and its checkpoint's
+    metrics (what `taft info` shows)."""
+    extra = {"test_top1": test_top1, "test_n": n_test}
+    write_json(result.run_dir / "metrics.json", {**result.metrics, **extra})
+    saved = read_checkpoint_metadata(result.checkpoint).get("metrics") or {}
+    result.classifier.save(result.checkpoint, train_ids=result.train_ids, metrics={**saved, **extra})
+
+
+def plot_comparison(rows: list[dict], path: Path) -> Path | None:
+    """Test top-1 and training time per method, side by side, as a PNG (atomically); None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(8, 3.2))
+    acc_ax, time_ax = fig.subplots(1, 2)
+    names = [r["method"] for r in rows]
+    acc_ax.bar(names, [100 * r["test_top1"] for r in rows], color="tab:green")
+    acc_ax.set(ylabel="test top-1 (%)", title="test accuracy")
+    time_ax.bar(names, [r["train_time_s"] for r in rows], color="tab:blue")
+    time_ax.set(ylabel="seconds", title="training time")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return path
 
 
 def run_demo(train_per_class: int = 500, test_per_class: int = 200, epochs: int = 10, image_size: int = 56,
-             tangent_blocks: int = 1, out: Path = Path("runs/demo"), data_dir: Path | None = None,
+             tangent_blocks: int = 1, out: Path | None = None, data_dir: Path | None = None,
              text: bool = False, device: torch.device | str | None = None) -> dict:
     """Train the three methods on the same cached features and print their test accuracy; returns the summary.
     `text`: Rotten Tomatoes with minilm-l6 (mean pooling; `image_size` and `data_dir` do not apply). `device`:
     where the trunk features are built and the methods train (default the CPU)."""
     t0 = time.perf_counter()
+    out = Path(out) if out is not None else DEMO_OUT[text]
     if text:
         backbone = load_backbone("minilm-l6")
         train = rotten_tomatoes(backbone.tokenizer, "train").per_class(train_per_class)
@@ -49,15 +80,17 @@ def run_demo(train_per_class: int = 500, test_per_class: int = 200, epochs: int 
     test_f = models["taft"].cache_features(test)
     rows = []
     for method, model in models.items():
-        result = fit(model, train_f, TrainConfig(epochs=epochs), run_dir=Path(out) / method)
+        result = fit(model, train_f, TrainConfig(epochs=epochs), run_dir=out / method)
         test_eval = evaluate(model, test_f)
+        record_test_accuracy(result, test_eval.top1, len(test_f))
         rows.append({"method": method, "test_top1": test_eval.top1, "train_time_s": result.metrics["train_time_s"],
                      "trained_parameters": sum(p.numel() for p in result.classifier.parameters()),
                      "checkpoint": str(result.checkpoint)})
     summary = {"rows": rows, "data": "rotten-tomatoes" if text else "fashion-mnist", "train": len(train),
                "test": len(test), "image_size": None if text else image_size,
                "tangent_blocks": tangent_blocks, "epochs": epochs, "wall_time_s": time.perf_counter() - t0}
-    atomic_write(Path(out) / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    plot_comparison(rows, out / COMPARISON_NAME)
     print(f"\n{'method':<8}{'test top-1':>12}{'train s':>10}{'trained params':>16}")
     for r in rows:
         print(f"{r['method']:<8}{100 * r['test_top1']:>11.2f}%{r['train_time_s']:>10.1f}{r['trained_parameters']:>16,}")

@@ -70,7 +70,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--image-size", type=positive_int, default=56, help="input side in pixels (default 56)")
     p.add_argument("-k", "--k", type=positive_int, default=1, help="blocks fine-tuned by NLFT and TAFT (default 1)")
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX folder (default: the Debian package's)")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the three runs go (default runs/demo)")
+    p.add_argument("--out", type=Path, help="where the three runs go (default runs/demo; with --text runs/demo-text)")
     add_compute_args(p)
     p.set_defaults(func=cmd_demo)
 
@@ -282,7 +282,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"data         {_data_summary(meta)}")
     if meta.get("metrics"):
         m = meta["metrics"]
-        print(f"metrics      top-1 {100 * m.get('top1', float('nan')):.2f}% ({m.get('eval_split')}), "
+        test = f", test top-1 {100 * m['test_top1']:.2f}% on {m['test_n']}" if "test_top1" in m else ""
+        print(f"metrics      top-1 {100 * m.get('top1', float('nan')):.2f}% ({m.get('eval_split')}){test}, "
               f"train {m.get('train_time_s', float('nan')):.1f} s")
     if "privacy" in meta:
         from taft.privacy import describe
