@@ -284,3 +284,21 @@ def test_a_full_disk_or_an_unwritable_out_is_one_line_naming_the_path(tmp_path, 
 
     monkeypatch.setattr(os, "mkdir", read_only)
     bad(capsys, ["train", "--data", str(data), "--out", str(out / "sub"), *FAST], f"{out}/sub: Permission denied")
+
+
+def test_predict_takes_folders_and_globs_and_writes_csv_or_json(tmp_path, three_class_run, capsys):
+    data, out = three_class_run
+    ckpt = str(out / "checkpoint.safetensors")
+    every = sorted(str(p) for p in data.rglob("*.png"))
+    assert main(["predict", ckpt, str(data), "--format", "json", "--top", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["input"] for r in rows] == every and all(len(r["predictions"]) == 2 for r in rows)
+    assert all(r["predictions"][0]["score"] >= r["predictions"][1]["score"] for r in rows)
+    assert main(["predict", ckpt, str(data / "*" / "0.png"), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == sorted(str(p) for p in data.glob("*/0.png"))
+    assert all(len(line.split(",")) == 3 and line.split(",")[1] in ("ant", "bee", "cow") for line in lines)
+    assert main(["predict", ckpt, str(data / "ant" / "0.png"), str(tmp_path / "none" / "*.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith(str(data / "ant" / "0.png")) and "1 of 2" in captured.err
+    assert "none/*.png (no file matches)" in captured.err

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -50,9 +52,14 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("predict", help="class and score for each image (or text, for a text model)")
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image paths, or texts for a text model")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image paths, folders (every image under them) or quoted globs ('shots/*.jpg', "
+                        "'shots/**/*.png'); texts for a text model")
     p.add_argument("--file", type=Path, help="also predict each non-empty line of this UTF-8 file (texts or paths)")
     p.add_argument("--top", type=positive_int, default=1, help="how many classes to show per image (default 1)")
+    p.add_argument("--format", choices=PREDICT_FORMATS, default="tsv",
+                   help="tsv: input, then class score pairs (default); csv: input,class_1,score_1,...; json: one "
+                        "array of {input, predictions: [{class, score}, ...]}")
     add_compute_args(p)
     p.set_defaults(func=cmd_predict)
 
@@ -217,20 +224,69 @@ def cmd_predict(args: argparse.Namespace) -> None:
             inputs += [line.rstrip("\n") for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise TaftError(f"cannot read {args.file}: {e}") from e
-    if not inputs:
-        raise TaftError("nothing to predict: give images (or texts, for a text model) or --file")
     failed: list[str] = []
+    if classifier.tokenizer is None:
+        inputs = expand_image_inputs(inputs, failed)
+    total = len(inputs) + len(failed)  # the unmatched patterns count as inputs that could not be read
+    if not total:
+        raise TaftError("nothing to predict: give images (or texts, for a text model) or --file")
+    write = PredictionWriter(args.format)
     with torch.no_grad():
         for names, batch in _prediction_batches(classifier, inputs, failed):
             for name, p in zip(names, classifier(batch).cpu().softmax(-1)):
                 top = p.topk(min(args.top, len(p)))
-                ranked = ", ".join(f"{classifier.class_names[i]} {s:.3f}" for s, i in zip(top.values.tolist(),
-                                                                                            top.indices.tolist()))
-                print(f"{name}\t{ranked}", flush=True)
+                names_scores = zip(top.indices.tolist(), top.values.tolist())
+                write(name, [(classifier.class_names[i], score) for i, score in names_scores])
+    write.close()
     if failed:  # the readable inputs' predictions are printed; the rest are named here
-        raise TaftError(f"cannot read image {failed[0]}" if len(inputs) == 1 else
-                        f"cannot read {len(failed)} of {len(inputs)} images: {'; '.join(failed[:10])}"
+        raise TaftError(f"cannot read image {failed[0]}" if total == 1 else
+                        f"cannot read {len(failed)} of {total} images: {'; '.join(failed[:10])}"
                         + (f"; and {len(failed) - 10} more" if len(failed) > 10 else ""))
+
+
+PREDICT_FORMATS = ("tsv", "csv", "json")
+
+
+def expand_image_inputs(inputs: list[str], failed: list[str]) -> list[str]:
+    """Image paths for `predict`: a folder gives every image under it, a pattern with *, ? or [ its sorted
+    matches (** spans folders); a pattern that matches nothing goes to `failed`."""
+    import glob
+
+    from taft.data.images import list_image_files
+
+    paths: list[str] = []
+    for item in inputs:
+        if Path(item).is_dir():
+            paths += [str(p) for p in list_image_files(Path(item))]
+        elif glob.has_magic(item):
+            matches = sorted(p for p in glob.glob(item, recursive=True) if not Path(p).is_dir())
+            paths += matches
+            if not matches:
+                failed.append(f"{item} (no file matches)")
+        else:
+            paths.append(item)
+    return paths
+
+
+class PredictionWriter:
+    """Prints each input's ranked (class, score) pairs as it comes (tsv, csv) or all at the end (json)."""
+
+    def __init__(self, fmt: str):
+        self.fmt, self.rows = fmt, []
+        self.csv = csv.writer(sys.stdout) if fmt == "csv" else None
+
+    def __call__(self, name: str, ranked: list[tuple[str, float]]) -> None:
+        if self.fmt == "json":
+            self.rows.append({"input": name, "predictions": [{"class": c, "score": s} for c, s in ranked]})
+        elif self.csv is not None:
+            self.csv.writerow([name] + [v for c, s in ranked for v in (c, f"{s:.6f}")])
+            sys.stdout.flush()
+        else:
+            print(f"{name}\t{', '.join(f'{c} {s:.3f}' for c, s in ranked)}", flush=True)
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            print(json.dumps(self.rows, indent=1), flush=True)
 
 
 def _prediction_batches(classifier, inputs: list[str], failed: list[str], size: int = 64):

@@ -202,7 +202,8 @@ class ImageDataset(Dataset):
         return f"ImageDataset({len(self)} examples, {len(self.class_names)} classes, transform={self.transform})"
 
 
-def _list_files(folder: Path) -> list[Path]:
+def list_image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (recursively, symlinks followed, hidden entries skipped), in sorted order."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -252,7 +253,7 @@ def image_folder(root: str | os.PathLike, transform: ImagePreprocess | Transform
     if len(classes) < 2:
         raise TaftError(f"image folder {root} has a single class ({classes[0]!r}); classification needs at "
                         "least 2 class sub-folders")
-    files = {c: _list_files(root / c) for c in folders}
+    files = {c: list_image_files(root / c) for c in folders}
     empty = [c for c in folders if not files[c]]
     if empty:
         raise TaftError(f"image folder {root}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in class "
