@@ -9,7 +9,7 @@ tiny stand-ins for the README's data: `my_images/`, `my_test_images/`, `photo1.j
 `reviews_test.jsonl`, `ids.txt` and a Fashion-MNIST IDX folder. A block that cannot run here is marked in the
 README by the line `<!-- readme-test: skip: <reason> -->` right before its fence (setup that installs system
 packages, the test suite itself, benchmarks with their own smoke tests); anything else must run. The Python blocks
-read `my_images/train/` and `my_images/test/` (tiny class folders) and the known datasets at 6 examples per class
+read the same `my_images/` and `my_test_images/` (tiny class folders) and the known datasets at 6 examples per class
 (`readme_shim.tiny_python`).
 """
 
@@ -126,8 +126,8 @@ def test_python_blocks_are_found():
 
 @pytest.mark.slow
 def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
-    make_classes(tmp_path / "my_images" / "train", classes=("ant", "bee", "cow"), per_class=4)
-    make_classes(tmp_path / "my_images" / "test", classes=("ant", "bee", "cow"), per_class=2)
+    make_classes(tmp_path / "my_images", classes=("ant", "bee", "cow"), per_class=4)
+    make_classes(tmp_path / "my_test_images", classes=("ant", "bee", "cow"), per_class=2)
     monkeypatch.setenv("README_TEST_FASHION_MNIST", str(make_idx(make_idx(tmp_path / "fm", "train", 6), "test", 3)))
     monkeypatch.chdir(tmp_path)
     tiny_python(monkeypatch)
