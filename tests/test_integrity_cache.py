@@ -12,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from taft.data import FeatureCache, image_folder
+from taft.backbones.assets import minilm_dir
+from taft.backbones.tokenizer import TextTokenizer
+from taft.data import FeatureCache, TextDataset, image_folder
 from taft.data.feature_cache import CachedFeatures, reader, writer
 from taft.errors import TaftError
 from test_data_cache import KEY, N_IMAGES, PP, Trunk, entries, folder  # noqa: F401 (folder: a fixture)
@@ -44,6 +47,23 @@ def flip_last_byte(path: Path) -> None:
 def test_meta_records_the_files_checksums(folder):
     cf = built(folder)
     assert cf.meta["sha256"] == {f: hashlib.sha256((cf.path / f).read_bytes()).hexdigest() for f in FILES}
+
+
+def test_text_entries_checksum_their_lengths_too():
+    tok = TextTokenizer(minilm_dir() / "tokenizer.json", max_length=16)
+    ds = TextDataset(["a fine film", "dull and long", "great", "awful"], [1, 0, 1, 0], list("abcd"), ["neg", "pos"],
+                     tok, source="test")
+
+    def trunk(tokens):  # (B, N) token ids -> (B, N, 2) features
+        return torch.stack([tokens.ids.float(), tokens.mask.float()], -1)
+
+    cf = FeatureCache().build_or_load(ds, trunk, KEY, batch_size=2, progress=False)
+    assert set(cf.meta["sha256"]) == {*FILES, "lengths.npy"}
+    flip_last_byte(cf.path / "lengths.npy")
+    assert FeatureCache().load(ds, KEY) is None
+    with pytest.warns(UserWarning, match="lengths.npy does not match its recorded checksum"):
+        again = FeatureCache().build_or_load(ds, trunk, KEY, batch_size=2, progress=False)
+    assert again.lengths == cf.lengths
 
 
 def test_truncated_features_are_damage_and_are_rebuilt(folder):
