@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 
 import pytest
 import torch
@@ -12,11 +14,19 @@ from safetensors.torch import save_file
 
 from reference import random_backbone
 from taft import Classifier, FingerprintMismatchError, ModelSpec, TaftError
-from taft.checkpoint import FORMAT_VERSION, META_KEY, read_checkpoint_metadata
+from taft.checkpoint import (
+    FORMAT_VERSION,
+    META_KEY,
+    checkpoint_content_sha256,
+    content_sha256,
+    read_checkpoint,
+    read_checkpoint_metadata,
+)
+from taft.cli import main
 from taft.model import load_checkpoint
 from taft.train import TrainConfig, fit
 
-from helpers import CLASSES, TINY_VIT
+from helpers import CLASSES, TINY_VIT, bad
 from test_train import config, model, separable
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -31,12 +41,14 @@ def trained(tiny_vit, tmp_path_factory):
 
 
 def rewrite(src, dst, edit_tensors=None, edit_meta=None):
-    """Copy a checkpoint, changing its tensors and/or metadata."""
+    """Copy a checkpoint, changing its tensors (and their recorded checksum: a consistently made file) and/or
+    metadata."""
     with safe_open(str(src), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         meta = json.loads(f.metadata()[META_KEY])
     if edit_tensors:
         edit_tensors(tensors)
+        meta["content_sha256"] = content_sha256(tensors)
     if edit_meta:
         edit_meta(meta)
     save_file(tensors, str(dst), metadata={META_KEY: json.dumps(meta)})
@@ -142,3 +154,45 @@ def test_save_without_ids_and_preprocess_from_checkpoint(tiny_vit, tmp_path):
     assert meta["data"] == {"count": 17, "ids_sha256": None, "ids": None}
     loaded, _ = load_checkpoint(path, tiny_vit)
     assert loaded.preprocess == tiny_vit.preprocess
+
+
+def flip_bit(src, dst, name):
+    """Copy a checkpoint with the lowest bit of tensor `name`'s first byte flipped (a finite float stays finite)."""
+    shutil.copyfile(src, dst)
+    data = bytearray(dst.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    start = 8 + n + json.loads(data[8:8 + n])[name]["data_offsets"][0]
+    data[start] ^= 1
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_the_writer_records_the_content_checksum(trained):
+    meta = read_checkpoint_metadata(trained.checkpoint)
+    assert meta["content_sha256"] == checkpoint_content_sha256(trained.checkpoint)
+    file = read_checkpoint(trained.checkpoint)
+    everything = {**file.tensors, "w0.head.weight": file.head_weight0, "w0.head.bias": file.head_bias0}
+    assert meta["content_sha256"] == content_sha256(everything)  # over every tensor, the base head included
+
+
+@pytest.mark.parametrize("name", ["blocks.2.attn.qkv.weight", "head.bias", "w0.head.weight"])
+def test_a_flipped_bit_is_damage_not_a_fingerprint_mismatch(trained, tiny_vit, tmp_path, name):
+    damaged = flip_bit(trained.checkpoint, tmp_path / "flipped.safetensors", name)
+    message = f"{damaged} is damaged: its tensors do not match their recorded checksum"
+    for read in (lambda: load_checkpoint(damaged, tiny_vit), lambda: checkpoint_content_sha256(damaged)):
+        with pytest.raises(TaftError) as info:
+            read()
+        assert str(info.value) == message and not isinstance(info.value, FingerprintMismatchError)
+
+
+def test_taft_info_and_predict_refuse_a_damaged_file(trained, tmp_path, capsys):
+    damaged = flip_bit(trained.checkpoint, tmp_path / "flipped.safetensors", "blocks.2.attn.proj.weight")
+    bad(capsys, ["info", str(damaged)], "is damaged")
+    bad(capsys, ["predict", str(damaged), str(tmp_path / "x.png")], "is damaged")
+
+
+def test_files_without_a_checksum_still_load(trained, tiny_vit, tmp_path):
+    old = rewrite(trained.checkpoint, tmp_path / "old.safetensors", edit_meta=lambda m: m.pop("content_sha256"))
+    clf, meta = load_checkpoint(old, tiny_vit)
+    assert "content_sha256" not in meta and clf.fingerprint == trained.classifier.fingerprint
+    assert checkpoint_content_sha256(old) == checkpoint_content_sha256(trained.checkpoint)

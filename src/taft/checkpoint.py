@@ -15,13 +15,15 @@ Metadata: one JSON object under the safetensors metadata key "taft":
     written before it record an older formula, still accepted: `Classifier.accepts_fingerprint`), tangent_blocks,
     pooling, class_names, preprocess (`ImagePreprocess` or `TextPreprocess` `.to_dict()`), train_config, data
     {count, ids_sha256, ids} (the training example ids, in training-data order), metrics (optional), versions
-    {taft, torch, safetensors}, created (ISO time: so two files of equal models differ in their bytes;
-    `content_sha256` hashes the tensors alone and is what `taft info` and stores show as a model's identity), and
+    {taft, torch, safetensors}, created (ISO time: so two files of equal models differ in their bytes),
+    content_sha256 (`content_sha256` of every tensor in the file, the base head included: what `taft info` and stores
+    show as a model's identity, and what the reader checks the tensors against; files written before it lack it), and
     for a DP-SGD run privacy (the privacy ledger, `taft.privacy.PrivacyLedger.to_dict()`: mechanism, ε, δ, σ, q,
     steps, C, accountant, n, library versions, notes on what the guarantee does not cover); shard files add
     "shard", composed files "composition".
 
-`read_checkpoint` checks everything it can without a model and names any problem in a one-line `TaftError`.
+`read_checkpoint` checks everything it can without a model and names any problem in a one-line `TaftError`; a file
+whose tensors do not hash to their recorded content_sha256 (a flipped bit, a bad disk) is named as damaged.
 """
 
 from __future__ import annotations
@@ -102,13 +104,16 @@ def content_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode() + b"\0")
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, without a copy
     return h.hexdigest()
 
 
 def checkpoint_content_sha256(path: str | Path) -> str:
-    """`content_sha256` of the tensors in the checkpoint file at `path` (metadata excluded)."""
-    return content_sha256(read_safetensors(Path(path))[1])
+    """`content_sha256` of the tensors in the checkpoint file at `path` (metadata excluded), checked as
+    `read_checkpoint` checks it: `TaftError` if the file is not a readable taft checkpoint or is damaged."""
+    path = Path(path)
+    header, tensors = read_safetensors(path)
+    return check_content(path, check_metadata(path, header), tensors)
 
 
 def data_record(ids: Sequence[str] | None, count: int | None = None) -> dict[str, Any]:
@@ -142,6 +147,7 @@ def write_checkpoint(path: str | Path, info: ModelInfo, tensors: Mapping[str, to
     }
     out = device_free({**{name: t.detach() for name, t in tensors.items()}, HEAD_W0: head_weight0.detach(),
                        HEAD_B0: head_bias0.detach()})
+    meta["content_sha256"] = content_sha256(out)
     header = {META_KEY: json.dumps(meta, ensure_ascii=False, allow_nan=False, sort_keys=True)}
     if atomic:
         atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=header))
@@ -219,6 +225,16 @@ def check_metadata(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
     return meta
 
 
+def check_content(path: Path, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+    """The `content_sha256` of all the file's `tensors`; `TaftError` naming `path` as damaged when the metadata
+    records another one (files written before the checksum record none and are not checked)."""
+    digest = content_sha256(tensors)
+    recorded = meta.get("content_sha256")
+    if recorded is not None and recorded != digest:
+        raise TaftError(f"{path} is damaged: its tensors do not match their recorded checksum")
+    return digest
+
+
 def check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pops and returns the base head (w0_head, b0_head) after checking that it is there and finite and that
     every tensor is floating point."""
@@ -236,10 +252,12 @@ def check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[torch.T
 
 def read_checkpoint(path: str | Path) -> CheckpointFile:
     """Read and check any taft checkpoint (run, shard or composed file); `TaftError` naming the problem if it is
-    missing, corrupt, not taft's, of another format version, or lacks metadata or the base head."""
+    missing, corrupt, not taft's, of another format version, damaged (tensors that do not match their recorded
+    checksum), or lacks metadata or the base head."""
     path = Path(path)
     header, tensors = read_safetensors(path)
     meta = check_metadata(path, header)
+    check_content(path, meta, tensors)
     w0, b0 = check_tensors(path, tensors)
     return CheckpointFile(path, meta, tensors, w0, b0)
 

@@ -1,5 +1,6 @@
 """Atomic file writes (a reader sees either the old file or the complete new one, never a partial file), the JSON
-files every module writes and reads, and the local time they record.
+files every module writes and reads, the local time they record, files' SHA-256, and filesystem errors as one-line
+`TaftError`s.
 
 Files are created with the mode an ordinary `open()` would give (0o666 minus the umask: 0644 by default), not the
 0600 of `tempfile.mkstemp`."""
@@ -7,6 +8,7 @@ Files are created with the mode an ordinary `open()` would give (0o666 minus the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +28,25 @@ except ImportError:  # pragma: no cover
 def now() -> str:
     """The local time as files record it (checkpoints' `created`, the store's journal and audit log)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's bytes, read in blocks of 1 MiB."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def os_errors(action: str, path: str | os.PathLike) -> Iterator[None]:
+    """Turn an `OSError` in the block into the one-line `TaftError` "cannot {action} {path}: {strerror}" (a
+    full disk, a read-only or unwritable directory), chained to it."""
+    try:
+        yield
+    except OSError as e:
+        raise TaftError(f"cannot {action} {path}: {e.strerror or e}") from e
 
 
 def current_umask() -> int:

@@ -16,7 +16,12 @@ Files of an entry:
                  `width`); each batch runs the trunk padded to its own longest example only, and the positions
                  past an example's length hold zeros (they are masked out downstream anyway)
   meta.json      written atomically last: the completion marker. Without it an entry is never read as
-                 complete. Its "device" (where the trunk ran) is information only: entries load anywhere.
+                 complete. Its "device" (where the trunk ran) is information only: entries load anywhere. Its
+                 "sha256" records every file's SHA-256 (entries written before it have none).
+A complete entry is checked when it is loaded (`reader`: sizes always, checksums with features.npy hashed up to
+`reader.VERIFY_LIMIT` bytes or with `verify=True`); a damaged one is a miss for `load` and is rebuilt by
+`build_or_load` with a warning. A filesystem that refuses a write (full disk, unwritable directory) is a one-line
+`TaftError` naming the file; the entry stays incomplete and the next build resumes it.
 Builds of one entry by several processes are serialised with a file lock (POSIX). With a CUDA `device` the loader
 pins its batches and copies them asynchronously. A trunk run under autocast gives other features: its callers
 (`taft.data.cache_features`) put the autocast setting into `key`; the stored dtype is always `dtype`.

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from taft.data.feature_cache.key import LabelledDataset, entry_digest, entry_key
-from taft.data.feature_cache.reader import CachedFeatures, is_complete
-from taft.data.feature_cache.writer import build_entry, locked
+from taft.data.feature_cache.reader import CachedFeatures, completed_meta, entry_problem, usable
+from taft.data.feature_cache.writer import WRITE, build_entry, locked
 from taft.errors import TaftError
+from taft.fileio import os_errors
 from taft.paths import cache_dir
 
 
@@ -23,25 +25,36 @@ class FeatureCache:
 
     @property
     def root(self) -> Path:
-        return self._root if self._root is not None else cache_dir() / "features"
+        """The cache's directory; `TaftError` naming it if the default one cannot be created."""
+        if self._root is not None:
+            return self._root
+        try:
+            return cache_dir() / "features"
+        except OSError as e:
+            raise TaftError(f"cannot create the cache directory {e.filename}: {e.strerror or e}") from e
 
     def entry_dir(self, dataset: LabelledDataset, key: dict, dtype: torch.dtype = torch.float32) -> Path:
         return self.root / entry_digest(entry_key(dataset, key, dtype))
 
-    def load(self, dataset: LabelledDataset, key: dict, dtype: torch.dtype = torch.float32
-             ) -> CachedFeatures | None:
-        """The complete entry for (dataset, key, dtype), or None (a miss or a partial build)."""
-        full = entry_key(dataset, key, dtype)
-        directory = self.root / entry_digest(full)
-        return CachedFeatures(directory) if is_complete(directory, entry_digest(full)) else None
+    def load(self, dataset: LabelledDataset, key: dict, dtype: torch.dtype = torch.float32, *,
+             verify: bool | None = None) -> CachedFeatures | None:
+        """The complete entry for (dataset, key, dtype), or None (a miss, a partial build or a damaged entry:
+        `reader.entry_problem`; `verify`: hash features.npy always (True), never (False) or up to
+        `reader.VERIFY_LIMIT` bytes (None))."""
+        digest = entry_digest(entry_key(dataset, key, dtype))
+        directory = self.root / digest
+        return CachedFeatures(directory) if usable(directory, digest, verify) else None
 
     def build_or_load(self, dataset: LabelledDataset, trunk: Callable[[torch.Tensor], torch.Tensor], key: dict,
                       *, dtype: torch.dtype = torch.float32, batch_size: int = 64, num_workers: int = 0,
-                      device: torch.device | str | None = None, progress: bool = True) -> CachedFeatures:
+                      device: torch.device | str | None = None, progress: bool = True,
+                      verify: bool | None = None) -> CachedFeatures:
         """Load the entry, or compute it with `trunk` (batches (B, C, H, W) -> features (B, ...), called under
-        `torch.no_grad()`, batches moved to `device` if given) and store it; resumes a partial build.
-        Raises `TaftError` for a bad key or dtype, or trunk outputs of the wrong
-        batch size, inconsistent shape or non-finite values (e.g. float16 overflow)."""
+        `torch.no_grad()`, batches moved to `device` if given) and store it; resumes a partial build and rebuilds
+        a damaged entry (checked as `load` checks it, `verify` likewise) with a one-line warning naming it.
+        Raises `TaftError` for a bad key or dtype, trunk outputs of the wrong batch size, inconsistent shape or
+        non-finite values (e.g. float16 overflow), or a filesystem that refuses the entry (a full disk, an
+        unwritable directory: the entry stays incomplete and a later build resumes it)."""
         if batch_size <= 0:
             raise TaftError(f"batch_size must be positive, got {batch_size}")
         if len(dataset) == 0:
@@ -49,11 +62,16 @@ class FeatureCache:
         full = entry_key(dataset, key, dtype)
         digest = entry_digest(full)
         directory = self.root / digest
-        if is_complete(directory, digest):
+        if usable(directory, digest, verify):
             return CachedFeatures(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        with os_errors(WRITE, directory):
+            directory.mkdir(parents=True, exist_ok=True)
         with locked(directory):
-            if not is_complete(directory, digest):  # another process may have finished it meanwhile
+            meta = completed_meta(directory, digest)  # another process may have finished it meanwhile
+            problem = None if meta is None else entry_problem(directory, meta, verify)
+            if problem is not None:
+                warnings.warn(f"feature-cache entry {directory} is damaged ({problem}); rebuilding it", stacklevel=2)
+            if meta is None or problem is not None:
                 build_entry(directory, digest, full, dataset, trunk, dtype, batch_size, num_workers, device,
                             progress)
         return CachedFeatures(directory)
@@ -79,7 +97,8 @@ class FeatureCache:
 def build_or_load_features(dataset: LabelledDataset, trunk: Callable[[torch.Tensor], torch.Tensor], key: dict,
                            *, root: str | Path | None = None, dtype: torch.dtype = torch.float32,
                            batch_size: int = 64, num_workers: int = 0, device: torch.device | str | None = None,
-                           progress: bool = True) -> CachedFeatures:
+                           progress: bool = True, verify: bool | None = None) -> CachedFeatures:
     """`FeatureCache(root).build_or_load(...)`."""
     return FeatureCache(root).build_or_load(dataset, trunk, key, dtype=dtype, batch_size=batch_size,
-                                            num_workers=num_workers, device=device, progress=progress)
+                                            num_workers=num_workers, device=device, progress=progress,
+                                            verify=verify)

@@ -1,9 +1,18 @@
-"""Reading a complete feature-cache entry: `CachedFeatures`, a dataset of its rows (or a selection of them)."""
+"""Reading a complete feature-cache entry: `CachedFeatures`, a dataset of its rows (or a selection of them), and
+the checks that find a damaged entry.
+
+A complete entry is checked when it is loaded: every file is there, features.npy's header agrees with meta.json and
+its size is exactly the header's shape × dtype (cheap: no data is read), and the files match the SHA-256 sums
+meta.json records ("sha256"; entries written before it record none and get the size checks only). features.npy is
+hashed only up to `VERIFY_LIMIT` bytes unless asked (`verify=True`): it is read in full by every epoch anyway, but
+hashing a multi-GB file on every load would cost seconds each time; the writer hashes it once, after writing it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +23,11 @@ from torch.utils.data import Dataset
 
 from taft.data.split import select_positions
 from taft.errors import TaftError
+from taft.fileio import sha256_file
+
+FEATURES = "features.npy"
+ENTRY_FILES = (FEATURES, "labels.npy", "ids.json")
+VERIFY_LIMIT = 256 * 2**20  # features.npy up to this size is hashed on every load (~0.3 s at ~1 GB/s)
 
 
 def read_json_or_none(path: Path) -> Any:
@@ -24,15 +38,76 @@ def read_json_or_none(path: Path) -> Any:
         return None
 
 
-def is_complete(directory: Path, digest: str) -> bool:
-    """Whether `directory` holds the complete entry `digest` (its meta.json, the completion marker, is written)."""
+def completed_meta(directory: Path, digest: str) -> dict | None:
+    """The meta.json of `directory` when it marks entry `digest` complete (it is written last); None for a miss or
+    a partial build."""
     meta = read_json_or_none(directory / "meta.json")
-    return (isinstance(meta, dict) and meta.get("entry") == digest
-            and all((directory / f).is_file() for f in ("features.npy", "labels.npy", "ids.json")))
+    return meta if isinstance(meta, dict) and meta.get("entry") == digest else None
+
+
+def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, Fortran order, data offset) from the header of the .npy file at `path`, reading nothing
+    else; `ValueError` if there is no valid header, `OSError` if it cannot be read."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        return shape, dtype, fortran, f.tell()
+
+
+def layout_problem(directory: Path, meta: dict) -> str | None:
+    """What is wrong with the files of the complete entry in `directory` (meta.json `meta`) that shows without
+    reading their data: a missing file, a features.npy whose header disagrees with meta.json or whose size is not
+    its header's shape × dtype (truncated or overlong). None when nothing is."""
+    missing = [f for f in ENTRY_FILES if not (directory / f).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        shape, dtype, fortran, offset = npy_layout(directory / FEATURES)
+        expected = (int(meta["n"]), *(int(d) for d in meta["feature_shape"]))
+        if shape != expected or dtype != np.dtype(meta["dtype"]) or fortran:
+            return f"{FEATURES} holds {shape} {dtype}, meta.json says {expected} {meta['dtype']}"
+        size, needed = (directory / FEATURES).stat().st_size, offset + math.prod(shape) * dtype.itemsize
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{FEATURES} or meta.json unreadable ({type(e).__name__}: {e})"
+    return None if size == needed else f"{FEATURES} has {size} bytes, its header needs {needed}"
+
+
+def checksum_problem(directory: Path, meta: dict, verify: bool | None) -> str | None:
+    """The first file of the entry whose SHA-256 is not the one meta.json records, as a problem; None when all
+    match or none is recorded. features.npy is hashed when `verify` is True, or None and it is at most
+    `VERIFY_LIMIT` bytes."""
+    recorded = meta.get("sha256") or {}
+    for name in sorted(recorded):
+        path = directory / name
+        if name == FEATURES and not (verify or (verify is None and path.stat().st_size <= VERIFY_LIMIT)):
+            continue
+        try:
+            actual = sha256_file(path)
+        except OSError as e:
+            return f"{name} unreadable ({e.strerror})"
+        if actual != recorded[name]:
+            return f"{name} does not match its recorded checksum"
+    return None
+
+
+def entry_problem(directory: Path, meta: dict, verify: bool | None = None) -> str | None:
+    """What makes the complete entry in `directory` (meta.json `meta`) damaged: `layout_problem`, then
+    `checksum_problem` (with `verify`); None when it is whole."""
+    return layout_problem(directory, meta) or checksum_problem(directory, meta, verify)
+
+
+def usable(directory: Path, digest: str, verify: bool | None = None) -> bool:
+    """Whether `directory` holds entry `digest` complete and whole (`entry_problem` finds nothing)."""
+    meta = completed_meta(directory, digest)
+    return meta is not None and entry_problem(directory, meta, verify) is None
 
 
 class CachedFeatures(Dataset):
-    """A complete cache entry (or a selection of its rows): `cf[i] -> (features float32 Tensor, label, id)`.
+    """A complete cache entry (or a selection of its rows): `cf[i] -> (features float32 Tensor, label, id)`;
+    `TaftError` for an entry that is incomplete or whose files do not fit together (`layout_problem`).
 
     `features` is the read-only memmap of the stored rows (its stored dtype) for a whole entry, an in-memory
     copy for a selection. Also `ids`, `labels`, `class_names`, `path`, `meta`, `feature_shape`.
@@ -43,6 +118,9 @@ class CachedFeatures(Dataset):
         meta = read_json_or_none(self.path / "meta.json")
         if not meta:
             raise TaftError(f"{self.path} is not a complete feature-cache entry (no readable meta.json)")
+        problem = layout_problem(self.path, meta)
+        if problem:
+            raise TaftError(f"{self.path} is a damaged feature-cache entry ({problem}); rebuild it")
         self.meta: dict = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.feature_shape: tuple[int, ...] = tuple(meta["feature_shape"])
