@@ -196,3 +196,17 @@ def test_files_without_a_checksum_still_load(trained, tiny_vit, tmp_path):
     clf, meta = load_checkpoint(old, tiny_vit)
     assert "content_sha256" not in meta and clf.fingerprint == trained.classifier.fingerprint
     assert checkpoint_content_sha256(old) == checkpoint_content_sha256(trained.checkpoint)
+
+
+def test_the_checkpoint_preprocessing_wins_over_the_backbone_it_is_loaded_with(tiny_vit, tmp_path):
+    """A backbone given at another image size (same weights) gets the checkpoint's preprocessing, so the loaded
+    model sees images as it was trained on them."""
+    import dataclasses
+
+    from taft.backbones.base import ImagePreprocess
+
+    path = Classifier(tiny_vit, CLASSES, 1).save(tmp_path / "m.safetensors")
+    other = dataclasses.replace(tiny_vit, preprocess=ImagePreprocess((16, 16), 4))
+    loaded = Classifier.load(path, other)
+    assert loaded.preprocess == tiny_vit.preprocess != other.preprocess
+    assert loaded.backbone.preprocess == tiny_vit.preprocess  # and what it caches features with
