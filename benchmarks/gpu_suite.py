@@ -45,7 +45,7 @@ import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,7 @@ from taft.train import Compute, TrainConfig, evaluate, fit  # noqa: E402
 
 SECTIONS = ("tests", "correctness", "steps", "features", "dp", "accuracy")
 BUDGET_S = {"tests": 100, "correctness": 40, "steps": 150, "features": 35, "dp": 30, "accuracy": 110}  # 465 s
+GRACE_S = 20  # past its time box, a section is stopped by an alarm
 JSON_FILE, TABLE_FILE = "gpu_suite.json", "table.txt"
 BACKBONE_FILE, DATA_FILE = "dinov2-vits14-f16.safetensors", "cifar10.npz"  # as benchmarks/gpu_assets.py writes
 DEPENDENCIES = ("torch", "numpy", "safetensors", "onnx", "tqdm", "pillow", "tokenizers")  # pyproject's
@@ -409,13 +410,13 @@ def section_correctness(ctx: Context, deadline: Deadline, record: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ step cost
-def build_steps(ctx: Context, px: int, k: int, batch: int, compiled: bool) -> dict[str, Callable[[], None]]:
+def build_steps(ctx: Context, backbone: Backbone, px: int, k: int, batch: int,
+                compiled: bool) -> dict[str, Callable[[], None]]:
     """Training-step closures on the same features and targets: probe (its head on pooled features), nlft (plain
     tail, fused attention), taft (tangent tail), jvp (torch.func.jvp of the plain tail; eager only), all with the
     last block pruned (the default), and taft-full (unpruned; eager only). `compiled`: taft and nlft only, their
     tail modules through torch.compile."""
     cfg = ctx.sizes.vit
-    backbone = step_cost.random_vit(cfg, seed=0)
     tokens = (px // cfg.patch_size) ** 2 + 1
     h = torch.randn(batch, tokens, cfg.dim, device=ctx.device)
     labels = torch.randint(0, ctx.classes, (batch,))
@@ -469,6 +470,7 @@ def section_steps(ctx: Context, deadline: Deadline, record: dict) -> str:
             for a in ("none", "bf16")]
     grid += [(px, k, b, a, True) for px, k, b, a in s.compile_rows]
     last_compile = 0.0
+    backbone = step_cost.random_vit(s.vit, seed=0)  # random weights: the cost does not depend on them
     for px, k, batch, autocast, compiled in grid:
         key = {"px": px, "tokens": (px // s.vit.patch_size) ** 2 + 1, "k": k, "batch": batch, "autocast": autocast,
                "compiled": compiled}
@@ -479,7 +481,7 @@ def section_steps(ctx: Context, deadline: Deadline, record: dict) -> str:
         if compiled:
             torch._dynamo.reset()
         try:
-            row = time_row(ctx, build_steps(ctx, px, k, batch, compiled), autocast)
+            row = time_row(ctx, build_steps(ctx, backbone, px, k, batch, compiled), autocast)
         except Exception as e:
             row = {"errors": {"row": f"{type(e).__name__}: {e}"[:300]}}
         row["seconds"] = time.perf_counter() - t0
@@ -685,6 +687,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     ap.add_argument("--budget", type=float, default=1.0, help="multiplies every section's time box "
                     f"(seconds: {', '.join(f'{k} {v}' for k, v in BUDGET_S.items())})")
+    ap.add_argument("--total", type=float, default=500.0, help="seconds for all sections together (default 500): "
+                    "a section gets at most what is left of it")
     ap.add_argument("--tiny", action="store_true", help="toy sizes, a random tiny ViT, synthetic images")
     args = ap.parse_args(argv)
     unknown = [s for s in args.sections.split(",") if s not in SECTIONS]
@@ -700,33 +704,50 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     if is_cuda(device):
         torch.cuda.set_device(device)
+    previous_cache = os.environ.get("TAFT_CACHE")
     with tempfile.TemporaryDirectory(prefix="taft-gpu-suite-") as scratch:
         os.environ["TAFT_CACHE"] = str(Path(scratch) / "taft-cache")  # no feature cache outlives the run
-        ctx = Context(device=device, sizes=TINY if args.tiny else FULL, tiny=args.tiny,
-                      assets=Path(args.assets) if args.assets else None, scratch=Path(scratch), out=out)
-        report = {"environment": environment(ctx), "args": vars(args), "sections": {}}
-        write(report, out)
-        for name in args.sections.split(","):
-            budget = BUDGET_S[name] * args.budget
-            record: dict = {}
-            print(f"[gpu_suite] {name}: time box {budget:.0f} s", flush=True)
-            t0 = time.perf_counter()
-            try:
-                with alarm(budget + 30):  # the cooperative deadline first; the alarm if a step hangs past it
-                    status = SECTION_FUNCTIONS[name](ctx, Deadline(budget), record)
-            except SectionTimeout as e:
-                status, record["error"] = "timeout", str(e)
-            except Exception as e:
-                status, record["error"] = "error", "".join(traceback.format_exception_only(type(e), e)).strip()
-                record["traceback"] = traceback.format_exc()[-3000:]
-            synchronize_quietly(device)
-            report["sections"][name] = {"status": status, "seconds": time.perf_counter() - t0, "result": record}
-            write(report, out)
-            print(f"[gpu_suite] {name}: {status} in {time.perf_counter() - t0:.1f} s"
-                  + (f" ({record['error']})" if "error" in record else ""), flush=True)
+        try:
+            report = run_sections(args, device, Path(scratch), out)
+        finally:
+            if previous_cache is None:
+                os.environ.pop("TAFT_CACHE", None)
+            else:
+                os.environ["TAFT_CACHE"] = previous_cache
     summary = table(report)
     (out / TABLE_FILE).write_text(summary + "\n")
     print("\n" + summary)
+    return report
+
+
+def run_sections(args: argparse.Namespace, device: torch.device, scratch: Path, out: Path) -> dict:
+    """Run the selected sections in order, each in its time box, writing the JSON after each."""
+    ctx = Context(device=device, sizes=TINY if args.tiny else FULL, tiny=args.tiny,
+                  assets=Path(args.assets) if args.assets else None, scratch=scratch, out=out)
+    report = {"environment": environment(ctx), "args": vars(args), "sections": {}}
+    write(report, out)
+    end = time.monotonic() + args.total
+    for name in args.sections.split(","):
+        left = end - time.monotonic()
+        budget = min(BUDGET_S[name] * args.budget, left - GRACE_S)
+        record: dict = {}
+        print(f"[gpu_suite] {name}: time box {budget:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        try:
+            if budget <= 0:
+                raise SectionTimeout(f"not started: {left:.0f} s of --total {args.total:.0f} s were left")
+            with alarm(budget + GRACE_S):  # the cooperative deadline first; the alarm if a step hangs past it
+                status = SECTION_FUNCTIONS[name](ctx, Deadline(budget), record)
+        except SectionTimeout as e:
+            status, record["error"] = "timeout", str(e)
+        except Exception as e:
+            status, record["error"] = "error", "".join(traceback.format_exception_only(type(e), e)).strip()
+            record["traceback"] = traceback.format_exc()[-3000:]
+        synchronize_quietly(device)
+        report["sections"][name] = {"status": status, "seconds": time.perf_counter() - t0, "result": record}
+        write(report, out)
+        print(f"[gpu_suite] {name}: {status} in {time.perf_counter() - t0:.1f} s"
+              + (f" ({record['error']})" if "error" in record else ""), flush=True)
     return report
 
 
