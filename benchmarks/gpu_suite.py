@@ -504,8 +504,8 @@ def section_features(ctx: Context, deadline: Deadline, record: dict) -> str:
     alone on device-resident random batches, float32 and bf16, k = 1, at each px."""
     s = ctx.sizes
     images = packed_images(ctx)
-    record["backbone"] = "dinov2-vits14 (assets, float16 weights in float32)" if real_backbone(ctx, s.step_px[0]) \
-        else "random ViT"
+    packed = not ctx.tiny and ctx.assets is not None and (ctx.assets / BACKBONE_FILE).is_file()
+    record["backbone"] = "dinov2-vits14 (assets, float16 weights in float32)" if packed else "random ViT"
     record["images"] = "CIFAR-10 (assets)" if images else "synthetic"
     record["rows"] = []
     for px in s.step_px:
