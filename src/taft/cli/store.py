@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from taft.cli.parser import (add_backbone_args, add_compute_args, add_data_args, add_evaluation_args,
@@ -14,7 +17,6 @@ from taft.cli.run import check_classes
 from taft.spec import LINEAR_METHODS
 from taft.cli.types import nonnegative_int, positive_int
 from taft.errors import TaftError
-
 
 
 def add_parsers(sub) -> None:
@@ -104,6 +106,37 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def how_to_continue(store: Path) -> str | None:
+    """What an interrupted operation on `store` kept and how to complete it, in one line (None: none pending)."""
+    from taft.store.journal import counted, read_pending
+    from taft.store.layout import StoreLayout
+
+    try:
+        pending = read_pending(StoreLayout(store))
+    except TaftError:
+        return None
+    if pending is None:
+        return None
+    what = "the store's creation" if pending.op == "create" else f"the {pending.describe()}"
+    kept = ""
+    if pending.trains():
+        todo = len(pending.audit.get("shards", []))
+        kept = f"; {len(pending.completed)} of {counted(todo, 'shard')} finished and kept"
+    return f"{what} was interrupted{kept}: rerun the same command, or `taft store resume {store}`, to complete it"
+
+
+@contextlib.contextmanager
+def interruptible(store: Path) -> Iterator[None]:
+    """On Ctrl-C (or SIGTERM) during a store operation, say on stderr how to complete it, then stop."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        line = how_to_continue(store)
+        if line is not None:
+            print(f"taft: {line}", file=sys.stderr)
+        raise
+
+
 def cmd_shards_train(args: argparse.Namespace) -> None:
     """Train a model store: K shards in parallel on one trunk-feature cache entry, composed."""
     from taft.model import Classifier
@@ -125,9 +158,11 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     if args.plan_from is not None:
         plan, plan_threads = reused_plan(args.plan_from, features.ids)
         threads = threads if threads is not None else plan_threads  # a store's threads: the same float summation
-    store = ModelStore.create(args.store, features, model, config, shards=None if args.plan_from else args.shards,
-                              plan=plan, threads=threads, min_steps=args.min_steps, weighting=args.weighting,
-                              source=data_source(args), dp=dp, execution=execution(args))
+    with interruptible(args.store):
+        store = ModelStore.create(args.store, features, model, config,
+                                  shards=None if args.plan_from else args.shards, plan=plan, threads=threads,
+                                  min_steps=args.min_steps, weighting=args.weighting, source=data_source(args), dp=dp,
+                                  execution=execution(args))
     info = store.info()
     trained = [s["index"] for s in info["shards"] if s["status"] == "trained"]
     print(f"store {args.store}: {len(trained)} of {info['plan']['k']} shards trained on {info['plan']['n']} "
@@ -172,7 +207,8 @@ def cmd_forget(args: argparse.Namespace) -> None:
     check_executor_options(args)
     store = ModelStore(args.store)
     features = store.training_features(device=device, progress=not args.quiet) if args.mode == "retrain" else None
-    r = store.forget(ids, args.mode, features=features, execution=execution(args))
+    with interruptible(args.store):
+        r = store.forget(ids, args.mode, features=features, execution=execution(args))
     if r.noop:
         print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
         return
@@ -254,7 +290,9 @@ def cmd_store_resume(args: argparse.Namespace) -> None:
     device = compute_device(args)
     store = ModelStore(args.store)
     features = store.training_features(device=device, progress=not args.quiet) if store.resume_retrains() else None
-    print(store.resume(features=features, execution=execution(args)))
+    with interruptible(args.store):
+        done = store.resume(features=features, execution=execution(args))
+    print(done)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
