@@ -65,6 +65,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--mode", choices=["drop", "retrain"], required=True,
                    help="drop: remove the shards holding the ids from the composition (no training); retrain: "
                         "retrain only those shards without the ids")
+    add_accept_changed_data_arg(p)
     add_executor_args(p)
     add_log_arg(p)
     add_compute_args(p, threads=False)
@@ -93,6 +94,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_store_ids)
     p = store_sub.add_parser("resume", help="complete an interrupted store operation")
     p.add_argument("store", type=Path)
+    add_accept_changed_data_arg(p)
     add_executor_args(p)
     add_compute_args(p, threads=False)
     p.set_defaults(func=cmd_store_resume)
@@ -104,6 +106,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", type=Path, help="report directory (default: <store>-report beside the store)")
     add_evaluation_args(p)
     p.set_defaults(func=cmd_report)
+
+
+def add_accept_changed_data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="retrain even if the examples of the shards to retrain changed in the data source since the "
+                        "store was trained (features rebuilt from it); noted in the audit log")
 
 
 def how_to_continue(store: Path) -> str | None:
@@ -208,7 +216,8 @@ def cmd_forget(args: argparse.Namespace) -> None:
     store = ModelStore(args.store)
     features = store.training_features(device=device, progress=not args.quiet) if args.mode == "retrain" else None
     with interruptible(args.store):
-        r = store.forget(ids, args.mode, features=features, execution=execution(args))
+        r = store.forget(ids, args.mode, features=features, execution=execution(args),
+                         accept_changed_data=args.accept_changed_data)
     if r.noop:
         print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
         return
@@ -291,7 +300,7 @@ def cmd_store_resume(args: argparse.Namespace) -> None:
     store = ModelStore(args.store)
     features = store.training_features(device=device, progress=not args.quiet) if store.resume_retrains() else None
     with interruptible(args.store):
-        done = store.resume(features=features, execution=execution(args))
+        done = store.resume(features=features, execution=execution(args), accept_changed_data=args.accept_changed_data)
     print(done)
 
 

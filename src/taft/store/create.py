@@ -40,6 +40,7 @@ from taft.privacy import DPConfig, PrivacyLedger, sequential_composition
 from taft.privacy.config import expected_batch_size
 from taft.spec import LINEAR_METHODS, ModelSpec
 from taft.store.commit import commit, finish, record_shard, reusable, write_shard
+from taft.store.content import shard_hashes
 from taft.store.delta_sum import WEIGHTINGS
 from taft.store.journal import Pending, read_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint
@@ -212,7 +213,8 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
     threads: torch threads per shard task (default max(1, cores // workers)); recorded in the store and reused by
     retraining, since it changes float summation order. A rerun with the same arguments after an interruption
     resumes the creation. source: where the training data came from (saved with absolute paths;
-    `ModelStore.training_features` rebuilds the features from it when their cache entry is gone).
+    `ModelStore.training_features` rebuilds the features from it when their cache entry is gone), with the content
+    hash of each shard's examples there (`taft.store.content`).
     dp: train every shard with DP-SGD (see the module doc; "size" weighting is then refused). execution: how and
     where shards train (`Execution`); not part of the store's recipe (a store made on a GPU can be resumed or
     retrained on the CPU)."""
@@ -231,6 +233,7 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
                         f"{model.class_names[:10]}")
     plan = resolve_plan(plan, shards, train, base.seed)
     check_dp(dp, weighting, [len(s) for s in plan.shards], base.batch_size)
+    hashes = shard_hashes(source.open(backbone), dict(enumerate(plan.shards))) if source is not None else {}
     info = model.info()
     record = run_record(spec, base)
     todo = {i: list(s) for i, s in enumerate(plan.shards) if s}
@@ -273,7 +276,7 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
                      shards=[ShardEntry(index=i, status="trained" if s else "empty",
                                         file=files[i].file if s else None, sha256=files[i].sha256 if s else None,
                                         ids=list(s), seed=shard_seed(base.seed, i),
-                                        privacy=files[i].privacy if s else None)
+                                        privacy=files[i].privacy if s else None, data_sha256=hashes.get(i))
                              for i, s in enumerate(plan.shards)],
                      composition=Composition(weighting, None), dp=dp.to_dict() if dp is not None else None)
         commit(layout, m, pending)

@@ -79,9 +79,12 @@ class ModelStore:
 
     # ------------------------------------------------------------------------------------------ changes
     def forget(self, ids: Iterable[str], mode: str = "drop", *, features: FeatureData | None = None,
-               backbone: Backbone | None = None, execution: Execution = Execution()) -> ForgetResult:
-        """Forget example `ids`: "drop" their shards, or "retrain" them without the ids (`taft.store.forget`)."""
-        return forget(self.root, ids, mode, features=features, backbone=backbone, execution=execution)
+               backbone: Backbone | None = None, execution: Execution = Execution(),
+               accept_changed_data: bool = False) -> ForgetResult:
+        """Forget example `ids`: "drop" their shards, or "retrain" them without the ids (`taft.store.forget`;
+        `accept_changed_data`: retrain even on data whose content changed since the store was trained)."""
+        return forget(self.root, ids, mode, features=features, backbone=backbone, execution=execution,
+                      accept_changed_data=accept_changed_data)
 
     def compose(self, weighting: str | None = None, shards: Iterable[int] | None = None,
                 out: str | Path | None = None) -> Path:
@@ -90,9 +93,10 @@ class ModelStore:
         return compose_store(self.root, weighting=weighting, shards=shards, out=out)
 
     def resume(self, *, features: FeatureData | None = None, backbone: Backbone | None = None,
-               execution: Execution = Execution()) -> str:
+               execution: Execution = Execution(), accept_changed_data: bool = False) -> str:
         """Complete the store's interrupted operation (`taft.store.resume`); what was done, in words."""
-        return resume(self.root, features=features, backbone=backbone, execution=execution)
+        return resume(self.root, features=features, backbone=backbone, execution=execution,
+                      accept_changed_data=accept_changed_data)
 
     def verify(self, repair: bool = False) -> VerifyReport:
         """Check the store against its manifest, and with `repair` fix what needs no training."""
