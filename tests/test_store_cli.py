@@ -243,3 +243,24 @@ def test_store_resume_of_a_retrain_refuses_data_changed_since_training(store, ca
     assert (root / "pending.json").read_bytes() == pending
     assert main(["store", "resume", str(root), "--quiet", "--accept-changed-data"]) == 2  # the features lack it
     assert "not in the training features" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_interrupted_first_shards_train_is_recognised_by_verify_and_info(cli_store, capsys, tmp_path):
+    data, _ = cli_store
+    root = tmp_path / "new"
+    proc = subprocess.run([sys.executable, "-m", "taft.cli", "shards", "train", "--min-steps", "0", "--data", str(data),
+                           "--shards", "2", "--executor", "inline", "--store", str(root), *FAST],
+                          capture_output=True, text=True, env={**os.environ, "TAFT_TEST_CRASH_AT": "after-shard-file"})
+    assert proc.returncode == 86 and not (root / "manifest.json").exists(), proc.stderr
+    how = f"rerun the same `taft shards train` command, or `taft store resume {root}`, to finish it"
+    assert main(["store", "info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "is being created" in out and "1 of 2 shards finished" in out and how in out
+    for repair in ([], ["--repair"]):
+        assert main(["store", "verify", str(root), *repair]) == 2
+        captured = capsys.readouterr()
+        assert "PROBLEMS FOUND" in captured.out and "1 of 2 shards finished" in captured.out and how in captured.out
+        assert captured.err.count("\n") == 1
+    assert main(["store", "resume", str(root), "--quiet"]) == 0
+    assert main(["store", "verify", str(root)]) == 0 and "OK" in capsys.readouterr().out

@@ -116,7 +116,7 @@ def add_accept_changed_data_arg(p: argparse.ArgumentParser) -> None:
 
 def how_to_continue(store: Path) -> str | None:
     """What an interrupted operation on `store` kept and how to complete it, in one line (None: none pending)."""
-    from taft.store.journal import counted, read_pending
+    from taft.store.journal import read_pending
     from taft.store.layout import StoreLayout
 
     try:
@@ -126,10 +126,7 @@ def how_to_continue(store: Path) -> str | None:
     if pending is None:
         return None
     what = "the store's creation" if pending.op == "create" else f"the {pending.describe()}"
-    kept = ""
-    if pending.trains():
-        todo = len(pending.audit.get("shards", []))
-        kept = f"; {len(pending.completed)} of {counted(todo, 'shard')} finished and kept"
+    kept = f"; {pending.progress()} and kept" if pending.trains() else ""
     return f"{what} was interrupted{kept}: rerun the same command, or `taft store resume {store}`, to complete it"
 
 
@@ -238,9 +235,10 @@ def cmd_store_verify(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
     from taft.store.store import is_store
 
-    if args.store.is_dir() and not is_store(args.store):
+    store = ModelStore(args.store)
+    if args.store.is_dir() and not is_store(args.store) and store.creation() is None:
         raise TaftError(f"{args.store} is not a model store (no manifest.json); nothing to verify or repair")
-    report = ModelStore(args.store).verify(repair=args.repair)
+    report = store.verify(repair=args.repair)
     for line in report.lines():
         print(line)
     if not report.ok:
@@ -259,7 +257,16 @@ def cmd_store_ids(args: argparse.Namespace) -> None:
 def cmd_store_info(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
 
-    info = ModelStore(args.store).info()
+    store = ModelStore(args.store)
+    creation = store.creation()
+    if creation is not None:  # no manifest yet: nothing else to show
+        line = (f"store {args.store} is being created: its creation (started {creation.time}) was interrupted, "
+                f"{creation.progress()}; rerun the same `taft shards train` command, or `taft store resume "
+                f"{args.store}`, to finish it")
+        print(json.dumps({"store": str(store.root), "creation": creation.describe(),
+                          "progress": creation.progress()}, indent=1) if args.json else line)
+        return
+    info = store.info()
     if args.json:
         print(json.dumps(info, indent=1))
         return

@@ -72,6 +72,12 @@ class Pending:
             return f"forget of {ids} (mode {self.request['mode']}) started {self.time}"
         return f"{self.op} started {self.time}"
 
+    def progress(self) -> str | None:
+        """The shards finished so far, in words ("1 of 8 shards finished"), for an operation that trains."""
+        if not self.trains():
+            return None
+        return f"{len(self.completed)} of {counted(len(self.audit.get('shards', [])), 'shard')} finished"
+
     def trains(self) -> bool:
         """Whether the operation trains shards (a creation, a forget in retrain mode)."""
         return self.op == "create" or (self.op == "forget" and self.request.get("mode") == "retrain")

@@ -29,7 +29,7 @@ from taft.privacy import DPConfig
 from taft.store.compose import compose_store
 from taft.store.create import SHARD_MIN_STEPS, create_store
 from taft.store.forget import ForgetResult, forget, training_features
-from taft.store.journal import read_audit, read_pending
+from taft.store.journal import Pending, read_audit, read_pending
 from taft.store.layout import StoreLayout
 from taft.store.manifest import Manifest, load_manifest
 from taft.store.plan import ShardPlan
@@ -151,6 +151,14 @@ class ModelStore:
             return False
         pending = read_pending(self.layout)
         return pending is not None and pending.op == "forget" and pending.request.get("mode") == "retrain"
+
+    def creation(self) -> Pending | None:
+        """The journal of the store's interrupted creation while it has no manifest yet (rerun the creation, or
+        `resume`, to finish it); None for a created store or a directory that is no store."""
+        if self.layout.manifest.exists() or not self.layout.pending.exists():
+            return None
+        pending = read_pending(self.layout)
+        return pending if pending.op == "create" else None
 
     def audit(self) -> list[dict[str, Any]]:
         return read_audit(self.layout)[0]
