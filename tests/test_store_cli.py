@@ -70,15 +70,15 @@ def test_forget_retrain_then_drop_then_noop(store, capsys, tmp_path):
     ids_file = tmp_path / "ids.json"
     ids_file.write_text(json.dumps([m["shards"][0]["ids"][0]]))
     assert main(["forget", str(root), "--ids", str(ids_file), "--mode", "retrain", "--quiet"]) == 0
-    assert "forgot 1 ids (0 already forgotten); retrained shards [0]" in capsys.readouterr().out
+    assert "forgot 1 id (0 already forgotten); retrained shard [0]" in capsys.readouterr().out
     lines = tmp_path / "ids.txt"
     lines.write_text(m["shards"][1]["ids"][2] + "\n")
     assert main(["forget", str(root), "--ids", str(lines), "--mode", "drop", "--quiet"]) == 0
-    assert "dropped shards [1]" in capsys.readouterr().out
+    assert "dropped shard [1]" in capsys.readouterr().out
     assert main(["forget", str(root), "--ids", str(lines), "--mode", "drop", "--quiet"]) == 0
-    assert "nothing to do" in capsys.readouterr().out
+    assert "nothing to do: the id was already forgotten" in capsys.readouterr().out
     assert main(["compose", str(root), "--weighting", "size"]) == 0
-    assert "composed shards [0] (size)" in capsys.readouterr().out
+    assert "composed shard [0] (size)" in capsys.readouterr().out
     assert main(["store", "verify", str(root)]) == 0
     assert main(["eval", str(root / "composed.safetensors"), "--data", str(data), "--quiet"]) == 0
 
@@ -89,7 +89,7 @@ def test_forget_retrain_recomputes_features_from_the_recorded_source(store, caps
     shutil.rmtree(m["data"]["features"]["path"])  # the cache entry is gone: the CLI reads the data again
     (tmp_path / "ids.txt").write_text(m["shards"][1]["ids"][0])
     assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
-    assert "retrained shards [1]" in capsys.readouterr().out
+    assert "retrained shard [1]" in capsys.readouterr().out
 
 
 def test_a_store_with_the_first_source_layout_still_rebuilds_its_features(store, capsys, tmp_path):
@@ -103,7 +103,17 @@ def test_a_store_with_the_first_source_layout_still_rebuilds_its_features(store,
     shutil.rmtree(m["data"]["features"]["path"])
     (tmp_path / "ids.txt").write_text(m["shards"][0]["ids"][0])
     assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
-    assert "retrained shards [0]" in capsys.readouterr().out
+    assert "retrained shard [0]" in capsys.readouterr().out
+
+
+def test_a_compose_that_changes_nothing_says_so(store, capsys):
+    _, root = store
+    before = (root / "manifest.json").read_bytes()
+    assert main(["compose", str(root), "--weighting", "uniform"]) == 0
+    assert "nothing to do: already composed with shards [0, 1] (uniform)" in capsys.readouterr().out
+    assert (root / "manifest.json").read_bytes() == before
+    next((root / "shards").glob("shard-001-*")).unlink()
+    bad(capsys, ["compose", str(root)], "shard 1's file")
 
 
 def test_store_resume_with_a_corrupt_journal_is_one_line(store, capsys):
@@ -204,7 +214,7 @@ def test_forget_retrain_refuses_data_changed_since_training(store, capsys, tmp_p
     bad(capsys, forget, "retrain on it anyway with --accept-changed-data")
     assert (root / "manifest.json").read_bytes() == before and not (root / "pending.json").exists()
     assert main([*forget, "--accept-changed-data"]) == 0
-    assert "retrained shards [1]" in capsys.readouterr().out
+    assert "retrained shard [1]" in capsys.readouterr().out
     assert "replaced or relabelled" in ModelStore(root).audit()[-1]["accepted_changed_data"]
     assert main(["store", "verify", str(root)]) == 0
 
@@ -223,7 +233,7 @@ def test_forget_retrain_accepts_data_without_examples_forgotten_before(store, ca
     (copy / "ant" / "new.png").write_bytes((copy / second).read_bytes())  # an image the store never held
     (tmp_path / "second.txt").write_text(second)
     assert main(["forget", str(root), "--ids", str(tmp_path / "second.txt"), "--mode", "retrain", "--quiet"]) == 0
-    assert "retrained shards [0]" in capsys.readouterr().out
+    assert "retrained shard [0]" in capsys.readouterr().out
     assert not any("accepted_changed_data" in e for e in ModelStore(root).audit())
 
 

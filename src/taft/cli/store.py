@@ -147,6 +147,7 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     from taft.model import Classifier
     from taft.store import ModelStore
     from taft.store.create import check_dp
+    from taft.store.journal import counted
     from taft.store.store import reused_plan
 
     device = compute_device(args)
@@ -170,8 +171,9 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
                                   execution=execution(args))
     info = store.info()
     trained = [s["index"] for s in info["shards"] if s["status"] == "trained"]
-    print(f"store {args.store}: {len(trained)} of {info['plan']['k']} shards trained on {info['plan']['n']} "
-          f"examples ({args.method} k={args.k}); composed model: {args.store / 'composed.safetensors'}")
+    print(f"store {args.store}: {len(trained)} of {counted(info['plan']['k'], 'shard')} trained on "
+          f"{counted(info['plan']['n'], 'example')} ({args.method} k={args.k}); composed model: "
+          f"{args.store / 'composed.safetensors'}")
     if info.get("privacy"):
         from taft.privacy import describe
 
@@ -187,6 +189,11 @@ def _shards_list(text: str | None) -> list[int] | None:
         raise TaftError(f"--shards takes shard indices separated by commas, e.g. 0,2,5; got {text!r}") from e
 
 
+def shard_list(shards: list[int]) -> str:
+    """"shard [3]", "shards [0, 2]"."""
+    return f"{'shard' if len(shards) == 1 else 'shards'} {shards}"
+
+
 def cmd_compose(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
 
@@ -194,18 +201,23 @@ def cmd_compose(args: argparse.Namespace) -> None:
         raise TaftError(f"--out {args.out} is inside the store; export to a file outside it, or leave out --out "
                         "to change the store's own composition")
     store = ModelStore(args.store)
+    generation = store.manifest.generation
     path = store.compose(weighting=args.weighting, shards=_shards_list(args.shards), out=args.out)
     if args.out is None:
         info = store.info()
         c = info["composed"]
-        print(f"composed shards {c['shards']} ({info['composition']['weighting']}) "
-              f"into {path} (content sha256 {c['content_sha256'][:16]}…)")
+        what = f"{shard_list(c['shards'])} ({info['composition']['weighting']})"
+        if info["generation"] == generation:
+            print(f"nothing to do: already composed with {what} in {path}")
+            return
+        print(f"composed {what} into {path} (content sha256 {c['content_sha256'][:16]}…)")
     else:
         print(f"wrote {path}")
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
     from taft.store import ModelStore, read_ids
+    from taft.store.journal import counted
 
     device = compute_device(args)
     ids = read_ids(args.ids)
@@ -216,12 +228,14 @@ def cmd_forget(args: argparse.Namespace) -> None:
         r = store.forget(ids, args.mode, features=features, execution=execution(args),
                          accept_changed_data=args.accept_changed_data)
     if r.noop:
-        print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
+        print(f"nothing to do: {'the id was' if len(r.already) == 1 else f'all {len(r.already)} ids were'} already "
+              "forgotten (logged)")
         return
     what = "dropped" if r.mode == "drop" else "retrained"
     info = store.info()
     content = (info["composed"] or {}).get("content_sha256")
-    print(f"forgot {len(r.forgotten)} ids ({len(r.already)} already forgotten); {what} shards {r.shards}; "
+    print(f"forgot {counted(len(r.forgotten), 'id')} ({len(r.already)} already forgotten); {what} "
+          f"{shard_list(r.shards)}; "
           f"composed content sha256 {content[:16] + '…' if content else 'none (no shard left)'}"
           + ("; completed an interrupted forget" if r.resumed else ""))
     privacy = info.get("privacy")
@@ -256,6 +270,7 @@ def cmd_store_ids(args: argparse.Namespace) -> None:
 
 def cmd_store_info(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
+    from taft.store.journal import counted
 
     store = ModelStore(args.store)
     creation = store.creation()
@@ -294,7 +309,7 @@ def cmd_store_info(args: argparse.Namespace) -> None:
         from taft.privacy import describe
 
         print(f"privacy      {describe(info['privacy']) if info['privacy'] else 'none (no shard composed)'}")
-    print(f"forgotten    {info['forgotten']} ids; audit log {info['audit_entries']} entries")
+    print(f"forgotten    {counted(info['forgotten'], 'id')}; audit log {counted(info['audit_entries'], 'entry', 'entries')}")
     if info["pending"]:
         print(f"pending      interrupted {info['pending']} (taft store resume {args.store})")
 

@@ -26,9 +26,9 @@ from taft.store.layout import StoreLayout
 from taft.store.manifest import ShardFile
 
 
-def counted(n: int, noun: str) -> str:
-    """"1 id", "2 ids": `n` and `noun`, plural unless n is 1 (nouns with a plain -s plural)."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 id", "2 ids": `n` and `noun`, in the plural (default noun + "s") unless n is 1."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 @dataclass
