@@ -38,6 +38,7 @@ from taft.errors import TaftError
 from taft.parallel.ray_cluster import RayExecutor
 
 EXECUTORS = ("process", "inline", "ray")
+TERMINATE_WAIT_S = 5.0  # how long a terminated worker may take to exit before it is killed
 
 
 def available_cores() -> int:
@@ -103,7 +104,10 @@ class WorkerPool(ProcessPoolExecutor):
         for p in processes:
             p.terminate()
         for p in processes:
-            p.join()
+            p.join(TERMINATE_WAIT_S)
+            if p.is_alive():  # it ignored SIGTERM
+                p.kill()
+                p.join()
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
