@@ -146,18 +146,15 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
         else:
             new, shards = pending.audit["ids"], pending.audit["shards"]
         m2, todo = without_ids(m, set(new), mode)
-        retraining = None
-        if todo:
-            retraining = Retraining.of(m, features, backbone, list(todo), set(new), accept_changed_data)
+        retraining = Retraining.of(m, features, backbone, list(todo), set(new), accept_changed_data) if todo else None
+        accepted = {"accepted_changed_data": retraining.accepted} if retraining and retraining.accepted else {}
         if pending is None:
             pending = Pending.new("forget", request, m.generation,
-                                  {"ids": new, "already": already, "mode": mode, "shards": shards})
-            if retraining is not None and retraining.accepted:
-                pending.audit["accepted_changed_data"] = retraining.accepted
+                                  {"ids": new, "already": already, "mode": mode, "shards": shards, **accepted})
             write_pending(layout, pending)
             crashpoint("after-pending")
-        elif retraining is not None and retraining.accepted:
-            pending.audit["accepted_changed_data"] = retraining.accepted
+        elif accepted:  # a resumed retrain on changed data: logged with it
+            pending.audit.update(accepted)
             write_pending(layout, pending)
         if retraining is not None:
             files = train_into(layout, pending, todo, train=retraining.train,
