@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pickle
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,6 +98,24 @@ def test_a_failed_shard_is_retried_then_reported_by_index(data, capsys):
     assert sorted(e.value.results) == [1] and list(e.value.failures) == [0]
     with pytest.raises(ShardTrainingError, match=r"shard 1 \(1 attempt\)"):
         run_shards(ts, InlineExecutor(), retries=0, fn=Flaky({1: 1}), progress=False)
+
+
+def test_an_interrupted_run_cancels_the_tasks_not_started():
+    """Ctrl-C while shards run (here: in `on_result`, the first time a shard is done): the queued tasks are
+    cancelled, so no executor keeps training shards whose results nobody will take."""
+    started = []
+
+    def fn(task):
+        started.append(task.index)
+        time.sleep(0.05)  # all tasks are submitted before the first is done
+        return SimpleNamespace(index=task.index, ids=[], metrics={}, seconds=0.0, worker="w")
+
+    def on_result(result):
+        raise KeyboardInterrupt
+
+    with ThreadPoolExecutor(max_workers=1) as ex, pytest.raises(KeyboardInterrupt):
+        run_shards([SimpleNamespace(index=i) for i in range(20)], ex, on_result=on_result, fn=fn, progress=False)
+    assert len(started) < 5
 
 
 class FailShard(InlineExecutor):

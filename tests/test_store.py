@@ -410,3 +410,21 @@ def test_forget_retrain_with_size_dependent_schedules_is_bit_identical(data, tmp
 def shard_epochs(store: Path) -> list[int]:
     """The epochs each shard of `store` trained (its checkpoint's metrics)."""
     return [read_checkpoint_metadata(ModelStore(store).shard_path(i))["metrics"]["epochs"] for i in range(K)]
+
+
+def test_shards_that_lack_classes_are_warned_about_in_one_line():
+    import warnings
+
+    from taft.store.create import warn_uncovered
+
+    ids = [f"{c}/{i}" for c in "abc" for i in range(4)]
+    labels = [k for k in range(3) for _ in range(4)]
+    with pytest.warns(UserWarning, match=r"^6 of 6 shards lack some of the data's 3 classes \(6 have fewer examples "
+                                         r"than classes\), e\.g\. shard 0: 2 examples of 2 classes; fewer shards"):
+        warn_uncovered(make_plan(ids, labels, 6, 0), ids, labels)
+    with pytest.warns(UserWarning, match=r"^3 of 5 shards lack .*\(3 have fewer examples than classes\)"):
+        warn_uncovered(make_plan(ids, labels, 5, 0), ids, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_uncovered(make_plan(ids, labels, 4, 0), ids, labels)  # 3 examples each, one of every class
+        warn_uncovered(make_plan(ids, labels, 3, 0, "class"), ids, labels)  # whole classes per shard, by design

@@ -70,15 +70,15 @@ def test_forget_retrain_then_drop_then_noop(store, capsys, tmp_path):
     ids_file = tmp_path / "ids.json"
     ids_file.write_text(json.dumps([m["shards"][0]["ids"][0]]))
     assert main(["forget", str(root), "--ids", str(ids_file), "--mode", "retrain", "--quiet"]) == 0
-    assert "forgot 1 ids (0 already forgotten); retrained shards [0]" in capsys.readouterr().out
+    assert "forgot 1 id (0 already forgotten); retrained shard [0]" in capsys.readouterr().out
     lines = tmp_path / "ids.txt"
     lines.write_text(m["shards"][1]["ids"][2] + "\n")
     assert main(["forget", str(root), "--ids", str(lines), "--mode", "drop", "--quiet"]) == 0
-    assert "dropped shards [1]" in capsys.readouterr().out
+    assert "dropped shard [1]" in capsys.readouterr().out
     assert main(["forget", str(root), "--ids", str(lines), "--mode", "drop", "--quiet"]) == 0
-    assert "nothing to do" in capsys.readouterr().out
+    assert "nothing to do: the id was already forgotten" in capsys.readouterr().out
     assert main(["compose", str(root), "--weighting", "size"]) == 0
-    assert "composed shards [0] (size)" in capsys.readouterr().out
+    assert "composed shard [0] (size)" in capsys.readouterr().out
     assert main(["store", "verify", str(root)]) == 0
     assert main(["eval", str(root / "composed.safetensors"), "--data", str(data), "--quiet"]) == 0
 
@@ -89,7 +89,7 @@ def test_forget_retrain_recomputes_features_from_the_recorded_source(store, caps
     shutil.rmtree(m["data"]["features"]["path"])  # the cache entry is gone: the CLI reads the data again
     (tmp_path / "ids.txt").write_text(m["shards"][1]["ids"][0])
     assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
-    assert "retrained shards [1]" in capsys.readouterr().out
+    assert "retrained shard [1]" in capsys.readouterr().out
 
 
 def test_a_store_with_the_first_source_layout_still_rebuilds_its_features(store, capsys, tmp_path):
@@ -103,7 +103,17 @@ def test_a_store_with_the_first_source_layout_still_rebuilds_its_features(store,
     shutil.rmtree(m["data"]["features"]["path"])
     (tmp_path / "ids.txt").write_text(m["shards"][0]["ids"][0])
     assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
-    assert "retrained shards [0]" in capsys.readouterr().out
+    assert "retrained shard [0]" in capsys.readouterr().out
+
+
+def test_a_compose_that_changes_nothing_says_so(store, capsys):
+    _, root = store
+    before = (root / "manifest.json").read_bytes()
+    assert main(["compose", str(root), "--weighting", "uniform"]) == 0
+    assert "nothing to do: already composed with shards [0, 1] (uniform)" in capsys.readouterr().out
+    assert (root / "manifest.json").read_bytes() == before
+    next((root / "shards").glob("shard-001-*")).unlink()
+    bad(capsys, ["compose", str(root)], "shard 1's file")
 
 
 def test_store_resume_with_a_corrupt_journal_is_one_line(store, capsys):
@@ -117,7 +127,7 @@ def test_store_errors_are_one_line(store, capsys, tmp_path):
     (tmp_path / "ids.txt").write_text("ant/0.png\nno/such.png\n")
     before = (root / "manifest.json").read_text()
     bad(capsys, ["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "drop"],
-        "1 ids are not in the store, e.g. ['no/such.png']; nothing was changed")
+        "1 id is not in the store, e.g. ['no/such.png']; nothing was changed")
     assert (root / "manifest.json").read_text() == before
     bad(capsys, ["forget", str(root), "--ids", str(tmp_path / "missing.txt"), "--mode", "drop"], "cannot read ids")
     bad(capsys, ["compose", str(root), "--shards", "0,x"], "--shards takes shard indices")
@@ -174,3 +184,93 @@ def test_plan_from_rebuilds_a_store_without_forgotten_ids(store, capsys, tmp_pat
     x = read_checkpoint(ModelStore(root).composed_path).tensors
     y = read_checkpoint(ModelStore(scratch).composed_path).tensors
     assert all(torch.allclose(x[k], y[k], atol=1e-5, rtol=1e-4) for k in x)
+
+
+def moved_data(data: Path, root: Path, tmp_path: Path) -> Path:
+    """A copy of the store's data, now the store's recorded source; the store's feature-cache entry removed (so
+    retraining rebuilds the features from the copy)."""
+    layout = StoreLayout(root)
+    m = load_manifest(layout).to_dict()
+    copy = Path(shutil.copytree(data, tmp_path / "data"))
+    m["data"]["source"]["data"] = str(copy.resolve())
+    write_json(layout.manifest, m)
+    shutil.rmtree(m["data"]["features"]["path"], ignore_errors=True)
+    return copy
+
+
+@pytest.mark.slow
+def test_forget_retrain_refuses_data_changed_since_training(store, capsys, tmp_path):
+    from taft.store import ModelStore
+
+    data, root = store
+    copy = moved_data(data, root, tmp_path)
+    m = load_manifest(StoreLayout(root)).to_dict()
+    kept, gone = m["shards"][1]["ids"][:2]
+    shutil.copy(copy / m["shards"][0]["ids"][0], copy / kept)  # another image under an id the shard keeps
+    (tmp_path / "ids.txt").write_text(gone)
+    before = (root / "manifest.json").read_bytes()
+    forget = ["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]
+    bad(capsys, forget, "changed since the store was trained: an example of shard 1's 6 was replaced or relabelled")
+    bad(capsys, forget, "retrain on it anyway with --accept-changed-data")
+    assert (root / "manifest.json").read_bytes() == before and not (root / "pending.json").exists()
+    assert main([*forget, "--accept-changed-data"]) == 0
+    assert "retrained shard [1]" in capsys.readouterr().out
+    assert "replaced or relabelled" in ModelStore(root).audit()[-1]["accepted_changed_data"]
+    assert main(["store", "verify", str(root)]) == 0
+
+
+@pytest.mark.slow
+def test_forget_retrain_accepts_data_without_examples_forgotten_before(store, capsys, tmp_path):
+    from taft.store import ModelStore
+
+    data, root = store
+    m = load_manifest(StoreLayout(root)).to_dict()
+    first, second = m["shards"][0]["ids"][:2]
+    (tmp_path / "first.txt").write_text(first)
+    assert main(["forget", str(root), "--ids", str(tmp_path / "first.txt"), "--mode", "retrain", "--quiet"]) == 0
+    copy = moved_data(data, root, tmp_path)
+    (copy / first).unlink()  # the forgotten image is deleted from the data, as it may be
+    (copy / "ant" / "new.png").write_bytes((copy / second).read_bytes())  # an image the store never held
+    (tmp_path / "second.txt").write_text(second)
+    assert main(["forget", str(root), "--ids", str(tmp_path / "second.txt"), "--mode", "retrain", "--quiet"]) == 0
+    assert "retrained shard [0]" in capsys.readouterr().out
+    assert not any("accepted_changed_data" in e for e in ModelStore(root).audit())
+
+
+@pytest.mark.slow
+def test_store_resume_of_a_retrain_refuses_data_changed_since_training(store, capsys, tmp_path):
+    data, root = store
+    m = load_manifest(StoreLayout(root)).to_dict()
+    (tmp_path / "ids.txt").write_text(m["shards"][0]["ids"][0])
+    proc = subprocess.run([sys.executable, "-m", "taft.cli", "forget", str(root), "--ids", str(tmp_path / "ids.txt"),
+                           "--mode", "retrain", "--executor", "inline", "--quiet"], capture_output=True, text=True,
+                          env={**os.environ, "TAFT_TEST_CRASH_AT": "after-pending"})
+    assert proc.returncode == 86, proc.stderr
+    copy = moved_data(data, root, tmp_path)
+    (copy / m["shards"][0]["ids"][1]).unlink()
+    pending = (root / "pending.json").read_bytes()
+    bad(capsys, ["store", "resume", str(root), "--quiet"], "1 example of shard 0 is no longer in the data")
+    assert (root / "pending.json").read_bytes() == pending
+    assert main(["store", "resume", str(root), "--quiet", "--accept-changed-data"]) == 2  # the features lack it
+    assert "not in the training features" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_interrupted_first_shards_train_is_recognised_by_verify_and_info(cli_store, capsys, tmp_path):
+    data, _ = cli_store
+    root = tmp_path / "new"
+    proc = subprocess.run([sys.executable, "-m", "taft.cli", "shards", "train", "--min-steps", "0", "--data", str(data),
+                           "--shards", "2", "--executor", "inline", "--store", str(root), *FAST],
+                          capture_output=True, text=True, env={**os.environ, "TAFT_TEST_CRASH_AT": "after-shard-file"})
+    assert proc.returncode == 86 and not (root / "manifest.json").exists(), proc.stderr
+    how = f"rerun the same `taft shards train` command, or `taft store resume {root}`, to finish it"
+    assert main(["store", "info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "is being created" in out and "1 of 2 shards finished" in out and how in out
+    for repair in ([], ["--repair"]):
+        assert main(["store", "verify", str(root), *repair]) == 2
+        captured = capsys.readouterr()
+        assert "PROBLEMS FOUND" in captured.out and "1 of 2 shards finished" in captured.out and how in captured.out
+        assert captured.err.count("\n") == 1
+    assert main(["store", "resume", str(root), "--quiet"]) == 0
+    assert main(["store", "verify", str(root)]) == 0 and "OK" in capsys.readouterr().out

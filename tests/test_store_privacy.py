@@ -227,4 +227,4 @@ def test_cli_shards_train_with_dp(tmp_path, capsys):
     ids.write_text(m.shards[0].ids[0] + "\n")
     assert main(["forget", str(store), "--ids", str(ids), "--mode", "drop", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "dropped shards [0]" in out and f"privacy: (ε={m.shards[1].privacy['epsilon']:.4g}" in out
+    assert "dropped shard [0]" in out and f"privacy: (ε={m.shards[1].privacy['epsilon']:.4g}" in out

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 OPTIONS = {"device": "--device", "autocast": "--autocast", "skip_corrupt": "--skip-corrupt", "data_dir": "--data-dir",
-           "path": "--data", "dataset": "--dataset"}  # library parameter → its option
+           "path": "--data", "dataset": "--dataset",
+           "accept_changed_data": "--accept-changed-data"}  # library parameter → its option
 QUOTES = "\"'"
 
 

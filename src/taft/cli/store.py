@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from taft.cli.parser import (add_backbone_args, add_compute_args, add_data_args, add_evaluation_args,
@@ -14,7 +17,6 @@ from taft.cli.run import check_classes
 from taft.spec import LINEAR_METHODS
 from taft.cli.types import nonnegative_int, positive_int
 from taft.errors import TaftError
-
 
 
 def add_parsers(sub) -> None:
@@ -63,6 +65,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--mode", choices=["drop", "retrain"], required=True,
                    help="drop: remove the shards holding the ids from the composition (no training); retrain: "
                         "retrain only those shards without the ids")
+    add_accept_changed_data_arg(p)
     add_executor_args(p)
     add_log_arg(p)
     add_compute_args(p, threads=False)
@@ -91,6 +94,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_store_ids)
     p = store_sub.add_parser("resume", help="complete an interrupted store operation")
     p.add_argument("store", type=Path)
+    add_accept_changed_data_arg(p)
     add_executor_args(p)
     add_compute_args(p, threads=False)
     p.set_defaults(func=cmd_store_resume)
@@ -104,11 +108,46 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def add_accept_changed_data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="retrain even if the examples of the shards to retrain changed in the data source since the "
+                        "store was trained (features rebuilt from it); noted in the audit log")
+
+
+def how_to_continue(store: Path) -> str | None:
+    """What an interrupted operation on `store` kept and how to complete it, in one line (None: none pending)."""
+    from taft.store.journal import read_pending
+    from taft.store.layout import StoreLayout
+
+    try:
+        pending = read_pending(StoreLayout(store))
+    except TaftError:
+        return None
+    if pending is None:
+        return None
+    what = "the store's creation" if pending.op == "create" else f"the {pending.describe()}"
+    kept = f"; {pending.progress()} and kept" if pending.trains() else ""
+    return f"{what} was interrupted{kept}: rerun the same command, or `taft store resume {store}`, to complete it"
+
+
+@contextlib.contextmanager
+def interruptible(store: Path) -> Iterator[None]:
+    """On Ctrl-C (or SIGTERM) during a store operation, say on stderr how to complete it, then stop."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        line = how_to_continue(store)
+        if line is not None:
+            print(f"taft: {line}", file=sys.stderr)
+        raise
+
+
 def cmd_shards_train(args: argparse.Namespace) -> None:
     """Train a model store: K shards in parallel on one trunk-feature cache entry, composed."""
     from taft.model import Classifier
     from taft.store import ModelStore
     from taft.store.create import check_dp
+    from taft.store.journal import counted
     from taft.store.store import reused_plan
 
     device = compute_device(args)
@@ -125,13 +164,16 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     if args.plan_from is not None:
         plan, plan_threads = reused_plan(args.plan_from, features.ids)
         threads = threads if threads is not None else plan_threads  # a store's threads: the same float summation
-    store = ModelStore.create(args.store, features, model, config, shards=None if args.plan_from else args.shards,
-                              plan=plan, threads=threads, min_steps=args.min_steps, weighting=args.weighting,
-                              source=data_source(args), dp=dp, execution=execution(args))
+    with interruptible(args.store):
+        store = ModelStore.create(args.store, features, model, config,
+                                  shards=None if args.plan_from else args.shards, plan=plan, threads=threads,
+                                  min_steps=args.min_steps, weighting=args.weighting, source=data_source(args), dp=dp,
+                                  execution=execution(args))
     info = store.info()
     trained = [s["index"] for s in info["shards"] if s["status"] == "trained"]
-    print(f"store {args.store}: {len(trained)} of {info['plan']['k']} shards trained on {info['plan']['n']} "
-          f"examples ({args.method} k={args.k}); composed model: {args.store / 'composed.safetensors'}")
+    print(f"store {args.store}: {len(trained)} of {counted(info['plan']['k'], 'shard')} trained on "
+          f"{counted(info['plan']['n'], 'example')} ({args.method} k={args.k}); composed model: "
+          f"{args.store / 'composed.safetensors'}")
     if info.get("privacy"):
         from taft.privacy import describe
 
@@ -147,6 +189,11 @@ def _shards_list(text: str | None) -> list[int] | None:
         raise TaftError(f"--shards takes shard indices separated by commas, e.g. 0,2,5; got {text!r}") from e
 
 
+def shard_list(shards: list[int]) -> str:
+    """"shard [3]", "shards [0, 2]"."""
+    return f"{'shard' if len(shards) == 1 else 'shards'} {shards}"
+
+
 def cmd_compose(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
 
@@ -154,32 +201,41 @@ def cmd_compose(args: argparse.Namespace) -> None:
         raise TaftError(f"--out {args.out} is inside the store; export to a file outside it, or leave out --out "
                         "to change the store's own composition")
     store = ModelStore(args.store)
+    generation = store.manifest.generation
     path = store.compose(weighting=args.weighting, shards=_shards_list(args.shards), out=args.out)
     if args.out is None:
         info = store.info()
         c = info["composed"]
-        print(f"composed shards {c['shards']} ({info['composition']['weighting']}) "
-              f"into {path} (content sha256 {c['content_sha256'][:16]}…)")
+        what = f"{shard_list(c['shards'])} ({info['composition']['weighting']})"
+        if info["generation"] == generation:
+            print(f"nothing to do: already composed with {what} in {path}")
+            return
+        print(f"composed {what} into {path} (content sha256 {c['content_sha256'][:16]}…)")
     else:
         print(f"wrote {path}")
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
     from taft.store import ModelStore, read_ids
+    from taft.store.journal import counted
 
     device = compute_device(args)
     ids = read_ids(args.ids)
     check_executor_options(args)
     store = ModelStore(args.store)
     features = store.training_features(device=device, progress=not args.quiet) if args.mode == "retrain" else None
-    r = store.forget(ids, args.mode, features=features, execution=execution(args))
+    with interruptible(args.store):
+        r = store.forget(ids, args.mode, features=features, execution=execution(args),
+                         accept_changed_data=args.accept_changed_data)
     if r.noop:
-        print(f"nothing to do: all {len(r.already)} ids were already forgotten (logged)")
+        print(f"nothing to do: {'the id was' if len(r.already) == 1 else f'all {len(r.already)} ids were'} already "
+              "forgotten (logged)")
         return
     what = "dropped" if r.mode == "drop" else "retrained"
     info = store.info()
     content = (info["composed"] or {}).get("content_sha256")
-    print(f"forgot {len(r.forgotten)} ids ({len(r.already)} already forgotten); {what} shards {r.shards}; "
+    print(f"forgot {counted(len(r.forgotten), 'id')} ({len(r.already)} already forgotten); {what} "
+          f"{shard_list(r.shards)}; "
           f"composed content sha256 {content[:16] + '…' if content else 'none (no shard left)'}"
           + ("; completed an interrupted forget" if r.resumed else ""))
     privacy = info.get("privacy")
@@ -193,9 +249,10 @@ def cmd_store_verify(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
     from taft.store.store import is_store
 
-    if args.store.is_dir() and not is_store(args.store):
+    store = ModelStore(args.store)
+    if args.store.is_dir() and not is_store(args.store) and store.creation() is None:
         raise TaftError(f"{args.store} is not a model store (no manifest.json); nothing to verify or repair")
-    report = ModelStore(args.store).verify(repair=args.repair)
+    report = store.verify(repair=args.repair)
     for line in report.lines():
         print(line)
     if not report.ok:
@@ -213,8 +270,18 @@ def cmd_store_ids(args: argparse.Namespace) -> None:
 
 def cmd_store_info(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
+    from taft.store.journal import counted
 
-    info = ModelStore(args.store).info()
+    store = ModelStore(args.store)
+    creation = store.creation()
+    if creation is not None:  # no manifest yet: nothing else to show
+        line = (f"store {args.store} is being created: its creation (started {creation.time}) was interrupted, "
+                f"{creation.progress()}; rerun the same `taft shards train` command, or `taft store resume "
+                f"{args.store}`, to finish it")
+        print(json.dumps({"store": str(store.root), "creation": creation.describe(),
+                          "progress": creation.progress()}, indent=1) if args.json else line)
+        return
+    info = store.info()
     if args.json:
         print(json.dumps(info, indent=1))
         return
@@ -242,7 +309,7 @@ def cmd_store_info(args: argparse.Namespace) -> None:
         from taft.privacy import describe
 
         print(f"privacy      {describe(info['privacy']) if info['privacy'] else 'none (no shard composed)'}")
-    print(f"forgotten    {info['forgotten']} ids; audit log {info['audit_entries']} entries")
+    print(f"forgotten    {counted(info['forgotten'], 'id')}; audit log {counted(info['audit_entries'], 'entry', 'entries')}")
     if info["pending"]:
         print(f"pending      interrupted {info['pending']} (taft store resume {args.store})")
 
@@ -254,7 +321,9 @@ def cmd_store_resume(args: argparse.Namespace) -> None:
     device = compute_device(args)
     store = ModelStore(args.store)
     features = store.training_features(device=device, progress=not args.quiet) if store.resume_retrains() else None
-    print(store.resume(features=features, execution=execution(args)))
+    with interruptible(args.store):
+        done = store.resume(features=features, execution=execution(args), accept_changed_data=args.accept_changed_data)
+    print(done)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

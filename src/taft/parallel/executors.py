@@ -1,15 +1,18 @@
 """Executors for shard training: any `concurrent.futures.Executor` works (Dask: `client.get_executor()`).
 
 `make_executor(kind, ...)` builds the ones taft knows:
-- "process": a local `ProcessPoolExecutor` (spawn start method: safe with torch's thread pools) of
-  `min(tasks, cores)` workers by default.
+- "process": a local process pool (`WorkerPool`, a `ProcessPoolExecutor`; spawn start method: safe with torch's
+  thread pools) of `min(tasks, cores)` workers by default.
 - "inline": runs each task in the calling process at submit time (`InlineExecutor`).
 - "ray": tasks on a Ray cluster (`taft.parallel.ray_cluster.RayExecutor`; optional extra `taft-torch[ray]`,
   imported only when asked for); `ray_gpus`: GPUs each shard task asks Ray for.
 
 Process-pool workers die with the process that made the pool, even when it is killed with SIGKILL (no idle
 orphans holding a backbone's memory): on Linux by a parent-death signal (prctl PR_SET_PDEATHSIG), everywhere by a
-thread in each worker that exits it once its parent is gone (polled every second).
+thread in each worker that exits it once its parent is gone (polled every second). Workers ignore Ctrl-C (SIGINT):
+the process that made the pool handles it, and `WorkerPool` ends them when an exception (KeyboardInterrupt, or
+SystemExit from a SIGTERM while the pool is in use) leaves its `with` block, instead of waiting for every queued
+task.
 
 Devices: `make_executor("process", devices=[...])` pins process workers to the given devices in turn (worker i to
 devices[i % len], `taft.devices.pin_process`); `default_workers(tasks, devices)` is one worker per CUDA device.
@@ -35,6 +38,7 @@ from taft.errors import TaftError
 from taft.parallel.ray_cluster import RayExecutor
 
 EXECUTORS = ("process", "inline", "ray")
+TERMINATE_WAIT_S = 5.0  # how long a terminated worker may take to exit before it is killed
 
 
 def available_cores() -> int:
@@ -70,10 +74,56 @@ class InlineExecutor(Executor):
         return future
 
 
+class WorkerPool(ProcessPoolExecutor):
+    """A process pool that stops at once when an exception leaves its `with` block: tasks not started are
+    cancelled and the workers terminated (what they would return could not be used any more). While it is in use
+    in the main thread, SIGTERM raises SystemExit(143), so the pool and its semaphores are cleaned up as well."""
+
+    _sigterm: Any = None  # the SIGTERM handler to restore on exit
+
+    def __enter__(self) -> WorkerPool:
+        self._sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            if exc_type is not None:
+                self.terminate()
+            self.shutdown(wait=True)
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
+        return False
+
+    def terminate(self) -> None:
+        """Cancel the tasks not started and end the workers now (running tasks fail with `BrokenProcessPool`)."""
+        processes = list((self._processes or {}).values())
+        self.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            p.join(TERMINATE_WAIT_S)
+            if p.is_alive():  # it ignored SIGTERM
+                p.kill()
+                p.join()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _start_worker(parent_pid: int, names: Any | None) -> None:
-    """Process-pool initializer: die with the parent (`die_with_parent`); with a queue of device names, take this
-    worker's device from it and pin the process to it."""
+    """Process-pool initializer: die with the parent (`die_with_parent`), leave Ctrl-C to the parent (which ends
+    the pool: `WorkerPool`), hold no named semaphore of its own (progress bars lock with a thread lock: a worker
+    has one thread of tasks); with a queue of device names, take this worker's device from it and pin the process
+    to it."""
     die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())  # not tqdm's default, a named semaphore that a terminated worker would leak
     if names is not None:
         from taft.devices import pin_process
 
@@ -95,8 +145,7 @@ def make_executor(kind: str = "process", *, workers: int | None = None, tasks: i
     names = context.Queue() if devices else None
     for i in range(size if devices else 0):
         names.put(str(devices[i % len(devices)]))
-    return ProcessPoolExecutor(max_workers=size, mp_context=context, initializer=_start_worker,
-                               initargs=(os.getpid(), names))
+    return WorkerPool(max_workers=size, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), names))
 
 
 def check_executor_args(kind: str | None, workers: int | None = None, ray_address: str | None = None,

@@ -266,6 +266,10 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in done:
                 handle(future)
+    except BaseException:  # Ctrl-C, or on_result failed: the tasks not started need not run
+        for future in running:
+            future.cancel()
+        raise
     finally:
         bar.close()
     if failures:

@@ -60,13 +60,25 @@ def export(layout: StoreLayout, m: Manifest, composition: Composition, out: Path
     return out
 
 
+def check_composed(layout: StoreLayout, m: Manifest) -> None:
+    """`TaftError` naming a composed shard's file or the composed file that is missing or does not match its hash
+    in the manifest."""
+    shard_files(layout, m, m.members())
+    if m.composed is not None:
+        path = layout.path(m.composed.file)
+        if not path.is_file() or sha256_file(path) != m.composed.sha256:
+            raise TaftError(f"the composed file {path} is missing or does not match its hash in the manifest; the "
+                            "store needs repair (verify with repair)")
+
+
 def compose_store(root: str | Path, *, weighting: str | None = None, shards: Iterable[int] | None = None,
                   out: str | Path | None = None) -> Path:
     """Compose the store's trained shards (or the chosen `shards`) with `weighting` ("uniform" | "size"; default:
     the store's current one).
 
     Without `out` this becomes the store's composition (committed; later forgets keep the subset, minus dropped
-    shards) and composed.safetensors is rewritten; returns its path. With `out`, the composition is written to
+    shards) and composed.safetensors is rewritten; returns its path. When it already is the composition nothing is
+    written (its files are checked: `TaftError` if one is missing or corrupt). With `out`, the composition is written to
     that file only (an ordinary checkpoint; logged as an export in the audit log) and the store is unchanged."""
     layout = StoreLayout(root)
     with layout.locked():
@@ -83,7 +95,8 @@ def compose_store(root: str | Path, *, weighting: str | None = None, shards: Ite
         if status == "done":
             return layout.composed
         if pending is None:
-            if m.composition == wanted:
+            if m.composition == wanted:  # nothing to change; the files must still be there to say so
+                check_composed(layout, m)
                 return layout.composed
             if not m.members(wanted):
                 raise TaftError("the store has no trained shards to compose")

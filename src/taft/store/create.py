@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -40,8 +41,9 @@ from taft.privacy import DPConfig, PrivacyLedger, sequential_composition
 from taft.privacy.config import expected_batch_size
 from taft.spec import LINEAR_METHODS, ModelSpec
 from taft.store.commit import commit, finish, record_shard, reusable, write_shard
+from taft.store.content import shard_hashes
 from taft.store.delta_sum import WEIGHTINGS
-from taft.store.journal import Pending, read_pending, write_pending
+from taft.store.journal import Pending, counted, read_pending, write_pending
 from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import Composition, Manifest, ShardEntry, ShardFile, load_manifest
 from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan, shard_seed
@@ -201,6 +203,25 @@ def resolve_plan(plan: ShardPlan | str | None, shards: int | None, train: Featur
     return plan
 
 
+def warn_uncovered(plan: ShardPlan, ids: Sequence[str], labels: Sequence[int]) -> None:
+    """Warn (one line) when shards of a random plan lack classes of the data (a shard's model cannot learn the
+    classes it never sees) or have fewer examples than the data has classes. Class plans lack classes by design."""
+    if plan.kind == "class":
+        return
+    label = dict(zip(ids, labels))
+    classes = len(set(labels))
+    lacking = [i for i, s in enumerate(plan.shards) if s and len({label[x] for x in s}) < classes]
+    if not lacking:
+        return
+    tiny = sum(len(plan.shards[i]) < classes for i in lacking)
+    first = plan.shards[lacking[0]]
+    warnings.warn(f"{len(lacking)} of {counted(plan.num_shards, 'shard')} lack some of the data's {classes} classes"
+                  + (f" ({tiny} have fewer examples than classes)" if tiny else "")
+                  + f", e.g. shard {lacking[0]}: {counted(len(first), 'example')} of "
+                  f"{counted(len({label[x] for x in first}), 'class', 'classes')}; fewer shards would let each learn "
+                  "every class", stacklevel=3)
+
+
 def create_store(root: str | Path, train: FeatureData, model: Classifier, config: TrainConfig, *,
                  shards: int | None = None, plan: ShardPlan | str | None = None, threads: int | None = None,
                  min_steps: int = SHARD_MIN_STEPS, weighting: str = "uniform", source: DataSource | None = None,
@@ -212,7 +233,8 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
     threads: torch threads per shard task (default max(1, cores // workers)); recorded in the store and reused by
     retraining, since it changes float summation order. A rerun with the same arguments after an interruption
     resumes the creation. source: where the training data came from (saved with absolute paths;
-    `ModelStore.training_features` rebuilds the features from it when their cache entry is gone).
+    `ModelStore.training_features` rebuilds the features from it when their cache entry is gone), with the content
+    hash of each shard's examples there (`taft.store.content`).
     dp: train every shard with DP-SGD (see the module doc; "size" weighting is then refused). execution: how and
     where shards train (`Execution`); not part of the store's recipe (a store made on a GPU can be resumed or
     retrained on the CPU)."""
@@ -230,7 +252,9 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
         raise TaftError(f"the data's classes {list(train.class_names)[:10]} differ from the model's "
                         f"{model.class_names[:10]}")
     plan = resolve_plan(plan, shards, train, base.seed)
+    warn_uncovered(plan, *ids_and_labels(train))
     check_dp(dp, weighting, [len(s) for s in plan.shards], base.batch_size)
+    hashes = shard_hashes(source.open(backbone), dict(enumerate(plan.shards))) if source is not None else {}
     info = model.info()
     record = run_record(spec, base)
     todo = {i: list(s) for i, s in enumerate(plan.shards) if s}
@@ -273,7 +297,7 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
                      shards=[ShardEntry(index=i, status="trained" if s else "empty",
                                         file=files[i].file if s else None, sha256=files[i].sha256 if s else None,
                                         ids=list(s), seed=shard_seed(base.seed, i),
-                                        privacy=files[i].privacy if s else None)
+                                        privacy=files[i].privacy if s else None, data_sha256=hashes.get(i))
                              for i, s in enumerate(plan.shards)],
                      composition=Composition(weighting, None), dp=dp.to_dict() if dp is not None else None)
         commit(layout, m, pending)

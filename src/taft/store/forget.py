@@ -25,6 +25,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
@@ -33,9 +34,10 @@ from taft.parallel.execution import Execution
 from taft.parallel.shards import BackboneSpec, FeatureData, backbone_ref
 from taft.store.commit import begin, commit
 from taft.store.create import train_into
-from taft.store.journal import Pending, audit_noop, write_pending
+from taft.store.content import check_unchanged, content_change, open_source, shard_hashes
+from taft.store.journal import Pending, audit_noop, counted, write_pending
 from taft.store.layout import StoreLayout, crashpoint
-from taft.store.manifest import Manifest, load_manifest
+from taft.store.manifest import Manifest, ShardEntry, load_manifest
 
 MODES = ("drop", "retrain")
 _MAX_LISTED = 10
@@ -103,10 +105,13 @@ def backbone_for(m: Manifest, backbone: Backbone | None, remote: bool) -> Backbo
 
 
 def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features: FeatureData | None = None,
-           backbone: Backbone | None = None, execution: Execution = Execution()) -> ForgetResult:
+           backbone: Backbone | None = None, execution: Execution = Execution(),
+           accept_changed_data: bool = False) -> ForgetResult:
     """Forget `ids` from the store at `root` (see the module doc). `features`/`backbone`: the training features and
     backbone for retraining (default: the store's cache entry and its backbone loaded by name). `execution`: how
-    and where retrained shards train (mode "retrain" only)."""
+    and where retrained shards train (mode "retrain" only). Features other than the store's cache entry (e.g.
+    rebuilt from its data source) are checked against the content the retrained shards were trained on
+    (`taft.store.content`); `accept_changed_data` retrains on changed data anyway, noting it in the audit log."""
     if mode not in MODES:
         raise TaftError(f"forget mode must be one of {', '.join(MODES)}, got {mode!r}")
     wanted = sorted({str(i) for i in ids})
@@ -120,8 +125,9 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
         known = set(m.plan.ids)
         unknown = [i for i in wanted if i not in known]
         if unknown:
-            raise TaftError(f"{len(unknown)} ids are not in the store, e.g. {unknown[:_MAX_LISTED]}; nothing was "
-                            "changed")
+            are = "is" if len(unknown) == 1 else "are"
+            raise TaftError(f"{counted(len(unknown), 'id')} {are} not in the store, e.g. {unknown[:_MAX_LISTED]}; "
+                            "nothing was changed")
         request = {"ids": wanted, "mode": mode}
         status, pending = begin(layout, m, "forget", request)
         if status == "done":
@@ -137,40 +143,88 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
                 return ForgetResult([], already, [], mode, composed_sha256(m), noop=True)
             hit = set(new)
             shards = [s.index for s in m.shards if s.trained and hit & set(s.ids)]
+        else:
+            new, shards = pending.audit["ids"], pending.audit["shards"]
+        m2, todo = without_ids(m, set(new), mode)
+        retraining = Retraining.of(m, features, backbone, list(todo), set(new), accept_changed_data) if todo else None
+        accepted = {"accepted_changed_data": retraining.accepted} if retraining and retraining.accepted else {}
+        if pending is None:
             pending = Pending.new("forget", request, m.generation,
-                                  {"ids": new, "already": already, "mode": mode, "shards": shards})
+                                  {"ids": new, "already": already, "mode": mode, "shards": shards, **accepted})
             write_pending(layout, pending)
             crashpoint("after-pending")
-        new_ids, shards = set(pending.audit["ids"]), pending.audit["shards"]
-        m2 = copy.deepcopy(m)
-        m2.forgotten = sorted(set(m.forgotten) | new_ids)
-        todo: dict[int, list[str]] = {}
-        for s in m2.shards:
-            if not new_ids & set(s.ids):
-                continue
-            s.ids = [i for i in s.ids if i not in new_ids]
-            if not s.trained:
-                continue
-            if mode == "drop" or not s.ids:
-                s.status, s.file, s.sha256 = ("dropped" if mode == "drop" else "empty"), None, None
-            else:
-                todo[s.index] = s.ids
-        if todo:
-            forbidden = set(m2.forgotten)
-            if any(forbidden & set(ids) for ids in todo.values()):  # never train on a forgotten id
-                raise TaftError("internal error: a retraining shard still lists forgotten ids")
-            files = train_into(layout, pending, todo, train=training_features(m, features),
+        elif accepted:  # a resumed retrain on changed data: logged with it
+            pending.audit.update(accepted)
+            write_pending(layout, pending)
+        if retraining is not None:
+            files = train_into(layout, pending, todo, train=retraining.train,
                                backbone=backbone_for(m, backbone, execution.remote), info=m.model, spec=m.spec,
                                base=m.config, threads=m.threads, plan_kind=m.plan.kind, execution=execution,
                                dp=m.dp_config, prior={i: m.shards[i].privacy for i in todo})
             for index, entry in files.items():
                 s = m2.shards[index]
                 s.file, s.sha256 = entry.file, entry.sha256
+                s.data_sha256 = retraining.data_sha256(m.shards[index], s.ids)
                 if m.dp is not None:
                     s.privacy = entry.privacy
         m2 = commit(layout, m2, pending)
-        return ForgetResult(sorted(new_ids), pending.audit["already"], shards, mode, composed_sha256(m2),
+        return ForgetResult(sorted(new), pending.audit["already"], shards, mode, composed_sha256(m2),
                             resumed=status == "resume")
+
+
+def without_ids(m: Manifest, ids: set[str], mode: str) -> tuple[Manifest, dict[int, list[str]]]:
+    """The manifest with `ids` forgotten (their trained shards dropped, emptied, or to retrain), and the shards to
+    retrain {index: remaining ids}."""
+    m2 = copy.deepcopy(m)
+    m2.forgotten = sorted(set(m.forgotten) | ids)
+    todo: dict[int, list[str]] = {}
+    for s in m2.shards:
+        if not ids & set(s.ids):
+            continue
+        s.ids = [i for i in s.ids if i not in ids]
+        if not s.trained:
+            continue
+        if mode == "drop" or not s.ids:
+            s.status, s.file, s.sha256, s.data_sha256 = ("dropped" if mode == "drop" else "empty"), None, None, None
+        else:
+            todo[s.index] = s.ids
+    forbidden = set(m2.forgotten)
+    if any(forbidden & set(rest) for rest in todo.values()):  # never train on a forgotten id
+        raise TaftError("internal error: a retraining shard still lists forgotten ids")
+    return m2, todo
+
+
+@dataclass
+class Retraining:
+    """What retraining trains on: `train` (features), `data` (the store's data source reopened, or None),
+    whether `train` is the store's own cache entry, and the data change the caller accepted (or None)."""
+
+    train: FeatureData
+    data: Any | None
+    recorded: bool
+    accepted: str | None
+
+    @classmethod
+    def of(cls, m: Manifest, features: FeatureData | None, backbone: Backbone | None, shards: list[int],
+           forgetting: set[str], accept: bool) -> Retraining:
+        """Checked before anything is written: features other than the store's cache entry must hold the content
+        the shards were trained on (`check_unchanged`), unless `accept`."""
+        train = training_features(m, features)
+        entry = (m.data.get("features") or {}).get("entry")
+        recorded = isinstance(train, CachedFeatures) and entry is not None and train.meta.get("entry") == entry
+        hashed = any(m.shards[i].data_sha256 for i in shards)
+        data = open_source(m, backbone) if hashed else None
+        accepted = None if recorded else check_unchanged(m, data, shards, forgetting, accept)
+        return cls(train, data, recorded, accepted)
+
+    def data_sha256(self, before: ShardEntry, ids: list[str]) -> str | None:
+        """The retrained shard's new content hash: of its `ids` in the data source, when that is what it was
+        trained on (rebuilt features, or the cache entry while the source still matches it); else unknown."""
+        if self.data is None:
+            return None
+        if self.recorded and (before.data_sha256 is None or content_change(self.data, before) is not None):
+            return None
+        return shard_hashes(self.data, {0: ids})[0]
 
 
 def composed_sha256(m: Manifest) -> str | None:

@@ -26,6 +26,11 @@ from taft.store.layout import StoreLayout
 from taft.store.manifest import ShardFile
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 id", "2 ids": `n` and `noun`, in the plural (default noun + "s") unless n is 1."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 @dataclass
 class Pending:
     """The journal of the operation in progress (see the module doc). `request` is what was asked (per op:
@@ -63,8 +68,19 @@ class Pending:
     def describe(self) -> str:
         """The operation in words."""
         if self.op == "forget":
-            return f"forget of {len(self.request['ids'])} ids (mode {self.request['mode']}) started {self.time}"
+            ids = counted(len(self.request["ids"]), "id")
+            return f"forget of {ids} (mode {self.request['mode']}) started {self.time}"
         return f"{self.op} started {self.time}"
+
+    def progress(self) -> str | None:
+        """The shards finished so far, in words ("1 of 8 shards finished"), for an operation that trains."""
+        if not self.trains():
+            return None
+        return f"{len(self.completed)} of {counted(len(self.audit.get('shards', [])), 'shard')} finished"
+
+    def trains(self) -> bool:
+        """Whether the operation trains shards (a creation, a forget in retrain mode)."""
+        return self.op == "create" or (self.op == "forget" and self.request.get("mode") == "retrain")
 
 
 def read_pending(layout: StoreLayout) -> Pending | None:
@@ -131,5 +147,5 @@ def audit_noop(layout: StoreLayout, op: str, **fields: Any) -> None:
     append_audit(layout, {"time": now(), "op": op, "op_id": uuid.uuid4().hex, "noop": True, **fields})
 
 
-__all__ = ["Pending", "append_audit", "audit_noop", "clear_pending", "read_audit", "read_pending", "truncate_audit",
-           "write_pending"]
+__all__ = ["Pending", "append_audit", "audit_noop", "clear_pending", "counted", "read_audit", "read_pending",
+           "truncate_audit", "write_pending"]

@@ -9,8 +9,11 @@ its seed is the store seed), threads (torch threads per shard task: part of the 
 summation order); plan (`ShardPlan.to_dict()`, as made at creation); data {"features": {"path", "entry"} of the
 trunk-feature cache entry or null, "source": `DataSource.to_dict()` of the training data, or null}; shards: one
 `ShardEntry` per plan shard {index, status ("trained" | "dropped" | "empty"), file (relative path or null), sha256,
-ids (sorted, forgotten ones removed), n, seed}; composition {weighting, subset (shard indices or null = all
-trained)}; composed {file, sha256, content_sha256, created, shards, alphas, n} or null; forgotten (sorted ids).
+ids (sorted, forgotten ones removed), n, seed[, data_sha256]}, data_sha256 (in stores with a data source; absent when
+unknown) being the content hash of the shard's examples in that source (`dataset.select(ids).content_hash()`):
+retraining on data rebuilt from the source checks it (`taft.store.content`); composition {weighting, subset (shard
+indices or null = all trained)}; composed {file, sha256, content_sha256, created, shards, alphas, n} or null;
+forgotten (sorted ids).
 
 A store trained with differential privacy (DP-SGD per shard) also has: dp (the `DPConfig.to_dict()` every shard
 is trained with, also on retraining); on each shard entry, privacy (its ledger, `PrivacyLedger.to_dict()`: the one
@@ -73,7 +76,8 @@ class ShardFile:
 
 @dataclass
 class ShardEntry:
-    """One plan shard: its status, file (trained shards only), ids and data-order seed; under DP its ledger."""
+    """One plan shard: its status, file (trained shards only), ids and data-order seed; under DP its ledger; the
+    content hash of its examples in the store's data source (`data_sha256`; absent in stores without one)."""
 
     index: int
     status: str
@@ -82,6 +86,7 @@ class ShardEntry:
     ids: list[str]
     seed: int
     privacy: Json | None = None
+    data_sha256: str | None = None
 
     @property
     def n(self) -> int:
@@ -95,13 +100,15 @@ class ShardEntry:
         """The manifest's entry; `privacy` only in a DP store."""
         d = {"index": self.index, "status": self.status, "file": self.file, "sha256": self.sha256,
              "ids": list(self.ids), "n": self.n, "seed": self.seed}
+        if self.data_sha256 is not None:
+            d["data_sha256"] = self.data_sha256
         return {**d, "privacy": self.privacy} if dp else d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ShardEntry:
         try:
             entry = cls(int(d["index"]), str(d["status"]), d["file"], d["sha256"], [str(i) for i in d["ids"]],
-                        int(d["seed"]), d.get("privacy"))
+                        int(d["seed"]), d.get("privacy"), d.get("data_sha256"))
         except (KeyError, TypeError, ValueError) as e:
             raise malformed("shard entry", e) from e
         if d["n"] != entry.n:

@@ -16,7 +16,7 @@ from taft.store.commit import finish
 from taft.store.compose import compose_store
 from taft.store.create import create_store
 from taft.store.forget import forget
-from taft.store.journal import Pending, read_pending
+from taft.store.journal import Pending, counted, read_pending
 from taft.store.layout import StoreLayout
 from taft.store.manifest import load_manifest
 from taft.store.plan import ShardPlan
@@ -24,10 +24,11 @@ from taft.train import TrainConfig
 
 
 def resume(root: str | Path, *, features: FeatureData | None = None, backbone: Backbone | None = None,
-           execution: Execution = Execution()) -> str:
+           execution: Execution = Execution(), accept_changed_data: bool = False) -> str:
     """Complete the store's interrupted operation; returns what was done, in words. `features`/`backbone`: the
     training data and backbone of shards still to train (default: the store's feature-cache entry and its backbone
-    by name); `execution`: how and where they train (any device: it is not part of the recipe)."""
+    by name); `execution`: how and where they train (any device: it is not part of the recipe);
+    `accept_changed_data`: a forget retrains even on changed data (`taft.store.forget`)."""
     layout = StoreLayout(root)
     with layout.locked():
         pending = read_pending(layout)
@@ -40,8 +41,9 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
                 return f"finished the cleanup of the committed {pending.describe()}"
     req = pending.request
     if pending.op == "forget":
-        r = forget(root, req["ids"], req["mode"], features=features, backbone=backbone, execution=execution)
-        return f"completed the forget of {len(r.forgotten)} ids (mode {r.mode}; shards {r.shards})"
+        r = forget(root, req["ids"], req["mode"], features=features, backbone=backbone, execution=execution,
+                   accept_changed_data=accept_changed_data)
+        return f"completed the forget of {counted(len(r.forgotten), 'id')} (mode {r.mode}; shards {r.shards})"
     if pending.op == "compose":
         compose_store(root, weighting=req["weighting"], shards=req["subset"])
         return "completed the composition"

@@ -29,7 +29,7 @@ from taft.privacy import DPConfig
 from taft.store.compose import compose_store
 from taft.store.create import SHARD_MIN_STEPS, create_store
 from taft.store.forget import ForgetResult, forget, training_features
-from taft.store.journal import read_audit, read_pending
+from taft.store.journal import Pending, read_audit, read_pending
 from taft.store.layout import StoreLayout
 from taft.store.manifest import Manifest, load_manifest
 from taft.store.plan import ShardPlan
@@ -79,9 +79,12 @@ class ModelStore:
 
     # ------------------------------------------------------------------------------------------ changes
     def forget(self, ids: Iterable[str], mode: str = "drop", *, features: FeatureData | None = None,
-               backbone: Backbone | None = None, execution: Execution = Execution()) -> ForgetResult:
-        """Forget example `ids`: "drop" their shards, or "retrain" them without the ids (`taft.store.forget`)."""
-        return forget(self.root, ids, mode, features=features, backbone=backbone, execution=execution)
+               backbone: Backbone | None = None, execution: Execution = Execution(),
+               accept_changed_data: bool = False) -> ForgetResult:
+        """Forget example `ids`: "drop" their shards, or "retrain" them without the ids (`taft.store.forget`;
+        `accept_changed_data`: retrain even on data whose content changed since the store was trained)."""
+        return forget(self.root, ids, mode, features=features, backbone=backbone, execution=execution,
+                      accept_changed_data=accept_changed_data)
 
     def compose(self, weighting: str | None = None, shards: Iterable[int] | None = None,
                 out: str | Path | None = None) -> Path:
@@ -90,9 +93,10 @@ class ModelStore:
         return compose_store(self.root, weighting=weighting, shards=shards, out=out)
 
     def resume(self, *, features: FeatureData | None = None, backbone: Backbone | None = None,
-               execution: Execution = Execution()) -> str:
+               execution: Execution = Execution(), accept_changed_data: bool = False) -> str:
         """Complete the store's interrupted operation (`taft.store.resume`); what was done, in words."""
-        return resume(self.root, features=features, backbone=backbone, execution=execution)
+        return resume(self.root, features=features, backbone=backbone, execution=execution,
+                      accept_changed_data=accept_changed_data)
 
     def verify(self, repair: bool = False) -> VerifyReport:
         """Check the store against its manifest, and with `repair` fix what needs no training."""
@@ -147,6 +151,14 @@ class ModelStore:
             return False
         pending = read_pending(self.layout)
         return pending is not None and pending.op == "forget" and pending.request.get("mode") == "retrain"
+
+    def creation(self) -> Pending | None:
+        """The journal of the store's interrupted creation while it has no manifest yet (rerun the creation, or
+        `resume`, to finish it); None for a created store or a directory that is no store."""
+        if self.layout.manifest.exists() or not self.layout.pending.exists():
+            return None
+        pending = read_pending(self.layout)
+        return pending if pending.op == "create" else None
 
     def audit(self) -> list[dict[str, Any]]:
         return read_audit(self.layout)[0]

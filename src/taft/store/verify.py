@@ -74,8 +74,9 @@ def _verify(layout: StoreLayout, r: VerifyReport, repair: bool) -> None:
         return
     if not layout.manifest.exists():
         if pending is not None and pending.op == "create":
-            r.problems.append(f"the store's creation ({pending.describe()}) was interrupted before it committed; "
-                              "rerun the same `taft shards train` command (or `taft store resume`) to finish it")
+            r.problems.append(f"the store is being created: its creation (started {pending.time}) was interrupted "
+                              f"before it committed, {pending.progress()}; rerun the same `taft shards train` "
+                              f"command, or `taft store resume {layout.root}`, to finish it")
         else:
             r.problems.append("no manifest.json: this is not a model store")
         return
