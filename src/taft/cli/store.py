@@ -147,7 +147,7 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     from taft.model import Classifier
     from taft.store import ModelStore
     from taft.store.create import check_dp
-    from taft.store.journal import counted
+    from taft.wording import counted
     from taft.store.store import reused_plan
 
     device = compute_device(args)
@@ -217,7 +217,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
 def cmd_forget(args: argparse.Namespace) -> None:
     from taft.store import ModelStore, read_ids
-    from taft.store.journal import counted
+    from taft.wording import counted
 
     device = compute_device(args)
     ids = read_ids(args.ids)
@@ -270,7 +270,7 @@ def cmd_store_ids(args: argparse.Namespace) -> None:
 
 def cmd_store_info(args: argparse.Namespace) -> None:
     from taft.store import ModelStore
-    from taft.store.journal import counted
+    from taft.wording import counted
 
     store = ModelStore(args.store)
     creation = store.creation()

@@ -43,6 +43,7 @@ from taft.progress import progress_bar
 from taft.model import Classifier
 from taft.spec import ModelSpec
 from taft.train import Compute, TrainConfig, fit
+from taft.wording import counted
 
 FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor, Sequence[str]]]
 # Metrics that depend only on the data and config (no timings): what a shard checkpoint records.
@@ -168,7 +169,8 @@ class ShardTrainingError(TaftError):
         self.failures, self.results = failures, results
         listed = "; ".join(f"shard {i} ({a} attempt{'s' if a > 1 else ''}): {m}"
                            for i, (a, m) in sorted(failures.items()))
-        super().__init__(f"{len(failures)} of {len(failures) + len(results)} shards failed: {listed}")
+        total = counted(len(failures) + len(results), "shard")
+        super().__init__(f"{len(failures)} of {total} failed: {listed}")
 
 
 def train_shard(task: ShardTask) -> ShardResult:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from taft.errors import TaftError
+from taft.wording import counted
 
 MECHANISM = "DP-SGD (Poisson, Gaussian)"
 PARALLEL = "parallel composition of disjoint shards"
@@ -85,8 +86,8 @@ class PrivacyLedger:
         head = (f"(ε={self.epsilon:.4g}, δ={self.delta:g})-DP" if self.private
                 else f"not private (no finite ε; δ={self.delta:g})")
         if self.components is not None:
-            parts = "releases" if self.mechanism == SEQUENTIAL else "shards"
-            return f"{head}: {self.mechanism} ({len(self.components)} {parts}), n={self.n}"
+            parts = counted(len(self.components), "release" if self.mechanism == SEQUENTIAL else "shard")
+            return f"{head}: {self.mechanism} ({parts}), n={self.n}"
         libs = ", ".join(f"{k} {v}" for k, v in sorted(self.libraries.items()) if k != "taft")
         target = f" (target ε={self.target_epsilon:g})" if self.target_epsilon is not None else ""
         return (f"{head}{target}: {self.mechanism}, σ={self.noise_multiplier:.4g}, q={self.sample_rate:.4g}, "

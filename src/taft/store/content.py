@@ -15,7 +15,7 @@ from taft.backbones import load_backbone_like
 from taft.backbones.base import Backbone
 from taft.data.source import DataSource
 from taft.errors import TaftError
-from taft.store.journal import counted
+from taft.wording import counted
 from taft.store.manifest import Manifest, ShardEntry
 
 _LISTED = 3

@@ -43,7 +43,8 @@ from taft.spec import LINEAR_METHODS, ModelSpec
 from taft.store.commit import commit, finish, record_shard, reusable, write_shard
 from taft.store.content import shard_hashes
 from taft.store.delta_sum import WEIGHTINGS
-from taft.store.journal import Pending, counted, read_pending, write_pending
+from taft.store.journal import Pending, read_pending, write_pending
+from taft.wording import counted
 from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import Composition, Manifest, ShardEntry, ShardFile, load_manifest
 from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan, shard_seed

@@ -35,7 +35,8 @@ from taft.parallel.shards import BackboneSpec, FeatureData, backbone_ref
 from taft.store.commit import begin, commit
 from taft.store.create import train_into
 from taft.store.content import check_unchanged, content_change, open_source, shard_hashes
-from taft.store.journal import Pending, audit_noop, counted, write_pending
+from taft.store.journal import Pending, audit_noop, write_pending
+from taft.wording import counted
 from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import Manifest, ShardEntry, load_manifest
 

@@ -24,11 +24,7 @@ from taft.errors import TaftError
 from taft.fileio import fsync_dir, now, read_json, write_json
 from taft.store.layout import StoreLayout
 from taft.store.manifest import ShardFile
-
-
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """"1 id", "2 ids": `n` and `noun`, in the plural (default noun + "s") unless n is 1."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+from taft.wording import counted
 
 
 @dataclass

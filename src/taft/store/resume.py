@@ -16,7 +16,8 @@ from taft.store.commit import finish
 from taft.store.compose import compose_store
 from taft.store.create import create_store
 from taft.store.forget import forget
-from taft.store.journal import Pending, counted, read_pending
+from taft.store.journal import Pending, read_pending
+from taft.wording import counted
 from taft.store.layout import StoreLayout
 from taft.store.manifest import load_manifest
 from taft.store.plan import ShardPlan
