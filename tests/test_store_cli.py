@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -274,3 +275,14 @@ def test_an_interrupted_first_shards_train_is_recognised_by_verify_and_info(cli_
         assert captured.err.count("\n") == 1
     assert main(["store", "resume", str(root), "--quiet"]) == 0
     assert main(["store", "verify", str(root)]) == 0 and "OK" in capsys.readouterr().out
+
+
+def test_shards_train_reports_the_composed_models_top1(capsys, tmp_path):
+    data = make_classes(tmp_path / "data", classes=("ant", "bee", "cow"), per_class=4)
+    val = make_classes(tmp_path / "val", classes=("ant", "bee", "cow"), per_class=2)
+    common = ["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline", *FAST]
+    assert main([*common, "--store", str(tmp_path / "a")]) == 0
+    assert re.search(r"composed model: training top-1 \d+\.\d\d% on 12 examples", capsys.readouterr().out)
+    assert main([*common, "--store", str(tmp_path / "b"), "--val-data", str(val)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"composed model: validation top-1 \d+\.\d\d% on 6 examples", out), out

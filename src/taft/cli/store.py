@@ -39,6 +39,8 @@ def add_parsers(sub) -> None:
                    help="reuse the shard plan of a store (or a plan JSON), restricted to the data's ids; a store's "
                         "--threads too (rebuild a store without forgotten ids)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="composition weights (default uniform)")
+    p.add_argument("--val-data", type=Path, help="held-out image folder or text table: the composed model's top-1 on "
+                                                 "it is printed (default: on the training data; nothing with --dp)")
     p.add_argument("--threads", type=positive_int, help="torch threads per shard (default max(1, cores // workers)); part of "
                                                "the recipe: retraining reuses it")
     add_executor_args(p)
@@ -174,10 +176,33 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     print(f"store {args.store}: {len(trained)} of {counted(info['plan']['k'], 'shard')} trained on "
           f"{counted(info['plan']['n'], 'example')} ({args.method} k={args.k}); composed model: "
           f"{args.store / 'composed.safetensors'}")
+    if args.val_data is not None or dp is None:  # a private store releases no statistic of its training data
+        composed_summary(store, model, features, args)
     if info.get("privacy"):
         from taft.privacy import describe
 
         print(f"privacy: {describe(info['privacy'])}")
+
+
+def composed_summary(store, model, features, args: argparse.Namespace) -> None:
+    """Print the composed model's top-1 on --val-data (or on the training data), with the at-chance warning."""
+    from dataclasses import replace
+
+    import torch
+
+    from taft.train import evaluate
+    from taft.train.trainer import warn_if_at_chance
+    from taft.wording import counted
+
+    composed = store.load_composed(model.backbone).classifier.to(model.device)
+    data, split = features, "training"
+    if args.val_data is not None:
+        val = replace(data_source(args), path=args.val_data, dataset=None).open(composed)
+        data, split = composed.cache_features(val, dtype=cache_dtype(args), autocast=args.autocast,
+                                              progress=not args.quiet), "validation"
+    result = evaluate(composed, data)
+    print(f"composed model: {split} top-1 {100 * result.top1:.2f}% on {counted(len(data), 'example')}")
+    warn_if_at_chance(result.top1, torch.tensor(list(data.labels)), split)
 
 
 def _shards_list(text: str | None) -> list[int] | None:

@@ -128,11 +128,11 @@ def warn_if_loss_rose(history: list[dict[str, Any]], private: bool) -> None:
                       "this data; try a lower lr", stacklevel=3)
 
 
-def warn_if_at_chance(top1: float, labels: torch.Tensor) -> None:
-    """Warn when validation top-1 is at or below chance: the rate of always predicting the most frequent class."""
+def warn_if_at_chance(top1: float, labels: torch.Tensor, split: str = "validation") -> None:
+    """Warn when top-1 on `split` is at or below chance: the rate of always predicting the most frequent class."""
     chance = float(torch.bincount(labels).max()) / len(labels)
     if top1 <= chance:
-        warnings.warn(f"validation top-1 {100 * top1:.1f}% is at or below chance ({100 * chance:.1f}%, always "
+        warnings.warn(f"{split} top-1 {100 * top1:.1f}% is at or below chance ({100 * chance:.1f}%, always "
                       "predicting the most frequent class): the model has not learned; check the learning rate, "
                       "the number of steps and the labels", stacklevel=3)
 
