@@ -173,3 +173,16 @@ def test_ray_not_installed_names_the_install_command(monkeypatch, tmp_path, caps
     bad(capsys, ["shards", "train", "--min-steps", "0", "--data", str(images), "--store", str(tmp_path / "s"), "--executor", "ray",
                  "--quiet"], "pip install 'taft-torch[ray]'")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_shards_training_warnings_reach_the_caller_named_by_shard(data):
+    """Warnings in a worker would be lost (or printed raw); each comes back with its shard's index."""
+    import warnings
+
+    ts = [replace(t, config=replace(t.config, epochs=1)) for t in tasks(data)]  # few steps: fit warns of them
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run_shards(ts, InlineExecutor(), progress=False)
+    assert all(any("optimizer step" in m for m in r.warnings) for r in results.values())
+    said = [str(w.message) for w in caught]
+    assert any(m.startswith("shard 0: only ") for m in said) and any(m.startswith("shard 1: only ") for m in said)

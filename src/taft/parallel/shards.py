@@ -23,10 +23,11 @@ import os
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -146,7 +147,8 @@ class ShardTask:
 @dataclass
 class ShardResult:
     """The trained tensors (Δw for taft), base head, ids in training order, deterministic metrics, where and how
-    long it ran; `privacy`: the DP-SGD run's ledger (`PrivacyLedger.to_dict()`), None without DP."""
+    long it ran; `privacy`: the DP-SGD run's ledger (`PrivacyLedger.to_dict()`), None without DP; `warnings`: the
+    messages of the warnings its training gave (a worker's would not reach the user)."""
 
     index: int
     tensors: dict[str, torch.Tensor]
@@ -159,6 +161,7 @@ class ShardResult:
     worker: str
     attempts: int = 1
     privacy: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)  # what training warned of, said again by the caller
 
 
 class ShardTrainingError(TaftError):
@@ -183,7 +186,9 @@ def train_shard(task: ShardTask) -> ShardResult:
         data = task.data.load() if isinstance(task.data, Deferred) else task.data
         device = worker_device(task.device)
         model = Classifier.from_spec(backbone, task.class_names, task.spec)
-        result = fit(model, data, task.config, dp=task.dp, compute=Compute(device), progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fit(model, data, task.config, dp=task.dp, compute=Compute(device), progress=False)
     finally:
         torch.set_num_threads(previous)
     clf = result.classifier
@@ -198,7 +203,8 @@ def train_shard(task: ShardTask) -> ShardResult:
     return ShardResult(index=task.index, tensors=saved, head_weight0=head_weight0, head_bias0=head_bias0,
                        ids=list(result.train_ids or []),
                        config=dict(clf.train_config or {}), metrics=metrics, seconds=time.perf_counter() - t0,
-                       worker=f"{socket.gethostname()}:{os.getpid()}", privacy=result.privacy)
+                       worker=f"{socket.gethostname()}:{os.getpid()}", privacy=result.privacy,
+                       warnings=[str(w.message) for w in caught])
 
 
 def _message(e: BaseException, executor: Executor) -> str:
@@ -245,6 +251,8 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
             results[task.index] = result
             if on_result is not None:
                 on_result(result)
+            for message in result.warnings:
+                warnings.warn(f"shard {task.index}: {message}", stacklevel=2)
             bar.update(1)
             loss = result.metrics.get("final_train_loss")
             say(f"shard {task.index} done ({len(results)}/{total}): {len(result.ids)} examples, "
