@@ -49,7 +49,7 @@ from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import Composition, Manifest, ShardEntry, ShardFile, load_manifest
 from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan, shard_seed
 from taft.train import TrainConfig
-from taft.train.config import run_record
+from taft.train.config import dp_lr, run_record
 
 # The minimum optimizer steps of every shard (`ModelStore.create` and `taft shards train`): more epochs on small
 # shards, so composing K small shards does not compose K under-trained models. Chosen on a validation split
@@ -255,6 +255,9 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
     plan = resolve_plan(plan, shards, train, base.seed)
     warn_uncovered(plan, *ids_and_labels(train))
     check_dp(dp, weighting, [len(s) for s in plan.shards], base.batch_size)
+    if dp is not None and config.lr is None:  # one rate for every shard: the smallest shard's default (`dp_lr`)
+        smallest = min(len(s) for s in plan.shards if s)
+        base = replace(base, lr=dp_lr(expected_batch_size(dp, smallest, base.batch_size)))
     hashes = shard_hashes(source.open(backbone), dict(enumerate(plan.shards))) if source is not None else {}
     info = model.info()
     record = run_record(spec, base)

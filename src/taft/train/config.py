@@ -40,6 +40,7 @@ OPTIMIZERS = ("adamw", "sgd")
 #   is given instead of ε.
 DEFAULT_EPOCHS, DP_EPOCHS, DP_LONG_EPOCHS, DP_LONG_FROM_EPSILON = 10, 5, 10, 3.0
 DP_RECIPE: dict[str, dict[str, Any]] = {m: {"lr": 1.0, "optimizer": "sgd"} for m in METHODS}
+DP_FULL_LR_BATCH, DP_LR_EXPONENT = 1000, 1.5  # below this expected batch the DP rate shrinks (`dp_lr`)
 RECIPES: dict[tuple[str, bool], dict[str, dict[str, Any]]] = {
     ("image", False): {"taft": {"lr": 1e-3, "head_lr": 1e-2, "warmup": 0.1},
                        "nlft": {"lr": 1e-4, "head_lr": 1e-2, "warmup": 0.1},
@@ -58,10 +59,24 @@ def dp_epochs(epsilon: float | None) -> int:
     return DP_LONG_EPOCHS if epsilon is not None and epsilon >= DP_LONG_FROM_EPSILON else DP_EPOCHS
 
 
-def recipe(method: str, text: bool = False, private: bool = False, epsilon: float | None = None) -> dict[str, Any]:
+def dp_lr(expected_batch_size: int | None) -> float:
+    """The default DP-SGD rate for expected batch B: DP_RECIPE's rate from B = DP_FULL_LR_BATCH on, and
+    (B / DP_FULL_LR_BATCH)^DP_LR_EXPONENT of it below (a step's noise, lr·σC/B per coordinate, must shrink with B;
+    the exponent fits the validated optima, see the comment above DP_RECIPE)."""
+    full = DP_RECIPE["taft"]["lr"]
+    if expected_batch_size is None:
+        return full
+    return full * min(1.0, expected_batch_size / DP_FULL_LR_BATCH) ** DP_LR_EXPONENT
+
+
+def recipe(method: str, text: bool = False, private: bool = False, epsilon: float | None = None,
+           batch_size: int | None = None) -> dict[str, Any]:
     """The default settings of `method` for an image (ViT) or text (BERT) backbone, ordinary or DP-SGD training
-    (`private`, with target budget `epsilon` or None): lr, optimizer, warmup, head_lr (None: the same as lr), epochs."""
-    row = RECIPES[("text" if text else "image", private)][method]
+    (`private`, with target budget `epsilon` or None, expected batch `batch_size` when known): lr, optimizer,
+    warmup, head_lr (None: the same as lr), epochs."""
+    row = dict(RECIPES[("text" if text else "image", private)][method])
+    if private:
+        row["lr"] = dp_lr(batch_size)
     epochs = dp_epochs(epsilon) if private else DEFAULT_EPOCHS
     return {"optimizer": "adamw", "warmup": 0.0, "head_lr": None, "epochs": epochs, **row}
 
@@ -153,12 +168,12 @@ class TrainConfig:
                  batch_size: int | None = None, epsilon: float | None = None) -> TrainConfig:
         """A copy with the defaults filled in (what a run records): `lr`, `head_lr`, `optimizer`, `warmup` and
         `epochs` from the `recipe` of `method` for an image or a text backbone, ordinary or DP-SGD (`private`,
-        target budget `epsilon`) training; with `n` (the number of training examples), `epochs` raised to
-        `epochs_for(n, batch_size)`."""
+        target budget `epsilon`, expected batch `batch_size`: the DP rate follows it, `dp_lr`) training; with `n`
+        (the number of training examples), `epochs` raised to `epochs_for(n, batch_size)`."""
         check_choice("method", method, METHODS)
         if self.head_lr is not None and method == "probe":
             raise TaftError("head_lr applies to methods taft and nlft (a probe trains only the head: use lr)")
-        defaults = recipe(method, text, private, epsilon)
+        defaults = recipe(method, text, private, epsilon, batch_size)
         lr = defaults["lr"] if self.lr is None else float(self.lr)
         head_lr = defaults["head_lr"] if self.head_lr is None and method != "probe" else self.head_lr
         filled = replace(self, lr=lr, head_lr=head_lr, optimizer=self.optimizer or defaults["optimizer"],
