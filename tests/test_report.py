@@ -23,6 +23,10 @@ def test_report_lists_shards_accuracy_and_audit(store, capsys, tmp_path):
         assert re.search(rf"\| {s.index} \| {s.status} \| {s.n} \|", text)
     audit = ModelStore(root).audit()
     assert len(audit) >= 2 and sum(line.startswith("| 20") for line in text.splitlines()) == len(audit)
+    composed = ModelStore(root).manifest.composed  # both hashes, labelled, in the report and the audit log
+    assert f"content sha256 `{composed.content_sha256[:16]}…` (tensors), file sha256 `{composed.sha256[:16]}…`" in text
+    assert audit[-1]["composed_content_sha256"] == composed.content_sha256
+    assert f"`{composed.content_sha256[:12]}` / `{composed.sha256[:12]}`" in text
     acc = json.loads((out / "accuracy.json").read_text())
     capsys.readouterr()
     assert main(["eval", str(root / "composed.safetensors"), "--data", str(data), "--quiet"]) == 0

@@ -129,7 +129,8 @@ def finish(layout: StoreLayout, m: Manifest, pending: Pending | None) -> None:
     if pending is not None:
         append_audit(layout, {**pending.audit, "time": pending.time, "op": pending.op, "op_id": pending.op_id,
                               "generation": m.generation,
-                              "composed_sha256": m.composed.sha256 if m.composed else None})
+                              "composed_sha256": m.composed.sha256 if m.composed else None,
+                              "composed_content_sha256": m.composed.content_sha256 if m.composed else None})
         crashpoint("after-audit")
     collect_garbage(layout, m)
     crashpoint("after-gc")

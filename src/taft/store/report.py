@@ -94,8 +94,10 @@ def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatur
              f"{len(info['class_names'])} classes, fingerprint `{info['fingerprint'][:16]}…`",
              f"- plan: {info['plan']['kind']}, {info['plan']['k']} shards over {info['plan']['n']} examples "
              f"(seed {info['plan']['seed']}); {info['forgotten']} ids forgotten",
-             "- composed: " + (f"`{info['composed']['sha256'][:16]}…` from shards {info['composed']['shards']} "
-                                f"({info['composition']['weighting']} weights)" if info["composed"] else "none"),
+             "- composed: " + (f"content sha256 `{str(info['composed'].get('content_sha256'))[:16]}…` (tensors), file "
+                                f"sha256 `{info['composed']['sha256'][:16]}…`, from shards "
+                                f"{info['composed']['shards']} ({info['composition']['weighting']} weights)"
+                                if info["composed"] else "none"),
              f"- generation {info['generation']}, updated {info['updated']}", "",
              "## Shards", "", "| shard | status | examples | seed | file |", "|---|---|---|---|---|"]
     lines += [f"| {s.index} | {s.status} | {s.n} | {s.seed} | {s.file or '-'} |" for s in shards]
@@ -115,12 +117,15 @@ def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatur
                  line=("composed", 100 * acc["composed"]) if acc["composed"] is not None else None)
         lines += ["", "![accuracy](accuracy.png)", ""]
         atomic_write(out / "accuracy.json", lambda p: p.write_text(json.dumps(acc, indent=1)))
-    lines += ["## Audit log", "", "| time | operation | details | composed sha256 |", "|---|---|---|---|"]
+    lines += ["## Audit log", "", "| time | operation | details | composed: content sha256 / file sha256 |",
+              "|---|---|---|---|"]
+    hashes = ("composed_content_sha256", "composed_sha256")  # older entries recorded the file's only
     for e in store.audit():
-        details = {k: v for k, v in e.items() if k not in ("time", "op", "op_id", "composed_sha256")}
+        details = {k: v for k, v in e.items() if k not in ("time", "op", "op_id", *hashes)}
         text = json.dumps(details, ensure_ascii=False)
+        shown = " / ".join(f"`{str(e.get(k) or '-')[:12]}`" for k in hashes)
         lines.append(f"| {e.get('time', '')} | {e.get('op', '')} | {text[:160]}{'…' if len(text) > 160 else ''} "
-                     f"| `{str(e.get('composed_sha256') or '')[:12]}` |")
+                     f"| {shown} |")
     report = out / "report.md"
     atomic_write(report, lambda p: p.write_text("\n".join(lines) + "\n"))
     return report
