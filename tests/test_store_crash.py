@@ -139,3 +139,35 @@ def test_forget_sigkilled_at_a_random_moment_recovers(base, reference, duration,
     assert proc.returncode in (-signal.SIGKILL, 0)
     print(f"killed at {at:.2f} s of {duration:.2f} s:", *ModelStore(store).verify().lines()[1:])
     check_recovery(store, ids, "retrain", reference)
+
+
+def test_a_second_store_writer_says_whom_it_waits_for(tmp_path):
+    """The store's lock names its holder: one warning line while waiting, then the operation goes on."""
+    import fcntl
+    import threading
+    import warnings
+
+    from taft.errors import TaftError
+    from taft.store.layout import StoreLayout
+
+    layout = StoreLayout(tmp_path / "store")
+    layout.root.mkdir()
+    with layout.locked():
+        pass  # the lock file now names the last holder
+    holder = open(layout.lock_file, "a+")
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)  # another open file: blocks this process's next lock like a process
+    holder.seek(0)
+    holder.truncate(0)
+    holder.write("4242\n")
+    holder.flush()
+    threading.Timer(0.5, lambda: fcntl.flock(holder.fileno(), fcntl.LOCK_UN)).start()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TaftError, match=r"locked by a running operation \(pid 4242\); try again"):
+            with layout.locked(wait=False):
+                pass
+        with layout.locked():
+            assert layout.lock_file.read_text().strip() == str(os.getpid())
+    holder.close()
+    assert [str(w.message) for w in caught] == [f"store {layout.root} is locked by a running operation (pid 4242); "
+                                                "waiting for it to end"]

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,10 +126,19 @@ class StoreLayout:
             return
         with open(self.lock_file, "a+") as f:
             try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as e:
-                raise TaftError(f"store {self.root} is locked by a running operation; try again when it ends") \
-                    from e
+                f.seek(0)
+                holder = f"pid {f.read().strip() or 'unknown'}"
+                if not wait:
+                    raise TaftError(f"store {self.root} is locked by a running operation ({holder}); try again when "
+                                    "it ends") from e
+                warnings.warn(f"store {self.root} is locked by a running operation ({holder}); waiting for it to end",
+                              stacklevel=3)
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
             try:
                 yield
             finally:
