@@ -27,11 +27,11 @@ from typing import Any
 
 from taft.checkpoint import CheckpointFile, ModelInfo, checkpoint_content_sha256, read_checkpoint, write_checkpoint
 from taft.errors import TaftError
-from taft.fileio import finish_file, fsync_dir, temp_file, write_json
+from taft.fileio import finish_file, fsync_dir, sha256_file, temp_file, write_json
 from taft.parallel.shards import ShardResult
 from taft.store.delta_sum import write_composed
 from taft.store.journal import Pending, append_audit, clear_pending, read_pending, write_pending
-from taft.store.layout import StoreLayout, crashpoint, sha256_file, shard_file_name
+from taft.store.layout import StoreLayout, crashpoint, shard_file_name
 from taft.store.manifest import Composed, Manifest, ShardFile, save_manifest
 
 

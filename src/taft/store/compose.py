@@ -15,12 +15,12 @@ from pathlib import Path
 
 from taft.checkpoint import read_checkpoint
 from taft.errors import TaftError
-from taft.fileio import now
+from taft.fileio import now, sha256_file
 from taft.store.commit import begin, commit, shard_files
 from taft.store.create import check_dp
 from taft.store.delta_sum import WEIGHTINGS, check_same_base, composition_weights, write_composed
 from taft.store.journal import Pending, append_audit, write_pending
-from taft.store.layout import StoreLayout, crashpoint, sha256_file
+from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import Composition, Manifest, load_manifest
 
 

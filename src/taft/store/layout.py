@@ -15,7 +15,6 @@ Test hooks: `crashpoint(name)` calls `os._exit(CRASH_EXIT)` when `TAFT_TEST_CRAS
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 import warnings
@@ -43,14 +42,6 @@ def crashpoint(name: str) -> None:
         time.sleep(float(delay))
     if os.environ.get(CRASH_ENV) == name:
         os._exit(CRASH_EXIT)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class StoreLayout:

@@ -23,7 +23,8 @@ from taft.errors import TaftError
 from taft.checkpoint import read_checkpoint
 from taft.store.commit import collect_garbage, compose_into, finish, unreferenced, write_forgotten
 from taft.store.journal import read_audit, read_pending, truncate_audit
-from taft.store.layout import StoreLayout, sha256_file
+from taft.fileio import sha256_file
+from taft.store.layout import StoreLayout
 from taft.store.manifest import Manifest, load_manifest, save_manifest
 
 
