@@ -66,7 +66,9 @@ def interrupt(command: list[str], store: Path, signum: int, env: dict[str, str],
     its process group (as Ctrl-C in a terminal does); (seconds it took to stop, its stderr). The command must
     stop with 128 + signum and say how to continue."""
     with open(log, "w") as err:  # its own session: a signal to its group reaches its workers too
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+        # SIGINT as in a terminal: a suite started in the background (nohup, `&`) ignores it, and children inherit that
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while len(finished(store)) <= after and proc.poll() is None and time.monotonic() < deadline:
