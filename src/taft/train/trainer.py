@@ -13,6 +13,7 @@ and writes to `run_dir`:
     checkpoint.safetensors   what was trained plus metadata (`taft.checkpoint`)
     resume_state.pt          after every epoch: what `fit(..., resume=True)` continues from (not with DP)
     training_curve.png       training loss and validation top-1 per epoch (only with matplotlib installed)
+    .lock                    held while a run writes the directory: a second run into it fails at once
 
 metrics.json also records, as information, how the run computed: `compute` = {device, autocast, compiled, feed
 (per split: resident / stream / host, `taft.train.feeding`), threads}; none of it changes what is saved.
