@@ -359,14 +359,30 @@ def test_verify_repairs_what_needs_no_training(store):
     assert ModelStore(store).verify().ok
 
 
-def test_verify_reports_a_corrupt_shard_it_cannot_repair(store):
+def test_a_corrupt_shard_stops_a_forget(store):
     layout = StoreLayout(store)
     path = layout.path(load_manifest(layout).shards[1].file)
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
-    report = ModelStore(store).verify(repair=True)
-    assert not report.ok and "shard 1" in report.problems[0] and "corrupt" in report.problems[0]
     with pytest.raises(TaftError, match="does not match its hash"):
         ModelStore(store).forget([load_manifest(layout).shards[0].ids[0]], "drop", execution=QUIET)
+
+
+def test_verify_reports_a_corrupt_shard_and_repair_retrains_it_exactly(store):
+    layout = StoreLayout(store)
+    before = load_manifest(layout)
+    path = layout.path(before.shards[1].file)
+    original = read_checkpoint(path).tensors
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    report = ModelStore(store).verify()
+    assert not report.ok and "shard 1" in report.problems[0] and "corrupt" in report.problems[0]
+    assert report.lost_shards == [1]
+    report = ModelStore(store).verify(repair=True, backbone=tiny_backbone())  # as recorded: ids, seed, recipe
+    assert report.ok and any("retrained 1 shard [1] as recorded: the composed model is bit-identical" in r
+                             for r in report.repaired), report.lines()
+    after = load_manifest(layout)
+    assert same_tensors(read_checkpoint(layout.path(after.shards[1].file)).tensors, original)
+    assert after.composed.content_sha256 == before.composed.content_sha256 and after.generation == before.generation + 1
+    assert ModelStore(store).audit()[-1]["op"] == "retrain" and ModelStore(store).verify().ok
 
 
 def test_create_refuses_bad_settings(data, tmp_path, store):

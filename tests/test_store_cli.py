@@ -139,10 +139,13 @@ def test_store_errors_are_one_line(store, capsys, tmp_path):
                  "--executor", "inline", *FAST], "cannot split 12 examples into 20 shards")
     shard = next((root / "shards").glob("shard-000-*"))
     shard.write_bytes(b"garbage")
-    assert main(["store", "verify", str(root), "--repair"]) == 2
+    assert main(["store", "verify", str(root)]) == 2
     captured = capsys.readouterr()
-    assert "shard 0's file" in captured.out and captured.err.count("\n") == 1
-    assert "problem(s)" in captured.err
+    assert "shard 0's file" in captured.out and "repair retrains it" in captured.out
+    assert captured.err.count("\n") == 1 and "problem(s)" in captured.err
+    assert main(["store", "verify", str(root), "--repair"]) == 0  # retrained as recorded, from the cached features
+    assert "retrained 1 shard [0] as recorded: the composed model is bit-identical" in capsys.readouterr().out
+    assert main(["store", "verify", str(root)]) == 0
 
 
 def test_store_resume_completes_an_interrupted_forget(store, tmp_path):

@@ -75,8 +75,8 @@ class Pending:
         return f"{len(self.completed)} of {counted(len(self.audit.get('shards', [])), 'shard')} finished"
 
     def trains(self) -> bool:
-        """Whether the operation trains shards (a creation, a forget in retrain mode)."""
-        return self.op == "create" or (self.op == "forget" and self.request.get("mode") == "retrain")
+        """Whether the operation trains shards (a creation, a retrain, a forget in retrain mode)."""
+        return self.op in ("create", "retrain") or (self.op == "forget" and self.request.get("mode") == "retrain")
 
 
 def read_pending(layout: StoreLayout) -> Pending | None:

@@ -21,6 +21,7 @@ from taft.wording import counted
 from taft.store.layout import StoreLayout
 from taft.store.manifest import load_manifest
 from taft.store.plan import ShardPlan
+from taft.store.retrain import retrain
 from taft.train import TrainConfig
 
 
@@ -51,6 +52,10 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
     if pending.op == "create":
         resume_creation(root, pending, features, backbone, execution)
         return "completed the store's creation"
+    if pending.op == "retrain":
+        result = retrain(root, req["shards"], features=features, backbone=backbone, execution=execution,
+                         accept_changed_data=accept_changed_data)
+        return f"completed the retraining of {counted(len(result.shards), 'shard')} {result.shards}"
     raise TaftError(f"cannot resume an operation of kind {pending.op!r}")
 
 

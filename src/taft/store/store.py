@@ -34,6 +34,8 @@ from taft.store.layout import StoreLayout
 from taft.store.manifest import Manifest, load_manifest
 from taft.store.plan import ShardPlan
 from taft.store.resume import resume
+from taft.store.retrain import describe as describe_retrain
+from taft.store.retrain import retrain
 from taft.store.verify import VerifyReport, verify
 from taft.train import TrainConfig
 
@@ -98,9 +100,22 @@ class ModelStore:
         return resume(self.root, features=features, backbone=backbone, execution=execution,
                       accept_changed_data=accept_changed_data)
 
-    def verify(self, repair: bool = False) -> VerifyReport:
-        """Check the store against its manifest, and with `repair` fix what needs no training."""
-        return verify(self.root, repair=repair)
+    def verify(self, repair: bool = False, *, backbone: Backbone | None = None) -> VerifyReport:
+        """Check the store against its manifest (`taft.store.verify`). With `repair`, fix it: a shard whose file is
+        missing or damaged is retrained as the manifest records it (`taft.store.retrain`, with `backbone` or the
+        store's by name; not in a DP store)."""
+        report = verify(self.root, repair=repair)
+        if not (repair and report.lost_shards) or self.manifest.dp is not None:
+            return report
+        try:
+            result = retrain(self.root, report.lost_shards, features=self.training_features(progress=False),
+                             backbone=backbone, execution=Execution("inline", progress=False))
+        except TaftError as e:
+            report.problems.append(f"the lost shards {report.lost_shards} could not be retrained: {e}")
+            return report
+        again = verify(self.root, repair=True)
+        again.repaired = [*report.repaired, describe_retrain(result), *again.repaired]
+        return again
 
     # ------------------------------------------------------------------------------------------ reading
     @property

@@ -8,8 +8,9 @@ bytes are reproducible); forgotten.json (equal to the manifest's list, else rewr
 a torn last line is cut on repair; the last committed operation is logged); stray files (unreferenced shard files,
 temp files of interrupted writes, a composed file the manifest does not have: removed on repair).
 
-Not repairable here (reported): a missing or corrupt manifest, a missing or corrupt shard file (retrain or restore
-it), a missing audit log.
+Not repairable here (reported): a missing or corrupt manifest, a missing audit log; a missing or damaged shard
+file is listed in `VerifyReport.lost_shards`, which `ModelStore.verify(repair=True)` retrains as recorded
+(`taft.store.retrain`; not in a DP store).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    lost_shards: list[int] = field(default_factory=list)  # trained shards whose file is missing or damaged
 
     def lines(self) -> list[str]:
         out = [f"store {self.root}: {'OK' if self.ok else 'PROBLEMS FOUND'}"]
@@ -103,18 +105,18 @@ def _verify(layout: StoreLayout, r: VerifyReport, repair: bool) -> None:
             continue
         path = layout.path(s.file)
         if not path.is_file():
-            r.problems.append(f"shard {s.index}'s file {s.file} is missing; restore it or rebuild the store")
-            shards_ok = False
+            lost = "is missing"
         elif sha256_file(path) != s.sha256:
-            r.problems.append(f"shard {s.index}'s file {s.file} does not match its hash (corrupt); restore it "
-                              "or rebuild the store")
-            shards_ok = False
+            lost = "does not match its hash (corrupt)"
         else:
             f = read_checkpoint(path)
-            if f.fingerprint != m.model.fingerprint or f.ids != s.ids:
-                r.problems.append(f"shard {s.index}'s file {s.file} holds another model or other ids than "
-                                  "the manifest lists")
-                shards_ok = False
+            lost = (None if f.fingerprint == m.model.fingerprint and f.ids == s.ids
+                    else "holds another model or other ids than the manifest lists")
+        if lost is not None:
+            how = "restore the file" if m.dp is not None else "repair retrains it as recorded, or restore the file"
+            r.problems.append(f"shard {s.index}'s file {s.file} {lost}; {how}")
+            r.lost_shards.append(s.index)
+            shards_ok = False
 
     composed = m.composed
     if composed is not None:
