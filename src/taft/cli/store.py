@@ -54,6 +54,13 @@ def add_parsers(sub) -> None:
     add_compute_args(p, autocast=True, threads=False)
     p.set_defaults(func=cmd_shards_train)
 
+    p = sub.add_parser("merge", help="task arithmetic: Δw = Σ wᵢ Δwᵢ of taft or probe checkpoints on one base "
+                                     "(any real weights; negative ones subtract a task), exact")
+    p.add_argument("checkpoints", type=Path, nargs="+", metavar="CKPT")
+    p.add_argument("--weights", help="one real weight per checkpoint, e.g. 1,-1 or 0.5,0.5 (default 1/n each)")
+    p.add_argument("--out", type=Path, required=True, help="the merged checkpoint (an ordinary checkpoint)")
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("compose", help="compose a store's shards (uniform, by size, or a subset)")
     p.add_argument("store", type=Path)
     p.add_argument("--weighting", choices=WEIGHTINGS, help="uniform or size (default: the store's current)")
@@ -217,6 +224,24 @@ def _shards_list(text: str | None) -> list[int] | None:
 def shard_list(shards: list[int]) -> str:
     """"shard [3]", "shards [0, 2]"."""
     return f"{'shard' if len(shards) == 1 else 'shards'} {shards}"
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from taft.checkpoint import checkpoint_content_sha256
+    from taft.store import merge_checkpoints
+
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError as e:
+            raise TaftError(f"--weights takes numbers separated by commas, e.g. 1,-1; got {args.weights!r}") from e
+    if args.out.exists() and any(args.out.resolve() == c.resolve() for c in args.checkpoints):
+        raise TaftError(f"--out {args.out} is one of the checkpoints to merge; write the result elsewhere")
+    path = merge_checkpoints(args.checkpoints, weights, args.out)
+    shown = ", ".join(f"{w:g}" for w in (weights or [1 / len(args.checkpoints)] * len(args.checkpoints)))
+    print(f"merged {len(args.checkpoints)} checkpoints with weights {shown} into {path} "
+          f"(content sha256 {checkpoint_content_sha256(path)[:16]}…)")
 
 
 def cmd_compose(args: argparse.Namespace) -> None:

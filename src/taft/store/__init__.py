@@ -15,9 +15,11 @@ from taft.store.create import SHARD_MIN_STEPS
 from taft.store.delta_sum import WEIGHTINGS
 from taft.store.forget import MODES, ForgetResult, read_ids
 from taft.store.manifest import Manifest
+from taft.store.merge import merge_checkpoints
 from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan
 from taft.store.store import ModelStore
 from taft.store.verify import VerifyReport
 
 __all__ = ["MODES", "PLAN_KINDS", "SHARD_MIN_STEPS", "WEIGHTINGS", "Execution", "ForgetResult", "Manifest",
-           "ModelStore", "ShardPlan", "VerifyReport", "compose_checkpoints", "make_plan", "read_ids"]
+           "ModelStore", "ShardPlan", "VerifyReport", "compose_checkpoints", "make_plan", "merge_checkpoints",
+           "read_ids"]

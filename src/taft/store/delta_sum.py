@@ -37,12 +37,17 @@ def composition_weights(sizes: Sequence[int], weighting: str = "uniform") -> lis
 
 
 def compose_tensors(deltas: Sequence[Mapping[str, torch.Tensor]], alphas: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Σ_i α_i Δw_i, accumulated in float64 in order, cast to the first Δw's dtypes. Checks names and shapes and
-    that α sums to 1."""
-    if len(deltas) != len(alphas) or not deltas:
-        raise TaftError(f"compose needs one weight per Δw: {len(deltas)} Δw, {len(alphas)} weights")
+    """Σ_i α_i Δw_i with Σ α = 1 (checked): `weighted_sum`."""
     if abs(sum(alphas) - 1.0) > 1e-9:
         raise TaftError(f"composition weights must sum to 1, got {sum(alphas)}")
+    return weighted_sum(deltas, alphas)
+
+
+def weighted_sum(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Σ_i w_i Δw_i for any real weights, accumulated in float64 in order, cast to the first Δw's dtypes. Checks
+    one weight per Δw, and names and shapes."""
+    if len(deltas) != len(weights) or not deltas:
+        raise TaftError(f"need one weight per Δw: {len(deltas)} Δw, {len(weights)} weights")
     names = sorted(deltas[0])
     for i, d in enumerate(deltas[1:], 1):
         if sorted(d) != names:
@@ -53,8 +58,8 @@ def compose_tensors(deltas: Sequence[Mapping[str, torch.Tensor]], alphas: Sequen
     out = {}
     for n in names:
         acc = torch.zeros(deltas[0][n].shape, dtype=torch.float64)
-        for d, a in zip(deltas, alphas):
-            acc += float(a) * d[n].detach().cpu().double()
+        for d, w in zip(deltas, weights):
+            acc += float(w) * d[n].detach().cpu().double()
         out[n] = acc.to(deltas[0][n].dtype)
     return out
 
