@@ -269,3 +269,15 @@ def test_dp_step_smoke(tmp_path, monkeypatch, capsys, method):
     assert saved["ratios"]["ghost/plain"] == pytest.approx(med["ghost"] / med["plain"])
     assert saved["ratios"]["vmap/ghost"] == pytest.approx(med["vmap"] / med["ghost"])
     assert f"ghost/plain {saved['ratios']['ghost/plain']:.2f}x" in printed
+
+
+def test_task_arithmetic_smoke(tiny_images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(EXPERIMENTS / "task_arithmetic.py", cifar_args(tiny_images, out) + [
+        "--task-a", "ant", "--epochs", "1", "--threads", "1"], monkeypatch)
+    saved, table = results(out)
+    assert [r["method"] for r in saved["runs"]] == ["taft", "nlft"]
+    for r in saved["runs"]:
+        assert set(r["scores"]) == {"A", "B", "union", "1·A + 1·B", "0.5·A + 0.5·B", "1·A + -1·B"}
+        assert all(is_accuracy(s[t]) for s in r["scores"].values() for t in ("A", "B", "all"))
+    assert "| TAFT (exact) | 1·A + -1·B |" in table and "| NLFT (approximate) | union |" in table
