@@ -115,10 +115,7 @@ def main() -> None:
     parser.add_argument("--cache-probe", type=int, default=200,
                         help="images for the cache speedup measurement (0: not measured)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_and_save(args, run, summarise)
+    run_and_save(parser.parse_args(), run, summarise)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,10 @@ class RunLog:
 
 def run_and_save(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict],
                  summarise: Callable[[dict, Path], str]) -> None:
-    """Run the experiment, write `results.json` to --out, then print the summary (which writes its tables/plots)."""
+    """Run the experiment (with --threads torch CPU threads, when the script has that option and it is given),
+    write `results.json` to --out, then print the summary (which writes its tables/plots)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = run(args)

@@ -19,8 +19,6 @@ import math
 import statistics
 from pathlib import Path
 
-import torch
-
 from common import RunLog, fit_model, image_parser, load_features, pyplot, run_and_save
 from taft.privacy import DPConfig
 from taft.spec import METHODS
@@ -103,10 +101,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="default: the recipe's (under DP-SGD 5 below ε = 3, else 10)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_and_save(args, run, summarise)
+    run_and_save(parser.parse_args(), run, summarise)
 
 
 if __name__ == "__main__":

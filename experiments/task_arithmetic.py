@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from common import RunLog, fit_model, image_parser, load_images, run_and_save
 from taft.data.trunk_features import cache_features
 from taft.store import merge_checkpoints
@@ -90,10 +88,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_and_save(args, run, summarise)
+    run_and_save(parser.parse_args(), run, summarise)
 
 
 if __name__ == "__main__":
