@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,10 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+def exclusive_lock(path: str | os.PathLike, busy: str, *, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive advisory lock on the file `path` (created, holding this process's pid) for the body. When
-    another process holds it: `TaftError` naming `what` and that process. The lock dies with its process."""
+    another process holds it: `TaftError` "`busy` (pid N); try again when it ends", or with `wait` a warning
+    "`busy` (pid N); waiting for it to end" and then wait. The lock dies with its process."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
@@ -142,9 +144,11 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise TaftError(f"{what} is in use by another process (pid {holder}); wait until it ends, or use "
-                            "another") from e
+            holder = f"{busy} (pid {f.read().strip() or 'unknown'})"
+            if not wait:
+                raise TaftError(f"{holder}; try again when it ends") from e
+            warnings.warn(f"{holder}; waiting for it to end", stacklevel=4)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             f.truncate(0)
             f.write(f"{os.getpid()}\n")

@@ -17,16 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from taft.errors import TaftError
-
-try:  # POSIX only; elsewhere operations are not locked.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from taft.fileio import exclusive_lock
 
 CRASH_ENV = "TAFT_TEST_CRASH_AT"
 DELAY_ENV = "TAFT_TEST_STEP_DELAY"
@@ -105,35 +100,16 @@ class StoreLayout:
 
     @contextlib.contextmanager
     def locked(self, wait: bool = True, create: bool = False) -> Iterator[None]:
-        """Exclusive lock on the store for one operation. With `wait=False`, `TaftError` if another process
-        holds it. The lock dies with its process, so a killed operation never leaves the store locked.
-        `TaftError` if the store directory does not exist, unless `create` (a new store)."""
+        """Exclusive lock on the store for one operation (`taft.fileio.exclusive_lock`: another holder is named,
+        in a warning before waiting, or with `wait=False` in a `TaftError`). The lock dies with its process, so a
+        killed operation never leaves the store locked. `TaftError` if the store directory does not exist, unless
+        `create` (a new store)."""
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():
             raise TaftError(f"{self.root} is not a model store (no such directory)")
-        if fcntl is None:  # pragma: no cover
+        with exclusive_lock(self.lock_file, f"store {self.root} is locked by a running operation", wait=wait):
             yield
-            return
-        with open(self.lock_file, "a+") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as e:
-                f.seek(0)
-                holder = f"pid {f.read().strip() or 'unknown'}"
-                if not wait:
-                    raise TaftError(f"store {self.root} is locked by a running operation ({holder}); try again when "
-                                    "it ends") from e
-                warnings.warn(f"store {self.root} is locked by a running operation ({holder}); waiting for it to end",
-                              stacklevel=3)
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            f.truncate(0)
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def shard_file_name(index: int, sha256: str) -> str:

@@ -174,7 +174,7 @@ class RunDir:
         """Hold the run directory for this run: a second run into it fails at once, naming this process."""
         if self.out is None:
             return contextlib.nullcontext()
-        return exclusive_lock(self.out / LOCK_NAME, f"run directory {self.out}")
+        return exclusive_lock(self.out / LOCK_NAME, f"run directory {self.out} is in use by another process")
 
     def start(self, record: dict[str, Any], state: dict[str, Any] | None) -> None:
         """config.json, and metrics.jsonl holding the epochs done so far (a resumed run's)."""
