@@ -12,6 +12,8 @@ import math
 import shutil
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 
 
@@ -228,3 +230,21 @@ def test_cli_shards_train_with_dp(tmp_path, capsys):
     assert main(["forget", str(store), "--ids", str(ids), "--mode", "drop", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "dropped shard [0]" in out and f"privacy: (ε={m.shards[1].privacy['epsilon']:.4g}" in out
+
+
+def test_a_dp_store_without_a_rate_takes_the_default_of_its_smallest_shard(data, tmp_path):
+    """The default DP rate follows the expected batch (`dp_lr`); a store records one rate for every shard: its
+    smallest shard's, so that no shard trains at a rate too large for its batch."""
+    from taft.privacy.config import expected_batch_size
+    from taft.train.config import DP_FULL_LR_BATCH, DP_LR_EXPONENT
+
+    bb, cf = data
+    plan = unequal_plan(cf.ids)  # shards of 16, 12 and the rest
+    root = create(tmp_path / "s", cf, bb, replace(CONFIG, lr=None), plan=plan, dp=DP)
+    smallest = min(len(s) for s in plan.shards)
+    batch = expected_batch_size(DP, smallest, CONFIG.batch_size)
+    want = 1.0 * min(1.0, batch / DP_FULL_LR_BATCH) ** DP_LR_EXPONENT
+    assert manifest(root).config.lr == pytest.approx(want, rel=1e-12) and want < 0.1
+    recorded = [read_checkpoint_metadata(ModelStore(root).shard_path(s.index))["train_config"]["lr"]
+                for s in manifest(root).shards]
+    assert recorded == [manifest(root).config.lr] * len(plan.shards)

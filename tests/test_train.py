@@ -438,3 +438,11 @@ def test_a_second_run_into_a_busy_run_directory_fails_at_once(tiny_vit, tmp_path
         assert not (out / "config.json").exists()  # refused before anything was written
     fit(model(tiny_vit), separable(2), config("taft", epochs=1), run_dir=out, progress=False)  # free again
     assert (out / "checkpoint.safetensors").is_file()
+
+
+def test_the_dp_rate_follows_the_expected_batch():
+    """1.0 from an expected batch of 1,000 on; (B/1000)^1.5 of it below; a given rate is kept."""
+    rate = lambda b, **kw: TrainConfig(**kw).resolved("taft", private=True, batch_size=b).lr  # noqa: E731
+    assert rate(1000) == rate(5000) == 1.0 and rate(None) == 1.0
+    assert rate(100) == pytest.approx(0.1 ** 1.5, rel=1e-12) and rate(32) == pytest.approx(0.032 ** 1.5, rel=1e-12)
+    assert rate(32, lr=0.5) == 0.5 and TrainConfig().resolved("taft", batch_size=32).lr == 1e-3  # not private

@@ -49,7 +49,7 @@ from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import Composition, Manifest, ShardEntry, ShardFile, load_manifest
 from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan, shard_seed
 from taft.train import TrainConfig
-from taft.train.config import dp_lr, run_record
+from taft.train.config import run_record
 
 # The minimum optimizer steps of every shard (`ModelStore.create` and `taft shards train`): more epochs on small
 # shards, so composing K small shards does not compose K under-trained models. Chosen on a validation split
@@ -68,17 +68,19 @@ def with_min_steps(config: TrainConfig, min_steps: int) -> TrainConfig:
     return replace(config, min_steps=min_steps)
 
 
-def check_config(spec: ModelSpec, config: TrainConfig, text: bool = False, dp: DPConfig | None = None) -> TrainConfig:
-    """The resolved config (lr and optimizer filled in for `spec`'s method and ordinary or DP training with `dp`;
-    the epochs each shard trains are resolved by `fit` from its size and `min_steps`), if shards of `spec` trained
-    with it can be composed exactly."""
+def check_config(spec: ModelSpec, config: TrainConfig, text: bool = False, dp: DPConfig | None = None,
+                 batch_size: int | None = None) -> TrainConfig:
+    """The resolved config (lr and optimizer filled in for `spec`'s method and ordinary or DP training with `dp`,
+    whose default rate follows the expected batch `batch_size` when known; the epochs each shard trains are resolved
+    by `fit` from its size and `min_steps`), if shards of `spec` trained with it can be composed exactly."""
     if not spec.linear:
         raise TaftError(f"method {spec.method!r} cannot be sharded: composition is exact only for models linear "
                         f"in their trained weights ({', '.join(LINEAR_METHODS)})")
     if spec.head_init != "random":
         raise TaftError("head_init='probe' cannot be sharded: a probe head fitted on all the data would put every "
                         "example into the shared w0 (nothing could be forgotten); use head_init='random'")
-    return config.resolved(spec.method, text=text, private=dp is not None, epsilon=dp.epsilon if dp else None)
+    return config.resolved(spec.method, text=text, private=dp is not None, epsilon=dp.epsilon if dp else None,
+                           batch_size=batch_size)
 
 
 def data_identity(train: FeatureData) -> dict[str, Any]:
@@ -242,7 +244,8 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
     _, pinned = execution.placement()  # checked before anything is written
     layout = StoreLayout(root)
     backbone, spec = model.backbone, model.spec
-    base = check_config(spec, with_min_steps(config, min_steps), text=backbone.is_text, dp=dp)
+    config = with_min_steps(config, min_steps)
+    base = check_config(spec, config, text=backbone.is_text, dp=dp)
     if Classifier.from_spec(backbone, model.class_names, spec).fingerprint != model.fingerprint:
         raise TaftError("a store's shards share the base head seeded by head_seed: build the model without "
                         "head_weight")
@@ -255,9 +258,10 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
     plan = resolve_plan(plan, shards, train, base.seed)
     warn_uncovered(plan, *ids_and_labels(train))
     check_dp(dp, weighting, [len(s) for s in plan.shards], base.batch_size)
-    if dp is not None and config.lr is None:  # one rate for every shard: the smallest shard's default (`dp_lr`)
+    if dp is not None:  # one rate for every shard: the default for the smallest shard's expected batch
         smallest = min(len(s) for s in plan.shards if s)
-        base = replace(base, lr=dp_lr(expected_batch_size(dp, smallest, base.batch_size)))
+        base = check_config(spec, config, text=backbone.is_text, dp=dp,
+                            batch_size=expected_batch_size(dp, smallest, config.batch_size))
     hashes = shard_hashes(source.open(backbone), dict(enumerate(plan.shards))) if source is not None else {}
     info = model.info()
     record = run_record(spec, base)
