@@ -167,8 +167,9 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     --head-init, every shard starts from the shared random head), read back by `train_config`; then the
     optimizer recipe and the DP-SGD options. Defaults: `TrainConfig`'s (`min_steps` overrides its --min-steps)."""
     from taft.data.source import FEATURE_DTYPES, DataSource
-    from taft.train.config import (DEFAULT_EPOCHS, DEFAULT_LR, DP_EPOCHS, DP_LONG_EPOCHS, DP_LONG_FROM_EPSILON, LOSSES,
-                                   OPTIMIZERS, RECIPES, SCHEDULES, TEXT_DEFAULT_LR, TrainConfig)
+    from taft.train.config import (DEFAULT_EPOCHS, DEFAULT_LR, DP_EPOCHS, DP_FULL_LR_BATCH, DP_LONG_EPOCHS,
+                                   DP_LONG_FROM_EPSILON, DP_LR_EXPONENT, DP_RECIPE, LOSSES, OPTIMIZERS, RECIPES,
+                                   SCHEDULES, TEXT_DEFAULT_LR, TrainConfig)
     from taft.spec import ModelSpec
 
     d = {**dataclass_defaults(ModelSpec), **dataclass_defaults(TrainConfig)}
@@ -185,8 +186,10 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
     p.add_argument("--epochs", type=positive_int, help=TRAIN_HELP["epochs"][which].format(
         **{**d, "epochs": DEFAULT_EPOCHS,
            "dp_epochs": f"{DP_EPOCHS}, {DP_LONG_EPOCHS} from --epsilon {DP_LONG_FROM_EPSILON:g}"}))
+    dp_rate = (f"with --dp {DP_RECIPE['taft']['lr']:g}, times (B/{DP_FULL_LR_BATCH})^{DP_LR_EXPONENT:g} below an "
+               f"expected batch B of {DP_FULL_LR_BATCH}")
     p.add_argument("--lr", type=positive_float, help=f"learning rate (default: {lr_help(DEFAULT_LR)}; text: "
-                                                     f"{lr_help(TEXT_DEFAULT_LR)})")
+                                                     f"{lr_help(TEXT_DEFAULT_LR)}; {dp_rate})")
     p.add_argument("--batch-size", type=positive_int, default=d["batch_size"],
                    help=f"examples per step (default {d['batch_size']})")
     p.add_argument("--loss", choices=LOSSES, default=d["loss"],

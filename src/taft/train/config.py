@@ -83,11 +83,6 @@ def recipe(method: str, text: bool = False, private: bool = False, epsilon: floa
     return {"optimizer": "adamw", "warmup": 0.0, "head_lr": None, "epochs": epochs, **row}
 
 
-def default_lr(method: str, text: bool = False, private: bool = False) -> float:
-    """The default learning rate of `method` (see `recipe`)."""
-    return recipe(method, text, private)["lr"]
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train a model (the method, k, pooling and base head are the model's: `taft.spec.ModelSpec`). JSON
