@@ -10,7 +10,7 @@ import torch
 from helpers import CLASSES, TINY_VIT, bad
 from reference import random_backbone
 from taft import Classifier, FingerprintMismatchError, TaftError
-from taft.checkpoint import read_checkpoint_metadata
+from taft.checkpoint import checkpoint_content_sha256, read_checkpoint_metadata
 from taft.cli import main
 from taft.store import merge_checkpoints
 
@@ -51,7 +51,9 @@ def test_merged_logits_are_the_weighted_sum_of_the_inputs(backbone, tmp_path, me
                                        rtol=0, atol=TOL)
         assert (merged.logits(x) - f0).abs().max() > 1e-3  # the inputs moved the model: the check is not vacuous
     meta = read_checkpoint_metadata(out)
-    assert meta["merge"]["weights"] == list(weights) and len(meta["merge"]["inputs"]) == len(weights)
+    assert meta["merge"]["weights"] == list(weights)
+    assert [i["content_sha256"] for i in meta["merge"]["inputs"]] == [
+        checkpoint_content_sha256(tmp_path / f"m{i}.safetensors") for i in range(len(weights))]
     assert meta["data"]["count"] == 3 * len(weights)
 
 

@@ -158,13 +158,15 @@ def write_checkpoint(path: str | Path, info: ModelInfo, tensors: Mapping[str, to
 
 @dataclass
 class CheckpointFile:
-    """A checkpoint read without a model: its checked metadata, trained tensors and base head."""
+    """A checkpoint read without a model: its checked metadata, trained tensors, base head, and the
+    `content_sha256` of all its tensors (checked against the metadata's, when it records one)."""
 
     path: Path
     meta: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     head_weight0: torch.Tensor
     head_bias0: torch.Tensor
+    content_sha256: str
 
     @property
     def fingerprint(self) -> str:
@@ -257,9 +259,9 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
     path = Path(path)
     header, tensors = read_safetensors(path)
     meta = check_metadata(path, header)
-    check_content(path, meta, tensors)
+    digest = check_content(path, meta, tensors)
     w0, b0 = check_tensors(path, tensors)
-    return CheckpointFile(path, meta, tensors, w0, b0)
+    return CheckpointFile(path, meta, tensors, w0, b0, digest)
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:

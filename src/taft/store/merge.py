@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from taft.checkpoint import CheckpointFile, checkpoint_content_sha256, read_checkpoint, write_checkpoint
+from taft.checkpoint import CheckpointFile, read_checkpoint, write_checkpoint
 from taft.errors import TaftError
 from taft.store.delta_sum import check_same_base, weighted_sum
 
@@ -65,8 +65,8 @@ def merge_checkpoints(paths: Sequence[str | Path], weights: Sequence[float] | No
     tensors = with_base(first, weighted_sum([task_vector(f) for f in files], weights))
     ids = None if any(f.ids is None for f in files) else sorted({i for f in files for i in f.ids})
     counts = [(f.meta.get("data") or {}).get("count") for f in files]
-    inputs = [{"path": str(Path(f.path).resolve()), "content_sha256": checkpoint_content_sha256(f.path),
-               "weight": w} for f, w in zip(files, weights)]
+    inputs = [{"path": str(Path(f.path).resolve()), "content_sha256": f.content_sha256, "weight": w}
+              for f, w in zip(files, weights)]
     return write_checkpoint(out, first.info, tensors, first.head_weight0, first.head_bias0,
                             train_config=first.meta.get("train_config") or {}, ids=ids,
                             count=None if ids is not None or None in counts else sum(counts),
