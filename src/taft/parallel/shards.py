@@ -46,7 +46,17 @@ from taft.spec import ModelSpec
 from taft.train import Compute, TrainConfig, fit
 from taft.wording import counted
 
-FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor, Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class FeatureUnion:
+    """Training features in several parts (a store's creation data and the data of each later addition): every
+    shard's ids lie in one part, which `shard_data` takes its rows from."""
+
+    parts: tuple[Any, ...]
+
+
+FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor, Sequence[str]], FeatureUnion]
 # Metrics that depend only on the data and config (no timings): what a shard checkpoint records.
 DETERMINISTIC_METRICS = ("method", "tangent_blocks", "epochs", "steps", "lr", "n_train", "eval_split", "top1", "loss",
                          "final_train_loss")
@@ -103,10 +113,23 @@ def backbone_ref(backbone: Backbone, by_name: bool = True) -> Backbone | Backbon
     return backbone
 
 
+def feature_ids(train: FeatureData) -> list[str]:
+    """The example ids of training features (every part's, for a `FeatureUnion`)."""
+    if isinstance(train, FeatureUnion):
+        return [i for p in train.parts for i in feature_ids(p)]
+    if isinstance(train, CachedFeatures):
+        return list(train.ids)
+    return [str(i) for i in train[2]]
+
+
 def shard_data(train: FeatureData, ids: Sequence[str]) -> FeatureData:
     """The rows of `train` with the given ids, in sorted id order (the canonical order a shard trains in).
     `CachedFeatures` stay a (path, rows) view of the same cache entry. `TaftError` naming ids not in `train`."""
     want = sorted(str(i) for i in ids)
+    if isinstance(train, FeatureUnion):
+        first = want[0] if want else None
+        part = next((p for p in train.parts if first in feature_ids(p)), train.parts[0])
+        return shard_data(part, want)
     if isinstance(train, CachedFeatures):
         full = CachedFeatures(train.path)
         index = {i: r for r, i in enumerate(full.ids)}
@@ -287,5 +310,5 @@ def run_shards(tasks: Sequence[ShardTask], executor: Executor, *, retries: int =
     return results
 
 
-__all__ = ["PUBLIC_METRICS", "BackboneSpec", "Deferred", "FeatureData", "ShardResult", "ShardTask",
-           "ShardTrainingError", "backbone_ref", "run_shards", "shard_data", "train_shard"]
+__all__ = ["PUBLIC_METRICS", "BackboneSpec", "Deferred", "FeatureData", "FeatureUnion", "ShardResult", "ShardTask",
+           "ShardTrainingError", "backbone_ref", "feature_ids", "run_shards", "shard_data", "train_shard"]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+import shutil
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,16 +40,31 @@ def write_shard(layout: StoreLayout, info: ModelInfo, result: ShardResult, *, cr
                 plan_kind: str, privacy: Mapping[str, Any] | None = None) -> ShardFile:
     """Write a trained shard as an ordinary checkpoint under its content-addressed name (with `privacy`, the
     shard's ledger, also in the checkpoint's metadata, when trained with DP)."""
-    layout.shards_dir.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file(layout.shards_dir, prefix=f".shard-{result.index:03d}-")
-    try:
+
+    def write(tmp: Path) -> None:
         write_checkpoint(tmp, info, result.tensors, result.head_weight0, result.head_bias0,
                          train_config=result.config, ids=result.ids, created=created, metrics=result.metrics,
                          extra={"shard": {"index": result.index, "store_seed": store_seed, "plan": plan_kind},
                                 **({"privacy": dict(privacy)} if privacy else {})}, atomic=False)
+
+    return place_shard(layout, result.index, write, privacy)
+
+
+def copy_shard(layout: StoreLayout, index: int, source: Path, privacy: Mapping[str, Any] | None = None) -> ShardFile:
+    """Copy a checkpoint (imported: its bytes unchanged) into the store as shard `index`'s file."""
+    return place_shard(layout, index, lambda tmp: shutil.copyfile(source, tmp), privacy)
+
+
+def place_shard(layout: StoreLayout, index: int, write: Callable[[Path], None],
+                privacy: Mapping[str, Any] | None) -> ShardFile:
+    """`write(tmp)` a shard file under a temp name in shards/, fsync it, rename it to its content-addressed name."""
+    layout.shards_dir.mkdir(parents=True, exist_ok=True)
+    tmp = temp_file(layout.shards_dir, prefix=f".shard-{index:03d}-")
+    try:
+        write(tmp)
         finish_file(tmp)
         sha = sha256_file(tmp)
-        final = layout.shards_dir / shard_file_name(result.index, sha)
+        final = layout.shards_dir / shard_file_name(index, sha)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

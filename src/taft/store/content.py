@@ -21,16 +21,30 @@ from taft.store.manifest import Manifest, ShardEntry
 _LISTED = 3
 
 
-def open_source(m: Manifest, backbone: Backbone | None = None) -> Any | None:
-    """The store's training data reopened from its recorded source (with `backbone`'s preprocessing, default the
-    store's backbone by name); None when the store has no source or it cannot be opened any more."""
-    source = (m.data or {}).get("source")
+def open_source(record: Mapping[str, Any], m: Manifest, backbone: Backbone | None = None) -> Any | None:
+    """The training data a data record (`Manifest.data_of`) names, reopened from its source (with `backbone`'s
+    preprocessing, default the store's backbone by name); None when it has no source or it cannot be opened."""
+    source = record.get("source")
     if not source:
         return None
     try:
         return DataSource.from_dict(source).open(backbone or load_backbone_like(m.model.backbone, m.model.preprocess))
     except TaftError:
         return None
+
+
+def open_sources(m: Manifest, shards: Iterable[int], backbone: Backbone | None = None) -> dict[int, Any]:
+    """{shard index: its training data reopened from its source, or None}; each source opened once."""
+    opened: list[tuple[Mapping[str, Any], Any]] = []
+    out = {}
+    for i in shards:
+        record = m.data_of(i)
+        hit = next((d for r, d in opened if r == record), False)
+        if hit is False:
+            hit = open_source(record, m, backbone)
+            opened.append((record, hit))
+        out[i] = hit
+    return out
 
 
 def shard_hashes(dataset: Any, shards: Mapping[int, Iterable[str]]) -> dict[int, str]:
@@ -56,24 +70,23 @@ def content_change(dataset: Any, shard: ShardEntry, forgetting: Iterable[str] = 
     return None
 
 
-def check_unchanged(m: Manifest, dataset: Any | None, shards: Iterable[int], forgetting: Iterable[str],
+def check_unchanged(m: Manifest, data: Mapping[int, Any], shards: Iterable[int], forgetting: Iterable[str],
                     accept: bool) -> str | None:
-    """`TaftError` naming the first change of `shards`' data in `dataset` (see the module doc), unless `accept`;
-    the change accepted (for the audit log), or None."""
-    if dataset is None:
-        return None
-    source = m.data.get("source") or {}
-    where = source.get("data") or source.get("dataset") or "the store's data source"
+    """`TaftError` naming the first change of `shards`' data in `data` ({shard index: its reopened source}; see
+    the module doc), unless `accept`; the change accepted (for the audit log), or None."""
     for i in shards:
-        change = content_change(dataset, m.shards[i], forgetting)
+        dataset = data.get(i)
+        change = None if dataset is None else content_change(dataset, m.shards[i], forgetting)
         if change is None:
             continue
         if accept:
             return change
+        source = m.data_of(i).get("source") or {}
+        where = source.get("data") or source.get("dataset") or "the store's data source"
         raise TaftError(f"the data at {where} changed since the store was trained: {change}; nothing was changed. "
                         "Restore the data, or retrain on it anyway with accept_changed_data=True",
                         arguments=("accept_changed_data",))
     return None
 
 
-__all__ = ["check_unchanged", "content_change", "open_source", "shard_hashes"]
+__all__ = ["check_unchanged", "content_change", "open_source", "open_sources", "shard_hashes"]

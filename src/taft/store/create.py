@@ -99,8 +99,9 @@ def ids_and_labels(train: FeatureData) -> tuple[list[str], list[int]]:
     raise TaftError("store training data must be CachedFeatures or a tuple (features, labels, ids)")
 
 
-def shard_config(base: TrainConfig, index: int) -> TrainConfig:
-    return replace(base, seed=shard_seed(base.seed, index))
+def shard_config(base: TrainConfig, index: int, seed: int | None = None) -> TrainConfig:
+    """The recipe shard `index` trains with: the store's, seeded `seed` (default `shard_seed(base.seed, index)`)."""
+    return replace(base, seed=shard_seed(base.seed, index) if seed is None else seed)
 
 
 def dp_shard_seed(dp_seed: int, index: int, release: int) -> int:
@@ -150,8 +151,10 @@ def check_dp(dp: DPConfig | None, weighting: str, sizes: Sequence[int] = (), bat
 def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[str]], *, train: FeatureData,
                backbone: Backbone | BackboneSpec, info: ModelInfo, spec: ModelSpec, base: TrainConfig, threads: int,
                plan_kind: str, execution: Execution, dp: DPConfig | None = None,
-               prior: Mapping[int, Mapping[str, Any] | None] | None = None) -> dict[int, ShardFile]:
-    """Train shards {index: ids} (reusing the journal's finished ones) and write their files; {index: file}.
+               prior: Mapping[int, Mapping[str, Any] | None] | None = None,
+               seeds: Mapping[int, int] | None = None) -> dict[int, ShardFile]:
+    """Train shards {index: ids} (reusing the journal's finished ones) and write their files; {index: file}. Shard
+    i's data order is seeded by `seeds[i]` (default `shard_seed(base.seed, i)`; an imported shard keeps its own).
 
     With `dp`, by DP-SGD; `prior` ({index: ledger}) holds the ledgers of the shards' earlier releases (retraining):
     a retrained shard's ledger is then the sequential composition of those and the new run (see
@@ -166,7 +169,8 @@ def train_into(layout: StoreLayout, pending: Pending, todo: Mapping[int, list[st
         if entry is not None:
             done[index] = entry
             continue
-        tasks.append(ShardTask(index=index, spec=spec, config=shard_config(base, index), data=shard_data(train, ids),
+        config = shard_config(base, index, (seeds or {}).get(index))
+        tasks.append(ShardTask(index=index, spec=spec, config=config, data=shard_data(train, ids),
                                class_names=tuple(info.class_names), backbone=backbone, fingerprint=info.fingerprint,
                                threads=threads, dp=shard_dp(dp, index, releases(prior.get(index))),
                                device=task_device))

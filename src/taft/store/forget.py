@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,10 @@ from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.errors import FingerprintMismatchError, TaftError
 from taft.parallel.execution import Execution
-from taft.parallel.shards import BackboneSpec, FeatureData, backbone_ref
+from taft.parallel.shards import BackboneSpec, FeatureData, FeatureUnion, backbone_ref
 from taft.store.commit import begin, commit
 from taft.store.create import train_into
-from taft.store.content import check_unchanged, content_change, open_source, shard_hashes
+from taft.store.content import check_unchanged, content_change, open_sources, shard_hashes
 from taft.store.journal import Pending, audit_noop, write_pending
 from taft.wording import counted
 from taft.store.layout import StoreLayout, crashpoint
@@ -47,7 +47,8 @@ _MAX_LISTED = 10
 @dataclass
 class ForgetResult:
     """forgotten: ids newly forgotten; already: ids that were forgotten before; shards: the trained shards
-    dropped or retrained; noop: nothing to do; resumed: an interrupted forget was completed."""
+    dropped or retrained; undated: those of them dropped in mode "retrain" since their training data is unknown
+    (imported without it); noop: nothing to do; resumed: an interrupted forget was completed."""
 
     forgotten: list[str]
     already: list[str]
@@ -56,6 +57,7 @@ class ForgetResult:
     composed_sha256: str | None
     noop: bool = False
     resumed: bool = False
+    undated: list[int] = field(default_factory=list)
 
 
 def read_ids(path: str | Path) -> list[str]:
@@ -76,18 +78,48 @@ def read_ids(path: str | Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def training_features(m: Manifest, features: FeatureData | None) -> FeatureData:
-    """`features` if given, else the store's trunk-feature cache entry if it is still there."""
-    if features is not None:
-        return features
-    f = m.data.get("features") or {}
+def cached_entry(record: Mapping[str, Any]) -> CachedFeatures | None:
+    """The trunk-feature cache entry a data record (`Manifest.data_of`) names, if it is still there."""
+    f = record.get("features") or {}
     path = f.get("path")
     if path and (Path(path) / "meta.json").is_file():
         cf = CachedFeatures(path)
         if cf.meta.get("entry") == f.get("entry"):
             return cf
-    raise TaftError(f"the store's training features are not available (feature-cache entry {path} is gone); pass "
-                    "the training features, or keep the data at the recorded source so they can be recomputed")
+    return None
+
+
+def data_records(m: Manifest, shards: Iterable[int] | None = None) -> list[dict[str, Any]]:
+    """The distinct records of the training data of `shards` (default: every retrainable shard), in shard order."""
+    out: list[dict[str, Any]] = []
+    for i in range(len(m.shards)) if shards is None else shards:
+        record = m.data_of(i)
+        if m.retrainable(i) and record not in out:
+            out.append(record)
+    return out
+
+
+def union(parts: Sequence[FeatureData]) -> FeatureData:
+    return parts[0] if len(parts) == 1 else FeatureUnion(tuple(parts))
+
+
+def training_features(m: Manifest, features: FeatureData | None, shards: Iterable[int] | None = None) -> FeatureData:
+    """`features` if given, else the trunk-feature cache entries of `shards`' training data (default: all the
+    store's) if they are still there (a `FeatureUnion` when the shards came from several sources)."""
+    if features is not None:
+        return features
+    parts = []
+    for record in data_records(m, shards):
+        cf = cached_entry(record)
+        if cf is None:
+            path = (record.get("features") or {}).get("path")
+            raise TaftError(f"the store's training features are not available (feature-cache entry {path} is gone); "
+                            "pass the training features, or keep the data at the recorded source so they can be "
+                            "recomputed")
+        parts.append(cf)
+    if not parts:
+        raise TaftError("the store holds no shard whose training data is recorded")
+    return union(parts)
 
 
 def backbone_for(m: Manifest, backbone: Backbone | None, remote: bool) -> Backbone | BackboneSpec:
@@ -134,7 +166,8 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
         if status == "done":
             m = load_manifest(layout)
             a = pending.audit
-            return ForgetResult(a["ids"], a["already"], a["shards"], mode, composed_sha256(m), resumed=True)
+            return ForgetResult(a["ids"], a["already"], a["shards"], mode, composed_sha256(m), resumed=True,
+                                undated=a.get("undated", []))
         if pending is None:
             done = set(m.forgotten)
             new = [i for i in wanted if i not in done]
@@ -147,11 +180,13 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
         else:
             new, shards = pending.audit["ids"], pending.audit["shards"]
         m2, todo = without_ids(m, set(new), mode)
+        undated = [i for i in shards if mode == "retrain" and m2.shards[i].status == "dropped"]
         retraining = Retraining.of(m, features, backbone, list(todo), set(new), accept_changed_data) if todo else None
         accepted = {"accepted_changed_data": retraining.accepted} if retraining and retraining.accepted else {}
         if pending is None:
             pending = Pending.new("forget", request, m.generation,
-                                  {"ids": new, "already": already, "mode": mode, "shards": shards, **accepted})
+                                  {"ids": new, "already": already, "mode": mode, "shards": shards, **accepted,
+                                   **({"undated": undated} if undated else {})})
             write_pending(layout, pending)
             crashpoint("after-pending")
         elif accepted:  # a resumed retrain on changed data: logged with it
@@ -161,7 +196,8 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
             files = train_into(layout, pending, todo, train=retraining.train,
                                backbone=backbone_for(m, backbone, execution.remote), info=m.model, spec=m.spec,
                                base=m.config, threads=m.threads, plan_kind=m.plan.kind, execution=execution,
-                               dp=m.dp_config, prior={i: m.shards[i].privacy for i in todo})
+                               dp=m.dp_config, prior={i: m.shards[i].privacy for i in todo},
+                               seeds={i: m.shards[i].seed for i in todo})
             for index, entry in files.items():
                 s = m2.shards[index]
                 s.file, s.sha256 = entry.file, entry.sha256
@@ -170,12 +206,12 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
                     s.privacy = entry.privacy
         m2 = commit(layout, m2, pending)
         return ForgetResult(sorted(new), pending.audit["already"], shards, mode, composed_sha256(m2),
-                            resumed=status == "resume")
+                            resumed=status == "resume", undated=undated)
 
 
 def without_ids(m: Manifest, ids: set[str], mode: str) -> tuple[Manifest, dict[int, list[str]]]:
-    """The manifest with `ids` forgotten (their trained shards dropped, emptied, or to retrain), and the shards to
-    retrain {index: remaining ids}."""
+    """The manifest with `ids` forgotten (their trained shards dropped, emptied, or to retrain; in mode "retrain" a
+    shard whose training data is unknown is dropped), and the shards to retrain {index: remaining ids}."""
     m2 = copy.deepcopy(m)
     m2.forgotten = sorted(set(m.forgotten) | ids)
     todo: dict[int, list[str]] = {}
@@ -185,8 +221,9 @@ def without_ids(m: Manifest, ids: set[str], mode: str) -> tuple[Manifest, dict[i
         s.ids = [i for i in s.ids if i not in ids]
         if not s.trained:
             continue
-        if mode == "drop" or not s.ids:
-            s.status, s.file, s.sha256, s.data_sha256 = ("dropped" if mode == "drop" else "empty"), None, None, None
+        if mode == "drop" or not s.ids or not m.retrainable(s.index):
+            s.status = "empty" if not s.ids else "dropped"
+            s.file, s.sha256, s.data_sha256 = None, None, None
         else:
             todo[s.index] = s.ids
     forbidden = set(m2.forgotten)
@@ -197,35 +234,41 @@ def without_ids(m: Manifest, ids: set[str], mode: str) -> tuple[Manifest, dict[i
 
 @dataclass
 class Retraining:
-    """What retraining trains on: `train` (features), `data` (the store's data source reopened, or None),
-    whether `train` is the store's own cache entry, and the data change the caller accepted (or None)."""
+    """What retraining trains on: `train` (features), `data` ({shard index: its data source reopened, or None}),
+    whether `train` is the store's own cache entries, and the data change the caller accepted (or None)."""
 
     train: FeatureData
-    data: Any | None
+    data: dict[int, Any]
     recorded: bool
     accepted: str | None
 
     @classmethod
     def of(cls, m: Manifest, features: FeatureData | None, backbone: Backbone | None, shards: list[int],
            forgetting: set[str], accept: bool) -> Retraining:
-        """Checked before anything is written: features other than the store's cache entry must hold the content
+        """Checked before anything is written: features other than the store's cache entries must hold the content
         the shards were trained on (`check_unchanged`), unless `accept`."""
-        train = training_features(m, features)
-        entry = (m.data.get("features") or {}).get("entry")
-        recorded = isinstance(train, CachedFeatures) and entry is not None and train.meta.get("entry") == entry
-        hashed = any(m.shards[i].data_sha256 for i in shards)
-        data = open_source(m, backbone) if hashed else None
+        unknown = [i for i in shards if not m.retrainable(i)]
+        if unknown:
+            raise TaftError(f"shards {unknown} were imported without their training data and cannot be retrained")
+        train = training_features(m, features, shards)
+        entries = {(m.data_of(i).get("features") or {}).get("entry") for i in shards} - {None}
+        parts = train.parts if isinstance(train, FeatureUnion) else (train,)
+        recorded = bool(entries) and all(isinstance(p, CachedFeatures) and p.meta.get("entry") in entries
+                                         for p in parts)
+        hashed = [i for i in shards if m.shards[i].data_sha256]
+        data = open_sources(m, hashed, backbone)
         accepted = None if recorded else check_unchanged(m, data, shards, forgetting, accept)
         return cls(train, data, recorded, accepted)
 
     def data_sha256(self, before: ShardEntry, ids: list[str]) -> str | None:
         """The retrained shard's new content hash: of its `ids` in the data source, when that is what it was
         trained on (rebuilt features, or the cache entry while the source still matches it); else unknown."""
-        if self.data is None:
+        data = self.data.get(before.index)
+        if data is None:
             return None
-        if self.recorded and (before.data_sha256 is None or content_change(self.data, before) is not None):
+        if self.recorded and (before.data_sha256 is None or content_change(data, before) is not None):
             return None
-        return shard_hashes(self.data, {0: ids})[0]
+        return shard_hashes(data, {0: ids})[0]
 
 
 def composed_sha256(m: Manifest) -> str | None:

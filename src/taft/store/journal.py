@@ -1,7 +1,7 @@
 """The operation journal (`pending.json`) and the append-only audit log (`audit.jsonl`).
 
 pending.json is written (atomically) before an operation changes anything, and removed after it has committed
-and cleaned up. It holds: op_id (unique), op ("create" | "forget" | "compose" | "repair"), request (what was asked;
+and cleaned up. It holds: op_id (unique), op ("create" | "forget" | "compose" | "retrain" | "add" | "import"), request (what was asked;
 a rerun with an equal request resumes the operation), time (the operation's timestamp, also the `created` of
 the files it writes, so a rerun writes identical bytes), base_generation, audit (the log entry to append at the
 end) and completed ({shard index: {file, sha256}} for shards already trained, reused by a rerun).
@@ -31,7 +31,8 @@ from taft.wording import counted
 class Pending:
     """The journal of the operation in progress (see the module doc). `request` is what was asked (per op:
     create {plan, config, fingerprint, threads, weighting, data, backbone[, dp]}; forget {ids, mode}; compose
-    {weighting, subset}); `audit` the log entry's fields; `completed` the shard files already written."""
+    {weighting, subset}; retrain {shards}; add {data, shards, plan, source, readd_forgotten}; import {checkpoints,
+    data, source, readd_forgotten}); `audit` the log entry's fields; `completed` the shard files already written."""
 
     op_id: str
     op: str
@@ -66,6 +67,9 @@ class Pending:
         if self.op == "forget":
             ids = counted(len(self.request["ids"]), "id")
             return f"forget of {ids} (mode {self.request['mode']}) started {self.time}"
+        if self.op in ("add", "import"):
+            what = counted(self.audit.get("n", 0), "example")
+            return f"{'addition' if self.op == 'add' else 'import'} of {what} started {self.time}"
         return f"{self.op} started {self.time}"
 
     def progress(self) -> str | None:
@@ -76,7 +80,7 @@ class Pending:
 
     def trains(self) -> bool:
         """Whether the operation trains shards (a creation, a retrain, a forget in retrain mode)."""
-        return self.op in ("create", "retrain") or (self.op == "forget" and self.request.get("mode") == "retrain")
+        return self.op in ("create", "retrain", "add") or (self.op == "forget" and self.request.get("mode") == "retrain")
 
 
 def read_pending(layout: StoreLayout) -> Pending | None:

@@ -13,7 +13,11 @@ ids (sorted, forgotten ones removed), n, seed[, data_sha256]}, data_sha256 (in s
 unknown) being the content hash of the shard's examples in that source (`dataset.select(ids).content_hash()`):
 retraining on data rebuilt from the source checks it (`taft.store.content`); composition {weighting, subset (shard
 indices or null = all trained)}; composed {file, sha256, content_sha256, created, shards, alphas, n} or null;
-forgotten (sorted ids).
+forgotten (sorted ids); additions (only once shards joined after the creation: one `Addition` per `add` or `import`,
+{op, op_id, time, shards (their indices, after the creation's), data (their training data's record, shaped like
+`data`; both keys null for checkpoints imported without their data: such shards can be dropped, not retrained),
+checkpoints (import: each file's original path and hashes), readded (forgotten ids deliberately trained again)}).
+A shard's training data is `Manifest.data_of(index)`.
 
 A store trained with differential privacy (DP-SGD per shard) also has: dp (the `DPConfig.to_dict()` every shard
 is trained with, also on retraining); on each shard entry, privacy (its ledger, `PrivacyLedger.to_dict()`: the one
@@ -162,6 +166,38 @@ class Composed:
             raise malformed("composed entry", e) from e
 
 
+@dataclass(frozen=True)
+class Addition:
+    """Shards that joined the store after its creation (see the module doc)."""
+
+    op: str
+    op_id: str
+    time: str
+    shards: list[int]
+    data: Json
+    checkpoints: list[Json] = field(default_factory=list)
+    readded: list[str] = field(default_factory=list)
+
+    @property
+    def retrainable(self) -> bool:
+        """Whether the shards' training data is known (an import without data is drop-only)."""
+        return bool(self.data.get("features") or self.data.get("source"))
+
+    def to_dict(self) -> Json:
+        d = {"op": self.op, "op_id": self.op_id, "time": self.time, "shards": list(self.shards), "data": self.data}
+        if self.checkpoints:
+            d["checkpoints"] = list(self.checkpoints)
+        return {**d, "readded": list(self.readded)} if self.readded else d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Addition:
+        try:
+            return cls(str(d["op"]), str(d["op_id"]), str(d["time"]), [int(i) for i in d["shards"]], dict(d["data"]),
+                       [dict(c) for c in d.get("checkpoints", [])], [str(i) for i in d.get("readded", [])])
+        except (KeyError, TypeError, ValueError) as e:
+            raise malformed("addition", e) from e
+
+
 @dataclass
 class Manifest:
     """A store's manifest (see the module doc). `dp` and `privacy` are None in a store without DP."""
@@ -181,6 +217,7 @@ class Manifest:
     forgotten: list[str] = field(default_factory=list)
     dp: Json | None = None
     privacy: Json | None = None
+    additions: list[Addition] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------------------ views
     @property
@@ -196,6 +233,20 @@ class Manifest:
     @property
     def dp_config(self) -> DPConfig | None:
         return DPConfig(**self.dp) if self.dp is not None else None
+
+    def addition_of(self, index: int) -> Addition | None:
+        """The addition shard `index` joined the store with (None: made at the creation)."""
+        return next((a for a in self.additions if index in a.shards), None)
+
+    def data_of(self, index: int) -> Json:
+        """The record of shard `index`'s training data ({"features", "source"}, shaped like `data`)."""
+        added = self.addition_of(index)
+        return added.data if added is not None else self.data
+
+    def retrainable(self, index: int) -> bool:
+        """Whether shard `index` can be retrained: its training data is recorded (not an import without data)."""
+        added = self.addition_of(index)
+        return added is None or added.retrainable
 
     def trained(self) -> list[int]:
         return [s.index for s in self.shards if s.trained]
@@ -229,6 +280,8 @@ class Manifest:
              "composition": self.composition.to_dict(),
              "composed": self.composed.to_dict() if self.composed is not None else None,
              "forgotten": list(self.forgotten)}
+        if self.additions:
+            d["additions"] = [a.to_dict() for a in self.additions]
         return {**d, "dp": self.dp, "privacy": self.privacy} if dp else d
 
     @classmethod
@@ -245,7 +298,8 @@ class Manifest:
                        composition=Composition.from_dict(d["composition"]),
                        composed=Composed.from_dict(d["composed"]) if d["composed"] is not None else None,
                        forgotten=[str(i) for i in d["forgotten"]],
-                       dp=dict(d["dp"]) if "dp" in d else None, privacy=d.get("privacy"))
+                       dp=dict(d["dp"]) if "dp" in d else None, privacy=d.get("privacy"),
+                       additions=[Addition.from_dict(a) for a in d.get("additions", [])])
         except (KeyError, TypeError, ValueError) as e:
             raise malformed("manifest", e) from e
 
@@ -271,6 +325,9 @@ class Manifest:
                 out.append(f"shard {i}: status {s.status} but file {s.file!r}")
             if s.trained and not s.ids:
                 out.append(f"shard {i} is marked trained but has no ids")
+        added = [i for a in self.additions for i in a.shards]
+        if len(set(added)) != len(added) or not all(0 < i < len(self.shards) for i in added):
+            out.append(f"the additions name shards {added}, not distinct shards after the first")
         unknown = forgotten - set(self.plan.ids)
         if unknown:
             out.append(f"forgotten ids not in the plan: {sorted(unknown)[:10]}")
@@ -327,5 +384,5 @@ def save_manifest(layout: StoreLayout, m: Manifest) -> None:
     write_json(layout.manifest, m.to_dict())
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "STATUSES", "Composed", "Composition", "Manifest", "ShardEntry", "ShardFile",
+__all__ = ["FORMAT", "FORMAT_VERSION", "STATUSES", "Addition", "Composed", "Composition", "Manifest", "ShardEntry", "ShardFile",
            "load_manifest", "save_manifest"]

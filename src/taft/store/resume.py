@@ -6,16 +6,19 @@ from pathlib import Path
 
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
+from taft.data.source import DataSource
 from taft.errors import TaftError
 from taft.model import Classifier
 from taft.parallel.execution import Execution
 from taft.parallel.shards import BackboneSpec, FeatureData
 from taft.privacy import DPConfig
 from taft.spec import ModelSpec
+from taft.store.add import add_examples
 from taft.store.commit import finish
 from taft.store.compose import compose_store
 from taft.store.create import create_store
 from taft.store.forget import forget
+from taft.store.import_shards import import_checkpoints
 from taft.store.journal import Pending, read_pending
 from taft.wording import counted
 from taft.store.layout import StoreLayout
@@ -52,6 +55,20 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
     if pending.op == "create":
         resume_creation(root, pending, features, backbone, execution)
         return "completed the store's creation"
+    if pending.op == "add":
+        plan = req["plan"]
+        r = add_examples(root, recorded_features(req["data"], features, "addition"), shards=req["shards"],
+                         plan=ShardPlan.from_dict(plan) if isinstance(plan, dict) else plan,
+                         source=DataSource.from_dict(req["source"]) if req["source"] else None, backbone=backbone,
+                         readd_forgotten=req["readd_forgotten"], execution=execution)
+        return f"completed the addition of {counted(r.n, 'example')} as {counted(len(r.shards), 'shard')} {r.shards}"
+    if pending.op == "import":
+        data = req["data"]
+        r = import_checkpoints(root, [c["path"] for c in req["checkpoints"]],
+                               features=recorded_features(data, features, "import") if data else None,
+                               source=DataSource.from_dict(req["source"]) if req["source"] else None,
+                               backbone=backbone, readd_forgotten=req["readd_forgotten"])
+        return f"completed the import of {counted(len(r.shards), 'checkpoint')} as shards {r.shards}"
     if pending.op == "retrain":
         result = retrain(root, req["shards"], features=features, backbone=backbone, execution=execution,
                          accept_changed_data=accept_changed_data)
@@ -59,16 +76,22 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
     raise TaftError(f"cannot resume an operation of kind {pending.op!r}")
 
 
+def recorded_features(identity: dict, features: FeatureData | None, what: str) -> FeatureData:
+    """`features` if given, else the feature-cache entry an operation's request names (`data_identity`)."""
+    if features is not None:
+        return features
+    path = identity.get("path")
+    if not path or not (Path(path) / "meta.json").is_file():
+        raise TaftError(f"cannot resume the store's {what}: its training features are not in the feature cache any "
+                        f"more; pass them, or start the {what} again from its data")
+    return CachedFeatures(path)
+
+
 def resume_creation(root: str | Path, pending: Pending, features: FeatureData | None, backbone: Backbone | None,
                     execution: Execution) -> None:
     """Rerun the store's interrupted creation with its recorded request."""
     req = pending.request
-    if features is None:
-        path = req["data"].get("path")
-        if not path or not (Path(path) / "meta.json").is_file():
-            raise TaftError("cannot resume the store's creation: its training features are not in the feature "
-                            "cache any more; pass them, or create the store again from its data")
-        features = CachedFeatures(path)
+    features = recorded_features(req["data"], features, "creation")
     if not isinstance(features, CachedFeatures):
         raise TaftError("resuming a store's creation needs its cached training features (CachedFeatures)")
     if backbone is None:

@@ -44,6 +44,10 @@ def check_retrainable(m: Manifest, shards: list[int]) -> None:
     wrong = [i for i in shards if not (0 <= i < len(m.shards) and m.shards[i].trained)]
     if wrong or not shards:
         raise TaftError(f"only trained shards can be retrained; not {wrong or 'an empty list'}")
+    undated = [i for i in shards if not m.retrainable(i)]
+    if undated:
+        raise TaftError(f"shards {undated} were imported without their training data and cannot be retrained: restore "
+                        "their files, or import them again")
 
 
 def retrain(root: str | Path, shards: list[int], *, features: FeatureData | None = None,
@@ -72,7 +76,8 @@ def retrain(root: str | Path, shards: list[int], *, features: FeatureData | None
             crashpoint("after-pending")
         files = train_into(layout, pending, {i: list(m.shards[i].ids) for i in shards}, train=retraining.train,
                            backbone=ref, info=m.model, spec=m.spec,
-                           base=m.config, threads=m.threads, plan_kind=m.plan.kind, execution=execution)
+                           base=m.config, threads=m.threads, plan_kind=m.plan.kind, execution=execution,
+                           seeds={i: m.shards[i].seed for i in shards})
         m2 = copy.deepcopy(m)
         for index, entry in files.items():
             m2.shards[index].file, m2.shards[index].sha256 = entry.file, entry.sha256

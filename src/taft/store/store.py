@@ -2,6 +2,8 @@
 resume, verify and read it.
 
     store = ModelStore.create("stores/cifar", features, model, TrainConfig(epochs=10), shards=8)
+    store.add(model.cache_features(week2))            # new shards; nothing retrained
+    store.import_checkpoints(["partner.safetensors"])  # a shard trained elsewhere (drop-only without its data)
     store.forget(["img/001.png"], mode="retrain")     # retrain only its shard
     store.info()                                      # a JSON-able summary
     clf, meta = store.load_composed()                 # the composed model (an ordinary checkpoint)
@@ -28,7 +30,9 @@ from taft.parallel.shards import FeatureData
 from taft.privacy import DPConfig
 from taft.store.compose import compose_store
 from taft.store.create import SHARD_MIN_STEPS, create_store
-from taft.store.forget import ForgetResult, forget, training_features
+from taft.store.add import AddResult, add_examples
+from taft.store.forget import ForgetResult, cached_entry, data_records, forget, union
+from taft.store.import_shards import ImportResult, import_checkpoints
 from taft.store.journal import Pending, read_audit, read_pending
 from taft.store.layout import StoreLayout
 from taft.store.manifest import Manifest, load_manifest
@@ -80,6 +84,22 @@ class ModelStore:
         return cls(root)
 
     # ------------------------------------------------------------------------------------------ changes
+    def add(self, train: FeatureData, *, shards: int | None = None, plan: ShardPlan | str | None = None,
+            source: DataSource | None = None, backbone: Backbone | None = None, readd_forgotten: bool = False,
+            execution: Execution = Execution()) -> AddResult:
+        """Add the examples of `train` (trunk features with ids, in the store's classes) as new shards, trained
+        with the store's recipe; nothing already trained is retrained (`taft.store.add`)."""
+        return add_examples(self.root, train, shards=shards, plan=plan, source=source, backbone=backbone,
+                            readd_forgotten=readd_forgotten, execution=execution)
+
+    def import_checkpoints(self, paths: Iterable[str | Path], *, features: FeatureData | None = None,
+                           source: DataSource | None = None, backbone: Backbone | None = None,
+                           readd_forgotten: bool = False) -> ImportResult:
+        """Make each checkpoint (trained elsewhere on the store's base and recipe) a new shard; drop-only unless its
+        `features` and `source` are given (`taft.store.import_shards`)."""
+        return import_checkpoints(self.root, list(paths), features=features, source=source, backbone=backbone,
+                                  readd_forgotten=readd_forgotten)
+
     def forget(self, ids: Iterable[str], mode: str = "drop", *, features: FeatureData | None = None,
                backbone: Backbone | None = None, execution: Execution = Execution(),
                accept_changed_data: bool = False) -> ForgetResult:
@@ -108,7 +128,8 @@ class ModelStore:
         if not (repair and report.lost_shards) or self.manifest.dp is not None:
             return report
         try:
-            result = retrain(self.root, report.lost_shards, features=self.training_features(progress=False),
+            features = self.training_features(shards=report.lost_shards, progress=False)
+            result = retrain(self.root, report.lost_shards, features=features,
                              backbone=backbone, execution=Execution("inline", progress=False))
         except TaftError as e:
             report.problems.append(f"the lost shards {report.lost_shards} could not be retrained: {e}")
@@ -137,27 +158,45 @@ class ModelStore:
 
     @property
     def data_source(self) -> DataSource | None:
-        """Where the training data came from, if the store was given it (`taft shards train` records it)."""
+        """Where the creation's training data came from, if the store was given it (`taft shards train` records
+        it); the data of later additions: `data_sources`."""
         src = (self.manifest.data or {}).get("source")
         return DataSource.from_dict(src) if src else None
 
-    def training_features(self, *, device=None, progress: bool = True) -> FeatureData:
-        """The training data's trunk features: the store's cache entry if it is still there, else rebuilt from
-        its data source with the store's backbone (checked to have the same weights). `TaftError` when neither
-        is available."""
+    @property
+    def data_sources(self) -> list[DataSource]:
+        """Every recorded source of the store's training data: the creation's, then each addition's."""
+        records = [self.manifest.data, *(a.data for a in self.manifest.additions)]
+        return [DataSource.from_dict(r["source"]) for r in records if r.get("source")]
+
+    def training_features(self, *, shards: Iterable[int] | None = None, device=None,
+                          progress: bool = True) -> FeatureData:
+        """The trunk features of `shards`' training data (default: all the store's): for each data record (the
+        creation's, each addition's), its feature-cache entry if it is still there, else rebuilt from its source
+        with the store's backbone (checked to have the same weights); a `FeatureUnion` over several. `TaftError`
+        when neither is available."""
         m = self.manifest
-        try:
-            return training_features(m, None)
-        except TaftError:
-            source = self.data_source
-            if source is None:
-                raise
-        backbone = load_backbone_like(m.model.backbone, m.model.preprocess)
-        if backbone.fingerprint != m.model.backbone_fingerprint:
-            raise TaftError(f"backbone {m.model.backbone!r} now has other weights than the store was trained with")
-        dtype = {"float32": torch.float32, "float16": torch.float16}[source.cache_dtype]
-        return cache_features(source.open(backbone), backbone, m.model.tangent_blocks, dtype=dtype, device=device,
-                              autocast=source.autocast, progress=progress)
+        parts, backbone = [], None
+        for record in data_records(m, shards):
+            cf = cached_entry(record)
+            if cf is not None:
+                parts.append(cf)
+                continue
+            if not record.get("source"):
+                raise TaftError(f"the store's training features are not available: feature-cache entry "
+                                f"{(record.get('features') or {}).get('path')} is gone and no data source is recorded")
+            if backbone is None:
+                backbone = load_backbone_like(m.model.backbone, m.model.preprocess)
+                if backbone.fingerprint != m.model.backbone_fingerprint:
+                    raise TaftError(f"backbone {m.model.backbone!r} now has other weights than the store was trained "
+                                    "with")
+            source = DataSource.from_dict(record["source"])
+            dtype = {"float32": torch.float32, "float16": torch.float16}[source.cache_dtype]
+            parts.append(cache_features(source.open(backbone), backbone, m.model.tangent_blocks, dtype=dtype,
+                                        device=device, autocast=source.autocast, progress=progress))
+        if not parts:
+            raise TaftError("the store holds no shard whose training data is recorded")
+        return union(parts)
 
     def resume_retrains(self) -> bool:
         """Whether completing the store's interrupted operation trains shards on the store's data (a forget in
@@ -165,7 +204,7 @@ class ModelStore:
         if not self.layout.manifest.exists():
             return False
         pending = read_pending(self.layout)
-        return pending is not None and pending.op == "forget" and pending.request.get("mode") == "retrain"
+        return pending is not None and pending.op in ("forget", "retrain") and pending.request.get("mode", "retrain") == "retrain"
 
     def creation(self) -> Pending | None:
         """The journal of the store's interrupted creation while it has no manifest yet (rerun the creation, or
@@ -217,6 +256,8 @@ class ModelStore:
             "audit_entries": len(self.audit()),
             "pending": pending.describe() if pending else None,
         }
+        if m.additions:
+            out["additions"] = [{k: v for k, v in a.to_dict().items() if k != "op_id"} for a in m.additions]
         if m.dp is not None:
             out.update(dp=m.dp, privacy=m.privacy)
         return out

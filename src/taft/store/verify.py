@@ -110,10 +110,11 @@ def _verify(layout: StoreLayout, r: VerifyReport, repair: bool) -> None:
             lost = "does not match its hash (corrupt)"
         else:
             f = read_checkpoint(path)
-            lost = (None if f.fingerprint == m.model.fingerprint and f.ids == s.ids
+            lost = (None if f.fingerprint == m.model.fingerprint and sorted(f.ids or []) == s.ids
                     else "holds another model or other ids than the manifest lists")
         if lost is not None:
-            how = "restore the file" if m.dp is not None else "repair retrains it as recorded, or restore the file"
+            how = ("restore the file" if m.dp is not None or not m.retrainable(s.index)
+                   else "repair retrains it as recorded, or restore the file")
             r.problems.append(f"shard {s.index}'s file {s.file} {lost}; {how}")
             r.lost_shards.append(s.index)
             shards_ok = False
@@ -125,8 +126,9 @@ def _verify(layout: StoreLayout, r: VerifyReport, repair: bool) -> None:
             "does not match its hash" if sha256_file(path) != composed.sha256 else None)
         if state is None:
             meta = read_checkpoint(path).meta
-            want = [i for j in m.members() for i in m.shards[j].ids]
-            if meta.get("data", {}).get("ids") not in (want, None) or meta.get("fingerprint") != m.model.fingerprint:
+            want = sorted(i for j in m.members() for i in m.shards[j].ids)
+            ids = meta.get("data", {}).get("ids")
+            if (ids is not None and sorted(ids) != want) or meta.get("fingerprint") != m.model.fingerprint:
                 state = "holds other data or another model than the manifest lists"
         if state is not None:
             if shards_ok:
