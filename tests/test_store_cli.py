@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import bad
+from helpers import bad, write_image
 from taft.cli import main
 from taft.fileio import write_json
 from taft.store.layout import StoreLayout
@@ -289,3 +289,37 @@ def test_shards_train_reports_the_composed_models_top1(capsys, tmp_path):
     assert main([*common, "--store", str(tmp_path / "b"), "--val-data", str(val)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"composed model: validation top-1 \d+\.\d\d% on 6 examples", out), out
+
+
+def test_store_add_and_import_grow_a_store_and_refuse_in_one_line(store, capsys, tmp_path):
+    _, root = store
+    week2 = tmp_path / "week2"
+    for c, name in enumerate(("ant", "bee", "cow")):
+        for i in range(2):
+            write_image(week2 / name / f"w2-{i}.png", seed=500 + 10 * c + i, size=(20 + c, 20))
+    assert main(["store", "add", str(root), "--data", str(week2), "--executor", "inline", "--quiet"]) == 0
+    assert "added 6 examples to store" in capsys.readouterr().out  # 6 examples at the mean shard size 6: one shard
+    m = load_manifest(StoreLayout(root))
+    assert m.plan.num_shards == 3 and m.additions[0].data["source"]["data"] == str(week2.resolve())
+    before = (root / "manifest.json").read_text()
+    bad(capsys, ["store", "add", str(root), "--data", str(week2), "--quiet"], "6 ids are already in the store")
+    write_image(tmp_path / "odd" / "dog" / "d.png", seed=1)
+    write_image(tmp_path / "odd" / "ant" / "a.png", seed=2)
+    bad(capsys, ["store", "add", str(root), "--data", str(tmp_path / "odd"), "--quiet"],
+        "class folders ['dog'] are not among the model's classes")
+    partner = make_classes(tmp_path / "partner", classes=("ant", "bee", "cow"), per_class=4)
+    for f in list(partner.rglob("*.png")):
+        f.rename(f.with_name("p-" + f.name))
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(partner), "--shards", "1", "--executor", "inline",
+                 "--store", str(tmp_path / "p"), *FAST]) == 0
+    other = next((tmp_path / "p" / "shards").glob("shard-000-*"))
+    assert (root / "manifest.json").read_text() == before
+    capsys.readouterr()
+    assert main(["store", "import", str(root), str(other), "--quiet"]) == 0
+    assert "as shards [3] (12 examples; drop-only" in capsys.readouterr().out
+    (tmp_path / "ids.txt").write_text("ant/p-0.png\n")
+    assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
+    assert "shard [3] was imported without training data: dropped" in capsys.readouterr().out
+    assert main(["store", "info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"shard [2] ({week2.resolve()})" in out and "shard [3] (no data: drop-only)" in out

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from taft.cli.parser import (add_backbone_args, add_compute_args, add_data_args, add_evaluation_args,
                              add_executor_args, add_log_arg, add_training_args, cache_dtype, check_executor_options,
                              compute_device, data_source, dp_config_from_args, execution, load_backbone_from,
                              model_spec, open_dataset, train_config)
+from taft.cli import store_growth
+from taft.cli.interrupt import interruptible
 from taft.cli.run import check_classes
 from taft.spec import LINEAR_METHODS
 from taft.cli.types import nonnegative_int, positive_int
@@ -107,6 +106,7 @@ def add_parsers(sub) -> None:
     add_executor_args(p)
     add_compute_args(p, threads=False)
     p.set_defaults(func=cmd_store_resume)
+    store_growth.add_parsers(store_sub)
 
     p = sub.add_parser("report", help="write a Markdown report (with PNG plots) of a store",
                        description="Shard sizes, per-shard and composed accuracy on labelled data (when --data or "
@@ -121,34 +121,6 @@ def add_accept_changed_data_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-changed-data", action="store_true",
                    help="retrain even if the examples of the shards to retrain changed in the data source since the "
                         "store was trained (features rebuilt from it); noted in the audit log")
-
-
-def how_to_continue(store: Path) -> str | None:
-    """What an interrupted operation on `store` kept and how to complete it, in one line (None: none pending)."""
-    from taft.store.journal import read_pending
-    from taft.store.layout import StoreLayout
-
-    try:
-        pending = read_pending(StoreLayout(store))
-    except TaftError:
-        return None
-    if pending is None:
-        return None
-    what = "the store's creation" if pending.op == "create" else f"the {pending.describe()}"
-    kept = f"; {pending.progress()} and kept" if pending.trains() else ""
-    return f"{what} was interrupted{kept}: rerun the same command, or `taft store resume {store}`, to complete it"
-
-
-@contextlib.contextmanager
-def interruptible(store: Path) -> Iterator[None]:
-    """On Ctrl-C (or SIGTERM) during a store operation, say on stderr how to complete it, then stop."""
-    try:
-        yield
-    except (KeyboardInterrupt, SystemExit):
-        line = how_to_continue(store)
-        if line is not None:
-            print(f"taft: {line}", file=sys.stderr)
-        raise
 
 
 def cmd_shards_train(args: argparse.Namespace) -> None:
@@ -273,7 +245,9 @@ def cmd_forget(args: argparse.Namespace) -> None:
     ids = read_ids(args.ids)
     check_executor_options(args)
     store = ModelStore(args.store)
-    features = store.training_features(device=device, progress=not args.quiet) if args.mode == "retrain" else None
+    m = store.manifest
+    retrained = [i for i in m.holding(ids) if m.retrainable(i)] if args.mode == "retrain" else []
+    features = store.training_features(shards=retrained, device=device, progress=not args.quiet) if retrained else None
     with interruptible(args.store):
         r = store.forget(ids, args.mode, features=features, execution=execution(args),
                          accept_changed_data=args.accept_changed_data)
@@ -288,6 +262,9 @@ def cmd_forget(args: argparse.Namespace) -> None:
           f"{shard_list(r.shards)}; "
           f"composed content sha256 {content[:16] + '…' if content else 'none (no shard left)'}"
           + ("; completed an interrupted forget" if r.resumed else ""))
+    if r.undated:
+        were = "was" if len(r.undated) == 1 else "were"
+        print(f"{shard_list(r.undated)} {were} imported without training data: dropped instead of retrained")
     privacy = info.get("privacy")
     if privacy:
         from taft.privacy import describe
@@ -359,6 +336,11 @@ def cmd_store_info(args: argparse.Namespace) -> None:
         from taft.privacy import describe
 
         print(f"privacy      {describe(info['privacy']) if info['privacy'] else 'none (no shard composed)'}")
+    for a in info.get("additions", []):
+        source = (a["data"].get("source") or {})
+        where = source.get("data") or source.get("dataset") or ("no data: drop-only" if a["op"] == "import" else "-")
+        print(f"{a['op']:<12} {a['time']}: {shard_list(a['shards'])} ({where})"
+              + (f", re-added {counted(len(a['readded']), 'forgotten id')}" if a.get("readded") else ""))
     print(f"forgotten    {counted(info['forgotten'], 'id')}; audit log {counted(info['audit_entries'], 'entry', 'entries')}")
     if info["pending"]:
         print(f"pending      interrupted {info['pending']} (taft store resume {args.store})")

@@ -175,8 +175,7 @@ def forget(root: str | Path, ids: Iterable[str], mode: str = "drop", *, features
             if not new:
                 audit_noop(layout, "forget", ids=wanted, mode=mode, already=already)
                 return ForgetResult([], already, [], mode, composed_sha256(m), noop=True)
-            hit = set(new)
-            shards = [s.index for s in m.shards if s.trained and hit & set(s.ids)]
+            shards = m.holding(new)
         else:
             new, shards = pending.audit["ids"], pending.audit["shards"]
         m2, todo = without_ids(m, set(new), mode)

@@ -32,7 +32,7 @@ in a DP store, trained shards have a ledger and `privacy` is the composition of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -247,6 +247,11 @@ class Manifest:
         """Whether shard `index` can be retrained: its training data is recorded (not an import without data)."""
         added = self.addition_of(index)
         return added is None or added.retrainable
+
+    def holding(self, ids: Iterable[str]) -> list[int]:
+        """The trained shards that hold any of `ids`."""
+        hit = set(ids)
+        return [s.index for s in self.shards if s.trained and hit & set(s.ids)]
 
     def trained(self) -> list[int]:
         return [s.index for s in self.shards if s.trained]

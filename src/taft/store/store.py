@@ -185,11 +185,7 @@ class ModelStore:
             if not record.get("source"):
                 raise TaftError(f"the store's training features are not available: feature-cache entry "
                                 f"{(record.get('features') or {}).get('path')} is gone and no data source is recorded")
-            if backbone is None:
-                backbone = load_backbone_like(m.model.backbone, m.model.preprocess)
-                if backbone.fingerprint != m.model.backbone_fingerprint:
-                    raise TaftError(f"backbone {m.model.backbone!r} now has other weights than the store was trained "
-                                    "with")
+            backbone = backbone or self.backbone()
             source = DataSource.from_dict(record["source"])
             dtype = {"float32": torch.float32, "float16": torch.float16}[source.cache_dtype]
             parts.append(cache_features(source.open(backbone), backbone, m.model.tangent_blocks, dtype=dtype,
@@ -197,6 +193,20 @@ class ModelStore:
         if not parts:
             raise TaftError("the store holds no shard whose training data is recorded")
         return union(parts)
+
+    def backbone(self) -> Backbone:
+        """The store's backbone, loaded by name with its preprocessing; `TaftError` if its weights changed."""
+        m = self.manifest
+        backbone = load_backbone_like(m.model.backbone, m.model.preprocess)
+        if backbone.fingerprint != m.model.backbone_fingerprint:
+            raise TaftError(f"backbone {m.model.backbone!r} now has other weights than the store was trained with")
+        return backbone
+
+    def template(self, backbone: Backbone | None = None) -> Classifier:
+        """The model every shard starts from (the store's spec and classes, its base head), untrained, on `backbone`
+        (default: `self.backbone()`): its `cache_features` builds the features of data to add or retrain on."""
+        m = self.manifest
+        return Classifier.from_spec(backbone or self.backbone(), list(m.model.class_names), m.spec)
 
     def resume_retrains(self) -> bool:
         """Whether completing the store's interrupted operation trains shards on the store's data (a forget in
