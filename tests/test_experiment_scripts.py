@@ -281,3 +281,16 @@ def test_task_arithmetic_smoke(tiny_images, tmp_path, monkeypatch):
         assert set(r["scores"]) == {"A", "B", "union", "1·A + 1·B", "0.5·A + 0.5·B", "1·A + -1·B"}
         assert all(is_accuracy(s[t]) for s in r["scores"].values() for t in ("A", "B", "all"))
     assert "| TAFT (exact) | 1·A + -1·B |" in table and "| NLFT (approximate) | union |" in table
+
+
+def test_store_growth_smoke(tiny_images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(EXPERIMENTS / "store_growth.py", ["--data", str(tiny_images), "--image-size", "28", "--test-per-class",
+               "2", "--base-per-class", "5", "--add-per-class", "3", "--additions", "2", "--shards", "2", "--epochs",
+               "1", "--min-steps", "0", "--threads", "1", "--out", str(out)], monkeypatch)
+    saved, table = results(out)
+    assert [(r["step"], r["n"]) for r in saved["runs"]] == [(0, 15), (1, 24), (2, 33)]  # 3 classes
+    assert [r["shards"] for r in saved["runs"]] == [2, 3, 4]  # 9 new images at the mean shard size 7.5: one shard
+    for r in saved["runs"][1:]:
+        assert is_accuracy(r["incremental_top1"]) and is_accuracy(r["rebuilt_top1"]) and is_seconds(r["add_s"])
+    assert "| 2 | 33 | 4 |" in table
