@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def summarise(result: dict, out: Path) -> str:
-    lines = ["| step | images | shards | incremental top-1 % | rebuilt top-1 % | addition s | rebuild s | rebuild / addition |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| step | images | shards | incremental top-1 % | rebuilt top-1 % | addition s | rebuild s "
+             "| rebuild / addition |", "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         rebuilt = "-" if r["rebuilt_top1"] is None else f"{100 * r['rebuilt_top1']:.1f}"
         add = "-" if r["add_s"] is None else f"{r['add_s']:.0f}"

@@ -171,3 +171,65 @@ def test_a_second_store_writer_says_whom_it_waits_for(tmp_path):
     holder.close()
     assert [str(w.message) for w in caught] == [f"store {layout.root} is locked by a running operation (pid 4242); "
                                                 "waiting for it to end"]
+
+
+# ------------------------------------------------------------------------------------------- add and import
+GROW = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_store import INLINE, tiny_backbone
+from test_store_living import features_of, new_images
+from taft.store import ModelStore
+store = ModelStore({root!r})
+if {op!r} == "add":
+    store.add(features_of(new_images("new")), shards=2, backbone=tiny_backbone(), execution=INLINE)
+else:
+    store.import_checkpoints({checkpoints!r})
+print("done", flush=True)
+"""
+
+
+def grow(root: Path, op: str, checkpoints: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    code = GROW.format(tests=str(TESTS), root=str(root), op=op, checkpoints=checkpoints)
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def partner_shards(tmp_path_factory) -> list[str]:
+    from test_store_living import features_of, new_images
+
+    root = create(tmp_path_factory.mktemp("partner") / "p", features_of(new_images("new")), tiny_backbone(), CONFIG,
+                  shards=2)
+    return [str(ModelStore(root).shard_path(i)) for i in range(2)]
+
+
+@pytest.mark.parametrize("op, step", [
+    ("add", "after-shard-file"), ("import", "after-manifest"),
+    pytest.param("add", "after-pending", marks=pytest.mark.slow),
+    pytest.param("add", "after-composed", marks=pytest.mark.slow),
+    pytest.param("add", "after-manifest", marks=pytest.mark.slow),
+    pytest.param("add", "after-audit", marks=pytest.mark.slow),
+    pytest.param("import", "after-shard-file", marks=pytest.mark.slow),
+    pytest.param("import", "after-composed", marks=pytest.mark.slow),
+])
+def test_add_and_import_killed_at_a_step_recover(base, partner_shards, tmp_path, op, step):
+    root, _ = base
+    want = Path(shutil.copytree(root, tmp_path / "want"))
+    assert grow(want, op, partner_shards).returncode == 0
+    store = Path(shutil.copytree(root, tmp_path / "s"))
+    crashed = grow(store, op, partner_shards, {CRASH_ENV: step})
+    assert crashed.returncode == CRASH_EXIT and "done" not in crashed.stdout, crashed.stderr
+    assert ModelStore(store).verify(repair=True).ok
+    rerun = grow(store, op, partner_shards)
+    assert rerun.returncode == 0, rerun.stderr
+    got, expected = load_manifest(StoreLayout(store)), load_manifest(StoreLayout(want))
+    assert same_tensors(composed_delta(store), composed_delta(want))
+    assert [(s.status, s.ids, s.seed) for s in got.shards] == [(s.status, s.ids, s.seed) for s in expected.shards]
+    assert got.plan == expected.plan and [a.shards for a in got.additions] == [a.shards for a in expected.additions]
+    after = ModelStore(store).verify()
+    assert after.ok and not after.notes and not after.repaired, after.lines()
+    ops = [e["op"] for e in ModelStore(store).audit() if not e.get("noop")]  # a rerun after repair: a logged no-op
+    assert ops == [e["op"] for e in ModelStore(want).audit()]
+    layout = StoreLayout(store)
+    assert not layout.pending.exists() and len(layout.shard_files()) == len(got.trained())

@@ -23,7 +23,8 @@ from taft.store import ModelStore
 from taft.store.layout import StoreLayout
 from taft.store.manifest import load_manifest
 from taft.store.plan import shard_seed
-from test_store import CONFIG, INLINE, K, composed_delta, create, file_hashes, same_tensors, tiny_backbone, tiny_features
+from test_store import (CONFIG, INLINE, K, composed_delta, create, file_hashes, same_tensors, tiny_backbone,
+                        tiny_features)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

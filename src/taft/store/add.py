@@ -36,7 +36,7 @@ from taft.store.commit import begin, commit
 from taft.store.content import shard_hashes
 from taft.store.create import check_dp, data_identity, ids_and_labels, train_into, warn_uncovered
 from taft.store.forget import backbone_for
-from taft.store.journal import Pending, write_pending
+from taft.store.journal import Pending, audit_noop, write_pending
 from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import Addition, Composition, Manifest, ShardEntry, load_manifest
 from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan, shard_seed
@@ -144,6 +144,11 @@ def add_examples(root: str | Path, train: FeatureData, *, shards: int | None = N
             a = pending.audit
             return AddResult(a["shards"], a["n"], a.get("readded", []), resumed=True)
         ids, labels = ids_and_labels(train)
+        done = next((a for a in m.additions if a.op == "add" and a.data.get("features") == request["data"]
+                     and sorted(i for k in a.shards for i in m.plan.shards[k]) == sorted(ids)), None)
+        if done is not None:  # a rerun of a finished addition (e.g. after `verify(repair=True)` finished it)
+            audit_noop(layout, "add", shards=done.shards, n=len(ids), already_added=done.op_id)
+            return AddResult(done.shards, len(ids), done.readded, resumed=True)
         check_classes(m, train)
         readded = check_new_ids(m, ids, readd_forgotten)
         new = addition_plan(m, train, shards, plan)

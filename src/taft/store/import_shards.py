@@ -39,7 +39,7 @@ from taft.store.add import check_new_ids, grown
 from taft.store.commit import begin, commit, copy_shard, record_shard
 from taft.store.content import shard_hashes
 from taft.store.create import data_identity
-from taft.store.journal import Pending, write_pending
+from taft.store.journal import Pending, audit_noop, write_pending
 from taft.store.layout import StoreLayout, crashpoint
 from taft.store.manifest import Addition, Manifest, ShardEntry, load_manifest
 
@@ -122,6 +122,11 @@ def import_checkpoints(root: str | Path, paths: Sequence[str | Path], *, feature
         if status == "done":
             a = pending.audit
             return ImportResult(a["shards"], a["n"], features is not None, resumed=True)
+        hashes = [c["sha256"] for c in request["checkpoints"]]
+        done = next((a for a in m.additions if [c["sha256"] for c in a.checkpoints] == hashes), None)
+        if done is not None:  # a rerun of a finished import (e.g. after `verify(repair=True)` finished it)
+            audit_noop(layout, "import", shards=done.shards, already_imported=done.op_id)
+            return ImportResult(done.shards, sum(len(f.ids or []) for f in files), done.retrainable, resumed=True)
         for f in files:
             check_checkpoint(m, f)
         check_disjoint(files)
@@ -138,10 +143,10 @@ def import_checkpoints(root: str | Path, paths: Sequence[str | Path], *, feature
                                 f"{missing[:_LISTED]}")
         start = len(m.shards)
         shards = list(range(start, start + len(files)))
-        hashes = {}
+        data_hashes = {}
         if source is not None:
             bb = backbone or load_backbone_like(m.model.backbone, m.model.preprocess)
-            hashes = shard_hashes(source.open(bb), {i: sorted(f.ids) for i, f in zip(shards, files)})
+            data_hashes = shard_hashes(source.open(bb), {i: sorted(f.ids) for i, f in zip(shards, files)})
         if pending is None:
             pending = Pending.new("import", request, m.generation,
                                   {"shards": shards, "n": len(ids), "checkpoints": request["checkpoints"],
@@ -156,7 +161,8 @@ def import_checkpoints(root: str | Path, paths: Sequence[str | Path], *, feature
         addition = Addition("import", pending.op_id, pending.time, shards, data, request["checkpoints"], readded)
         entries = [ShardEntry(index=i, status="trained", file=placed[i].file, sha256=placed[i].sha256,
                               ids=sorted(f.ids), seed=int(f.meta["train_config"]["seed"]),
-                              privacy=f.meta.get("privacy"), data_sha256=hashes.get(i)) for i, f in zip(shards, files)]
+                              privacy=f.meta.get("privacy"), data_sha256=data_hashes.get(i))
+                   for i, f in zip(shards, files)]
         commit(layout, grown(m, entries, addition), pending)
     return ImportResult(shards, len(ids), features is not None, resumed=status == "resume")
 

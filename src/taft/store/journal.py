@@ -80,7 +80,8 @@ class Pending:
 
     def trains(self) -> bool:
         """Whether the operation trains shards (a creation, a retrain, a forget in retrain mode)."""
-        return self.op in ("create", "retrain", "add") or (self.op == "forget" and self.request.get("mode") == "retrain")
+        return (self.op in ("create", "retrain", "add")
+                or (self.op == "forget" and self.request.get("mode") == "retrain"))
 
 
 def read_pending(layout: StoreLayout) -> Pending | None:

@@ -214,7 +214,9 @@ class ModelStore:
         if not self.layout.manifest.exists():
             return False
         pending = read_pending(self.layout)
-        return pending is not None and pending.op in ("forget", "retrain") and pending.request.get("mode", "retrain") == "retrain"
+        if pending is None:
+            return False
+        return pending.op == "retrain" or (pending.op == "forget" and pending.request.get("mode") == "retrain")
 
     def creation(self) -> Pending | None:
         """The journal of the store's interrupted creation while it has no manifest yet (rerun the creation, or
