@@ -187,10 +187,10 @@ def test_import_refusals_name_what_differs_and_change_nothing(store, data, added
     bb, cf = data
     hashes = file_hashes(store)
     other_lr = create(tmp_path / "lr", added_data, bb, CONFIG.__class__(lr=2e-2, epochs=2, batch_size=4), shards=1)
-    with pytest.raises(TaftError, match=r"its lr \(0\.02, the store's 0\.01\) differs"):
+    with pytest.raises(TaftError, match=r"another recipe than the store's: its lr \(0\.02, the store's 0\.01\) differs"):
         ModelStore(store).import_checkpoints([ModelStore(other_lr).shard_path(0)])
     other_head = create(tmp_path / "head", added_data, bb, CONFIG, shards=1, spec={"head_seed": 5})
-    with pytest.raises(FingerprintMismatchError, match="head_seed"):
+    with pytest.raises(FingerprintMismatchError, match=r"another model .* its base head \(head seed\) differs"):
         ModelStore(store).import_checkpoints([ModelStore(other_head).shard_path(0)])
     with pytest.raises(TaftError, match="already in the store"):
         ModelStore(store).import_checkpoints([ModelStore(store).shard_path(0)])
@@ -198,3 +198,26 @@ def test_import_refusals_name_what_differs_and_change_nothing(store, data, added
     with pytest.raises(TaftError, match="differs"):
         ModelStore(store).import_checkpoints(both)
     assert file_hashes(store) == hashes
+
+
+def test_a_dp_store_imports_private_checkpoints_and_keeps_their_ledgers(data, added_data, partner, tmp_path):
+    from taft.privacy import DPConfig
+
+    bb, cf = data
+    dp = DPConfig(noise_multiplier=1.0, delta=1e-3, clip=1.0, accountant="rdp", seed=11)
+    mine = create(tmp_path / "mine", cf, bb, CONFIG, shards=2, dp=dp)
+    theirs = create(tmp_path / "theirs", added_data, bb, CONFIG, shards=1,
+                    dp=DPConfig(noise_multiplier=0.8, delta=1e-3, clip=1.0, accountant="rdp", seed=3))
+    hashes = file_hashes(mine)
+    with pytest.raises(TaftError, match="trained without DP-SGD"):
+        ModelStore(mine).import_checkpoints([ModelStore(partner).shard_path(0)])
+    assert file_hashes(mine) == hashes
+    with pytest.raises(TaftError, match="trained with DP-SGD, but the store has no DP"):
+        ModelStore(partner).import_checkpoints([ModelStore(theirs).shard_path(0)])
+    ModelStore(mine).import_checkpoints([ModelStore(theirs).shard_path(0)])
+    m = load_manifest(StoreLayout(mine))
+    ledger = load_manifest(StoreLayout(theirs)).shards[0].privacy
+    assert m.shards[2].privacy == ledger  # kept as it was
+    epsilons = [s.privacy["epsilon"] for s in m.shards]
+    assert ledger["epsilon"] > max(epsilons[:2])  # less noise: the imported shard spent more
+    assert m.privacy == m.guarantee() and m.privacy["epsilon"] == max(epsilons)  # parallel composition: the max

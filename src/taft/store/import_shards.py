@@ -58,37 +58,41 @@ class ImportResult:
     resumed: bool = False
 
 
-def differences(m: Manifest, f: CheckpointFile) -> list[str]:
-    """What makes checkpoint `f` another model or recipe than the store's shards, in words (empty: none)."""
-    store, ckpt = m.model.to_dict(), f.meta
-    out = [k for k in MODEL_KEYS if store.get(k) != ckpt.get(k)]
-    if not out and f.fingerprint != m.model.fingerprint:
-        out.append("base head (head seed)")
-    have, want = dict(ckpt.get("train_config") or {}), dict(m.train_config)
+def model_differences(m: Manifest, f: CheckpointFile) -> list[str]:
+    """What makes checkpoint `f` another model than the store's shards (empty: none)."""
+    out = [k for k in MODEL_KEYS if m.model.to_dict().get(k) != f.meta.get(k)]
+    return out or (["base head (head seed)"] if f.fingerprint != m.model.fingerprint else [])
+
+
+def recipe_differences(m: Manifest, f: CheckpointFile) -> list[str]:
+    """The training settings of `f` other than the store's recipe gives a shard of its size, in words."""
+    have, want = dict(f.meta.get("train_config") or {}), dict(m.train_config)
     n = len(f.ids or [])
     dp = m.dp_config
     batch = expected_batch_size(dp, n, m.config.batch_size) if dp is not None and n else None
     want["epochs"] = m.config.epochs_for(n, batch) if n else want.get("epochs")
-    out += [f"{k} ({have.get(k)!r}, the store's {want.get(k)!r})" for k in sorted(set(have) | set(want))
+    return [f"{k} ({have.get(k)!r}, the store's {want.get(k)!r})" for k in sorted(set(have) | set(want))
             if k != "seed" and have.get(k) != want.get(k)]
-    return out
 
 
 def check_checkpoint(m: Manifest, f: CheckpointFile) -> None:
-    """`TaftError` (or `FingerprintMismatchError`) naming what keeps `f` out of the store."""
+    """`TaftError` (`FingerprintMismatchError` for another model) naming what keeps `f` out of the store."""
     if not f.ids:
         raise TaftError(f"{f.path} does not list its training ids; a store must know what each shard holds")
-    diff = differences(m, f)
+    diff = model_differences(m, f)
     if diff:
-        error = FingerprintMismatchError if f.fingerprint != m.model.fingerprint else TaftError
-        raise error(f"{f.path} is not a shard of this store: its {', '.join(diff[:4])} "
-                    f"{'differs' if len(diff) == 1 else 'differ'}")
+        raise FingerprintMismatchError(f"{f.path} is another model than the store's shards: its {', '.join(diff)} "
+                                       f"{'differs' if len(diff) == 1 else 'differ'}")
     private = f.meta.get("privacy")
     if m.dp is not None and not private:
         raise TaftError(f"{f.path} was trained without DP-SGD; the DP store's guarantee would not hold for it")
     if m.dp is None and private:
         raise TaftError(f"{f.path} was trained with DP-SGD, but the store has no DP: its guarantee would not be "
                         "tracked; import it into a DP store")
+    diff = recipe_differences(m, f)
+    if diff:
+        raise TaftError(f"{f.path} was trained with another recipe than the store's: its {', '.join(diff[:4])} "
+                        f"{'differs' if len(diff) == 1 else 'differ'}")
 
 
 def check_disjoint(files: Sequence[CheckpointFile]) -> None:
