@@ -38,10 +38,12 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (10, 8), grey: bo
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
 
 
-def make_classes(root: Path, classes=("ant", "bee"), per_class: int = 6) -> Path:
+def make_classes(root: Path, classes=("ant", "bee"), per_class: int = 6, prefix: str = "") -> Path:
+    """Random images `root/<class>/<prefix><i>.png` (other prefixes: other images, other ids)."""
+    salt = sum(map(ord, prefix))
     for c, name in enumerate(classes):
         for i in range(per_class):
-            write_image(root / name / f"{i}.png", seed=100 * c + i, size=(20 + c, 20))
+            write_image(root / name / f"{prefix}{i}.png", seed=100 * c + i + 1000 * salt, size=(20 + c, 20))
     return root
 
 

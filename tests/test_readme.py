@@ -56,6 +56,7 @@ def sandbox(root: Path) -> dict[str, str]:
     """The README's data as tiny stand-ins in `root`, and the environment the blocks run in."""
     make_classes(root / "my_images", classes=("ant", "bee", "cow"), per_class=14)  # > one batch of 32 (DP)
     make_classes(root / "my_test_images", classes=("ant", "bee", "cow"), per_class=2)
+    make_classes(root / "week2", classes=("ant", "bee", "cow"), per_class=2, prefix="w2-")
     for name in ("photo1.jpg", "photo2.png"):
         (root / name).write_bytes((root / "my_test_images" / "ant" / "0.png").read_bytes())
     rows = [("a gripping, beautifully shot film", "pos"), ("dull and far too long", "neg")] * 4
@@ -128,6 +129,8 @@ def test_python_blocks_are_found():
 def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     make_classes(tmp_path / "my_images", classes=("ant", "bee", "cow"), per_class=4)
     make_classes(tmp_path / "my_test_images", classes=("ant", "bee", "cow"), per_class=2)
+    make_classes(tmp_path / "week2", classes=("ant", "bee", "cow"), per_class=2, prefix="w2-")
+    make_classes(tmp_path / "partner_images", classes=("ant", "cow"), per_class=3, prefix="p-")
     monkeypatch.setenv("README_TEST_FASHION_MNIST", str(make_idx(make_idx(tmp_path / "fm", "train", 6), "test", 3)))
     monkeypatch.chdir(tmp_path)
     tiny_python(monkeypatch)
@@ -144,3 +147,6 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     assert len(printed) == 3 and all(0.0 <= top1 <= 1.0 for top1 in printed)  # the three evaluate(...).top1
     store = json.loads((tmp_path / "stores" / "reviews" / "manifest.json").read_text())
     assert len(store["forgotten"]) == 1 and [s["status"] for s in store["shards"]] == ["trained", "trained"]
+    living = json.loads((tmp_path / "stores" / "living" / "manifest.json").read_text())
+    assert [a["op"] for a in living["additions"]] == ["add", "import"] and len(living["forgotten"]) == 2
+    assert (tmp_path / "runs" / "store-minus-partner.safetensors").is_file()

@@ -12,13 +12,14 @@ from taft.data.images import (
     image_folder,
     read_idx,
 )
+from taft.data.source import DataSource
 from taft.data.split import split_dataset, train_val_split
 from taft.data.text import TextDataset, rotten_tomatoes, text_table
 from taft.data.transforms import ImageTransform, preprocess_id
 from taft.data.trunk_features import cache_features, feature_key, trunk_key
 
 __all__ = [
-    "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_EXTENSIONS", "CachedFeatures", "FeatureCache",
+    "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_EXTENSIONS", "CachedFeatures", "DataSource", "FeatureCache",
     "ImageDataset", "ImageRecord", "ImageTransform", "TextDataset", "build_or_load_features", "cache_features",
     "entry_key", "feature_key", "trunk_key",
     "fashion_mnist", "image_folder", "preprocess_id", "read_idx", "rotten_tomatoes", "split_dataset", "text_table",

@@ -3,6 +3,7 @@
     from taft.store import ModelStore
     from taft.parallel import Execution
     store = ModelStore.create("stores/s", features, model, TrainConfig(epochs=10), shards=8)   # parallel training
+    store.add(model.cache_features(new_images))                                              # new shards only
     store.forget(["img/001.png"], mode="retrain", execution=Execution(workers=4))           # retrain only its shard
     ModelStore("stores/s").verify(repair=True).ok
 

@@ -6,7 +6,7 @@ Keys: format ("taft-store"), format_version, generation (+1 per committed change
 committed change), created, updated; the model (`ModelInfo`): method, backbone, backbone_fingerprint, fingerprint,
 tangent_blocks, pooling, class_names, preprocess, dtype; train_config (the run record, `run_record(spec, config)`;
 its seed is the store seed), threads (torch threads per shard task: part of the recipe, since it changes float
-summation order); plan (`ShardPlan.to_dict()`, as made at creation); data {"features": {"path", "entry"} of the
+summation order); plan (`ShardPlan.to_dict()`: as made at creation, grown by the shards of each addition); data {"features": {"path", "entry"} of the
 trunk-feature cache entry or null, "source": `DataSource.to_dict()` of the training data, or null}; shards: one
 `ShardEntry` per plan shard {index, status ("trained" | "dropped" | "empty"), file (relative path or null), sha256,
 ids (sorted, forgotten ones removed), n, seed[, data_sha256]}, data_sha256 (in stores with a data source; absent when
