@@ -317,6 +317,9 @@ def test_store_add_and_import_grow_a_store_and_refuse_in_one_line(store, capsys,
     capsys.readouterr()
     assert main(["store", "import", str(root), str(other), "--quiet"]) == 0
     assert "as shards [3] (12 examples; drop-only" in capsys.readouterr().out
+    before = (root / "manifest.json").read_text()
+    bad(capsys, ["store", "import", str(root), str(next((root / "shards").glob("shard-000-*")))], "already in the store")
+    assert (root / "manifest.json").read_text() == before
     (tmp_path / "ids.txt").write_text("ant/p-0.png\n")
     assert main(["forget", str(root), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--quiet"]) == 0
     assert "shard [3] was imported without training data: dropped" in capsys.readouterr().out
