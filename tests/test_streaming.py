@@ -32,7 +32,7 @@ from taft.data.feature_cache import FeatureCache
 from taft.data.images import ArrayImage
 from taft.train import TrainConfig, evaluate, fit
 from taft.train.examples import Examples
-from taft.train.sources import FeatureSource, entry_bytes
+from taft.train.sources import FeatureSource, entry_bytes, size_text
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
@@ -154,9 +154,10 @@ def test_auto_caches_within_the_budget_and_streams_over_it_saying_so(tiny_vit):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         streamed = fit(Classifier(tiny_vit, CLASSES, 1), ds, cfg, progress=False,
-                       features=FeatureSource("auto", cache_max=size - 1, loader_workers=0))
+                       features=FeatureSource("auto", cache_max=size // 2, loader_workers=0))
     said = [str(w.message) for w in caught if "streaming trunk features" in str(w.message)]
-    assert len(said) == 1 and f"cache_max={size - 1}" in said[0] and "\n" not in said[0], said
+    assert len(said) == 1 and said[0].endswith(f"would take {size_text(size)}, over the budget cache_max "
+                                               f"(--cache-max) of {size_text(size // 2)}") and "\n" not in said[0]
     assert streamed.metrics["compute"]["feed"] == {"train": "trunk"} and cache_entries() == []
 
     cached = fit(Classifier(tiny_vit, CLASSES, 1), ds, cfg, progress=False,
@@ -251,7 +252,7 @@ def test_settings_that_cannot_work_together_are_one_line_errors(tiny_vit, bert32
     crop = TrainConfig(lr=1e-2, epochs=1, augment="crop-flip")
     cases = [
         (lambda: fit(clf, cached_f, crop, progress=False), "augment='crop-flip' needs streamed trunk features"),
-        (lambda: fit(clf, ds, crop, features="cache", progress=False), "features='stream' or 'auto'"),
+        (lambda: fit(clf, ds, crop, features="cache", progress=False), "holds one fixed view of each image): use features='stream'"),
         (lambda: fit(clf, cached_f, TrainConfig(epochs=1), features="stream", progress=False),
          "features='stream' needs the raw dataset"),
         (lambda: fit(Classifier(bert32, ["neg", "pos"], 1), texts(bert32), crop, progress=False),
@@ -266,3 +267,38 @@ def test_settings_that_cannot_work_together_are_one_line_errors(tiny_vit, bert32
             call()
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert cache_entries() == [cached_f.path.name]  # nothing else was cached on the way to an error
+
+
+# ------------------------------------------------------------------------------------------- command line
+def test_cli_streams_augments_and_says_why(tmp_path, capsys):
+    import json
+
+    from helpers import bad, make_classes
+    from taft.cli import main
+
+    data = make_classes(tmp_path / "data", per_class=4)
+    fast = ["--data", str(data), "--image-size", "28", "--epochs", "1", "--quiet", "--loader-workers", "0"]
+    out = tmp_path / "run"
+    assert main(["train", *fast, "--out", str(out), "--features", "stream", "--augment", "crop-flip"]) == 0
+    assert json.loads((out / "config.json").read_text())["augment"] == "crop-flip"
+    assert json.loads((out / "metrics.json").read_text())["compute"]["feed"] == {"train": "trunk", "val": "trunk"}
+    assert cache_entries() == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", *fast, "--out", str(tmp_path / "auto"), "--cache-max", "1K"]) == 0
+    said = [str(w.message) for w in caught if "streaming" in str(w.message)]  # one line, for both splits
+    assert said == [said[0]] and said[0].startswith("training data: streaming trunk features") and \
+        said[0].endswith("over the budget cache_max (--cache-max) of 1 KiB") and cache_entries() == []
+    bad(capsys, ["train", *fast, "--out", str(tmp_path / "bad"), "--features", "cache", "--augment", "flip"],
+        "--augment flip needs streamed trunk features (a cache entry holds one fixed view of each image): use "
+        "--features stream")
+    with pytest.raises(SystemExit):
+        main(["train", *fast, "--cache-max", "4X"])
+    assert "argument --cache-max: must be a size such as 4G, 512MiB or 20GB, got '4X'" in capsys.readouterr().err
+
+
+def test_sizes_read_binary_and_decimal_units():
+    from taft.cli.types import byte_size
+
+    assert [byte_size(s) for s in ("0", "1024", "4G", "4GiB", "512MiB", "20GB", "1.5k", "1e9")] == \
+        [0, 1024, 4 * 2**30, 4 * 2**30, 512 * 2**20, 20 * 10**9, 1536, 10**9]

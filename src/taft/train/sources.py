@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -99,8 +99,10 @@ def entry_bytes(model: Classifier, dataset: LabelledDataset, dtype: torch.dtype)
     return len(dataset) * tokens * model.config.dim * torch.finfo(dtype).bits // 8
 
 
-def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def size_text(n: int) -> str:
+    """`n` bytes in the largest binary unit that keeps a leading digit: "512 B", "3.68 GiB"."""
+    unit = max((u for u in range(5) if n >= 1024**u), default=0)
+    return f"{n} B" if unit == 0 else f"{n / 1024**unit:.3g} {'KMGT'[unit - 1]}iB"
 
 
 def chosen_mode(model: Classifier, dataset: LabelledDataset, source: FeatureSource, augment: str, what: str) -> str:
@@ -108,16 +110,16 @@ def chosen_mode(model: Classifier, dataset: LabelledDataset, source: FeatureSour
     if augment != "none":
         if source.mode == "cache":
             raise TaftError(f"augment={augment!r} needs streamed trunk features (a cache entry holds one fixed view "
-                            "of each image): use features='stream' or 'auto'", arguments=("augment", "features"))
+                            "of each image): use features='stream'", arguments=("augment", "features"))
         return "stream"
     if source.mode != "auto":
         return source.mode
     size = entry_bytes(model, dataset, source.cache_dtype)
     if size <= source.cache_max:
         return "cache"
-    warnings.warn(f"{what}: streaming trunk features (the trunk runs on every batch, nothing is cached): the cache "
-                  f"entry would take {gib(size)}, over cache_max={source.cache_max} ({gib(source.cache_max)})",
-                  stacklevel=4)
+    warnings.warn(f"{what}: streaming trunk features (the trunk runs on every batch, nothing is cached): its cache "
+                  f"entry would take {size_text(size)}, over the budget cache_max (--cache-max) of "
+                  f"{size_text(source.cache_max)}", stacklevel=4)
     return "stream"
 
 
@@ -141,6 +143,12 @@ def training_data(model: Classifier, data: FeatureData | LabelledDataset, source
                                              root=source.cache_root, progress=progress), what)
     check_autocast(source.autocast, model.device)
     return Streamed(data, what, augment=augment, seed=seed, workers=source.workers, autocast=source.autocast)
+
+
+def validation_source(source: FeatureSource, train: TrainingData) -> FeatureSource:
+    """The source of the validation data: "auto" follows the training data's choice when it streams (one
+    decision, one line), else `source`."""
+    return replace(source, mode="stream") if source.mode == "auto" and isinstance(train, Streamed) else source
 
 
 def prepared(classifier: Classifier, data: TrainingData) -> Prepared | Streamed:

@@ -54,7 +54,8 @@ from taft.train.examples import FeatureData
 from taft.train.feeding import FEEDS
 from taft.train.loop import train_loop
 from taft.train.plan import RunPlan, plan_run
-from taft.train.sources import FeatureSource, TrainingData, feature_source, prepared, training_data
+from taft.train.sources import (FeatureSource, TrainingData, feature_source, prepared, training_data,
+                                validation_source)
 from taft.wording import counted
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -279,7 +280,8 @@ def fit(model: Classifier, train: FeatureData | LabelledDataset, config: TrainCo
     config, source = config or TrainConfig(), feature_source(features)
     tr = training_data(model.to(where), train, source, "training data", augment=config.augment, seed=config.seed,
                        progress=progress)
-    va = training_data(model, val, source, "validation data", progress=progress) if val is not None else None
+    va = (training_data(model, val, validation_source(source, tr), "validation data", progress=progress)
+          if val is not None else None)
     plan = plan_run(model, config, len(tr), dp)
     for ex in (tr, va):
         if ex is not None:
