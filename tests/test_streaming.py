@@ -252,7 +252,8 @@ def test_settings_that_cannot_work_together_are_one_line_errors(tiny_vit, bert32
     crop = TrainConfig(lr=1e-2, epochs=1, augment="crop-flip")
     cases = [
         (lambda: fit(clf, cached_f, crop, progress=False), "augment='crop-flip' needs streamed trunk features"),
-        (lambda: fit(clf, ds, crop, features="cache", progress=False), "holds one fixed view of each image): use features='stream'"),
+        (lambda: fit(clf, ds, crop, features="cache", progress=False),
+         "holds one fixed view of each image): use features='stream'"),
         (lambda: fit(clf, cached_f, TrainConfig(epochs=1), features="stream", progress=False),
          "features='stream' needs the raw dataset"),
         (lambda: fit(Classifier(bert32, ["neg", "pos"], 1), texts(bert32), crop, progress=False),

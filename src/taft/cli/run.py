@@ -24,8 +24,9 @@ from taft.errors import TaftError
 def add_parsers(sub) -> None:
     """The run commands' sub-parsers."""
     p = sub.add_parser("train", help="fine-tune on labelled images or texts",
-                       description="Train probe / nlft / taft on trunk features (cached or streamed); writes a run directory "
-                                   "with config.json, metrics.jsonl, metrics.json and checkpoint.safetensors.")
+                       description="Train probe / nlft / taft on trunk features (cached or streamed); writes a run "
+                                   "directory with config.json, metrics.jsonl, metrics.json and "
+                                   "checkpoint.safetensors.")
     add_data_args(p, "train")
     p.add_argument("--val-data", type=Path, help="validation image folder or text table (default: split off "
                                                  "--val-fraction)")

@@ -19,5 +19,5 @@ from taft.train.private import PrivateTraining, make_private
 from taft.train.sources import FeatureSource
 from taft.train.trainer import Compute, FitResult, fit
 
-__all__ = ["DEFAULT_LR", "Compute", "Evaluation", "FeatureSource", "FitResult", "PrivateTraining", "RunPlan", "TrainConfig", "evaluate",
-           "fit", "make_private", "plan_run"]
+__all__ = ["DEFAULT_LR", "Compute", "Evaluation", "FeatureSource", "FitResult", "PrivateTraining", "RunPlan",
+           "TrainConfig", "evaluate", "fit", "make_private", "plan_run"]

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from taft.data.feature_cache import LabelledDataset
 from taft.devices import resolve_device
 from taft.errors import TaftError
 from taft.fileio import atomic_write, exclusive_lock, write_json
@@ -49,7 +50,6 @@ from taft.train.compiled import CompiledStep
 from taft.train.config import TrainConfig, run_record
 from taft.train.curves import CURVE_NAME, plot_training_curve
 from taft.train.evaluation import Evaluation, evaluate_prepared
-from taft.data.feature_cache import LabelledDataset
 from taft.train.examples import FeatureData
 from taft.train.feeding import FEEDS
 from taft.train.loop import train_loop
