@@ -9,8 +9,9 @@ pass by hand-written tangent layers. See README.md.
     train = model.cache_features(taft.data.image_folder("my_images/train"))
     result = taft.fit(model, train, taft.TrainConfig(epochs=10), run_dir="runs/mine")
 
-The training names (`fit`, `evaluate`, `TrainConfig`, `Compute`, `make_private`), the store's (`ModelStore`,
-`Execution`) and the subpackages `data`, `privacy` and `store` load on first use, so that `import taft.model` stays light.
+The training names (`fit`, `evaluate`, `TrainConfig`, `Compute`, `FeatureSource`, `make_private`), the store's
+(`ModelStore`, `Execution`) and the subpackages `data`, `privacy` and `store` load on first use, so that
+`import taft.model` stays light.
 """
 
 import importlib
@@ -23,6 +24,7 @@ from taft.spec import ModelSpec
 from taft.version import __version__
 
 LAZY = {"fit": "taft.train", "evaluate": "taft.train", "TrainConfig": "taft.train", "Compute": "taft.train",
+        "FeatureSource": "taft.train",
         "make_private": "taft.train", "data": "taft.data", "privacy": "taft.privacy", "store": "taft.store",
         "ModelStore": "taft.store", "Execution": "taft.parallel"}
 
@@ -34,6 +36,6 @@ def __getattr__(name: str) -> Any:
     return module if module.__name__ == f"taft.{name}" else getattr(module, name)
 
 
-__all__ = ["AssetMissingError", "Backbone", "Classifier", "Compute", "Execution", "FingerprintMismatchError",
-           "ModelSpec", "ModelStore", "TaftError", "TangentModel", "TrainConfig", "__version__", "data", "evaluate", "fit", "load_backbone",
+__all__ = ["AssetMissingError", "Backbone", "Classifier", "Compute", "Execution", "FeatureSource",
+           "FingerprintMismatchError", "ModelSpec", "ModelStore", "TaftError", "TangentModel", "TrainConfig", "__version__", "data", "evaluate", "fit", "load_backbone",
            "load_checkpoint", "make_private", "privacy", "store"]

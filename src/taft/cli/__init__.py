@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 OPTIONS = {"device": "--device", "autocast": "--autocast", "skip_corrupt": "--skip-corrupt", "data_dir": "--data-dir",
            "path": "--data", "dataset": "--dataset",
-           "accept_changed_data": "--accept-changed-data"}  # library parameter → its option
+           "accept_changed_data": "--accept-changed-data", "features": "--features", "augment": "--augment",
+           "cache_max": "--cache-max", "loader_workers": "--loader-workers"}  # library parameter → its option
 QUOTES = "\"'"
 
 

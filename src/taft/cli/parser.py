@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from taft.backbones.registry import BUNDLED, DEFAULT_BACKBONE, DEFAULT_MAX_LENGTH, DINOV2_IMAGE_SIZE
-from taft.cli.types import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int, probability
+from taft.cli.types import (byte_size, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                             probability)
 from taft.errors import TaftError
 from taft.store.create import SHARD_MIN_STEPS  # noqa: F401  (the library's; `shards train --min-steps` default)
 
@@ -132,6 +133,39 @@ def add_compute_args(p: argparse.ArgumentParser, *, autocast: bool = False, thre
                             "with a one-line warning where compiling fails; not with --dp)")
 
 
+def add_feature_args(p: argparse.ArgumentParser) -> None:
+    """Where `taft train` gets trunk features (read back by `feature_source`; defaults: `FeatureSource`'s) and
+    the augmentation of streamed images (--augment, part of the recipe)."""
+    from taft.data.augment import AUGMENTS
+    from taft.train.config import TrainConfig
+    from taft.train.sources import FeatureSource, default_loader_workers
+
+    d = dataclass_defaults(FeatureSource)
+    g = p.add_argument_group("trunk features")
+    g.add_argument("--features", choices=("auto", "cache", "stream"), default=d["mode"],
+                   help="cache: the trunk's features of every example once, on disk; stream: the trunk on every "
+                        "batch, nothing written (needed by --augment); auto: cache when the entry fits in "
+                        f"--cache-max, else stream, saying so (default {d['mode']})")
+    g.add_argument("--cache-max", type=byte_size, default=d["cache_max"], metavar="SIZE",
+                   help=f"largest cache entry --features auto writes, e.g. 4G, 512MiB, 20GB (default "
+                        f"{d['cache_max'] / 2**30:g} GiB)")
+    g.add_argument("--loader-workers", type=nonnegative_int, metavar="N",
+                   help="processes that read and preprocess streamed examples (default: cores − 1, at most 8; "
+                        f"here {default_loader_workers()})")
+    g.add_argument("--augment", choices=AUGMENTS, default=dataclass_defaults(TrainConfig)["augment"],
+                   help="streamed training images only: flip (horizontal, p = 1/2) or crop-flip (random resized "
+                        "crop, area 8-100 %%, ratio 3/4-4/3, then the flip), seeded by (--seed, epoch, example "
+                        "id); evaluation never augments (default none)")
+
+
+def feature_source(args: argparse.Namespace):
+    """The `FeatureSource` of the trunk-feature options (`add_feature_args`) with --cache-dtype and --autocast."""
+    from taft.train.sources import FeatureSource
+
+    return FeatureSource(mode=args.features, cache_max=args.cache_max, loader_workers=args.loader_workers,
+                         cache_dtype=cache_dtype(args), autocast=args.autocast)
+
+
 def compute_device(args: argparse.Namespace):
     """The checked device of the compute arguments (and the autocast setting usable there); sets --threads. Called
     first, before anything is read or written."""
@@ -239,7 +273,8 @@ def train_config(args: argparse.Namespace):
 
     return TrainConfig(loss=args.loss, kappa=args.kappa, reg=args.reg, lr=args.lr, schedule=args.schedule,
                        batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, optimizer=args.optimizer,
-                       momentum=args.momentum, head_lr=args.head_lr, warmup=args.warmup, min_steps=args.min_steps)
+                       momentum=args.momentum, head_lr=args.head_lr, warmup=args.warmup, min_steps=args.min_steps,
+                       augment=getattr(args, "augment", "none"))
 
 
 def dp_config_from_args(args: argparse.Namespace):

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from taft.backbones.registry import BUNDLED
 from taft.spec import METHODS
-from taft.cli.parser import (add_backbone_args, add_compute_args, add_data_args, add_evaluation_args, add_log_arg,
-                             add_training_args, cache_dtype, compute_device, data_source, dp_config_from_args,
-                             load_backbone_from, model_spec, open_dataset, train_config)
+from taft.cli.parser import (add_backbone_args, add_compute_args, add_data_args, add_evaluation_args,
+                             add_feature_args, add_log_arg, add_training_args, compute_device, data_source,
+                             dp_config_from_args, feature_source, load_backbone_from, model_spec, open_dataset,
+                             train_config)
 from taft.cli.types import fraction, positive_int
 from taft.errors import TaftError
 
@@ -23,8 +24,9 @@ from taft.errors import TaftError
 def add_parsers(sub) -> None:
     """The run commands' sub-parsers."""
     p = sub.add_parser("train", help="fine-tune on labelled images or texts",
-                       description="Train probe / nlft / taft on cached trunk features; writes a run directory "
-                                   "with config.json, metrics.jsonl, metrics.json and checkpoint.safetensors.")
+                       description="Train probe / nlft / taft on trunk features (cached or streamed); writes a run "
+                                   "directory with config.json, metrics.jsonl, metrics.json and "
+                                   "checkpoint.safetensors.")
     add_data_args(p, "train")
     p.add_argument("--val-data", type=Path, help="validation image folder or text table (default: split off "
                                                  "--val-fraction)")
@@ -41,6 +43,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_log_arg(p)
     add_compute_args(p, autocast=True, training=True)
+    add_feature_args(p)
     p.set_defaults(func=cmd_train, options={a.dest: (a.option_strings[-1], a.default) for a in p._actions
                                            if a.option_strings})  # what --resume checks was given
 
@@ -129,15 +132,12 @@ def cmd_train(args: argparse.Namespace) -> None:
             val_ds = None
     else:
         val_ds = None
-    dtype = cache_dtype(args)
+    source = feature_source(args)
     progress = not args.quiet
     if dp is not None and (args.autocast_training or args.compile):
         raise TaftError("--autocast-training and --compile are not supported with --dp (DP-SGD trains in float32, "
                         "eagerly)")
     model = Classifier.from_spec(backbone, train_ds.class_names, spec).to(device)
-    train_f = model.cache_features(train_ds, dtype=dtype, autocast=args.autocast, progress=progress)
-    val_f = (model.cache_features(val_ds, dtype=dtype, autocast=args.autocast, progress=progress)
-             if val_ds is not None else None)
     if not resuming:
         from taft.fileio import atomic_write
 
@@ -145,10 +145,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / RUN_ARGS, lambda p: p.write_text(json.dumps(saved, indent=1)))
     compute = Compute(device, autocast=args.autocast if args.autocast_training else "none", compile=args.compile)
-    result = fit(model, train_f, config, val=val_f, run_dir=out, dp=dp, resume=resuming, compute=compute,
-                 progress=progress)
+    result = fit(model, train_ds, config, val=val_ds, run_dir=out, dp=dp, resume=resuming, compute=compute,
+                 progress=progress, features=source)
     m = result.metrics
-    where = "validation" if val_f is not None else "training"
+    where = "validation" if val_ds is not None else "training"
     print(f"{args.method} k={args.k}: {where} top-1 {100 * m['top1']:.2f}% on {m['n']} examples, "
           f"{m['train_time_s']:.1f} s training ({m['examples_per_s']:.0f} examples/s on {device})")
     print(f"run directory: {out}  (config.json, metrics.jsonl, metrics.json, checkpoint.safetensors)")
@@ -160,13 +160,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 RUN_ARGS = "run_args.json"
 NOT_RUN_ARGS = {"func", "options", "command", "out", "overwrite", "quiet", "log_file", "resume", "epochs", "device",
-                "compile"}
+                "compile", "features", "cache_max", "loader_workers"}
 PATH_ARGS = ("data", "data_dir", "val_data")
 
 
 def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     """`taft train --resume RUN_DIR`: the run's own arguments (run_args.json), with --epochs (default: the run's,
-    to finish an interrupted run) and this command's --quiet, --log-file, --device and --compile (how it computes)."""
+    to finish an interrupted run) and this command's --quiet, --log-file, --device, --compile, --features,
+    --cache-max and --loader-workers (how it computes)."""
     run = args.resume
     try:
         saved = json.loads((run / RUN_ARGS).read_text())

@@ -1,4 +1,5 @@
-"""Training: TAFT, non-linear fine-tuning (nlft) and linear probing on cached trunk features, one evaluation.
+"""Training: TAFT, non-linear fine-tuning (nlft) and linear probing on cached or streamed trunk features
+(`FeatureSource`), one evaluation.
 
     model = taft.Classifier(backbone, class_names, k=1, method="taft")
     train_f = model.cache_features(train_ds)                           # frozen trunk, computed once
@@ -15,7 +16,8 @@ from taft.train.config import DEFAULT_LR, TrainConfig
 from taft.train.evaluation import Evaluation, evaluate
 from taft.train.plan import RunPlan, plan_run
 from taft.train.private import PrivateTraining, make_private
+from taft.train.sources import FeatureSource
 from taft.train.trainer import Compute, FitResult, fit
 
-__all__ = ["DEFAULT_LR", "Compute", "Evaluation", "FitResult", "PrivateTraining", "RunPlan", "TrainConfig", "evaluate",
-           "fit", "make_private", "plan_run"]
+__all__ = ["DEFAULT_LR", "Compute", "Evaluation", "FeatureSource", "FitResult", "PrivateTraining", "RunPlan",
+           "TrainConfig", "evaluate", "fit", "make_private", "plan_run"]

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from taft.data.augment import AUGMENTS
 from taft.errors import TaftError
 from taft.losses import DEFAULT_KAPPA
 from taft.spec import METHODS, SPEC_KEYS, ModelSpec
@@ -104,7 +105,10 @@ class TrainConfig:
     batch_size, epochs: as usual (epochs default: 10; DP-SGD `dp_epochs`); the last batch of an epoch may be short.
     min_steps: at least this many optimizer steps: `epochs` is raised to ⌈min_steps / steps per epoch⌉ when
         that is more (`epochs_for(n)`), so small data sets (and small shards) are not under-trained.
-    seed: data order (a seeded permutation per epoch).
+    seed: data order (a seeded permutation per epoch), and the augmentation's draws.
+    augment: "none", "flip" or "crop-flip" (`taft.data.augment`): images only, and only on streamed trunk
+        features (`fit(..., features="stream")`); each view is seeded by (seed, epoch, example id). Evaluation
+        never augments.
     """
 
     loss: str = "mse"
@@ -120,9 +124,11 @@ class TrainConfig:
     epochs: int | None = None
     min_steps: int = 0
     seed: int = 0
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         check_choice("loss", self.loss, LOSSES)
+        check_choice("augment", self.augment, AUGMENTS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_integer("batch_size", self.batch_size, minimum=1)
         if self.epochs is not None:

@@ -19,6 +19,16 @@ FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor], tuple[tor
 EVAL_BATCH = 256
 
 
+def check_labels(what: str, labels: torch.Tensor, names: Sequence[str] | None, class_names: Sequence[str]) -> None:
+    """`TaftError` naming `what` unless `labels` index `class_names` and the data's class `names` (when known) are
+    those."""
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= len(class_names):
+        raise TaftError(f"{what}: labels must be in [0, {len(class_names)}), found {lo}..{hi}")
+    if names is not None and list(names) != list(class_names):
+        raise TaftError(f"{what}: class names {list(names)[:10]} differ from {list(class_names)[:10]}")
+
+
 class Examples:
     """Features (in memory, or the feature cache's memmap), labels, and when known ids and class names. Text
     features also have `lengths` (real tokens per example; the rest of a row is padding)."""
@@ -103,8 +113,11 @@ class Examples:
             self.x = x.to(device)
         return self.feed
 
-    def batches(self, order: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
-        """`batch(idx, ...)` for each index batch of `order`, streamed ahead when the feed is "stream"."""
+    def batches(self, order: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype,
+                epoch: int = 0) -> Iterator[Batch]:
+        """`batch(idx, ...)` for each index batch of `order`, streamed ahead when the feed is "stream". `epoch`
+        (1-based, 0 outside training) changes nothing here: cached features are the same every epoch (streamed
+        ones, `taft.train.streaming`, may be augmented per epoch)."""
         if self.feed == "stream":
             yield from streamed(self.host_batch, order, device, dtype)
             return
@@ -112,12 +125,11 @@ class Examples:
             yield self.batch(idx, device, dtype)
 
     def check_labels(self, class_names: Sequence[str]) -> None:
-        lo, hi = int(self.labels.min()), int(self.labels.max())
-        if lo < 0 or hi >= len(class_names):
-            raise TaftError(f"{self.what}: labels must be in [0, {len(class_names)}), found {lo}..{hi}")
-        if self.class_names is not None and list(self.class_names) != list(class_names):
-            raise TaftError(f"{self.what}: class names {self.class_names[:10]} differ from "
-                            f"{list(class_names)[:10]}")
+        check_labels(self.what, self.labels, self.class_names, class_names)
+
+    def unaugmented(self) -> Examples:
+        """These examples (cached features are never augmented)."""
+        return self
 
     def check(self, model: Classifier) -> None:
         """Names any mismatch with `model`: feature width, labels, class names, trunk (from the cache key)."""

@@ -130,7 +130,7 @@ def train_loop(classifier: Classifier, plan: RunPlan, train: Prepared, val: Prep
             t0 = time.perf_counter()
             loss_sum, seen = 0.0, 0
             order = sampler.epoch()
-            for i, (x, y, mask) in enumerate(train.batches(order, device, dtype)):
+            for i, (x, y, mask) in enumerate(train.batches(order, device, dtype, epoch)):
                 try:
                     batch_loss, count = step(x, y, mask)
                 except NonFiniteError as e:

@@ -1,4 +1,5 @@
-"""`fit(model, train, config)`: train a model in place on cached trunk features and write a run directory.
+"""`fit(model, train, config)`: train a model in place on trunk features (cached, or streamed through its trunk:
+`taft.train.sources`) and write a run directory.
 
 The model says what is trained (method, k, pooling, base head: `taft.spec.ModelSpec`); `config` says how
 (`TrainConfig`, the recipe; its defaults are resolved for the model by `taft.train.plan.plan_run`). `fit` trains
@@ -16,7 +17,8 @@ and writes to `run_dir`:
     .lock                    held while a run writes the directory: a second run into it fails at once
 
 metrics.json also records, as information, how the run computed: `compute` = {device, autocast, compiled, feed
-(per split: resident / stream / host, `taft.train.feeding`), threads}; none of it changes what is saved.
+(per split: resident / stream / host, `taft.train.feeding`, or trunk when streamed), threads}; none of it changes
+what is saved.
 
 With `dp=DPConfig(...)`, the same loop runs DP-SGD's step instead (`taft.privacy.dpsgd`: Poisson-sampled
 batches, clipped per-example gradients, Gaussian noise), stores the privacy ledger in the checkpoint's metadata
@@ -37,6 +39,7 @@ from typing import Any
 
 import torch
 
+from taft.data.feature_cache import LabelledDataset
 from taft.devices import resolve_device
 from taft.errors import TaftError
 from taft.fileio import atomic_write, exclusive_lock, write_json
@@ -47,10 +50,12 @@ from taft.train.compiled import CompiledStep
 from taft.train.config import TrainConfig, run_record
 from taft.train.curves import CURVE_NAME, plot_training_curve
 from taft.train.evaluation import Evaluation, evaluate_prepared
-from taft.train.examples import Examples, FeatureData, Prepared
+from taft.train.examples import FeatureData
 from taft.train.feeding import FEEDS
 from taft.train.loop import train_loop
 from taft.train.plan import RunPlan, plan_run
+from taft.train.sources import (FeatureSource, TrainingData, feature_source, prepared, training_data,
+                                validation_source)
 from taft.wording import counted
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -90,7 +95,7 @@ class FitResult:
     privacy: dict[str, Any] | None = None
 
 
-def ids_key(examples: Examples) -> str | None:
+def ids_key(examples: TrainingData) -> str | None:
     """A hash of the training ids, in order: what a resumed run checks its data against."""
     return None if examples.ids is None else hashlib.sha256(json.dumps(examples.ids).encode()).hexdigest()
 
@@ -138,7 +143,8 @@ def warn_if_at_chance(top1: float, labels: torch.Tensor, split: str = "validatio
                       "the number of steps and the labels", stacklevel=3)
 
 
-def resume_state(out: Path | None, record: dict[str, Any], train: Examples, dp: DPConfig | None) -> dict[str, Any]:
+def resume_state(out: Path | None, record: dict[str, Any], train: TrainingData, dp: DPConfig | None
+                 ) -> dict[str, Any]:
     """The resumable state saved in run directory `out`, checked against this run's `record` (TaftError naming a
     mismatch)."""
     if out is None:
@@ -194,7 +200,7 @@ class RunDir:
         if self.out is not None:
             atomic_write(self.out / RESUME_NAME, lambda p: torch.save(state, p))
 
-    def checkpoint(self, classifier: Classifier, train: Examples, metrics: dict[str, Any] | None,
+    def checkpoint(self, classifier: Classifier, train: TrainingData, metrics: dict[str, Any] | None,
                    privacy: dict[str, Any] | None, history: list[dict[str, Any]]) -> Path | None:
         """checkpoint.safetensors and the training curve; the checkpoint's path."""
         if self.out is None:
@@ -211,13 +217,13 @@ class RunDir:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def probe_head(model: Classifier, plan: RunPlan, train: Examples, feed: str,
+def probe_head(model: Classifier, plan: RunPlan, train: TrainingData, feed: str,
                progress: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """`head_init="probe"`: (W, b) of a linear probe trained on `train` with the probe's default rates and the
     run's other settings, and what to record of it."""
     probe = model.derive(method="probe", head_init="random")
     probe_plan = plan_run(probe, replace(plan.config, lr=None, head_lr=None, optimizer=None), plan.n)
-    probe_in = Prepared(probe, train)
+    probe_in = prepared(probe, train)
     probe_in.place(probe.device, feed)
     hist = train_loop(probe, probe_plan, probe_in, None, progress=progress, desc="head probe")
     record = {"lr": probe_plan.config.learning_rate, "epochs": probe_plan.config.epochs,
@@ -226,7 +232,7 @@ def probe_head(model: Classifier, plan: RunPlan, train: Examples, feed: str,
 
 
 def run_metrics(model: Classifier, plan: RunPlan, final: Evaluation, history: list[dict[str, Any]],
-                val: Examples | None, compute: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+                val: TrainingData | None, compute: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """metrics.json's content (without the wall time)."""
     train_time = sum(r["train_time_s"] for r in history)
     config, n = plan.config, plan.n
@@ -248,14 +254,18 @@ def released_metrics(metrics: dict[str, Any], private: bool, has_val: bool) -> d
     return {k: v for k, v in metrics.items() if k != "final_train_loss"} if has_val else None
 
 
-def fit(model: Classifier, train: FeatureData, config: TrainConfig | None = None, *,
-        val: FeatureData | None = None, run_dir: str | Path | None = None, dp: DPConfig | None = None,
-        resume: bool = False, compute: Compute | None = None, progress: bool = True) -> FitResult:
-    """Train `model` in place, from its current tensors, on cached trunk features of its trunk
-    (`model.cache_features(...)`), with the recipe `config` (default `TrainConfig()`). `train`/`val`:
-    CachedFeatures or (features (n, N, D), labels (n,)[, ids]) with labels indexing `model.class_names`. Text
-    needs CachedFeatures: they carry each example's token count (the padding mask). With `run_dir`, writes the
-    run directory (see the module doc). Deterministic for a given model, config and data.
+def fit(model: Classifier, train: FeatureData | LabelledDataset, config: TrainConfig | None = None, *,
+        val: FeatureData | LabelledDataset | None = None, run_dir: str | Path | None = None,
+        dp: DPConfig | None = None, resume: bool = False, compute: Compute | None = None, progress: bool = True,
+        features: FeatureSource | str = "auto") -> FitResult:
+    """Train `model` in place, from its current tensors, on trunk features of its trunk, with the recipe `config`
+    (default `TrainConfig()`). `train`/`val`: cached features (CachedFeatures from `model.cache_features(...)`, or
+    (features (n, N, D), labels (n,)[, ids])), or the raw dataset (images, texts), with labels indexing
+    `model.class_names`. Text features need CachedFeatures: they carry each example's token count (the padding
+    mask). `features` (a `FeatureSource` or its mode "auto", "cache", "stream"): whether a raw dataset is cached
+    or streamed through the trunk on every batch (`taft.train.sources`); `config.augment` needs streamed images.
+    With `run_dir`, writes the run directory (see the module doc). Deterministic for a given model, config and
+    data.
 
     A model with `head_init="probe"` first gets a linear probe fitted on `train` as its base head.
     `dp`: train with DP-SGD (see `taft.privacy`); σ is calibrated (or ε computed) before anything is written.
@@ -267,9 +277,12 @@ def fit(model: Classifier, train: FeatureData, config: TrainConfig | None = None
     t_start = time.perf_counter()
     compute = compute or Compute()
     where = check_compute(model, compute, dp)
-    tr = Examples(train, "training data")
-    va = Examples(val, "validation data") if val is not None else None
-    plan = plan_run(model, config or TrainConfig(), len(tr), dp)
+    config, source = config or TrainConfig(), feature_source(features)
+    tr = training_data(model.to(where), train, source, "training data", augment=config.augment, seed=config.seed,
+                       progress=progress)
+    va = (training_data(model, val, validation_source(source, tr), "validation data", progress=progress)
+          if val is not None else None)
+    plan = plan_run(model, config, len(tr), dp)
     for ex in (tr, va):
         if ex is not None:
             ex.check(model)
@@ -289,8 +302,8 @@ def fit(model: Classifier, train: FeatureData, config: TrainConfig | None = None
             weight, bias, extra = probe_head(model, plan, tr, compute.feed, progress)
             model.set_base_head(weight, bias)
         model.train_config = record
-        tr_in = Prepared(model, tr)
-        va_in = Prepared(model, va) if va is not None else None
+        tr_in = prepared(model, tr)
+        va_in = prepared(model, va) if va is not None else None
         placement = {"train": tr_in.place(where, compute.feed)}
         if va_in is not None:
             placement["val"] = va_in.place(where, compute.feed)
@@ -306,7 +319,8 @@ def fit(model: Classifier, train: FeatureData, config: TrainConfig | None = None
         warn_if_loss_rose(history, plan.private)
         ledger = plan.ledger()
         privacy = ledger.to_dict() if ledger is not None else None
-        final = evaluate_prepared(model, va_in if va_in is not None else tr_in, plan.config.loss, plan.config.kappa)
+        final = evaluate_prepared(model, va_in if va_in is not None else tr_in.unaugmented(), plan.config.loss,
+                                  plan.config.kappa)
         if va_in is not None:
             warn_if_at_chance(final.top1, va_in.labels)
         info = {"device": str(where), "autocast": compute.autocast, "compiled": compiled.active, "feed": placement,
