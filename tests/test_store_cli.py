@@ -326,3 +326,21 @@ def test_store_add_and_import_grow_a_store_and_refuse_in_one_line(store, capsys,
     assert main(["store", "info", str(root)]) == 0
     out = capsys.readouterr().out
     assert f"shard [2] ({week2.resolve()})" in out and "shard [3] (no data: drop-only)" in out
+
+
+def test_shards_train_streams_with_augmentation_and_store_add_streams_too(tmp_path, capsys):
+    data = make_classes(tmp_path / "data", classes=("ant", "bee", "cow"), per_class=4)
+    store = tmp_path / "store"
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline",
+                 "--store", str(store), "--augment", "flip", *FAST]) == 0
+    m = load_manifest(StoreLayout(store))
+    assert m.data["features"]["streamed"] and m.train_config["augment"] == "flip"
+    week2 = make_classes(tmp_path / "week2", classes=("ant", "bee", "cow"), per_class=2, prefix="w2-")
+    assert main(["store", "add", str(store), "--data", str(week2), "--executor", "inline", "--quiet"]) == 0
+    assert load_manifest(StoreLayout(store)).additions[0].data["features"]["streamed"]
+    (tmp_path / "ids.txt").write_text("ant/w2-0.png\nbee/1.png\n")
+    assert main(["forget", str(store), "--ids", str(tmp_path / "ids.txt"), "--mode", "retrain", "--executor",
+                 "inline", "--quiet"]) == 0  # retrains both sources' shards, streamed again from the folders
+    assert "retrained shards [" in capsys.readouterr().out
+    bad(capsys, ["shards", "train", "--data", str(data), "--store", str(tmp_path / "s2"), "--features", "cache",
+                 "--augment", "flip", *FAST], "needs streamed trunk features")

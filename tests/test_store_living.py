@@ -221,3 +221,28 @@ def test_a_dp_store_imports_private_checkpoints_and_keeps_their_ledgers(data, ad
     epsilons = [s.privacy["epsilon"] for s in m.shards]
     assert ledger["epsilon"] > max(epsilons[:2])  # less noise: the imported shard spent more
     assert m.privacy == m.guarantee() and m.privacy["epsilon"] == max(epsilons)  # parallel composition: the max
+
+
+# ------------------------------------------------------------------------------------------ a store that streams
+def test_a_store_streamed_with_augmentation_forgets_by_retrain_bit_identically(tmp_path):
+    from dataclasses import replace
+
+    from test_store import tiny_images
+
+    bb, images = tiny_backbone(), tiny_images()
+    config = replace(CONFIG, augment="crop-flip")
+    root = create(tmp_path / "s", images, bb, config, shards=K)  # the raw dataset: every shard streams
+    m = load_manifest(StoreLayout(root))
+    assert m.data["features"]["streamed"] and m.train_config["augment"] == "crop-flip"
+    assert read_checkpoint(ModelStore(root).shard_path(0)).meta["train_config"]["augment"] == "crop-flip"
+    gone = [m.shards[0].ids[0], m.shards[2].ids[1]]
+    ModelStore(root).forget(gone, "retrain", features=images, backbone=bb, execution=INLINE)
+    scratch = create(tmp_path / "scratch", images.select([i for i in images.ids if i not in gone]), bb, config,
+                     plan=m.plan.without(gone))
+    assert same_tensors(composed_delta(root), composed_delta(scratch))
+    with pytest.raises(TaftError, match="augment='crop-flip' needs the raw dataset"):
+        create(tmp_path / "cached", tiny_features()[1], bb, config, shards=K)
+    assert not (tmp_path / "cached").exists()
+    unaugmented = create(tmp_path / "plain", images, bb, CONFIG, shards=K)
+    assert not same_tensors(read_checkpoint(ModelStore(unaugmented).shard_path(1)).tensors,
+                            read_checkpoint(ModelStore(root).shard_path(1)).tensors)  # the views did change training

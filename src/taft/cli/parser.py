@@ -133,9 +133,10 @@ def add_compute_args(p: argparse.ArgumentParser, *, autocast: bool = False, thre
                             "with a one-line warning where compiling fails; not with --dp)")
 
 
-def add_feature_args(p: argparse.ArgumentParser) -> None:
-    """Where `taft train` gets trunk features (read back by `feature_source`; defaults: `FeatureSource`'s) and
-    the augmentation of streamed images (--augment, part of the recipe)."""
+def add_feature_args(p: argparse.ArgumentParser, loader_workers: bool = True) -> None:
+    """Where `taft train` (and `shards train`, whose shards read their own examples: no --loader-workers) gets
+    trunk features (read back by `feature_source`; defaults: `FeatureSource`'s) and the augmentation of streamed
+    images (--augment, part of the recipe)."""
     from taft.data.augment import AUGMENTS
     from taft.train.config import TrainConfig
     from taft.train.sources import FeatureSource, default_loader_workers
@@ -149,9 +150,10 @@ def add_feature_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-max", type=byte_size, default=d["cache_max"], metavar="SIZE",
                    help=f"largest cache entry --features auto writes, e.g. 4G, 512MiB, 20GB (default "
                         f"{d['cache_max'] / 2**30:g} GiB)")
-    g.add_argument("--loader-workers", type=nonnegative_int, metavar="N",
-                   help="processes that read and preprocess streamed examples (default: cores − 1, at most 8; "
-                        f"here {default_loader_workers()})")
+    if loader_workers:
+        g.add_argument("--loader-workers", type=nonnegative_int, metavar="N",
+                       help="processes that read and preprocess streamed examples (default: cores − 1, at most 8; "
+                            f"here {default_loader_workers()})")
     g.add_argument("--augment", choices=AUGMENTS, default=dataclass_defaults(TrainConfig)["augment"],
                    help="streamed training images only: flip (horizontal, p = 1/2) or crop-flip (random resized "
                         "crop, area 8-100 %%, ratio 3/4-4/3, then the flip), seeded by (--seed, epoch, example "
@@ -162,7 +164,7 @@ def feature_source(args: argparse.Namespace):
     """The `FeatureSource` of the trunk-feature options (`add_feature_args`) with --cache-dtype and --autocast."""
     from taft.train.sources import FeatureSource
 
-    return FeatureSource(mode=args.features, cache_max=args.cache_max, loader_workers=args.loader_workers,
+    return FeatureSource(mode=args.features, cache_max=args.cache_max, loader_workers=getattr(args, "loader_workers", 0),
                          cache_dtype=cache_dtype(args), autocast=args.autocast)
 
 

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from taft.cli.parser import (add_backbone_args, add_compute_args, add_data_args, add_evaluation_args,
-                             add_executor_args, add_log_arg, add_training_args, cache_dtype, check_executor_options,
-                             compute_device, data_source, dp_config_from_args, execution, load_backbone_from,
-                             model_spec, open_dataset, train_config)
+                             add_executor_args, add_feature_args, add_log_arg, add_training_args, cache_dtype,
+                             check_executor_options, compute_device, data_source, dp_config_from_args, execution,
+                             feature_source, load_backbone_from, model_spec, open_dataset, train_config)
 from taft.cli import store_growth
 from taft.cli.interrupt import interruptible
 from taft.cli.run import check_classes
@@ -51,6 +51,7 @@ def add_parsers(sub) -> None:
                 "(the max over shards). --weighting size is refused with --dp. A DP store is not bit-reproducible "
                 "unless --dp-seed is given (each shard's DP-SGD seed is then derived from it).")
     add_compute_args(p, autocast=True, threads=False)
+    add_feature_args(p, loader_workers=False)
     p.set_defaults(func=cmd_shards_train)
 
     p = sub.add_parser("merge", help="task arithmetic: Δw = Σ wᵢ Δwᵢ of taft or probe checkpoints on one base "
@@ -128,6 +129,7 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     from taft.model import Classifier
     from taft.store import ModelStore
     from taft.store.create import check_dp
+    from taft.train.sources import chosen_mode
     from taft.wording import counted
     from taft.store.store import reused_plan
 
@@ -139,8 +141,11 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     spec, config = model_spec(args, backbone), train_config(args)
     dataset = open_dataset(args, backbone)
     model = Classifier.from_spec(backbone, dataset.class_names, spec)
-    features = model.to(device).cache_features(dataset, dtype=cache_dtype(args), autocast=args.autocast,
-                                               progress=not args.quiet)
+    if chosen_mode(model, dataset, feature_source(args), config.augment, "training data") == "stream":
+        features = dataset  # every shard runs the trunk on its own batches; nothing is cached
+    else:
+        features = model.to(device).cache_features(dataset, dtype=cache_dtype(args), autocast=args.autocast,
+                                                   progress=not args.quiet)
     plan, threads = args.plan, args.threads
     if args.plan_from is not None:
         plan, plan_threads = reused_plan(args.plan_from, features.ids)
@@ -155,8 +160,8 @@ def cmd_shards_train(args: argparse.Namespace) -> None:
     print(f"store {args.store}: {len(trained)} of {counted(info['plan']['k'], 'shard')} trained on "
           f"{counted(info['plan']['n'], 'example')} ({args.method} k={args.k}); composed model: "
           f"{args.store / 'composed.safetensors'}")
-    if args.val_data is not None or dp is None:  # a private store releases no statistic of its training data
-        composed_summary(store, model, features, args)
+    if args.val_data is not None or (dp is None and features is not dataset):  # a private store releases no
+        composed_summary(store, model, features, args)                      # statistic of its training data
     if info.get("privacy"):
         from taft.privacy import describe
 

@@ -52,7 +52,8 @@ def add_parsers(store_sub) -> None:
 
 def features_for(store, args: argparse.Namespace, backbone, check=None):
     """(trunk features of the data the arguments name, its source): opened in the store's classes (`check(dataset)`
-    runs before the trunk does), built like the creation's features (its cache dtype and autocast)."""
+    runs before the trunk does), built like the creation's features (its cache dtype and autocast); for a store
+    that streams, the dataset itself (its shards run the trunk on every batch)."""
     import torch
 
     created = store.data_source
@@ -63,6 +64,8 @@ def features_for(store, args: argparse.Namespace, backbone, check=None):
     dataset = source.open(model)
     if check is not None:
         check(dataset)
+    if (store.manifest.data.get("features") or {}).get("streamed"):
+        return dataset, source
     dtype = {"float32": torch.float32, "float16": torch.float16}[source.cache_dtype]
     features = model.to(compute_device(args)).cache_features(dataset, dtype=dtype, autocast=source.autocast,
                                                              progress=not args.quiet)

@@ -2,7 +2,8 @@
 
 A task carries everything its worker needs and pickles cheaply: the training config (with the shard's own data
 order seed), the shard's rows of the shared trunk-feature cache (`CachedFeatures` pickles as a path plus row
-numbers; workers never recompute features), the class names, and the backbone as a `BackboneSpec` (name, image
+numbers; workers never recompute features) or, for a store that streams, the shard's part of the raw dataset
+(its records: paths or texts; the worker runs the trunk on every batch, `STREAMED_SHARD`), the class names, and the backbone as a `BackboneSpec` (name, image
 size, dtype, fingerprint; reloaded from taft's weight cache once per worker process) or the `Backbone` itself when
 it cannot be reloaded by name. A task runs with `torch.set_num_threads(task.threads)` and restores the previous
 count, so the same task gives the same Δw in any executor (the thread count changes float summation order).
@@ -44,6 +45,7 @@ from taft.progress import progress_bar
 from taft.model import Classifier
 from taft.spec import ModelSpec
 from taft.train import Compute, TrainConfig, fit
+from taft.train.sources import FeatureSource, is_dataset
 from taft.wording import counted
 
 
@@ -57,6 +59,9 @@ class FeatureUnion:
 
 
 FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor, Sequence[str]], FeatureUnion]
+# How a shard given its raw dataset trains: streamed through the trunk, read in the shard's own process (the shards
+# running side by side are the parallelism); a store that streams keeps streaming, so retraining is bit-identical.
+STREAMED_SHARD = FeatureSource("stream", loader_workers=0)
 # Metrics that depend only on the data and config (no timings): what a shard checkpoint records.
 DETERMINISTIC_METRICS = ("method", "tangent_blocks", "epochs", "steps", "lr", "n_train", "eval_split", "top1", "loss",
                          "final_train_loss")
@@ -114,22 +119,28 @@ def backbone_ref(backbone: Backbone, by_name: bool = True) -> Backbone | Backbon
 
 
 def feature_ids(train: FeatureData) -> list[str]:
-    """The example ids of training features (every part's, for a `FeatureUnion`)."""
+    """The example ids of training data (every part's, for a `FeatureUnion`)."""
     if isinstance(train, FeatureUnion):
         return [i for p in train.parts for i in feature_ids(p)]
-    if isinstance(train, CachedFeatures):
-        return list(train.ids)
+    if isinstance(train, CachedFeatures) or is_dataset(train):
+        return [str(i) for i in train.ids]
     return [str(i) for i in train[2]]
 
 
 def shard_data(train: FeatureData, ids: Sequence[str]) -> FeatureData:
     """The rows of `train` with the given ids, in sorted id order (the canonical order a shard trains in).
-    `CachedFeatures` stay a (path, rows) view of the same cache entry. `TaftError` naming ids not in `train`."""
+    `CachedFeatures` stay a (path, rows) view of the same cache entry; a raw dataset (streamed through the trunk)
+    is `select`ed. `TaftError` naming ids not in `train`."""
     want = sorted(str(i) for i in ids)
     if isinstance(train, FeatureUnion):
         first = want[0] if want else None
         part = next((p for p in train.parts if first in feature_ids(p)), train.parts[0])
         return shard_data(part, want)
+    if is_dataset(train):
+        missing = sorted(set(want) - set(str(i) for i in train.ids))
+        if missing:
+            raise TaftError(f"{len(missing)} ids of the shard are not in the training data, e.g. {missing[:10]}")
+        return train.select(want)
     if isinstance(train, CachedFeatures):
         full = CachedFeatures(train.path)
         index = {i: r for r, i in enumerate(full.ids)}
@@ -211,7 +222,8 @@ def train_shard(task: ShardTask) -> ShardResult:
         model = Classifier.from_spec(backbone, task.class_names, task.spec)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = fit(model, data, task.config, dp=task.dp, compute=Compute(device), progress=False)
+            result = fit(model, data, task.config, dp=task.dp, compute=Compute(device), progress=False,
+                         features=STREAMED_SHARD if is_dataset(data) else "auto")
     finally:
         torch.set_num_threads(previous)
     clf = result.classifier

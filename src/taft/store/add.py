@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from taft.backbones.base import Backbone
-from taft.data.feature_cache import CachedFeatures
 from taft.data.source import DataSource
 from taft.errors import TaftError
 from taft.parallel.execution import Execution
 from taft.parallel.shards import FeatureData
 from taft.store.commit import begin, commit
 from taft.store.content import shard_hashes
-from taft.store.create import check_dp, data_identity, ids_and_labels, train_into, warn_uncovered
+from taft.store.create import check_augment, check_dp, data_identity, ids_and_labels, train_into, warn_uncovered
 from taft.store.forget import backbone_for
 from taft.store.journal import Pending, audit_noop, write_pending
 from taft.store.layout import StoreLayout, crashpoint
@@ -78,7 +77,7 @@ def check_new_ids(m: Manifest, ids: Sequence[str], readd_forgotten: bool) -> lis
 def check_classes(m: Manifest, train: FeatureData) -> None:
     """`TaftError` naming the first class of the data the store does not have."""
     names = list(m.model.class_names)
-    if isinstance(train, CachedFeatures):
+    if hasattr(train, "class_names"):
         unknown = [c for c in train.class_names if c not in names]
         if unknown:
             raise TaftError(f"class {unknown[0]!r} of the new data is not one of the store's classes "
@@ -150,6 +149,7 @@ def add_examples(root: str | Path, train: FeatureData, *, shards: int | None = N
             audit_noop(layout, "add", shards=done.shards, n=len(ids), already_added=done.op_id)
             return AddResult(done.shards, len(ids), done.readded, resumed=True)
         check_classes(m, train)
+        check_augment(m.config, train)
         readded = check_new_ids(m, ids, readd_forgotten)
         new = addition_plan(m, train, shards, plan)
         start = len(m.shards)

@@ -2,8 +2,10 @@
 
     store = ModelStore.create("stores/cifar", features, model, TrainConfig(epochs=10, seed=0), shards=8)
 
-`features` is the training data's trunk features (`cache_features(...)`: workers share that cache entry) or a
-tuple (features, labels, ids) whose labels index the model's classes. `model` (a `Classifier` with its seeded base
+`features` is the training data's trunk features (`cache_features(...)`: workers share that cache entry), a
+tuple (features, labels, ids) whose labels index the model's classes, or the raw dataset (images, texts): then
+every shard streams its examples through the trunk on every batch (nothing is cached; `config.augment` needs it),
+and so does every later retraining, from the recorded data source. `model` (a `Classifier` with its seeded base
 head) says what every shard is; the store seed is `config.seed`: it seeds the plan and, through `shard_seed(seed,
 i)`, each shard's data order; every shard uses the model's `head_seed`, so all share w0. Every shard trains at
 least `min_steps` optimizer steps (default `SHARD_MIN_STEPS`, also `taft shards train`'s).
@@ -50,6 +52,7 @@ from taft.store.manifest import Composition, Manifest, ShardEntry, ShardFile, lo
 from taft.store.plan import PLAN_KINDS, ShardPlan, make_plan, shard_seed
 from taft.train import TrainConfig
 from taft.train.config import run_record
+from taft.train.sources import is_dataset
 
 # The minimum optimizer steps of every shard (`ModelStore.create` and `taft shards train`): more epochs on small
 # shards, so composing K small shards does not compose K under-trained models. Chosen on a validation split
@@ -83,20 +86,31 @@ def check_config(spec: ModelSpec, config: TrainConfig, text: bool = False, dp: D
                            batch_size=batch_size)
 
 
+def check_augment(config: TrainConfig, train: FeatureData) -> None:
+    """`TaftError` when the recipe augments but `train` is cached features (a cache entry holds one fixed view)."""
+    if config.augment != "none" and not is_dataset(train):
+        raise TaftError(f"augment={config.augment!r} needs the raw dataset (images), streamed through the trunk by "
+                        "every shard, not cached features", arguments=("augment",))
+
+
 def data_identity(train: FeatureData) -> dict[str, Any]:
-    """Names the training data (for the manifest and to recognise a rerun)."""
+    """Names the training data (for the manifest and to recognise a rerun); a raw dataset is marked "streamed":
+    its shards run the trunk on every batch, and so does their retraining (from the data source)."""
     if isinstance(train, CachedFeatures):
         return {"path": str(Path(train.path).resolve()), "entry": train.meta.get("entry")}
-    ids = [str(i) for i in train[2]]
-    return {"path": None, "entry": None, "ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}
+    ids, _ = ids_and_labels(train)
+    digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    if is_dataset(train):
+        return {"path": None, "entry": None, "ids_sha256": digest, "streamed": True}
+    return {"path": None, "entry": None, "ids_sha256": digest}
 
 
 def ids_and_labels(train: FeatureData) -> tuple[list[str], list[int]]:
-    if isinstance(train, CachedFeatures):
-        return list(train.ids), list(train.labels)
+    if isinstance(train, CachedFeatures) or is_dataset(train):
+        return [str(i) for i in train.ids], [int(y) for y in train.labels]
     if isinstance(train, (tuple, list)) and len(train) == 3:
         return [str(i) for i in train[2]], [int(y) for y in train[1]]
-    raise TaftError("store training data must be CachedFeatures or a tuple (features, labels, ids)")
+    raise TaftError("store training data must be CachedFeatures, a tuple (features, labels, ids) or a raw dataset")
 
 
 def shard_config(base: TrainConfig, index: int, seed: int | None = None) -> TrainConfig:
@@ -255,8 +269,9 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
                         "head_weight")
     if weighting not in WEIGHTINGS:
         raise TaftError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    check_augment(base, train)
     check_dp(dp, weighting)
-    if isinstance(train, CachedFeatures) and list(train.class_names) != model.class_names:
+    if hasattr(train, "class_names") and list(train.class_names) != model.class_names:
         raise TaftError(f"the data's classes {list(train.class_names)[:10]} differ from the model's "
                         f"{model.class_names[:10]}")
     plan = resolve_plan(plan, shards, train, base.seed)
@@ -316,5 +331,5 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
     return layout.root
 
 
-__all__ = ["SHARD_MIN_STEPS", "check_config", "check_dp", "create_store", "data_identity", "dp_shard_seed",
+__all__ = ["SHARD_MIN_STEPS", "check_augment", "check_config", "check_dp", "create_store", "data_identity", "dp_shard_seed",
            "releases", "shard_config", "shard_dp", "train_into", "with_min_steps"]

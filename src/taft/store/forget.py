@@ -34,7 +34,7 @@ from taft.parallel.execution import Execution
 from taft.parallel.shards import BackboneSpec, FeatureData, FeatureUnion, backbone_ref
 from taft.store.commit import begin, commit
 from taft.store.create import train_into
-from taft.store.content import check_unchanged, content_change, open_sources, shard_hashes
+from taft.store.content import check_unchanged, content_change, open_source, open_sources, shard_hashes
 from taft.store.journal import Pending, audit_noop, write_pending
 from taft.wording import counted
 from taft.store.layout import StoreLayout, crashpoint
@@ -103,20 +103,29 @@ def union(parts: Sequence[FeatureData]) -> FeatureData:
     return parts[0] if len(parts) == 1 else FeatureUnion(tuple(parts))
 
 
-def training_features(m: Manifest, features: FeatureData | None, shards: Iterable[int] | None = None) -> FeatureData:
-    """`features` if given, else the trunk-feature cache entries of `shards`' training data (default: all the
-    store's) if they are still there (a `FeatureUnion` when the shards came from several sources)."""
+def record_data(m: Manifest, record: Mapping[str, Any], backbone: Backbone | None = None) -> FeatureData | None:
+    """The training data a data record names, if it is at hand: its feature-cache entry, or for a store that
+    streams, its source reopened as a dataset (with `backbone`'s preprocessing, default the store's backbone)."""
+    if (record.get("features") or {}).get("streamed"):
+        return open_source(record, m, backbone)
+    return cached_entry(record)
+
+
+def training_features(m: Manifest, features: FeatureData | None, shards: Iterable[int] | None = None,
+                      backbone: Backbone | None = None) -> FeatureData:
+    """`features` if given, else the training data of `shards` (default: all the store's) where it is at hand
+    (`record_data`; a `FeatureUnion` when the shards came from several sources)."""
     if features is not None:
         return features
     parts = []
     for record in data_records(m, shards):
-        cf = cached_entry(record)
-        if cf is None:
+        data = record_data(m, record, backbone)
+        if data is None:
             path = (record.get("features") or {}).get("path")
-            raise TaftError(f"the store's training features are not available (feature-cache entry {path} is gone); "
-                            "pass the training features, or keep the data at the recorded source so they can be "
-                            "recomputed")
-        parts.append(cf)
+            what = (f"feature-cache entry {path} is gone" if path else "its data source cannot be opened")
+            raise TaftError(f"the store's training features are not available ({what}); pass the training "
+                            "features, or keep the data at the recorded source so they can be recomputed")
+        parts.append(data)
     if not parts:
         raise TaftError("the store holds no shard whose training data is recorded")
     return union(parts)
@@ -249,7 +258,7 @@ class Retraining:
         unknown = [i for i in shards if not m.retrainable(i)]
         if unknown:
             raise TaftError(f"shards {unknown} were imported without their training data and cannot be retrained")
-        train = training_features(m, features, shards)
+        train = training_features(m, features, shards, backbone)
         entries = {(m.data_of(i).get("features") or {}).get("entry") for i in shards} - {None}
         parts = train.parts if isinstance(train, FeatureUnion) else (train,)
         recorded = bool(entries) and all(isinstance(p, CachedFeatures) and p.meta.get("entry") in entries

@@ -171,22 +171,26 @@ class ModelStore:
 
     def training_features(self, *, shards: Iterable[int] | None = None, device=None,
                           progress: bool = True) -> FeatureData:
-        """The trunk features of `shards`' training data (default: all the store's): for each data record (the
-        creation's, each addition's), its feature-cache entry if it is still there, else rebuilt from its source
-        with the store's backbone (checked to have the same weights); a `FeatureUnion` over several. `TaftError`
-        when neither is available."""
+        """The training data of `shards` (default: all the store's): for each data record (the creation's, each
+        addition's), its feature-cache entry if it is still there, else rebuilt from its source with the store's
+        backbone (checked to have the same weights); for a store that streams, the source reopened as a dataset;
+        a `FeatureUnion` over several. `TaftError` when neither is available."""
         m = self.manifest
         parts, backbone = [], None
         for record in data_records(m, shards):
-            cf = cached_entry(record)
-            if cf is not None:
-                parts.append(cf)
+            streamed = (record.get("features") or {}).get("streamed")
+            data = None if streamed else cached_entry(record)  # a streamed store's source: opened below
+            if data is not None:
+                parts.append(data)
                 continue
             if not record.get("source"):
                 raise TaftError(f"the store's training features are not available: feature-cache entry "
                                 f"{(record.get('features') or {}).get('path')} is gone and no data source is recorded")
             backbone = backbone or self.backbone()
             source = DataSource.from_dict(record["source"])
+            if streamed:
+                parts.append(source.open(backbone))
+                continue
             dtype = {"float32": torch.float32, "float16": torch.float16}[source.cache_dtype]
             parts.append(cache_features(source.open(backbone), backbone, m.model.tangent_blocks, dtype=dtype,
                                         device=device, autocast=source.autocast, progress=progress))
