@@ -2,7 +2,7 @@
 class, then --additions additions of the next --add-per-class images per class each (`ModelStore.add`: new shards
 at the store's mean shard size, nothing retrained). After each step: the composed model's top-1 on the test images
 and the wall time of the addition, next to a store built once on the same images with the same number of shards
-(`ModelStore.create`) and the time of that full rebuild. Shards train one after another in this process (inline),
+(`ModelStore.create`) and the time of that full rebuild (after the additions --rebuild-at lists; default all). Shards train one after another in this process (inline),
 so the times compare the work done, not a pool's scheduling.
 
     python experiments/store_growth.py --data ../shared/data/cifar10-mini --base-per-class 600 \\
@@ -66,16 +66,18 @@ def run(args: argparse.Namespace) -> dict:
         add_s = time.perf_counter() - t
         union = train_f.select([i for part in steps[:j + 1] for i in part.ids])
         shards = ModelStore(grown).manifest.plan.num_shards
-        rebuilt = work / f"rebuilt-{j}"
-        shutil.rmtree(rebuilt, ignore_errors=True)
-        t = time.perf_counter()
-        ModelStore.create(rebuilt, union, model, config, shards=shards, threads=threads, min_steps=args.min_steps,
-                          execution=inline)
-        rebuild_s = time.perf_counter() - t
-        log.add({"step": j, "n": len(union), "shards": shards, "new_shards": result.shards,
-                 "incremental_top1": composed_top1(grown, backbone, test_f),
-                 "rebuilt_top1": composed_top1(rebuilt, backbone, test_f), "add_s": add_s, "rebuild_s": rebuild_s})
-        shutil.rmtree(rebuilt)
+        row = {"step": j, "n": len(union), "shards": shards, "new_shards": result.shards,
+               "incremental_top1": composed_top1(grown, backbone, test_f), "rebuilt_top1": None, "add_s": add_s,
+               "rebuild_s": None}
+        if args.rebuild_at is None or j in args.rebuild_at:
+            rebuilt = work / f"rebuilt-{j}"
+            shutil.rmtree(rebuilt, ignore_errors=True)
+            t = time.perf_counter()
+            ModelStore.create(rebuilt, union, model, config, shards=shards, threads=threads,
+                              min_steps=args.min_steps, execution=inline)
+            row.update(rebuild_s=time.perf_counter() - t, rebuilt_top1=composed_top1(rebuilt, backbone, test_f))
+            shutil.rmtree(rebuilt)
+        log.add(row)
     return log.result()
 
 
@@ -85,9 +87,10 @@ def summarise(result: dict, out: Path) -> str:
     for r in result["runs"]:
         rebuilt = "-" if r["rebuilt_top1"] is None else f"{100 * r['rebuilt_top1']:.1f}"
         add = "-" if r["add_s"] is None else f"{r['add_s']:.0f}"
-        ratio = "-" if r["add_s"] is None else f"{r['rebuild_s'] / r['add_s']:.1f}×"
+        rebuild = "-" if r["rebuild_s"] is None else f"{r['rebuild_s']:.0f}"
+        ratio = "-" if r["add_s"] is None or r["rebuild_s"] is None else f"{r['rebuild_s'] / r['add_s']:.1f}×"
         lines.append(f"| {r['step']} | {r['n']} | {r['shards']} | {100 * r['incremental_top1']:.1f} | {rebuilt} | "
-                     f"{add} | {r['rebuild_s']:.0f} | {ratio} |")
+                     f"{add} | {rebuild} | {ratio} |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     plt = pyplot()
@@ -113,6 +116,8 @@ def main() -> None:
     parser.add_argument("--additions", type=int, default=4)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--rebuild-at", type=int, nargs="+", metavar="STEP",
+                        help="build the comparison store only after these additions (default: after each)")
     parser.add_argument("--min-steps", type=int, default=SHARD_MIN_STEPS, help="per shard (default the store's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
