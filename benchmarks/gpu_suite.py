@@ -15,7 +15,8 @@ every section:
                bf16, and the trunk's forward alone on device-resident batches
   dp           the DP-SGD step (benchmarks/dp_step.py): ghost clipping and vmap against a plain step
   accuracy     probe / NLFT-1 / TAFT-1 at 224 and 112 px on the CIFAR-10 images of the assets, with the library's
-               default recipes (no tuning; the test split is read once per model)
+               default recipes (no tuning; the test split is read once per model); at 224 px also NLFT-1 and
+               TAFT-1 streamed with crop-flip augmentation
 
 Real weights and images come from `--assets` (written by benchmarks/gpu_assets.py); without them the steps, dp and
 correctness sections run as usual (random weights), the features section uses a random ViT-S/14 and synthetic
@@ -45,7 +46,7 @@ import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -570,20 +571,25 @@ def section_accuracy(ctx: Context, deadline: Deadline, record: dict) -> str:
                 for split, records in (("train", both.records[:n]), ("test", both.records[n:]))}
     record.update(train=len(data["train"]), test=len(data["test"]), rows=[])
     config = TrainConfig(seed=0, epochs=s.epochs, **({"batch_size": 4} if ctx.tiny else {}))
-    for px in s.accuracy_px:
+    for first, px in enumerate(s.accuracy_px):
         backbone = real_backbone(ctx, px) or random_backbone(ctx, px)
-        for method in ("probe", "nlft", "taft"):
+        runs = [(m, "none") for m in ("probe", "nlft", "taft")]
+        runs += [(m, "crop-flip") for m in ("nlft", "taft")] if first == 0 else []  # streamed, augmented
+        for method, augment in runs:
             if not deadline.enough(10.0 if not ctx.tiny else 0.0):
-                record.setdefault("skipped", []).append({"px": px, "method": method})
+                record.setdefault("skipped", []).append({"px": px, "method": method, "augment": augment})
                 continue
             t0 = time.perf_counter()
             model = Classifier(backbone, data["train"].class_names, 1, method=method).to(ctx.device)
             root = ctx.scratch / "accuracy-cache"
-            train_f = model.cache_features(data["train"], root=root, batch_size=256, progress=False)
             test_f = model.cache_features(data["test"], root=root, batch_size=256, progress=False)
-            result = fit(model, train_f, config, progress=False, compute=Compute(device=ctx.device))
+            train = data["train"] if augment != "none" else model.cache_features(
+                data["train"], root=root, batch_size=256, progress=False)
+            result = fit(model, train, replace(config, augment=augment), progress=False,
+                         compute=Compute(device=ctx.device), features="stream" if augment != "none" else "cache")
             top1 = evaluate(result.classifier, test_f).top1
-            record["rows"].append({"px": px, "method": method, "k": 1, "top1": top1, "lr": result.config.lr,
+            record["rows"].append({"px": px, "method": method, "augment": augment, "k": 1, "top1": top1,
+                                   "lr": result.config.lr,
                                    "head_lr": result.config.head_lr, "epochs": result.config.epochs,
                                    "train_time_s": result.metrics["train_time_s"],
                                    "seconds": time.perf_counter() - t0})
@@ -666,7 +672,8 @@ def table(report: dict) -> str:
     if acc.get("rows"):
         lines.append(f"\naccuracy ({acc['train']} train / {acc['test']} test images, default recipes, seed 0): top-1 %")
         for px in dict.fromkeys(r["px"] for r in acc["rows"]):
-            rows = {r["method"]: r for r in acc["rows"] if r["px"] == px}
+            rows = {r["method"] + ("" if r.get("augment", "none") == "none" else f"+{r['augment']}"): r
+                    for r in acc["rows"] if r["px"] == px}
             lines.append(f"  {px:>4} px: " + "  ".join(f"{m} {100 * r['top1']:.1f} ({r['train_time_s']:.0f} s)"
                                                       for m, r in rows.items()))
     return "\n".join(lines)

@@ -60,7 +60,9 @@ def test_tiny_suite_runs_every_section_and_writes_their_keys(suite, tmp_path, ca
     assert {r["compiled"] for r in rows} == {False, True} and {r["autocast"] for r in rows} == {"none", "bf16"}
     eager = next(r for r in rows if not r["compiled"])
     assert set(eager["ms"]) == {"probe", "nlft", "taft", "jvp", "taft-full"} and eager["ratios"]["taft/nlft"] > 0
-    assert {r["method"] for r in saved["sections"]["accuracy"]["result"]["rows"]} == {"probe", "nlft", "taft"}
+    rows = saved["sections"]["accuracy"]["result"]["rows"]
+    assert {r["method"] for r in rows} == {"probe", "nlft", "taft"}
+    assert sorted((r["method"], r["px"]) for r in rows if r["augment"] == "crop-flip") == [("nlft", 56), ("taft", 56)]
     assert saved["environment"]["packages"]["torch"] and report["sections"].keys() == saved["sections"].keys()
     printed = capsys.readouterr().out
     table = (tmp_path / "table.txt").read_text()
