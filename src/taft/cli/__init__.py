@@ -82,6 +82,11 @@ def run_command(args: argparse.Namespace) -> int:
     previous_format = warnings.formatwarning
     warnings.formatwarning = one_line_warning
     try:
+        if args.command != "train":
+            from taft.train.distributed import refuse_under_torchrun
+
+            refuse_under_torchrun(f"taft {args.command}", "only taft train trains data-parallel; shards train in "
+                                                          "parallel on their own (--workers, --executor ray)")
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
     except TaftError as e:

@@ -102,11 +102,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from taft.data import split_dataset
     from taft.model import Classifier
     from taft.train import Compute, fit
+    from taft.train.distributed import is_rank_zero, refuse_private, stop_on_sigterm
 
+    stop_on_sigterm()
+    writer = is_rank_zero()  # under torchrun, rank 0 alone writes and reports (the ranks' warnings are the same)
+    if not writer:
+        warnings.simplefilter("ignore")
     resuming = args.resume is not None
     args = _resumed_args(args) if resuming else args
     device = compute_device(args)
     dp = dp_config_from_args(args)
+    refuse_private(dp)
     if dp is not None and args.head_init == "probe":
         raise TaftError("--head-init probe fits a probe on the private data without noise: not allowed with --dp")
     if dp is not None and resuming:
@@ -130,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         val_ds = None
     dtype = cache_dtype(args)
-    progress = not args.quiet
+    progress = not args.quiet and writer
     if dp is not None and (args.autocast_training or args.compile):
         raise TaftError("--autocast-training and --compile are not supported with --dp (DP-SGD trains in float32, "
                         "eagerly)")
@@ -138,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     train_f = model.cache_features(train_ds, dtype=dtype, autocast=args.autocast, progress=progress)
     val_f = (model.cache_features(val_ds, dtype=dtype, autocast=args.autocast, progress=progress)
              if val_ds is not None else None)
-    if not resuming:
+    if not resuming and writer:
         from taft.fileio import atomic_write
 
         saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_RUN_ARGS}
@@ -147,6 +153,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     compute = Compute(device, autocast=args.autocast if args.autocast_training else "none", compile=args.compile)
     result = fit(model, train_f, config, val=val_f, run_dir=out, dp=dp, resume=resuming, compute=compute,
                  progress=progress)
+    if not writer:
+        return
     m = result.metrics
     where = "validation" if val_f is not None else "training"
     print(f"{args.method} k={args.k}: {where} top-1 {100 * m['top1']:.2f}% on {m['n']} examples, "
