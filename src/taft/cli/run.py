@@ -102,9 +102,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from taft.data import split_dataset
     from taft.model import Classifier
     from taft.train import Compute, fit
-    from taft.train.distributed import is_rank_zero, refuse_private, stop_on_sigterm
+    from taft.train.distributed import is_rank_zero, refuse_private
 
-    stop_on_sigterm()
     writer = is_rank_zero()  # under torchrun, rank 0 alone writes and reports (the ranks' warnings are the same)
     if not writer:
         warnings.simplefilter("ignore")

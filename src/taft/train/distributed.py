@@ -26,11 +26,13 @@ Test hook: `FAULT_ENV` = "RANK:exit" makes that rank exit at once at its second 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
+import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -133,7 +135,7 @@ class Group:
 
     def failed(self, what: str, error: BaseException) -> TaftError:
         """The one-line error of a collective that failed: a peer died, or did not answer within the timeout."""
-        reason = " ".join(str(error).split())[:160]
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split()))[:160]  # without gloo's source line
         return TaftError(f"data-parallel training stopped on rank {self.rank}: {what} failed ({reason}); another "
                          f"rank failed, was stopped or did not answer within {self.timeout:g} s (see its error)")
 
@@ -187,19 +189,25 @@ def join(device: torch.device) -> Group | None:
     return Group(launch.rank, launch.world, device, timeout)
 
 
-def stop_on_sigterm() -> None:
-    """Under torchrun, make SIGTERM (torchrun stopping every rank once one has failed) a one-line `TaftError` raised
-    in this process, so that the rank says why it stopped and unwinds like any error (temporary files removed).
-    For the command line; a library does not own its process's signals."""
+@contextlib.contextmanager
+def sigterm_as_error() -> Iterator[None]:
+    """Under torchrun, SIGTERM in the body (torchrun stopping every rank once one has failed) raises a one-line
+    `TaftError`, so that the rank says why it stopped and unwinds like any error (temporary files removed); the
+    previous handler is back after the body. For the command line: a library does not own its process's signals."""
     launch = launched()
     if launch is None:
+        yield
         return
 
     def stopped(signum: int, frame: object) -> None:
         raise TaftError(f"rank {launch.rank} was stopped by torchrun (SIGTERM): another rank failed or the job was "
                         "cancelled (see its error)")
 
-    signal.signal(signal.SIGTERM, stopped)
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fault_point(rank: int, step: int) -> None:
