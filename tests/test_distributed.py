@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from helpers import bad, write_image
 from taft.cli import main
 from taft.errors import TaftError
-from taft.train.distributed import (FAULT_ENV, TIMEOUT_ENV, TIMEOUT_S, launched, rank_device, refuse_private,
-                                    timeout_s)
+from taft.train.distributed import (FAULT_ENV, TIMEOUT_ENV, TIMEOUT_S, check_rank_device, launched, rank_device,
+                                    refuse_private, timeout_s)
 from taft.train.steps import PermutationSampler, rank_part
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # a free port
@@ -68,6 +68,10 @@ def test_the_torchrun_environment(monkeypatch):
     assert rank_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         assert rank_device("auto") == torch.device("cpu")
+    with pytest.raises(TaftError, match="runs on CPUs .gloo. or CUDA GPUs"):
+        check_rank_device(torch.device("mps"), launch)
+    with pytest.raises(TaftError, match=r"rank 3 \(local rank 1\) was given cuda:0; use device=auto"):
+        check_rank_device(torch.device("cuda", 0), launch)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(TaftError, match="RANK 4, WORLD_SIZE 4"):
         launched()

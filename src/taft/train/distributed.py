@@ -97,12 +97,26 @@ def refuse_private(dp: object | None) -> None:
 
 def rank_device(spec: str | torch.device | None) -> torch.device:
     """`resolve_device(spec)`, except that under torchrun "auto" and "cuda" are this rank's GPU, cuda:LOCAL_RANK
-    (the CPU where CUDA is not usable, for "auto")."""
+    (the CPU where CUDA is not usable, for "auto"), and any other GPU is refused (`check_rank_device`)."""
     launch = launched()
     generic = isinstance(spec, str) and spec.strip().lower() in ("auto", "cuda")
     if launch is None or not generic or (spec.strip().lower() == "auto" and not torch.cuda.is_available()):
-        return resolve_device(spec)
+        return check_rank_device(resolve_device(spec), launch)
     return resolve_device(f"cuda:{launch.local_rank}")
+
+
+def check_rank_device(device: torch.device, launch: Launch | None) -> torch.device:
+    """`device`, when a rank of a torchrun job (`launch`) can train on it: the CPU or its own GPU."""
+    if launch is None:
+        return device
+    if device.type not in ("cpu", "cuda"):
+        raise TaftError(f"data-parallel training runs on CPUs (gloo) or CUDA GPUs (NCCL), not on {device}",
+                        arguments=("device",))
+    if device.type == "cuda" and device.index != launch.local_rank:
+        raise TaftError(f"under torchrun each rank trains on its own GPU, cuda:LOCAL_RANK: rank {launch.rank} "
+                        f"(local rank {launch.local_rank}) was given {device}; use device=auto or device=cuda",
+                        arguments=("device",))
+    return device
 
 
 def timeout_s() -> float:
@@ -166,13 +180,7 @@ def join(device: torch.device) -> Group | None:
     launch = launched()
     if launch is None:
         return None
-    if device.type not in ("cpu", "cuda"):
-        raise TaftError(f"data-parallel training runs on CPUs (gloo) or CUDA GPUs (NCCL), not on {device}",
-                        arguments=("device",))
-    if device.type == "cuda" and device.index != launch.local_rank:
-        raise TaftError(f"under torchrun each rank trains on its own GPU, cuda:LOCAL_RANK: rank {launch.rank} "
-                        f"(local rank {launch.local_rank}) was given {device}; use device=auto or device=cuda",
-                        arguments=("device",))
+    check_rank_device(device, launch)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timeout_s()
     if not dist.is_initialized():
