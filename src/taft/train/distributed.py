@@ -139,7 +139,6 @@ class Group:
 
     rank: int
     world: int
-    device: torch.device
     timeout: float
 
     @property
@@ -194,7 +193,7 @@ def join(device: torch.device) -> Group | None:
         atexit.register(dist.destroy_process_group)
     elif dist.get_backend() != backend:
         raise TaftError(f"the process group uses {dist.get_backend()}, but training on {device} needs {backend}")
-    return Group(launch.rank, launch.world, device, timeout)
+    return Group(launch.rank, launch.world, timeout)
 
 
 @contextlib.contextmanager
@@ -254,9 +253,8 @@ class AllReduceStep(AutogradStep):
             self.backward(loss)
         params = list(self.params.values())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.zeros(2, dtype=grads[0].dtype, device=grads[0].device)])
-        flat[:-2].mul_(b)
-        flat[-2:] = torch.tensor([value * b, b], dtype=flat.dtype)
+        sizes = torch.tensor([value * b, b], dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch.cat([g.reshape(-1) * b for g in grads] + [sizes])
         self.group.all_reduce(flat, f"the gradient sum of step {self.taken}")
         total, count = float(flat[-2]), round(float(flat[-1]))
         if not math.isfinite(total):
