@@ -82,8 +82,14 @@ def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command; errors become one line on stderr and an exit status (see the module doc)."""
     previous_format = warnings.formatwarning
     warnings.formatwarning = one_line_warning
+    from taft.train.distributed import refuse_under_torchrun, sigterm_as_error
+
     try:
-        args.func(args)
+        if args.command != "train":
+            refuse_under_torchrun(f"taft {args.command}", "only taft train trains data-parallel; shards train in "
+                                                          "parallel on their own (--workers, --executor ray)")
+        with sigterm_as_error():
+            args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
     except TaftError as e:
         print(f"taft: error: {in_cli_terms(e)}", file=sys.stderr)

@@ -171,10 +171,11 @@ def feature_source(args: argparse.Namespace):
 def compute_device(args: argparse.Namespace):
     """The checked device of the compute arguments (and the autocast setting usable there); sets --threads. Called
     first, before anything is read or written."""
-    from taft.devices import resolve_device, set_threads
+    from taft.devices import set_threads
     from taft.precision import check_autocast
+    from taft.train.distributed import rank_device
 
-    device = resolve_device(args.device)
+    device = rank_device(args.device)
     check_autocast(getattr(args, "autocast", "none"), device)
     if getattr(args, "autocast_training", False) and args.autocast == "none":
         raise TaftError("--autocast-training needs --autocast bf16 or fp16")

@@ -105,11 +105,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     from taft.data import split_dataset
     from taft.model import Classifier
     from taft.train import Compute, fit
+    from taft.train.distributed import is_rank_zero, refuse_private
 
+    writer = is_rank_zero()  # under torchrun, rank 0 alone writes and reports (the ranks' warnings are the same)
+    if not writer:
+        warnings.simplefilter("ignore")
     resuming = args.resume is not None
     args = _resumed_args(args) if resuming else args
     device = compute_device(args)
     dp = dp_config_from_args(args)
+    refuse_private(dp)
     if dp is not None and args.head_init == "probe":
         raise TaftError("--head-init probe fits a probe on the private data without noise: not allowed with --dp")
     if dp is not None and resuming:
@@ -133,12 +138,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         val_ds = None
     source = feature_source(args)
-    progress = not args.quiet
+    progress = not args.quiet and writer
     if dp is not None and (args.autocast_training or args.compile):
         raise TaftError("--autocast-training and --compile are not supported with --dp (DP-SGD trains in float32, "
                         "eagerly)")
     model = Classifier.from_spec(backbone, train_ds.class_names, spec).to(device)
-    if not resuming:
+    if not resuming and writer:
         from taft.fileio import atomic_write
 
         saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_RUN_ARGS}
@@ -147,6 +152,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     compute = Compute(device, autocast=args.autocast if args.autocast_training else "none", compile=args.compile)
     result = fit(model, train_ds, config, val=val_ds, run_dir=out, dp=dp, resume=resuming, compute=compute,
                  progress=progress, features=source)
+    if not writer:
+        return
     m = result.metrics
     where = "validation" if val_ds is not None else "training"
     print(f"{args.method} k={args.k}: {where} top-1 {100 * m['top1']:.2f}% on {m['n']} examples, "

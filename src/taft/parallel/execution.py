@@ -17,6 +17,7 @@ from taft.devices import shard_devices
 from taft.errors import TaftError
 from taft.parallel.executors import InlineExecutor, check_executor_args, make_executor
 from taft.parallel.shards import BackboneSpec, ShardResult, ShardTask, run_shards
+from taft.train.distributed import refuse_under_torchrun
 from taft.validate import check_integer
 
 
@@ -55,7 +56,10 @@ class Execution:
     @contextlib.contextmanager
     def connected(self) -> Iterator[Execution]:
         """This execution, with "ray" connected now (shut down on exit): enter it before touching a store, so an
-        unreachable cluster fails with the store unchanged. Other kinds are made later, only if shards train."""
+        unreachable cluster fails with the store unchanged. Other kinds are made later, only if shards train.
+        Refused under torchrun: every rank would run the same store operation."""
+        refuse_under_torchrun("a model store's training", "stores train their shards in parallel on their own: "
+                                                          "workers, the process or Ray executor")
         if self.executor != "ray":
             yield self
             return

@@ -18,6 +18,7 @@ from taft.errors import DivergedError, NonFiniteError, TaftError
 from taft.model import Classifier
 from taft.progress import ProgressBar, progress_bar
 from taft.train.config import TrainConfig
+from taft.train.distributed import Group
 from taft.train.evaluation import evaluate_prepared
 from taft.train.examples import Prepared
 from taft.train.plan import RunPlan
@@ -93,7 +94,7 @@ def train_loop(classifier: Classifier, plan: RunPlan, train: Prepared, val: Prep
                progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
                desc: str | None = None, autocast: str = "none", forward: Callable[..., torch.Tensor] | None = None,
                resume: dict[str, Any] | None = None, on_state: Callable[[dict[str, Any]], None] | None = None,
-               batches: Sequence[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+               batches: Sequence[torch.Tensor] | None = None, group: Group | None = None) -> list[dict[str, Any]]:
     """Train `classifier`'s parameters in place as `plan` says (`taft.train.plan`: plain or DP-SGD); returns the
     per-epoch records (also passed to `on_epoch`): epoch, train_loss (mean example loss of the epoch's batches;
     DP-SGD: of the examples sampled, before their step, outside the guarantee), lr, train_time_s, examples_per_s,
@@ -104,13 +105,14 @@ def train_loop(classifier: Classifier, plan: RunPlan, train: Prepared, val: Prep
     resumable state (epoch, trained parameters, optimizer, scheduler, data order generator, history), and
     `resume=` such a state continues from it: the same steps as an uninterrupted run of `plan.config.epochs`
     epochs whose schedule is defined over that total. DP-SGD: `batches` replaces Poisson sampling by a fixed
-    schedule (checks only; the guarantee assumes Poisson sampling)."""
+    schedule (checks only; the guarantee assumes Poisson sampling). `group`: train data-parallel under torchrun,
+    each rank on its part of every global batch (`taft.train.distributed`); the records are the global batches'."""
     config = plan.config
     if len(train) != plan.n:
         raise TaftError(f"the run is planned for {plan.n} training examples, the data has {len(train)}")
     params = dict(classifier.tail.named_parameters())
     opt = make_optimizer(config, params)
-    sampler, step = plan.start(classifier, opt, forward=forward, autocast=autocast, batches=batches)
+    sampler, step = plan.start(classifier, opt, forward=forward, autocast=autocast, batches=batches, group=group)
     if (resume is not None or on_state is not None) and step.private:
         raise TaftError("resumable state is kept for plain training only")
     total = sampler.steps_per_epoch * config.epochs

@@ -22,6 +22,7 @@ from taft.privacy import DPConfig, DPPlan, DPStep, PoissonSampler, PrivacyLedger
 from taft.privacy.config import expected_batch_size
 from taft.privacy.dpsgd import dp_generators
 from taft.train.config import TrainConfig
+from taft.train.distributed import AllReduceStep, Group, refuse_private
 from taft.train.steps import AutogradStep, GradientStep, PermutationSampler, Sampler
 
 
@@ -53,16 +54,24 @@ class RunPlan:
 
     def start(self, model: Classifier, optimizer: torch.optim.Optimizer, *,
               forward: Callable[..., torch.Tensor] | None = None, autocast: str = "none",
-              batches: Sequence[torch.Tensor] | None = None) -> tuple[Sampler, GradientStep]:
+              batches: Sequence[torch.Tensor] | None = None,
+              group: Group | None = None) -> tuple[Sampler, GradientStep]:
         """(the sampler, the gradient step updating `model` through `optimizer`) of this run. Plain training:
-        `forward` (e.g. a compiled `train_logits`) and `autocast` apply. DP-SGD: sampling and noise are seeded by
-        the DP seed (fresh when None); `batches` replaces Poisson sampling by a fixed schedule, for checks only."""
+        `forward` (e.g. a compiled `train_logits`) and `autocast` apply; with a torchrun `group`, this rank's part
+        of every global batch and the all-reduced step (`taft.train.distributed`). DP-SGD: sampling and noise are
+        seeded by the DP seed (fresh when None); `batches` replaces Poisson sampling by a fixed schedule, for
+        checks only."""
         cfg = self.config
         if self.dp is None:
             if batches is not None:
                 raise TaftError("a fixed batch schedule applies to DP-SGD runs only")
+            if group is not None:
+                return (PermutationSampler(self.n, self.batch_size, cfg.seed, part=group.part),
+                        AllReduceStep(model, optimizer, cfg, group, forward=forward, autocast=autocast))
             return (PermutationSampler(self.n, self.batch_size, cfg.seed),
                     AutogradStep(model, optimizer, cfg, forward=forward, autocast=autocast))
+        if group is not None:
+            refuse_private(self.dp.config)
         if batches is not None and len(batches) != self.dp.steps:
             raise TaftError(f"a fixed batch schedule needs {self.dp.steps} batches, got {len(batches)}")
         dp = self.dp.config

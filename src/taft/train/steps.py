@@ -65,17 +65,25 @@ def make_optimizer(config: TrainConfig, params: dict[str, nn.Parameter]) -> torc
     return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0)
 
 
+def rank_part(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s part of a global index batch shared by `world` ranks: its contiguous slice, the slices' sizes
+    differing by at most one (earlier ranks take the extra examples; a rank may get none of a short last batch)."""
+    return batch.tensor_split(world)[rank]
+
+
 class PermutationSampler:
     """Plain training's batches: a permutation of range(n) per epoch from a generator seeded `seed`, cut into
-    batches of `batch_size` (the last one shorter)."""
+    batches of `batch_size` (the last one shorter). With `part=(rank, world)` (data-parallel training), each batch
+    is rank `rank`'s part of that global batch (`rank_part`): every rank draws the same order."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
+    def __init__(self, n: int, batch_size: int, seed: int, part: tuple[int, int] = (0, 1)):
+        self.n, self.batch_size, self.part = n, batch_size, part
         self.steps_per_epoch = math.ceil(n / batch_size)
         self.generator = torch.Generator().manual_seed(seed)
 
     def epoch(self) -> list[torch.Tensor]:
-        return list(torch.randperm(self.n, generator=self.generator).split(self.batch_size))
+        batches = torch.randperm(self.n, generator=self.generator).split(self.batch_size)
+        return [rank_part(b, *self.part) for b in batches]
 
 
 class AutogradStep:
@@ -95,21 +103,31 @@ class AutogradStep:
         self.start = {n: p.detach().clone() for n, p in self.params.items()} if config.reg > 0 else {}
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, int]:
-        cfg = self.config
-        with autocast_context(self.autocast, self.device):
-            logits = self.forward(x, mask)
-        loss = classification_loss(logits.to(self.dtype), y, cfg.loss, cfg.kappa)
-        if cfg.reg > 0:
-            loss = loss + cfg.reg * proximity(self.params, self.start)
+        loss = self.loss(x, y, mask)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteError("the batch loss", value)
         self.optimizer.zero_grad(set_to_none=True)
+        self.backward(loss)
+        self.update()
+        return value * len(y), len(y)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The batch's mean loss (+ λ‖θ − θ0‖²), its forward under `autocast`."""
+        cfg = self.config
+        with autocast_context(self.autocast, self.device):
+            logits = self.forward(x, mask)
+        loss = classification_loss(logits.to(self.dtype), y, cfg.loss, cfg.kappa)
+        return loss + cfg.reg * proximity(self.params, self.start) if cfg.reg > 0 else loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of `loss` (fp16: of the scaled loss, so small gradients do not underflow)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def update(self) -> None:
+        """The optimizer's step on the accumulated gradients (fp16: unscaled; a step that overflows is skipped)."""
         if self.scaler is None:
-            loss.backward()
             self.optimizer.step()
-        else:  # fp16: scale the loss so small gradients do not underflow; skips steps that overflow
-            self.scaler.scale(loss).backward()
+        else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        return value * len(y), len(y)

@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 from taft.data.feature_cache import LabelledDataset
-from taft.devices import resolve_device
 from taft.errors import TaftError
 from taft.fileio import atomic_write, exclusive_lock, write_json
 from taft.model import Classifier
@@ -49,6 +48,7 @@ from taft.privacy import DPConfig
 from taft.train.compiled import CompiledStep
 from taft.train.config import TrainConfig, run_record
 from taft.train.curves import CURVE_NAME, plot_training_curve
+from taft.train.distributed import Group, join, rank_device, refuse_private
 from taft.train.evaluation import Evaluation, evaluate_prepared
 from taft.train.examples import FeatureData
 from taft.train.feeding import FEEDS
@@ -100,10 +100,19 @@ def ids_key(examples: TrainingData) -> str | None:
     return None if examples.ids is None else hashlib.sha256(json.dumps(examples.ids).encode()).hexdigest()
 
 
+def run_digest(model: Classifier, record: dict[str, Any], train: TrainingData) -> str:
+    """A hash of what the ranks of a data-parallel run must share: the model's fingerprint, the run record, and the
+    training data's ids, labels and feature shape (cached features)."""
+    labels = hashlib.sha256(train.labels.numpy().tobytes()).hexdigest()
+    shape = getattr(train, "feature_shape", None)
+    return hashlib.sha256(json.dumps([model.fingerprint, record, ids_key(train), labels, len(train),
+                                      shape]).encode()).hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------- before training
 def check_compute(model: Classifier, compute: Compute, dp: DPConfig | None) -> torch.device:
     """The device to train on, after checking the compute options (and that DP runs eagerly in float32)."""
-    where = resolve_device(compute.device) if compute.device is not None else model.device
+    where = rank_device(compute.device) if compute.device is not None else model.device
     check_autocast(compute.autocast, where)
     if compute.feed not in FEEDS:
         raise TaftError(f"feed must be one of {', '.join(FEEDS)}, got {compute.feed!r}")
@@ -217,15 +226,15 @@ class RunDir:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def probe_head(model: Classifier, plan: RunPlan, train: TrainingData, feed: str,
-               progress: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def probe_head(model: Classifier, plan: RunPlan, train: TrainingData, feed: str, progress: bool,
+               group: Group | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """`head_init="probe"`: (W, b) of a linear probe trained on `train` with the probe's default rates and the
-    run's other settings, and what to record of it."""
+    run's other settings (data-parallel in a torchrun `group`), and what to record of it."""
     probe = model.derive(method="probe", head_init="random")
     probe_plan = plan_run(probe, replace(plan.config, lr=None, head_lr=None, optimizer=None), plan.n)
     probe_in = prepared(probe, train)
     probe_in.place(probe.device, feed)
-    hist = train_loop(probe, probe_plan, probe_in, None, progress=progress, desc="head probe")
+    hist = train_loop(probe, probe_plan, probe_in, None, progress=progress, desc="head probe", group=group)
     record = {"lr": probe_plan.config.learning_rate, "epochs": probe_plan.config.epochs,
               "final_train_loss": hist[-1]["train_loss"]}
     return probe.tail.head.weight.detach(), probe.tail.head.bias.detach(), {"head_probe": record}
@@ -273,10 +282,18 @@ def fit(model: Classifier, train: FeatureData | LabelledDataset, config: TrainCo
     with the same model and settings otherwise (its base head and tensors come from the run). Interrupted runs,
     and any run with the constant schedule, then give exactly the uninterrupted run's result; extending a finished
     cosine/step run continues on the longer schedule from the step reached. Not with `dp`.
-    `compute`: the device, autocast, compile and feed (`Compute`)."""
+    `compute`: the device, autocast, compile and feed (`Compute`).
+
+    Under torchrun (`taft.train.distributed`), the ranks train the model data-parallel, each on its part of
+    every global batch of `config.batch_size`, with the single-process run's steps; every rank must pass the same
+    model, data and settings (checked), and only rank 0 writes `run_dir` (elsewhere the result's `run_dir` and
+    `checkpoint` are None). Not with `dp`."""
     t_start = time.perf_counter()
+    refuse_private(dp)
     compute = compute or Compute()
     where = check_compute(model, compute, dp)
+    group = join(where)
+    progress = progress and (group is None or group.rank == 0)
     config, source = config or TrainConfig(), feature_source(features)
     tr = training_data(model.to(where), train, source, "training data", augment=config.augment, seed=config.seed,
                        progress=progress)
@@ -288,9 +305,11 @@ def fit(model: Classifier, train: FeatureData | LabelledDataset, config: TrainCo
             ex.check(model)
     warn_if_few_steps(plan)
     record = run_record(model.spec, plan.config)
-    run = RunDir(run_dir)
+    if group is not None:
+        group.check_same(run_digest(model, record, tr), "model, settings or training data")
+    run = RunDir(run_dir if group is None or group.rank == 0 else None)
     with run.locked():
-        state = resume_state(run.out, record, tr, dp) if resume else None
+        state = resume_state(None if run_dir is None else Path(run_dir), record, tr, dp) if resume else None
         run.start(record, state)
 
         model.to(where)
@@ -299,7 +318,7 @@ def fit(model: Classifier, train: FeatureData | LabelledDataset, config: TrainCo
             model.set_base_head(state["head_weight0"].to(where), state["head_bias0"].to(where))
             extra = dict(state["extra"])
         elif model.spec.head_init == "probe":
-            weight, bias, extra = probe_head(model, plan, tr, compute.feed, progress)
+            weight, bias, extra = probe_head(model, plan, tr, compute.feed, progress, group)
             model.set_base_head(weight, bias)
         model.train_config = record
         tr_in = prepared(model, tr)
@@ -315,7 +334,7 @@ def fit(model: Classifier, train: FeatureData | LabelledDataset, config: TrainCo
         compiled = CompiledStep(model.train_logits, enabled=compute.compile and not plan.private)
         history = train_loop(model, plan, tr_in, va_in, progress=progress, on_epoch=run.log_epoch,
                              autocast=compute.autocast, forward=compiled, resume=state,
-                             on_state=save_state if run.out is not None and not plan.private else None)
+                             on_state=save_state if run.out is not None and not plan.private else None, group=group)
         warn_if_loss_rose(history, plan.private)
         ledger = plan.ledger()
         privacy = ledger.to_dict() if ledger is not None else None
