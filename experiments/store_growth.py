@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> dict:
         union = train_f.select([i for part in steps[:j + 1] for i in part.ids])
         shards = ModelStore(grown).manifest.plan.num_shards
         row = {"step": j, "n": len(union), "shards": shards, "new_shards": result.shards,
-               "incremental_top1": composed_top1(grown, backbone, test_f), "rebuilt_top1": None, "add_s": add_s,
+               "incremental_top1": composed_top1(grown, backbone, test_f), "rebuilt_top1": None,
+               "add_s": None if result.resumed else add_s,  # an addition finished before an interruption: untimed
                "rebuild_s": None}
         if args.rebuild_at is None or j in args.rebuild_at:
             rebuilt = work / f"rebuilt-{j}"
