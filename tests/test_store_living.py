@@ -23,8 +23,8 @@ from taft.store import ModelStore
 from taft.store.layout import StoreLayout
 from taft.store.manifest import load_manifest
 from taft.store.plan import shard_seed
-from test_store import (CONFIG, INLINE, K, composed_delta, create, file_hashes, same_tensors, tiny_backbone,
-                        tiny_features)
+from test_store import (CONFIG, INLINE, K, base_store, composed_delta, create, data, file_hashes,  # noqa: F401
+                        same_tensors, store, tiny_backbone, tiny_features)  # (fixtures: data, base_store, store)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,24 +47,8 @@ def features_of(dataset: ImageDataset):
 
 
 @pytest.fixture(scope="module")
-def data():
-    return tiny_features()
-
-
-@pytest.fixture(scope="module")
 def added_data():
     return features_of(new_images("new"))
-
-
-@pytest.fixture(scope="module")
-def base_store(data, tmp_path_factory) -> Path:
-    bb, cf = data
-    return create(tmp_path_factory.mktemp("living") / "s", cf, bb, CONFIG, shards=K)
-
-
-@pytest.fixture
-def store(base_store, tmp_path) -> Path:
-    return Path(shutil.copytree(base_store, tmp_path / "s"))
 
 
 # --------------------------------------------------------------------------------------------------------- add
