@@ -294,3 +294,14 @@ def test_store_growth_smoke(tiny_images, tmp_path, monkeypatch):
     for r in saved["runs"][1:]:
         assert is_accuracy(r["incremental_top1"]) and is_accuracy(r["rebuilt_top1"]) and is_seconds(r["add_s"])
     assert "| 2 | 33 | 4 |" in table
+
+
+def test_augment_study_smoke(tiny_images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_script(EXPERIMENTS / "augment_study.py", cifar_args(tiny_images, out) + [
+        "--epochs", "1", "--augments", "crop-flip", "--threads", "1"], monkeypatch)
+    saved, table = results(out)
+    assert sorted((r["method"], r["augment"]) for r in saved["runs"]) == [
+        ("nlft", "crop-flip"), ("nlft", "none"), ("probe", "none"), ("taft", "crop-flip"), ("taft", "none")]
+    assert all(is_accuracy(r["top1"]) for r in saved["runs"])
+    assert "| taft |" in table and "TAFT − NLFT (points): none:" in table
