@@ -283,6 +283,7 @@ def test_task_arithmetic_smoke(tiny_images, tmp_path, monkeypatch):
     assert "| TAFT (exact) | 1·A + -1·B |" in table and "| NLFT (approximate) | union |" in table
 
 
+@pytest.mark.slow
 def test_store_growth_smoke(tiny_images, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_script(EXPERIMENTS / "store_growth.py", ["--data", str(tiny_images), "--image-size", "28", "--test-per-class",
@@ -296,6 +297,7 @@ def test_store_growth_smoke(tiny_images, tmp_path, monkeypatch):
     assert "| 2 | 33 | 4 |" in table
 
 
+@pytest.mark.slow
 def test_augment_study_smoke(tiny_images, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_script(EXPERIMENTS / "augment_study.py", cifar_args(tiny_images, out) + [
