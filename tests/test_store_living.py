@@ -76,6 +76,11 @@ def test_added_examples_become_new_shards_and_nothing_else_is_retrained(store, d
     assert entry["op"] == "add" and entry["shards"] == [K, K + 1] and entry["n"] == len(added_data)
     assert ModelStore(store).info()["additions"][0]["shards"] == [K, K + 1]
     assert ModelStore(store).verify().ok
+    from taft.store.report import write_report
+
+    report = write_report(store, store.parent / "report", None).read_text()
+    assert f"| {K + 1} | trained | {m.shards[K + 1].n} |" in report and "| 0 | trained" in report
+    assert report.count("| created |") == K and report.count(f"| added {m.additions[0].time} |") == 2
 
 
 def test_default_shards_keep_the_mean_shard_size(store, data, added_data):

@@ -14,6 +14,7 @@ from taft.devices import resolve_device
 from taft.errors import TaftError
 from taft.fileio import atomic_write
 from taft.privacy import PrivacyLedger, describe
+from taft.store.manifest import Manifest
 from taft.store.store import ModelStore
 from taft.train import evaluate
 
@@ -80,6 +81,14 @@ def privacy_lines(info: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def origin(m: Manifest, index: int) -> str:
+    """How shard `index` joined the store: "created", "added <time>", "imported <time>" (+ "drop-only")."""
+    a = m.addition_of(index)
+    if a is None:
+        return "created"
+    return f"{'added' if a.op == 'add' else 'imported'} {a.time}" + ("" if a.retrainable else " (drop-only)")
+
+
 def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatures | None = None,
                  device: torch.device | str | None = None) -> Path:
     """Write `out_dir/report.md` (+ shard_sizes.png, accuracy.png with `data`, evaluated on `device`); returns the
@@ -99,8 +108,10 @@ def write_report(store_root: str | Path, out_dir: str | Path, data: CachedFeatur
                                 f"{info['composed']['shards']} ({info['composition']['weighting']} weights)"
                                 if info["composed"] else "none"),
              f"- generation {info['generation']}, updated {info['updated']}", "",
-             "## Shards", "", "| shard | status | examples | seed | file |", "|---|---|---|---|---|"]
-    lines += [f"| {s.index} | {s.status} | {s.n} | {s.seed} | {s.file or '-'} |" for s in shards]
+             "## Shards", "", "| shard | status | examples | seed | origin | file |", "|---|---|---|---|---|---|"]
+    m = store.manifest
+    lines += [f"| {s.index} | {s.status} | {s.n} | {s.seed} | {origin(m, s.index)} | {s.file or '-'} |"
+              for s in shards]
     _bar_png(out / "shard_sizes.png", [str(s.index) for s in shards], [s.n for s in shards], "examples",
              "shard sizes")
     lines += ["", "![shard sizes](shard_sizes.png)", ""]
