@@ -344,3 +344,23 @@ def test_shards_train_streams_with_augmentation_and_store_add_streams_too(tmp_pa
     assert "retrained shards [" in capsys.readouterr().out
     bad(capsys, ["shards", "train", "--data", str(data), "--store", str(tmp_path / "s2"), "--features", "cache",
                  "--augment", "flip", *FAST], "needs streamed trunk features")
+
+
+def test_an_interrupted_streamed_addition_is_resumed_from_its_source(tmp_path, capsys, monkeypatch):
+    from taft.store.layout import CRASH_ENV, CRASH_EXIT
+
+    data = make_classes(tmp_path / "data", classes=("ant", "bee", "cow"), per_class=4)
+    store = tmp_path / "store"
+    assert main(["shards", "train", "--min-steps", "0", "--data", str(data), "--shards", "2", "--executor", "inline",
+                 "--store", str(store), "--features", "stream", *FAST]) == 0
+    week2 = make_classes(tmp_path / "week2", classes=("ant", "bee", "cow"), per_class=2, prefix="w2-")
+    code = (f"import sys; from taft.cli import main; sys.exit(main(['store', 'add', {str(store)!r}, '--data', "
+            f"{str(week2)!r}, '--executor', 'inline', '--quiet']))")
+    crashed = subprocess.run([sys.executable, "-c", code], env={**os.environ, CRASH_ENV: "after-pending"},
+                             capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == CRASH_EXIT, crashed.stderr
+    capsys.readouterr()
+    assert main(["store", "resume", str(store), "--executor", "inline", "--quiet"]) == 0
+    assert "completed the addition of 6 examples" in capsys.readouterr().out
+    m = load_manifest(StoreLayout(store))
+    assert m.additions[0].data["features"]["streamed"] and m.plan.num_shards == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from taft.backbones import load_backbone_like
 from taft.backbones.base import Backbone
 from taft.data.feature_cache import CachedFeatures
 from taft.data.source import DataSource
@@ -57,7 +58,8 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
         return "completed the store's creation"
     if pending.op == "add":
         plan = req["plan"]
-        r = add_examples(root, recorded_features(req["data"], features, "addition"), shards=req["shards"],
+        train = recorded_features(req["data"], features, "addition", req["source"], layout, backbone)
+        r = add_examples(root, train, shards=req["shards"],
                          plan=ShardPlan.from_dict(plan) if isinstance(plan, dict) else plan,
                          source=DataSource.from_dict(req["source"]) if req["source"] else None, backbone=backbone,
                          readd_forgotten=req["readd_forgotten"], execution=execution)
@@ -65,7 +67,8 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
     if pending.op == "import":
         data = req["data"]
         r = import_checkpoints(root, [c["path"] for c in req["checkpoints"]],
-                               features=recorded_features(data, features, "import") if data else None,
+                               features=recorded_features(data, features, "import", req["source"], layout,
+                                                          backbone) if data else None,
                                source=DataSource.from_dict(req["source"]) if req["source"] else None,
                                backbone=backbone, readd_forgotten=req["readd_forgotten"])
         return f"completed the import of {counted(len(r.shards), 'checkpoint')} as shards {r.shards}"
@@ -76,10 +79,18 @@ def resume(root: str | Path, *, features: FeatureData | None = None, backbone: B
     raise TaftError(f"cannot resume an operation of kind {pending.op!r}")
 
 
-def recorded_features(identity: dict, features: FeatureData | None, what: str) -> FeatureData:
-    """`features` if given, else the feature-cache entry an operation's request names (`data_identity`)."""
+def recorded_features(identity: dict, features: FeatureData | None, what: str, source: dict | None = None,
+                      layout: StoreLayout | None = None, backbone: Backbone | None = None) -> FeatureData:
+    """`features` if given, else what an operation's request names (`data_identity`): its feature-cache entry, or
+    for streamed data its `source` reopened (with `backbone`'s preprocessing, default the store's backbone)."""
     if features is not None:
         return features
+    if identity.get("streamed") and source and layout is not None:
+        info = load_manifest(layout).model
+        return DataSource.from_dict(source).open(backbone or load_backbone_like(info.backbone, info.preprocess))
+    if identity.get("streamed"):
+        raise TaftError(f"cannot resume the store's {what} here: its training data streams and no source of it is "
+                        "recorded; pass the dataset, or rerun the operation")
     path = identity.get("path")
     if not path or not (Path(path) / "meta.json").is_file():
         raise TaftError(f"cannot resume the store's {what}: its training features are not in the feature cache any "
