@@ -172,9 +172,9 @@ def add_examples(root: str | Path, train: FeatureData, *, shards: int | None = N
                             {"features": data_identity(train), "source": request["source"]}, readded=readded)
         entries = [ShardEntry(index=i, status="trained" if i in files else "empty",
                               file=files[i].file if i in files else None,
-                              sha256=files[i].sha256 if i in files else None, ids=list(ids),
+                              sha256=files[i].sha256 if i in files else None, ids=list(shard_ids),
                               seed=shard_seed(m.config.seed, i), privacy=files[i].privacy if i in files else None,
-                              data_sha256=hashes.get(i)) for i, ids in enumerate(new.shards, start)]
+                              data_sha256=hashes.get(i)) for i, shard_ids in enumerate(new.shards, start)]
         commit(layout, grown(m, entries, addition), pending)
     return AddResult(sorted(todo), len(ids), readded, resumed=status == "resume")
 
