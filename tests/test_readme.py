@@ -143,8 +143,10 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
         ran += 1
     assert ran >= 4
     assert (tmp_path / "runs" / "mine" / "checkpoint.safetensors").is_file()  # the last block's run directory
-    printed = [float(line) for line in capsys.readouterr().out.split()]
+    lines = capsys.readouterr().out.splitlines()
+    printed = [float(line) for line in lines if re.fullmatch(r"[0-9.e-]+", line)]
     assert len(printed) == 3 and all(0.0 <= top1 <= 1.0 for top1 in printed)  # the three evaluate(...).top1
+    assert "[0, 1, 2, 3] ['add', 'import']" in lines  # the living store's members and additions
     store = json.loads((tmp_path / "stores" / "reviews" / "manifest.json").read_text())
     assert len(store["forgotten"]) == 1 and [s["status"] for s in store["shards"]] == ["trained", "trained"]
     living = json.loads((tmp_path / "stores" / "living" / "manifest.json").read_text())
