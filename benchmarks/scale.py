@@ -128,8 +128,9 @@ def table(rows: list[dict], workers: list[int]) -> tuple[str, dict]:
     for r in rows:
         cached = r["cached"]["epoch_s"]
         peaks = "/".join(f"{r[p]['peak_rss_mib']:.0f}" for p in ["build", "cached", *streams])
-        lines.append(" | ".join([str(r["n"]), f"{r['build']['build_s']:.1f}", f"{r['build']['cache_bytes'] / 2**20:.1f}",
-                                 f"{r['build']['bytes_per_example']:.0f}", f"{cached:.2f}",
+        build = r["build"]
+        lines.append(" | ".join([str(r["n"]), f"{build['build_s']:.1f}", f"{build['cache_bytes'] / 2**20:.1f}",
+                                 f"{build['bytes_per_example']:.0f}", f"{cached:.2f}",
                                  *[f"{r[s]['epoch_s']:.2f}" for s in streams],
                                  *[f"{r[s]['epoch_s'] / cached:.2f}" for s in streams], peaks]))
     ns = [r["n"] for r in rows]
