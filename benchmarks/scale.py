@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -35,7 +34,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-BENCHMARKS = Path(__file__).resolve().parent
 CLASSES = 10
 TRAIN_SEED, VAL_SEED = 0, 1
 
@@ -79,7 +77,6 @@ def measure(spec: dict) -> dict:
     model = taft.Classifier(backbone, train.class_names, 1, method="taft")
     dtype = getattr(torch, spec["cache_dtype"])
     device = torch.device(spec["device"])
-    out: dict = {}
     if spec["phase"] == "build":
         model.to(device).cache_features(val, root=spec["cache"], dtype=dtype, progress=False)  # untimed
         t0 = time.perf_counter()
