@@ -296,6 +296,7 @@ def test_store_growth_smoke(tiny_images, tmp_path, monkeypatch):
     assert "| 2 | 33 | 4 |" in table
 
 
+@pytest.mark.slow
 def test_cache_dtype_smoke(tiny_images, tmp_path, monkeypatch, capsys):
     """Two methods × two seeds on float32 and float16 caches of a validation split: paired runs, the float16 entry
     half the bytes; a rerun skips the finished runs."""
