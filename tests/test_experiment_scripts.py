@@ -307,3 +307,28 @@ def test_augment_study_smoke(tiny_images, tmp_path, monkeypatch):
         ("nlft", "crop-flip"), ("nlft", "none"), ("probe", "none"), ("taft", "crop-flip"), ("taft", "none")]
     assert all(is_accuracy(r["top1"]) for r in saved["runs"])
     assert "| taft |" in table and "TAFT − NLFT (points): none:" in table
+
+
+@pytest.mark.slow
+def test_cache_dtype_smoke(tiny_images, tmp_path, monkeypatch, capsys):
+    """Two methods × two seeds on float32 and float16 caches of a validation split: paired runs, the float16 entry
+    half the bytes; a rerun skips the finished runs."""
+    out = tmp_path / "out"
+    argv = ["--data", str(tiny_images / "train"), "--image-size", "28", "--val-fraction", "0.3", "--epochs", "1",
+            "--seeds", "0", "1", "--methods", "taft", "probe", "--threads", "1", "--out", str(out)]
+    run_script(EXPERIMENTS / "cache_dtype.py", argv, monkeypatch)
+    saved, table = results(out)
+    assert [(r["method"], r["seed"], r["dtype"]) for r in saved["runs"]] == [
+        (m, s, d) for m in ("taft", "probe") for s in (0, 1) for d in ("float32", "float16")]
+    assert all(is_accuracy(r["val_top1"]) and is_seconds(r["train_s"]) for r in saved["runs"])
+    f32, f16 = saved["entry_float32"], saved["entry_float16"]
+    assert f32["feature_shape"] == f16["feature_shape"] == [5, 384]  # 28 px: 2×2 patches + CLS, ViT-S width
+    # features.npy of n examples: a 128-byte header + n × 5 × 384 × itemsize
+    assert f32["bytes_per_example"] * f32["n"] == 128 + f32["n"] * 5 * 384 * 4
+    assert f16["bytes_per_example"] * f16["n"] == 128 + f16["n"] * 5 * 384 * 2
+    rows = table.splitlines()
+    assert rows[2].startswith("| taft | 2 |") and rows[3].startswith("| probe | 2 |")
+    assert "float16: 3,844 bytes per example" in table  # (128 + 33 × 3840) / 33: the 33 images of train/
+    capsys.readouterr()
+    run_script(EXPERIMENTS / "cache_dtype.py", argv, monkeypatch)
+    assert len(results(out)[0]["runs"]) == 8 and '{"method"' not in capsys.readouterr().out  # nothing retrained

@@ -37,6 +37,7 @@ from taft.train.sources import FeatureSource, entry_bytes, size_text
 pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 LOGITS_ATOL = 1e-4  # see the module doc
+F32 = torch.float32  # the cache dtype whose features a stream reproduces (the default float16 rounds them)
 METHODS = ["taft", "nlft", "probe"]
 LR = {"taft": 1e-2, "nlft": 1e-2, "probe": 3e-2}
 
@@ -59,8 +60,8 @@ TEXTS = ["a gripping, beautifully shot film", "dull", "not as funny as it thinks
 
 @pytest.fixture(scope="module")
 def bert32():
-    """A tiny random BERT in float32 (the cache's dtype, so that cached and streamed features can be equal) with
-    MiniLM's tokenizer at 32 tokens."""
+    """A tiny random BERT in float32 (the dtype of the float32 caches here, so that cached and streamed features can
+    be equal) with MiniLM's tokenizer at 32 tokens."""
     random = random_text_backbone(TINY_BERT, seed=0, dtype=torch.float32)
     tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", 32)
     return Backbone(name=random.name, model=random.model, preprocess=tokenizer.preprocess, tokenizer=tokenizer)
@@ -95,7 +96,7 @@ def same_model(cached, streamed, features: Examples) -> None:
 def test_streamed_images_train_the_model_cached_features_train(tiny_vit, method):
     ds = images()
     cfg = TrainConfig(lr=LR[method], epochs=3, batch_size=4)
-    cached_f = Classifier(tiny_vit, CLASSES, 1).cache_features(ds, progress=False)
+    cached_f = Classifier(tiny_vit, CLASSES, 1).cache_features(ds, dtype=F32, progress=False)
     cached = fit(Classifier(tiny_vit, CLASSES, 1, method=method), cached_f, cfg, progress=False)
     entries = cache_entries()
     streamed = fit(Classifier(tiny_vit, CLASSES, 1, method=method), ds, cfg, val=ds, progress=False,
@@ -110,7 +111,7 @@ def test_streamed_images_train_the_model_cached_features_train(tiny_vit, method)
 def test_streamed_text_trains_the_model_cached_features_train(bert32, method):
     ds = texts(bert32)
     cfg = TrainConfig(lr=LR[method], epochs=3, batch_size=4)
-    cached_f = Classifier(bert32, ds.class_names, 1, pooling="mean").cache_features(ds, progress=False)
+    cached_f = Classifier(bert32, ds.class_names, 1, pooling="mean").cache_features(ds, dtype=F32, progress=False)
     cached = fit(Classifier(bert32, ds.class_names, 1, method=method, pooling="mean"), cached_f, cfg,
                  progress=False)
     streamed = fit(Classifier(bert32, ds.class_names, 1, method=method, pooling="mean"), ds, cfg, progress=False,
@@ -123,9 +124,9 @@ def test_a_wrong_trunk_is_caught_by_the_tolerance(tiny_vit):
     """The comparison can fail: features of k = 2's trunk (one block fewer) trained as if they were k = 1's."""
     ds = images()
     cfg = TrainConfig(lr=LR["taft"], epochs=3, batch_size=4)
-    cached_f = Classifier(tiny_vit, CLASSES, 1).cache_features(ds, progress=False)
+    cached_f = Classifier(tiny_vit, CLASSES, 1).cache_features(ds, dtype=F32, progress=False)
     cached = fit(Classifier(tiny_vit, CLASSES, 1), cached_f, cfg, progress=False)
-    other_f = Classifier(tiny_vit, CLASSES, 2).cache_features(ds, progress=False)
+    other_f = Classifier(tiny_vit, CLASSES, 2).cache_features(ds, dtype=F32, progress=False)
     wrong = fit(Classifier(tiny_vit, CLASSES, 1), (torch.from_numpy(np.array(other_f.features)), other_f.labels), cfg,
                 progress=False)
     with pytest.raises(AssertionError):
@@ -138,7 +139,7 @@ def test_streamed_dp_sgd_draws_the_batches_of_cached_dp_sgd(tiny_vit):
     ds = images()
     dp = DPConfig(noise_multiplier=0.5, delta=1e-3, expected_batch_size=4, seed=3)
     cfg = TrainConfig(lr=0.1, epochs=2, batch_size=4)
-    cached_f = Classifier(tiny_vit, CLASSES, 1).cache_features(ds, progress=False)
+    cached_f = Classifier(tiny_vit, CLASSES, 1).cache_features(ds, dtype=F32, progress=False)
     cached = fit(Classifier(tiny_vit, CLASSES, 1), cached_f, cfg, dp=dp, progress=False)
     streamed = fit(Classifier(tiny_vit, CLASSES, 1), ds, cfg, dp=dp, progress=False,
                    features=FeatureSource("stream", loader_workers=0))
@@ -149,7 +150,7 @@ def test_streamed_dp_sgd_draws_the_batches_of_cached_dp_sgd(tiny_vit):
 def test_auto_caches_within_the_budget_and_streams_over_it_saying_so(tiny_vit):
     ds = images()
     clf = Classifier(tiny_vit, CLASSES, 1)
-    size = entry_bytes(clf, ds.with_transform(clf.preprocess), torch.float32)
+    size = entry_bytes(clf, ds.with_transform(clf.preprocess), torch.float16)  # the default cache dtype
     cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -164,8 +165,8 @@ def test_auto_caches_within_the_budget_and_streams_over_it_saying_so(tiny_vit):
                  features=FeatureSource("auto", cache_max=size))
     assert cached.metrics["compute"]["feed"] == {"train": "host"} and len(cache_entries()) == 1
     entry = clf.cache_features(ds, progress=False)
-    # the size "auto" weighs is the entry's: n × tokens × width × 4 bytes
-    assert size == entry.features.nbytes == len(ds) * 10 * TINY_VIT.dim * 4
+    # the size "auto" weighs is the entry's: n × tokens × width × 2 bytes (float16, the default)
+    assert size == entry.features.nbytes == len(ds) * 10 * TINY_VIT.dim * 2
 
 
 def test_auto_measures_text_at_its_longest_example(bert32):
@@ -230,7 +231,7 @@ def test_augmented_runs_repeat_exactly_differ_by_seed_and_never_augment_evaluati
     other = seeded.classifier.trainable_state_dict()
     assert any(not torch.equal(state[k], other[k]) for k in state)
     # the final metrics (on the training data, no validation data) are of the unaugmented images
-    ev = evaluate(first.classifier, first.classifier.cache_features(ds, progress=False))
+    ev = evaluate(first.classifier, first.classifier.cache_features(ds, dtype=F32, progress=False))
     assert first.metrics["top1"] == ev.top1 and first.metrics["loss"] == pytest.approx(ev.loss, abs=LOGITS_ATOL)
     assert first.config.augment == "crop-flip" and first.classifier.train_config["augment"] == "crop-flip"
 

@@ -32,6 +32,7 @@ TEXTS = ["a gripping, beautifully shot film", "dull", "not as funny as it thinks
          "one of the year's best", "flat", "an utter delight from its first frame to its very last scene",
          "mediocre at best", "superb acting"]
 LABELS = [1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
+F32 = torch.float32  # the tests comparing cached features with the trunk's own output (the default float16 rounds)
 
 
 def dataset(bb: Backbone, n: int = len(TEXTS)) -> TextDataset:
@@ -40,8 +41,8 @@ def dataset(bb: Backbone, n: int = len(TEXTS)) -> TextDataset:
 
 def test_cache_stores_lengths_and_batches_are_cut_to_their_longest_text(tiny_bert):
     ds = dataset(tiny_bert)
-    cf = Classifier(tiny_bert, ds.class_names, 1).cache_features(ds, progress=False, batch_size=5)
-    assert cf.meta == cache_features(ds, tiny_bert, 1, progress=False).meta  # the model's trunk: the same entry
+    cf = Classifier(tiny_bert, ds.class_names, 1).cache_features(ds, progress=False, batch_size=5, dtype=F32)
+    assert cf.meta == cache_features(ds, tiny_bert, 1, progress=False, dtype=F32).meta  # the model's trunk: its entry
     assert cf.lengths == ds.lengths and cf.feature_shape == (ds.width, TINY_BERT.dim)
     stored = torch.from_numpy(np.asarray(cf.features, dtype=np.float64))
     for i, n in enumerate(ds.lengths):  # each text alone (no padding at all) gives the stored row; zeros after it
@@ -61,7 +62,7 @@ def test_cached_training_path_equals_the_whole_model_on_raw_text(tiny_bert, meth
     """Logits from cached, per-batch padded features equal the classifier run on freshly tokenized text."""
     ds = dataset(tiny_bert)
     clf = Classifier(tiny_bert, ds.class_names, 2, method=method, pooling="mean")
-    cf = clf.cache_features(ds, progress=False)
+    cf = clf.cache_features(ds, progress=False, dtype=F32)
     cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2)
     result = fit(clf, cf, cfg, progress=False)
     assert result.classifier is clf

@@ -345,7 +345,7 @@ def synthetic_images(n_per_class: int = 6) -> ImageDataset:
 def test_fit_on_cached_features_writes_the_run_files(tiny_vit, tmp_path):
     ds = synthetic_images()
     clf = model(tiny_vit)
-    cf = clf.cache_features(ds, progress=False)
+    cf = clf.cache_features(ds, dtype=torch.float32, progress=False)  # float32: the trunk's own output, see below
     cfg = config("taft", epochs=3)
     result = fit(clf, cf, cfg, val=cf, run_dir=tmp_path / "run", progress=False)
     run = tmp_path / "run"

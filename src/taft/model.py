@@ -25,6 +25,7 @@ from taft.backbones.tokenizer import TextTokenizer
 from taft.backbones.trunk import Inputs, PlainClassifier, Trunk, check_tangent_blocks, input_mask
 from taft.checkpoint import ModelInfo, first_line, read_checkpoint, write_checkpoint
 from taft.data.feature_cache import CachedFeatures, FeatureCache, LabelledDataset
+from taft.data.feature_cache.key import CACHE_DTYPE
 from taft.data.trunk_features import trunk_key
 from taft.errors import FingerprintMismatchError, TaftError
 from taft.fingerprint import legacy_fingerprint, model_fingerprint
@@ -175,7 +176,7 @@ class Classifier(nn.Module):
         return self.tail.trainable_module()
 
     def cache_features(self, dataset: LabelledDataset, *, autocast: str = "none", batch_size: int = 64,
-                       dtype: torch.dtype = torch.float32, root: str | Path | None = None,
+                       dtype: torch.dtype = CACHE_DTYPE, root: str | Path | None = None,
                        progress: bool = True) -> CachedFeatures:
         """Trunk features of `dataset` from the feature cache, or computed once with this model's trunk on its
         device and stored. An image dataset without a transform gets this model's preprocessing. `autocast`:

@@ -54,7 +54,8 @@ def data_source(args: argparse.Namespace):
     return DataSource(path=args.data, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                       per_class=args.per_class, skip_corrupt=args.skip_corrupt, text_column=args.text_column,
                       label_column=args.label_column, id_column=args.id_column,
-                      cache_dtype=getattr(args, "cache_dtype", "float32"), autocast=getattr(args, "autocast", "none"))
+                      cache_dtype=getattr(args, "cache_dtype", DataSource.cache_dtype),
+                      autocast=getattr(args, "autocast", "none"))
 
 
 def open_dataset(args: argparse.Namespace, model):
@@ -245,7 +246,8 @@ def add_training_args(p: argparse.ArgumentParser, *, methods: tuple[str, ...], s
                        help="base head: seeded random (default) or a linear probe fitted first")
     cache = dataclass_defaults(DataSource)["cache_dtype"]
     p.add_argument("--cache-dtype", choices=FEATURE_DTYPES, default=cache,
-                   help=f"precision of the on-disk trunk-feature cache (default {cache})")
+                   help=f"precision of the on-disk trunk-feature cache (default {cache}: half the disk of float32, "
+                        "the same accuracy within seed noise)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="adamw (no weight decay) or sgd with --momentum (default: adamw; with --dp: sgd)")

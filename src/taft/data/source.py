@@ -12,13 +12,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from taft.data.feature_cache.key import CACHE_DTYPE, DTYPES, dtype_name
 from taft.data.images import fashion_mnist, image_folder
 from taft.data.text import TABLE_EXTENSIONS, rotten_tomatoes, text_table
 from taft.errors import TaftError
 
 DATASETS = {"fashion-mnist": "image", "rotten-tomatoes": "text"}  # known dataset -> the kind of model it fits
 SPLITS = ("train", "test")
-FEATURE_DTYPES = ("float32", "float16")
+FEATURE_DTYPES = tuple(DTYPES.values())  # "float32", "float16"
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class DataSource:
     text_column: str = "text"
     label_column: str = "label"
     id_column: str | None = None
-    cache_dtype: str = "float32"
+    cache_dtype: str = dtype_name(CACHE_DTYPE)
     autocast: str = "none"
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ import torch
 from taft.backbones.base import Backbone
 from taft.backbones.trunk import Trunk, check_tangent_blocks
 from taft.data.feature_cache import CachedFeatures, FeatureCache, LabelledDataset
+from taft.data.feature_cache.key import CACHE_DTYPE
 from taft.devices import resolve_device
 from taft.precision import check_autocast, under_autocast
 
@@ -31,7 +32,7 @@ def feature_key(backbone: Backbone, tangent_blocks: int, autocast: str = "none")
 
 
 def cache_features(dataset: LabelledDataset, backbone: Backbone, tangent_blocks: int, *,
-                   root: str | Path | None = None, dtype: torch.dtype = torch.float32, batch_size: int = 64,
+                   root: str | Path | None = None, dtype: torch.dtype = CACHE_DTYPE, batch_size: int = 64,
                    num_workers: int = 0, device: torch.device | str | None = None, autocast: str = "none",
                    progress: bool = True) -> CachedFeatures:
     """Trunk features of `dataset` for (backbone, k), from the feature cache or computed once and stored.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from taft.data.feature_cache.key import LabelledDataset, entry_digest, entry_key
+from taft.data.feature_cache.key import CACHE_DTYPE, LabelledDataset, entry_digest, entry_key
 from taft.data.feature_cache.reader import CachedFeatures, completed_meta, entry_problem, usable
 from taft.data.feature_cache.writer import WRITE, build_entry, locked
 from taft.errors import TaftError
@@ -33,10 +33,10 @@ class FeatureCache:
         except OSError as e:
             raise TaftError(f"cannot create the cache directory {e.filename}: {e.strerror or e}") from e
 
-    def entry_dir(self, dataset: LabelledDataset, key: dict, dtype: torch.dtype = torch.float32) -> Path:
+    def entry_dir(self, dataset: LabelledDataset, key: dict, dtype: torch.dtype = CACHE_DTYPE) -> Path:
         return self.root / entry_digest(entry_key(dataset, key, dtype))
 
-    def load(self, dataset: LabelledDataset, key: dict, dtype: torch.dtype = torch.float32, *,
+    def load(self, dataset: LabelledDataset, key: dict, dtype: torch.dtype = CACHE_DTYPE, *,
              verify: bool | None = None) -> CachedFeatures | None:
         """The complete entry for (dataset, key, dtype), or None (a miss, a partial build or a damaged entry:
         `reader.entry_problem`; `verify`: hash features.npy always (True), never (False) or up to
@@ -46,7 +46,7 @@ class FeatureCache:
         return CachedFeatures(directory) if usable(directory, digest, verify) else None
 
     def build_or_load(self, dataset: LabelledDataset, trunk: Callable[[torch.Tensor], torch.Tensor], key: dict,
-                      *, dtype: torch.dtype = torch.float32, batch_size: int = 64, num_workers: int = 0,
+                      *, dtype: torch.dtype = CACHE_DTYPE, batch_size: int = 64, num_workers: int = 0,
                       device: torch.device | str | None = None, progress: bool = True,
                       verify: bool | None = None) -> CachedFeatures:
         """Load the entry, or compute it with `trunk` (batches (B, C, H, W) -> features (B, ...), called under
@@ -77,7 +77,7 @@ class FeatureCache:
         return CachedFeatures(directory)
 
     def clear(self, dataset: LabelledDataset | None = None, key: dict | None = None,
-              dtype: torch.dtype = torch.float32) -> int:
+              dtype: torch.dtype = CACHE_DTYPE) -> int:
         """Remove the entry of (dataset, key, dtype), or every entry when both are None; returns how many."""
         if (dataset is None) != (key is None):
             raise TaftError("clear() takes both dataset and key (one entry) or neither (everything)")
@@ -95,7 +95,7 @@ class FeatureCache:
 
 
 def build_or_load_features(dataset: LabelledDataset, trunk: Callable[[torch.Tensor], torch.Tensor], key: dict,
-                           *, root: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                           *, root: str | Path | None = None, dtype: torch.dtype = CACHE_DTYPE,
                            batch_size: int = 64, num_workers: int = 0, device: torch.device | str | None = None,
                            progress: bool = True, verify: bool | None = None) -> CachedFeatures:
     """`FeatureCache(root).build_or_load(...)`."""

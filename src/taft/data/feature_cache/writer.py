@@ -192,7 +192,8 @@ def check_output(out: Any, batch: int, shape: list[int] | None, dtype: torch.dty
                         f"{tuple(shape)}")
     out = out.detach().to("cpu", dtype)
     if not torch.isfinite(out).all():
-        hint = " (float16 overflow? use dtype=torch.float32)" if dtype == torch.float16 else ""
+        hint = (" (float16 overflow? cache in float32: dtype=torch.float32, --cache-dtype float32)"
+                if dtype == torch.float16 else "")
         raise TaftError(f"trunk returned non-finite features{hint}")
     return out.contiguous()
 
