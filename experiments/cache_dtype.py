@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import RunLog, first_per_class, mean_std
+from common import RunLog, first_per_class, mean_std, run_and_save
 from recipe_study import split_parser
 from taft import load_backbone
 from taft.data import fashion_mnist, image_folder, split_dataset
@@ -127,11 +127,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=["taft", "probe", "nlft"], default=["taft"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args)
-    print(summarise(result, Path(args.out)))
+    run_and_save(parser.parse_args(), run, summarise)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from common import RunLog, first_per_class
+from common import RunLog, first_per_class, run_and_save
 from taft import load_backbone
 from taft.errors import DivergedError
 from taft.data import fashion_mnist, image_folder, split_dataset
@@ -149,11 +147,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, help="TrainConfig (and dp.) overrides")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args)
-    print(summarise(result, Path(args.out)))
+    run_and_save(parser.parse_args(), run, summarise)
 
 
 if __name__ == "__main__":
