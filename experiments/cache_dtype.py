@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 
 from common import RunLog, first_per_class, mean_std, run_and_save
-from recipe_study import split_parser
-from taft import load_backbone
-from taft.data import fashion_mnist, image_folder, split_dataset
+from recipe_study import split_parser, training_set
+from taft.data import split_dataset
 from taft.data.feature_cache import CachedFeatures
 from taft.data.trunk_features import cache_features
 from taft.model import Classifier
@@ -44,11 +43,7 @@ def bytes_per_example(features: CachedFeatures) -> float:
 def load_dtypes(args: argparse.Namespace, log: RunLog) -> tuple:
     """The backbone and {dtype: (train part, validation part)} of the training data's k = 1 trunk features cached
     at each dtype; records each entry's bytes per example and (first time) its build or load seconds."""
-    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
-    if args.dataset == "fashion-mnist":
-        full = fashion_mnist(None, "train", transform=backbone.preprocess)
-    else:
-        full = image_folder(Path(args.data), backbone.preprocess)
+    backbone, full = training_set(args)
     features = {}
     for name, dtype in DTYPES.items():
         t0 = time.perf_counter()

@@ -47,15 +47,19 @@ def variant_name(variant: dict[str, Any]) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in variant.items())
 
 
+def training_set(args: argparse.Namespace):
+    """The bundled DINOv2 at --image-size and the whole training set of --dataset (or the folder --data)."""
+    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
+    if args.dataset == "fashion-mnist":
+        return backbone, fashion_mnist(None, "train", transform=backbone.preprocess)
+    return backbone, image_folder(Path(args.data), backbone.preprocess)
+
+
 def load_split(args: argparse.Namespace, ks: list[int]):
     """The backbone and {k: (train part, validation part)} of the training data's cached trunk features: a seeded
     class-balanced split (`--val-fraction`, seed 0), then the first --train-per-class / --val-per-class of each
     class. The features of the whole training set are cached once per k (shared with the other experiments)."""
-    backbone = load_backbone("dinov2-vits14", image_size=args.image_size)
-    if args.dataset == "fashion-mnist":
-        full = fashion_mnist(None, "train", transform=backbone.preprocess)
-    else:
-        full = image_folder(Path(args.data), backbone.preprocess)
+    backbone, full = training_set(args)
     features = {}
     for k in ks:
         train, val = split_dataset(cache_features(full, backbone, k, progress=False), args.val_fraction, seed=0)
