@@ -35,6 +35,20 @@ def cli_store(tmp_path_factory):
     return data, store
 
 
+@pytest.fixture(autouse=True)
+def shared_entry_kept(cli_store, tmp_path_factory):
+    """The module's stores share one feature-cache entry; a test that removes it (so that retraining rebuilds the
+    features from the data) gets it back afterwards. A rebuilt entry may differ in the last bits (built with another
+    thread count), and a later test that retrains as recorded expects the recorded features."""
+    _, store = cli_store
+    path = Path(load_manifest(StoreLayout(store)).data["features"]["path"])
+    saved = Path(shutil.copytree(path, tmp_path_factory.mktemp("entry") / "entry"))
+    yield
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(saved, path)
+    shutil.rmtree(saved)
+
+
 @pytest.fixture
 def store(cli_store, tmp_path):
     data, store = cli_store
