@@ -71,7 +71,7 @@ def measure(spec: dict) -> dict:
 
         backbone = random_backbone(TINY, spec["image_size"])
     else:
-        backbone = taft.load_backbone("dinov2-vits14", image_size=spec["image_size"])
+        backbone = taft.load_backbone(spec["backbone"], image_size=spec["image_size"])
     train = image_folder(spec["images"], backbone.preprocess)
     val = image_folder(spec["val"], backbone.preprocess)
     model = taft.Classifier(backbone, train.class_names, 1, method="taft")
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     ap.add_argument("--cache-dtype", choices=["float32", "float16"], default=default_dtype)
     ap.add_argument("--threads", type=int, help="torch CPU threads of each measuring process")
+    ap.add_argument("--backbone", default="dinov2-vits14",
+                    help="registry name or weights file (on the GPU machine: "
+                         ".gpu_assets/dinov2-vits14-f16.safetensors from benchmarks/gpu_assets.py; default "
+                         "dinov2-vits14)")
     ap.add_argument("--tiny", action="store_true", help="a random tiny ViT at 28 px: a smoke run")
     ap.add_argument("--out", help="write the results (JSON) here")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # one configuration, in a fresh process
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = args.image_size or (28 if args.tiny else 112)
     device = str(resolve_device(args.device))
     load = os.getloadavg()
-    print(f"{'tiny random ViT' if args.tiny else 'DINOv2 ViT-S/14'} at {size} px, k=1, taft, sizes {args.sizes}, "
+    print(f"{'tiny random ViT' if args.tiny else args.backbone} at {size} px, k=1, taft, sizes {args.sizes}, "
           f"device {device}, cache {args.cache_dtype}, threads {args.threads or 'default'}, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     rows = []
@@ -179,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
             images = root / f"n{n}"
             write_images(images, n, size, TRAIN_SEED)
             base = {"n": n, "images": str(images), "val": str(root / "val"), "cache": str(root / f"cache{n}"),
-                    "image_size": size, "tiny": args.tiny, "device": device, "threads": args.threads,
+                    "image_size": size, "tiny": args.tiny, "backbone": args.backbone, "device": device,
+                    "threads": args.threads,
                     "cache_dtype": args.cache_dtype, "batch_size": args.batch_size, "workers": 0}
             row: dict = {"n": n}
             for phase, workers in [("build", 0), ("cached", 0), *[("stream", w) for w in args.workers]]:
