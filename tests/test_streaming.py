@@ -304,3 +304,17 @@ def test_sizes_read_binary_and_decimal_units():
 
     assert [byte_size(s) for s in ("0", "1024", "4G", "4GiB", "512MiB", "20GB", "1.5k", "1e9")] == \
         [0, 1024, 4 * 2**30, 4 * 2**30, 512 * 2**20, 20 * 10**9, 1536, 10**9]
+
+
+def test_evaluate_takes_the_raw_dataset_cached_or_streamed(tiny_vit):
+    ds = images()
+    model = Classifier(tiny_vit, CLASSES, 1)
+    fit(model, model.cache_features(ds, dtype=F32, progress=False), TrainConfig(lr=1e-2, epochs=2, batch_size=4),
+        progress=False)
+    want = evaluate(model, model.cache_features(ds, dtype=F32, progress=False))
+    entries = cache_entries()
+    streamed = evaluate(model, ds, features="stream")
+    assert cache_entries() == entries  # nothing written
+    assert streamed.top1 == want.top1 and streamed.loss == pytest.approx(want.loss, rel=LOGITS_ATOL)
+    cached = evaluate(model, ds, features=FeatureSource("cache", cache_dtype=F32))
+    assert cached.top1 == want.top1 and cached.loss == pytest.approx(want.loss, rel=1e-6)  # the same entry

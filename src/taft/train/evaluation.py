@@ -7,10 +7,12 @@ from typing import Any
 
 import torch
 
+from taft.data.feature_cache import LabelledDataset
 from taft.losses import classification_loss
 from taft.model import Classifier
 from taft.train.config import TrainConfig
 from taft.train.examples import EVAL_BATCH, Examples, FeatureData, Prepared
+from taft.train.sources import FeatureSource, feature_source, is_dataset, prepared, training_data
 
 
 @dataclass
@@ -56,17 +58,25 @@ def evaluate_prepared(classifier: Classifier, data: Prepared, loss: str, kappa: 
                       counts=counts.tolist(), class_names=list(classifier.class_names))
 
 
-def evaluate(classifier: Classifier, data: FeatureData, *, batch_size: int = EVAL_BATCH, loss: str | None = None,
-             kappa: float | None = None, feed: str = "auto") -> Evaluation:
-    """Top-1, per-class accuracy and loss of `classifier` (on its device) on cached trunk features `data`
-    (CachedFeatures or (features, labels[, ids])). The loss defaults to the classifier's training loss and κ.
-    `feed`: how the features reach the device (`taft.train.feeding`)."""
+def evaluate(classifier: Classifier, data: FeatureData | LabelledDataset, *, batch_size: int = EVAL_BATCH,
+             loss: str | None = None, kappa: float | None = None, feed: str = "auto",
+             features: FeatureSource | str = "auto") -> Evaluation:
+    """Top-1, per-class accuracy and loss of `classifier` (on its device) on `data`: cached trunk features
+    (CachedFeatures or (features, labels[, ids])), or a raw dataset (images, texts) whose features are cached or
+    streamed through the classifier's trunk as `features` says (`taft.train.sources`; never augmented). The loss
+    defaults to the classifier's training loss and κ. `feed`: how cached features reach the device
+    (`taft.train.feeding`)."""
     recipe, default = classifier.train_config or {}, TrainConfig()
     loss = loss or recipe.get("loss") or default.loss
     kappa = kappa if kappa is not None else recipe.get("kappa", default.kappa)
-    examples = Examples(data, "evaluation data")
-    examples.check_labels(classifier.class_names)
     classifier.eval()
-    prepared = Prepared(classifier, examples, batch_size)
-    prepared.place(classifier.device, feed)
-    return evaluate_prepared(classifier, prepared, loss, kappa, batch_size)
+    if is_dataset(data):
+        examples = training_data(classifier, data, feature_source(features), "evaluation data", progress=False)
+        examples.check(classifier)
+        batches = prepared(classifier, examples)
+    else:
+        examples = Examples(data, "evaluation data")
+        examples.check_labels(classifier.class_names)
+        batches = Prepared(classifier, examples, batch_size)
+    batches.place(classifier.device, feed)
+    return evaluate_prepared(classifier, batches, loss, kappa, batch_size)
