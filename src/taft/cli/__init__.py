@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
 
 import taft
 from taft.cli import run, store
@@ -79,28 +80,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run the parsed command; errors become one line on stderr and an exit status (see the module doc)."""
+    """Run the parsed command; errors become one line on stderr and an exit status (see the module doc). Under
+    torchrun, SIGTERM is an error from the start of the command until its error line is printed."""
+    from taft.train.distributed import sigterm_as_error
+
+    with sigterm_as_error() as stopping:
+        return reported(args, stopping)
+
+
+def reported(args: argparse.Namespace, stopping: Callable[[], None] = lambda: None) -> int:
+    """`args.func(args)`, with its errors as one line on stderr and an exit status; `stopping()` is called as an
+    error is caught (under torchrun: from then on SIGTERM, sent to every rank once one fails, adds nothing)."""
     previous_format = warnings.formatwarning
     warnings.formatwarning = one_line_warning
-    from taft.train.distributed import refuse_under_torchrun, sigterm_as_error
+    from taft.train.distributed import refuse_under_torchrun
 
     try:
         if args.command != "train":
             refuse_under_torchrun(f"taft {args.command}", "only taft train trains data-parallel; shards train in "
                                                           "parallel on their own (--workers, --executor ray)")
-        with sigterm_as_error():
-            args.func(args)
+        args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
     except TaftError as e:
+        stopping()
         print(f"taft: error: {in_cli_terms(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        stopping()
         print("taft: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `taft ... | head`: the reader is gone; stop quietly, as SIGPIPE would
+        stopping()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, the status a shell reports for a tool stopped by a closed pipe
     except OSError as e:  # a filesystem fault (read-only or full disk, ...): saved state is never half-written
+        stopping()
         print(f"taft: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     finally:

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -197,22 +198,28 @@ def join(device: torch.device) -> Group | None:
 
 
 @contextlib.contextmanager
-def sigterm_as_error() -> Iterator[None]:
+def sigterm_as_error() -> Iterator[Callable[[], None]]:
     """Under torchrun, SIGTERM in the body (torchrun stopping every rank once one has failed) raises a one-line
-    `TaftError`, so that the rank says why it stopped and unwinds like any error (temporary files removed); the
-    previous handler is back after the body. For the command line: a library does not own its process's signals."""
+    `TaftError`, so that the rank says why it stopped and unwinds like any error (temporary files removed); one
+    arriving while an error is being handled (the rank stopping on its own, e.g. a lost peer) is ignored, so that
+    error is said. It yields `stopping()`, to call as the caller catches an error: SIGTERM is then ignored to the end
+    of the body (the rank is returning anyway; a second line would only repeat it). The previous handler is back after the
+    body. For the command line (the body includes printing the error line): a library does not own its process's
+    signals."""
     launch = launched()
     if launch is None:
-        yield
+        yield lambda: None
         return
 
     def stopped(signum: int, frame: object) -> None:
+        if sys.exc_info()[0] is not None:  # already stopping on an error of its own, which is being said
+            return
         raise TaftError(f"rank {launch.rank} was stopped by torchrun (SIGTERM): another rank failed or the job was "
                         "cancelled (see its error)")
 
     previous = signal.signal(signal.SIGTERM, stopped)
     try:
-        yield
+        yield lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
