@@ -1,9 +1,9 @@
 """Experiment: a store that grows. A store of --shards shards on the first --base-per-class training images of each
-class, then --additions additions of the next --add-per-class images per class each (`ModelStore.add`: new shards
-at the store's mean shard size, nothing retrained). After each step: the composed model's top-1 on the test images
-and the wall time of the addition, next to a store built once on the same images with the same number of shards
-(`ModelStore.create`) and the time of that full rebuild (after the additions --rebuild-at lists; default all). Shards train one after another in this process (inline),
-so the times compare the work done, not a pool's scheduling.
+class, then --additions additions of the next --add-per-class images per class each (`ModelStore.add`: new shards at the
+store's mean shard size, nothing retrained). After each step: the composed model's top-1 on the test images and the wall
+time of the addition, next to a store built once on the same images with the same number of shards (`ModelStore.create`)
+and the time of that full rebuild (after the additions --rebuild-at lists; default all). Shards train one after another
+in this process (inline), so the times compare the work done, not a pool's scheduling.
 
     python experiments/store_growth.py --data ../shared/data/cifar10-mini --base-per-class 600 \\
         --add-per-class 100 --additions 4 --shards 8 --test-per-class 200 --threads 2 \\

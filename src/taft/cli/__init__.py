@@ -88,7 +88,7 @@ def run_command(args: argparse.Namespace) -> int:
         return reported(args, stopping)
 
 
-def reported(args: argparse.Namespace, stopping: Callable[[], None] = lambda: None) -> int:
+def reported(args: argparse.Namespace, stopping: Callable[[], None]) -> int:
     """`args.func(args)`, with its errors as one line on stderr and an exit status; `stopping()` is called as an
     error is caught (under torchrun: from then on SIGTERM, sent to every rank once one fails, adds nothing)."""
     previous_format = warnings.formatwarning

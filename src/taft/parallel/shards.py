@@ -1,14 +1,14 @@
 """Train shards in parallel: one `ShardTask` per shard, run by any `concurrent.futures.Executor`.
 
-A task carries everything its worker needs and pickles cheaply: the training config (with the shard's own data
-order seed), the shard's rows of the shared trunk-feature cache (`CachedFeatures` pickles as a path plus row
-numbers; workers never recompute features) or, for a store that streams, the shard's part of the raw dataset
-(its records: paths or texts; the worker runs the trunk on every batch, `STREAMED_SHARD`), the class names, and the backbone as a `BackboneSpec` (name, image
-size, dtype, fingerprint; reloaded from taft's weight cache once per worker process) or the `Backbone` itself when
-it cannot be reloaded by name. A task runs with `torch.set_num_threads(task.threads)` and restores the previous
-count, so the same task gives the same Δw in any executor (the thread count changes float summation order).
-A task with a `DPConfig` trains its shard with DP-SGD (`fit(..., dp=...)`); its result carries the run's privacy
-ledger, and only metrics that do not depend on the private data (`PUBLIC_METRICS`).
+A task carries everything its worker needs and pickles cheaply: the training config (with the shard's own data order
+seed), the shard's rows of the shared trunk-feature cache (`CachedFeatures` pickles as a path plus row numbers; workers
+never recompute features) or, for a store that streams, the shard's part of the raw dataset (its records: paths or
+texts; the worker runs the trunk on every batch, `STREAMED_SHARD`), the class names, and the backbone as a
+`BackboneSpec` (name, image size, dtype, fingerprint; reloaded from taft's weight cache once per worker process) or the
+`Backbone` itself when it cannot be reloaded by name. A task runs with `torch.set_num_threads(task.threads)` and
+restores the previous count, so the same task gives the same Δw in any executor (the thread count changes float
+summation order). A task with a `DPConfig` trains its shard with DP-SGD (`fit(..., dp=...)`); its result carries the
+run's privacy ledger, and only metrics that do not depend on the private data (`PUBLIC_METRICS`).
 
 `run_shards` submits every task (as `executor.portable(task)` where the executor has that: what the task carries
 to a worker that may not share this machine's disk), retries a failed one `retries` times, reports each finished
@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Union
 
@@ -49,13 +50,17 @@ from taft.train.sources import FeatureSource, is_dataset
 from taft.wording import counted
 
 
-
 @dataclass(frozen=True)
 class FeatureUnion:
     """Training features in several parts (a store's creation data and the data of each later addition): every
     shard's ids lie in one part, which `shard_data` takes its rows from."""
 
     parts: tuple[Any, ...]
+
+    @cached_property
+    def part_of(self) -> dict[str, int]:
+        """{example id: the index of the part that holds it} (built once, on first use)."""
+        return {i: k for k, part in enumerate(self.parts) for i in feature_ids(part)}
 
 
 FeatureData = Union[CachedFeatures, tuple[torch.Tensor, torch.Tensor, Sequence[str]], FeatureUnion]
@@ -133,9 +138,7 @@ def shard_data(train: FeatureData, ids: Sequence[str]) -> FeatureData:
     is `select`ed. `TaftError` naming ids not in `train`."""
     want = sorted(str(i) for i in ids)
     if isinstance(train, FeatureUnion):
-        first = want[0] if want else None
-        part = next((p for p in train.parts if first in feature_ids(p)), train.parts[0])
-        return shard_data(part, want)
+        return shard_data(train.parts[train.part_of.get(want[0], 0) if want else 0], want)
     if is_dataset(train):
         missing = sorted(set(want) - set(str(i) for i in train.ids))
         if missing:

@@ -331,5 +331,5 @@ def create_store(root: str | Path, train: FeatureData, model: Classifier, config
     return layout.root
 
 
-__all__ = ["SHARD_MIN_STEPS", "check_augment", "check_config", "check_dp", "create_store", "data_identity", "dp_shard_seed",
-           "releases", "shard_config", "shard_dp", "train_into", "with_min_steps"]
+__all__ = ["SHARD_MIN_STEPS", "check_augment", "check_config", "check_dp", "create_store", "data_identity",
+           "dp_shard_seed", "releases", "shard_config", "shard_dp", "train_into", "with_min_steps"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,19 +112,24 @@ def record_data(m: Manifest, record: Mapping[str, Any], backbone: Backbone | Non
 
 
 def training_features(m: Manifest, features: FeatureData | None, shards: Iterable[int] | None = None,
-                      backbone: Backbone | None = None) -> FeatureData:
-    """`features` if given, else the training data of `shards` (default: all the store's) where it is at hand
-    (`record_data`; a `FeatureUnion` when the shards came from several sources)."""
+                      backbone: Backbone | None = None,
+                      at_hand: Callable[[Mapping[str, Any]], FeatureData | None] | None = None) -> FeatureData:
+    """`features` if given, else the training data of `shards` (default: all the store's): one part per data
+    record, `at_hand(record)` (default `record_data`: what is there without rebuilding), as a `FeatureUnion` when the
+    shards came from several records. `TaftError` naming a record whose data is not at hand."""
     if features is not None:
         return features
+    at_hand = at_hand or (lambda record: record_data(m, record, backbone))
     parts = []
     for record in data_records(m, shards):
-        data = record_data(m, record, backbone)
+        data = at_hand(record)
         if data is None:
             path = (record.get("features") or {}).get("path")
             what = (f"feature-cache entry {path} is gone" if path else "its data source cannot be opened")
+            how = ("keep the data at the recorded source so they can be recomputed" if record.get("source")
+                   else "record their data source when you train a store")
             raise TaftError(f"the store's training features are not available ({what}); pass the training "
-                            "features, or keep the data at the recorded source so they can be recomputed")
+                            f"features, or {how}")
         parts.append(data)
     if not parts:
         raise TaftError("the store holds no shard whose training data is recorded")

@@ -1,11 +1,11 @@
 """The operation journal (`pending.json`) and the append-only audit log (`audit.jsonl`).
 
-pending.json is written (atomically) before an operation changes anything, and removed after it has committed
-and cleaned up. It holds: op_id (unique), op ("create" | "forget" | "compose" | "retrain" | "add" | "import"), request (what was asked;
-a rerun with an equal request resumes the operation), time (the operation's timestamp, also the `created` of
-the files it writes, so a rerun writes identical bytes), base_generation, audit (the log entry to append at the
-end) and completed ({shard index: {file, sha256}} for shards already trained, reused by a rerun).
-An operation has committed iff the manifest's `last_op` is its op_id.
+pending.json is written (atomically) before an operation changes anything, and removed after it has committed and
+cleaned up. It holds: op_id (unique), op ("create" | "forget" | "compose" | "retrain" | "add" | "import"), request (what
+was asked; a rerun with an equal request resumes the operation), time (the operation's timestamp, also the `created` of
+the files it writes, so a rerun writes identical bytes), base_generation, audit (the log entry to append at the end) and
+completed ({shard index: {file, sha256}} for shards already trained, reused by a rerun). An operation has committed iff
+the manifest's `last_op` is its op_id.
 
 audit.jsonl: one JSON object per line, appended after commit: time, op, op_id, the ids or shards touched,
 generation and the resulting composed sha256. Appending is idempotent per op_id, so finishing an operation twice

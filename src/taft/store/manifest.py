@@ -2,22 +2,22 @@
 written as the typed `Manifest` record (`Manifest.from_dict(d).to_dict() == d` for every valid manifest, so a
 store's file is rewritten byte for byte).
 
-Keys: format ("taft-store"), format_version, generation (+1 per committed change), last_op (op id of the last
-committed change), created, updated; the model (`ModelInfo`): method, backbone, backbone_fingerprint, fingerprint,
-tangent_blocks, pooling, class_names, preprocess, dtype; train_config (the run record, `run_record(spec, config)`;
-its seed is the store seed), threads (torch threads per shard task: part of the recipe, since it changes float
-summation order); plan (`ShardPlan.to_dict()`: as made at creation, grown by the shards of each addition); data {"features": {"path", "entry"} of the
-trunk-feature cache entry or null, "source": `DataSource.to_dict()` of the training data, or null}; shards: one
-`ShardEntry` per plan shard {index, status ("trained" | "dropped" | "empty"), file (relative path or null), sha256,
-ids (sorted, forgotten ones removed), n, seed[, data_sha256]}, data_sha256 (in stores with a data source; absent when
+Keys: format ("taft-store"), format_version, generation (+1 per committed change), last_op (op id of the last committed
+change), created, updated; the model (`ModelInfo`): method, backbone, backbone_fingerprint, fingerprint, tangent_blocks,
+pooling, class_names, preprocess, dtype; train_config (the run record, `run_record(spec, config)`; its seed is the store
+seed), threads (torch threads per shard task: part of the recipe, since it changes float summation order); plan
+(`ShardPlan.to_dict()`: as made at creation, grown by the shards of each addition); data {"features": {"path", "entry"}
+of the trunk-feature cache entry or null, "source": `DataSource.to_dict()` of the training data, or null}; shards: one
+`ShardEntry` per plan shard {index, status ("trained" | "dropped" | "empty"), file (relative path or null), sha256, ids
+(sorted, forgotten ones removed), n, seed[, data_sha256]}, data_sha256 (in stores with a data source; absent when
 unknown) being the content hash of the shard's examples in that source (`dataset.select(ids).content_hash()`):
 retraining on data rebuilt from the source checks it (`taft.store.content`); composition {weighting, subset (shard
-indices or null = all trained)}; composed {file, sha256, content_sha256, created, shards, alphas, n} or null;
-forgotten (sorted ids); additions (only once shards joined after the creation: one `Addition` per `add` or `import`,
-{op, op_id, time, shards (their indices, after the creation's), data (their training data's record, shaped like
-`data`; both keys null for checkpoints imported without their data: such shards can be dropped, not retrained),
-checkpoints (import: each file's original path and hashes), readded (forgotten ids deliberately trained again)}).
-A shard's training data is `Manifest.data_of(index)`.
+indices or null = all trained)}; composed {file, sha256, content_sha256, created, shards, alphas, n} or null; forgotten
+(sorted ids); additions (only once shards joined after the creation: one `Addition` per `add` or `import`, {op, op_id,
+time, shards (their indices, after the creation's), data (their training data's record, shaped like `data`; both keys
+null for checkpoints imported without their data: such shards can be dropped, not retrained), checkpoints (import: each
+file's original path and hashes), readded (forgotten ids deliberately trained again)}). A shard's training data is
+`Manifest.data_of(index)`.
 
 A store trained with differential privacy (DP-SGD per shard) also has: dp (the `DPConfig.to_dict()` every shard
 is trained with, also on retraining); on each shard entry, privacy (its ledger, `PrivacyLedger.to_dict()`: the one
@@ -389,5 +389,5 @@ def save_manifest(layout: StoreLayout, m: Manifest) -> None:
     write_json(layout.manifest, m.to_dict())
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "STATUSES", "Addition", "Composed", "Composition", "Manifest", "ShardEntry", "ShardFile",
-           "load_manifest", "save_manifest"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "STATUSES", "Addition", "Composed", "Composition", "Manifest", "ShardEntry",
+           "ShardFile", "load_manifest", "save_manifest"]

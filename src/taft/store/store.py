@@ -31,7 +31,7 @@ from taft.privacy import DPConfig
 from taft.store.compose import compose_store
 from taft.store.create import SHARD_MIN_STEPS, create_store
 from taft.store.add import AddResult, add_examples
-from taft.store.forget import ForgetResult, cached_entry, data_records, forget, union
+from taft.store.forget import ForgetResult, cached_entry, forget, training_features
 from taft.store.import_shards import ImportResult, import_checkpoints
 from taft.store.journal import Pending, read_audit, read_pending
 from taft.store.layout import StoreLayout
@@ -159,44 +159,34 @@ class ModelStore:
     @property
     def data_source(self) -> DataSource | None:
         """Where the creation's training data came from, if the store was given it (`taft shards train` records
-        it); the data of later additions: `data_sources`."""
+        it); each later addition's is in `manifest.additions`."""
         src = (self.manifest.data or {}).get("source")
         return DataSource.from_dict(src) if src else None
-
-    @property
-    def data_sources(self) -> list[DataSource]:
-        """Every recorded source of the store's training data: the creation's, then each addition's."""
-        records = [self.manifest.data, *(a.data for a in self.manifest.additions)]
-        return [DataSource.from_dict(r["source"]) for r in records if r.get("source")]
 
     def training_features(self, *, shards: Iterable[int] | None = None, device=None,
                           progress: bool = True) -> FeatureData:
         """The training data of `shards` (default: all the store's): for each data record (the creation's, each
         addition's), its feature-cache entry if it is still there, else rebuilt from its source with the store's
-        backbone (checked to have the same weights); for a store that streams, the source reopened as a dataset;
-        a `FeatureUnion` over several. `TaftError` when neither is available."""
+        backbone (checked to have the same weights, loaded once if needed); for a store that streams, the source
+        reopened as a dataset; a `FeatureUnion` over several. `TaftError` when neither is available."""
         m = self.manifest
-        parts, backbone = [], None
-        for record in data_records(m, shards):
+        loaded: list[Backbone] = []
+
+        def at_hand(record: dict[str, Any]) -> FeatureData | None:
             streamed = (record.get("features") or {}).get("streamed")
-            data = None if streamed else cached_entry(record)  # a streamed store's source: opened below
-            if data is not None:
-                parts.append(data)
-                continue
-            if not record.get("source"):
-                raise TaftError(f"the store's training features are not available: feature-cache entry "
-                                f"{(record.get('features') or {}).get('path')} is gone and no data source is recorded")
-            backbone = backbone or self.backbone()
+            data = None if streamed else cached_entry(record)
+            if data is not None or not record.get("source"):
+                return data
+            if not loaded:
+                loaded.append(self.backbone())
             source = DataSource.from_dict(record["source"])
             if streamed:
-                parts.append(source.open(backbone))
-                continue
+                return source.open(loaded[0])
             dtype = {"float32": torch.float32, "float16": torch.float16}[source.cache_dtype]
-            parts.append(cache_features(source.open(backbone), backbone, m.model.tangent_blocks, dtype=dtype,
-                                        device=device, autocast=source.autocast, progress=progress))
-        if not parts:
-            raise TaftError("the store holds no shard whose training data is recorded")
-        return union(parts)
+            return cache_features(source.open(loaded[0]), loaded[0], m.model.tangent_blocks, dtype=dtype,
+                                  device=device, autocast=source.autocast, progress=progress)
+
+        return training_features(m, None, shards, at_hand=at_hand)
 
     def backbone(self) -> Backbone:
         """The store's backbone, loaded by name with its preprocessing; `TaftError` if its weights changed."""

@@ -203,9 +203,9 @@ def sigterm_as_error() -> Iterator[Callable[[], None]]:
     `TaftError`, so that the rank says why it stopped and unwinds like any error (temporary files removed); one
     arriving while an error is being handled (the rank stopping on its own, e.g. a lost peer) is ignored, so that
     error is said. It yields `stopping()`, to call as the caller catches an error: SIGTERM is then ignored to the end
-    of the body (the rank is returning anyway; a second line would only repeat it). The previous handler is back after the
-    body. For the command line (the body includes printing the error line): a library does not own its process's
-    signals."""
+    of the body (the rank is returning anyway; a second line would only repeat it). The previous handler is back
+    after the body. For the command line (the body includes printing the error line): a library does not own its
+    process's signals."""
     launch = launched()
     if launch is None:
         yield lambda: None
