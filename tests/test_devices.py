@@ -23,6 +23,7 @@ from taft.precision import autocast, check_autocast
 from taft.tensors import device_free
 from taft.data.trunk_features import cache_features
 from taft.train import Compute, TrainConfig, evaluate, fit, plan_run
+from taft.tails import key_bias_rows
 from taft.train.compiled import CompiledStep
 from taft.train.feeding import DEVICE_FRACTION, choose_feed, streamed
 from taft.train.examples import Examples, Prepared
@@ -314,6 +315,27 @@ def test_compiled_training_equals_eager(tiny_vit, cached):
         weights[name] = {n: t.detach().clone() for n, t in clf.trainable_state_dict().items()}
     for n, w in weights["eager"].items():
         torch.testing.assert_close(weights["compiled"][n], w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["taft", "nlft"])
+def test_trained_weights_do_not_depend_on_the_attention_kernel(tiny_vit, cached, method):
+    """Fused SDPA and a written-out softmax round differently, as a GPU, a compiler or another thread count do.
+    The key bias's gradient is only that rounding (softmax ignores b_k), which Adam would turn into steps of about
+    lr; training leaves b_k where it started, so the weights agree to float32 rounding, not just the function."""
+    weights, key_bias = {}, {}
+    for impl in ("sdpa", "manual"):
+        clf = model(tiny_vit, method)
+        start = {n: t.detach().clone() for n, t in clf.trainable_state_dict().items()}
+        for module in clf.tail.modules():
+            if hasattr(module, "qkv"):
+                module.impl = impl
+        weights[impl] = trained_tensors(fit(clf, cached, config(), progress=False))
+        rows = key_bias_rows(clf.tail)
+        assert len(rows) == 2  # k = 2 blocks
+        key_bias[impl] = all(torch.equal(weights[impl][n][r], start[n][r]) for n, r in rows.items())
+    assert key_bias == {"sdpa": True, "manual": True}
+    for n, w in weights["sdpa"].items():
+        torch.testing.assert_close(weights["manual"][n], w, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- shard workers

@@ -124,6 +124,22 @@ TAILS: dict[str, TailBuilder] = {
 }
 
 
+def key_bias_rows(tail: nn.Module) -> dict[str, slice]:
+    """{name in `tail.named_parameters()`: the key rows} of every trainable fused qkv bias (rows D:2D of q, k, v).
+
+    Softmax attention is blind to the key bias b_k: q·(k_j + b_k) = q·k_j + q·b_k shifts every score of a query by
+    the same amount, so f (and its tangent J Δw) does not depend on it, and its gradient is rounding noise. Adam
+    divides that noise by its own running size and moves b_k about one learning rate per step, which changes the
+    trained weights (never the function) with every kernel, device or compiler; training zeroes these rows."""
+    rows = {}
+    for name, module in tail.named_modules():
+        bias = getattr(getattr(module, "qkv", None), "bias", None)
+        if isinstance(bias, nn.Parameter) and bias.requires_grad:
+            dim = bias.shape[0] // 3
+            rows[f"{name}.qkv.bias" if name else "qkv.bias"] = slice(dim, 2 * dim)
+    return rows
+
+
 def make_tail(method: str, encoder: nn.Module, tangent_blocks: int, head: nn.Linear, pooling: str = "cls",
               attn_impl: str = "sdpa", prune_last_block: bool = True) -> nn.Module:
     """The tail of `method` (a key of `TAILS`) over `encoder`'s last `tangent_blocks` blocks, around `head`.

@@ -25,6 +25,7 @@ from taft.losses import classification_loss, proximity
 from taft.model import Classifier
 from taft.precision import autocast as autocast_context
 from taft.precision import grad_scaler
+from taft.tails import key_bias_rows
 from taft.train.config import TrainConfig
 
 
@@ -101,6 +102,7 @@ class AutogradStep:
         self.scaler = grad_scaler(autocast, classifier.device)
         self.params = dict(classifier.tail.named_parameters())
         self.start = {n: p.detach().clone() for n, p in self.params.items()} if config.reg > 0 else {}
+        self.null_rows = key_bias_rows(classifier.tail)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, int]:
         loss = self.loss(x, y, mask)
@@ -125,7 +127,12 @@ class AutogradStep:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def update(self) -> None:
-        """The optimizer's step on the accumulated gradients (fp16: unscaled; a step that overflows is skipped)."""
+        """The optimizer's step on the accumulated gradients (fp16: unscaled; a step that overflows is skipped),
+        the attention key biases' gradients zeroed first (they are rounding noise: `taft.tails.key_bias_rows`)."""
+        for name, rows in self.null_rows.items():
+            grad = self.params[name].grad
+            if grad is not None:
+                grad[rows] = 0
         if self.scaler is None:
             self.optimizer.step()
         else:
