@@ -21,6 +21,7 @@ from taft.devices import pin_process, resolve_device, shard_devices, worker_devi
 from taft.parallel.executors import default_workers
 from taft.precision import autocast, check_autocast
 from taft.tensors import device_free
+from taft.data.feature_cache.key import CACHE_DTYPE, dtype_name
 from taft.data.trunk_features import cache_features
 from taft.train import Compute, TrainConfig, evaluate, fit, plan_run
 from taft.tails import key_bias_rows
@@ -387,9 +388,9 @@ def test_cuda_resident_and_streamed_features_train_identically(tiny_vit, cached)
 
 @cuda
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
-def test_cuda_autocast_build_and_training_keep_float32(tiny_vit, tmp_path, name):
+def test_cuda_autocast_keeps_the_cache_dtype_and_float32_weights(tiny_vit, tmp_path, name):
     cf = cache_features(synthetic_images(), tiny_vit, 2, root=tmp_path, device="cuda", autocast=name, progress=False)
-    assert np.load(cf.path / "features.npy", mmap_mode="r").dtype == np.float32
+    assert np.load(cf.path / "features.npy", mmap_mode="r").dtype == np.dtype(dtype_name(CACHE_DTYPE))  # not name's
     result = fit(model(tiny_vit), cf, config(), progress=False, compute=Compute(device="cuda", autocast=name))
     assert {t.dtype for t in result.classifier.trainable_state_dict().values()} == {torch.float32}
 
