@@ -379,11 +379,22 @@ def test_cuda_training_saves_cpu_tensors_that_load_on_the_cpu(tiny_vit, cached, 
 
 @cuda
 def test_cuda_resident_and_streamed_features_train_identically(tiny_vit, cached):
-    host = fit(model(tiny_vit), cached, config(), progress=False, compute=Compute(device="cuda", feed="host"))
+    """Bit for bit where CUDA training repeats itself, which a second host-fed run tells (the memory-efficient
+    attention backward may sum over key splits in no fixed order); otherwise to float32 rounding."""
+    def run(feed: str) -> dict[str, torch.Tensor]:
+        result = fit(model(tiny_vit), cached, config(), progress=False, compute=Compute(device="cuda", feed=feed))
+        assert result.metrics["compute"]["feed"]["train"] == feed
+        return trained_tensors(result)
+
+    host = run("host")
+    repeats = all(torch.equal(t, host[n]) for n, t in run("host").items())
     for feed in ("resident", "stream"):
-        other = fit(model(tiny_vit), cached, config(), progress=False, compute=Compute(device="cuda", feed=feed))
-        assert other.metrics["compute"]["feed"]["train"] == feed
-        assert_same_tensors(trained_tensors(host), trained_tensors(other))
+        other = run(feed)
+        if repeats:
+            assert_same_tensors(host, other)
+        else:
+            for n, t in other.items():
+                torch.testing.assert_close(t, host[n], rtol=1e-4, atol=1e-5)
 
 
 @cuda
