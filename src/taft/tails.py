@@ -130,7 +130,8 @@ def key_bias_rows(tail: nn.Module) -> dict[str, slice]:
     Softmax attention is blind to the key bias b_k: q·(k_j + b_k) = q·k_j + q·b_k shifts every score of a query by
     the same amount, so f (and its tangent J Δw) does not depend on it, and its gradient is rounding noise. Adam
     divides that noise by its own running size and moves b_k about one learning rate per step, which changes the
-    trained weights (never the function) with every kernel, device or compiler; training zeroes these rows."""
+    trained weights (never the function) with every kernel, device or compiler. `AutogradStep` zeroes these rows'
+    gradients; DP-SGD leaves them, as its gradient is noisy in every row by design."""
     rows = {}
     for name, module in tail.named_modules():
         bias = getattr(getattr(module, "qkv", None), "bias", None)
