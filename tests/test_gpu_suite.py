@@ -101,6 +101,24 @@ def test_a_section_past_its_time_box_is_stopped(suite, tmp_path, monkeypatch):
     assert section["status"] == "timeout" and section["result"]["started"]
 
 
+@pytest.mark.parametrize("noise,ok", [(1e-7, True), (1e-2, False)])
+def test_feeds_check_falls_back_to_rounding_where_training_does_not_repeat(suite, tmp_path, monkeypatch, noise, ok):
+    real_fit, draws = suite.fit, torch.Generator().manual_seed(0)
+
+    def jittery_fit(*args, **kwargs):  # every run differs a little, as with CUDA's split-key attention backward
+        result = real_fit(*args, **kwargs)
+        with torch.no_grad():
+            for t in result.classifier.tail.parameters():
+                t.mul_(1 + noise * torch.randn(t.shape, generator=draws))
+        return result
+
+    monkeypatch.setattr(suite, "fit", jittery_fit)
+    ctx = suite.Context(torch.device("cpu"), suite.TINY, True, None, tmp_path, tmp_path)
+    for method, r in suite.check_feeds(ctx).items():
+        assert not r["repeatable"] and not r["identical"] and r["ok"] == ok, method
+        assert 0 < r["worst_rel"] < 10 * noise
+
+
 def test_median_ms_interleaves_and_warms_up():
     timing = load("timing")
     calls = []
