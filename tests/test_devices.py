@@ -5,6 +5,7 @@ CPU tests run everywhere; tests marked `cuda` need a CUDA GPU and are skipped, w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -24,6 +25,7 @@ from taft.tensors import device_free
 from taft.data.feature_cache.key import CACHE_DTYPE, dtype_name
 from taft.data.trunk_features import cache_features
 from taft.train import Compute, TrainConfig, evaluate, fit, plan_run
+from taft.privacy.dpsgd import manual_attention
 from taft.tails import key_bias_rows
 from taft.train.compiled import CompiledStep
 from taft.train.feeding import DEVICE_FRACTION, choose_feed, streamed
@@ -327,10 +329,8 @@ def test_trained_weights_do_not_depend_on_the_attention_kernel(tiny_vit, cached,
     for impl in ("sdpa", "manual"):
         clf = model(tiny_vit, method)
         start = {n: t.detach().clone() for n, t in clf.trainable_state_dict().items()}
-        for module in clf.tail.modules():
-            if hasattr(module, "qkv"):
-                module.impl = impl
-        weights[impl] = trained_tensors(fit(clf, cached, config(), progress=False))
+        with manual_attention(clf.tail) if impl == "manual" else contextlib.nullcontext():
+            weights[impl] = trained_tensors(fit(clf, cached, config(), progress=False))
         rows = key_bias_rows(clf.tail)
         assert len(rows) == 2  # k = 2 blocks
         key_bias[impl] = all(torch.equal(weights[impl][n][r], start[n][r]) for n, r in rows.items())
